@@ -1,0 +1,2 @@
+//! The source stage: everything that reads a warehouse database.
+pub mod pgoutput;
