@@ -1,5 +1,11 @@
 //! InventorySync: change data capture from warehouse PostgreSQL databases.
+//!
+//! The crate is organised by pipeline stage; see the README for the architecture.
+
+pub mod config;
+pub mod event;
 pub mod lsn;
 pub mod source;
+pub mod tail;
 
 pub use lsn::Lsn;

@@ -1,3 +1,128 @@
-fn main() {
-    println!("Hello, world!");
+//! The `inventorysync` command line: parse, set up logging, run.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use inventorysync::Lsn;
+use inventorysync::config::{ConnInfo, validate_name};
+use inventorysync::source::stream::SourceOptions;
+use inventorysync::tail::{Output, tail};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(name = "inventorysync", version, about = "Change data capture from warehouse PostgreSQL databases")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Stream one slot as JSON change events, one per line (like pg_recvlogical).
+    Tail(TailArgs),
+}
+
+#[derive(clap::Args)]
+struct TailArgs {
+    /// Warehouse database URL: postgres://user:password@host:port/database[?sslmode=…].
+    #[arg(long, env = "INVENTORYSYNC_SOURCE_URL", hide_env_values = true)]
+    source: String,
+    /// Replication slot name.
+    #[arg(long)]
+    slot: String,
+    /// Publication name.
+    #[arg(long, default_value = "inventorysync")]
+    publication: String,
+    /// Warehouse id written into events (default: the database name).
+    #[arg(long)]
+    warehouse_id: Option<String>,
+    /// Create the slot if missing, reading the published tables first (initial load).
+    #[arg(long)]
+    create_slot: bool,
+    /// Exit once everything committed up to this LSN is written.
+    #[arg(long)]
+    endpos: Option<String>,
+    /// Output file (appended to, resuming after its last line), or - for stdout.
+    #[arg(short = 'o', long, default_value = "-")]
+    output: String,
+    /// Use pgoutput protocol 2 with streaming of large in-progress transactions.
+    #[arg(long)]
+    streaming: bool,
+    /// Memory for in-progress streamed transactions before spilling to disk, in MiB.
+    #[arg(long, default_value_t = 64)]
+    stream_memory_mib: usize,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("INVENTORYSYNC_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match cli.command {
+        Command::Tail(args) => runtime.block_on(run_tail(args)),
+    }
+}
+
+fn fail(message: impl std::fmt::Display, code: i32) -> ExitCode {
+    eprintln!("error: {message}");
+    ExitCode::from(code as u8)
+}
+
+async fn run_tail(args: TailArgs) -> ExitCode {
+    let conn = match ConnInfo::parse("--source", &args.source) {
+        Ok(c) => c,
+        Err(e) => return fail(e, 2),
+    };
+    for (key, v) in [("--slot", &args.slot), ("--publication", &args.publication)] {
+        if let Err(e) = validate_name(key, v) {
+            return fail(e, 2);
+        }
+    }
+    let endpos = match args.endpos.as_deref().map(str::parse::<Lsn>).transpose() {
+        Ok(e) => e,
+        Err(e) => return fail(format!("--endpos: {e}"), 2),
+    };
+    let warehouse_id = args.warehouse_id.unwrap_or_else(|| conn.dbname.clone());
+    let mut opts = SourceOptions::new(&warehouse_id, conn, &args.slot, &args.publication);
+    opts.create_slot = args.create_slot;
+    opts.endpos = endpos;
+    opts.streaming = args.streaming;
+    opts.stream_memory_bytes = args.stream_memory_mib << 20;
+    let output = if args.output == "-" {
+        Output::Stdout
+    } else {
+        Output::File(PathBuf::from(&args.output))
+    };
+    let cancel = CancellationToken::new();
+    let signal_cancel = cancel.clone();
+    tokio::spawn(async move {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => return,
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        signal_cancel.cancel();
+    });
+    match tail(opts, output, cancel).await {
+        Ok(summary) => {
+            tracing::info!(events = summary.events, skipped = summary.skipped, "tail finished");
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(&e, e.exit_code()),
+    }
 }

@@ -1,0 +1,460 @@
+//! Typed settings: environment first, `.env` when present, and a TOML file for warehouses.
+//!
+//! Every value is validated here, once, and reported with the key it came from and what was
+//! expected, so the rest of the code works with types that cannot be invalid. Passwords are
+//! held as `SecretString` and never printed: `Debug` of a connection shows `***`.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+
+/// A configuration value that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// One key has a bad value.
+    #[error("configuration key {key}: {reason}")]
+    Invalid {
+        /// Where the value came from (`DB_URL`, `warehouses[0].url`, …).
+        key: String,
+        /// What is wrong and what was expected.
+        reason: String,
+    },
+    /// The TOML file could not be read or parsed.
+    #[error("configuration file {path}: {reason}")]
+    File {
+        /// File path.
+        path: PathBuf,
+        /// What went wrong.
+        reason: String,
+    },
+}
+
+fn invalid(key: impl Into<String>, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        reason: reason.into(),
+    }
+}
+
+/// libpq's `sslmode`, the subset we support.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SslMode {
+    /// Plain TCP.
+    Disable,
+    /// TLS when the server offers it, without verifying the certificate.
+    #[default]
+    Prefer,
+    /// TLS required, certificate not verified (libpq semantics).
+    Require,
+    /// TLS required, certificate chain and host name verified.
+    VerifyFull,
+}
+
+impl std::str::FromStr for SslMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "disable" => Ok(SslMode::Disable),
+            "prefer" | "allow" => Ok(SslMode::Prefer),
+            "require" => Ok(SslMode::Require),
+            "verify-full" => Ok(SslMode::VerifyFull),
+            other => Err(format!(
+                "sslmode {other:?} is not supported; expected disable, prefer, require or verify-full"
+            )),
+        }
+    }
+}
+
+/// A parsed Postgres connection URL. The password is secret.
+#[derive(Clone)]
+pub struct ConnInfo {
+    /// Host name or address.
+    pub host: String,
+    /// TCP port.
+    pub port: u16,
+    /// Role name.
+    pub user: String,
+    /// Password, if any.
+    pub password: Option<SecretString>,
+    /// Database name.
+    pub dbname: String,
+    /// TLS mode.
+    pub sslmode: SslMode,
+    /// PEM file with the CA certificates to trust for verify-full.
+    pub sslrootcert: Option<PathBuf>,
+    /// Connect timeout in seconds.
+    pub connect_timeout_secs: u64,
+}
+
+impl fmt::Debug for ConnInfo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.redacted())
+    }
+}
+
+impl ConnInfo {
+    /// Parses `postgres://user:pass@host:port/db?sslmode=…` (also `postgresql://` and the
+    /// `jdbc:postgresql://` form, where user and password may be query parameters).
+    /// `key` names the setting in errors.
+    pub fn parse(key: &str, input: &str) -> Result<Self, ConfigError> {
+        let raw = input.trim();
+        let raw = raw.strip_prefix("jdbc:").unwrap_or(raw);
+        let url = url::Url::parse(raw).map_err(|e| {
+            invalid(
+                key,
+                format!("not a URL ({e}); expected postgres://user:password@host:port/database"),
+            )
+        })?;
+        if url.scheme() != "postgres" && url.scheme() != "postgresql" {
+            return Err(invalid(
+                key,
+                format!(
+                    "scheme {:?} is not postgres:// or postgresql://",
+                    url.scheme()
+                ),
+            ));
+        }
+        let decode = |s: &str| {
+            percent_decode(s).map_err(|_| invalid(key, "user or password is not valid UTF-8"))
+        };
+        let mut user = decode(url.username())?;
+        let mut password = url.password().map(decode).transpose()?;
+        let host = url
+            .host_str()
+            .filter(|h| !h.is_empty())
+            .unwrap_or("localhost")
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string();
+        let port = url.port().unwrap_or(5432);
+        let mut dbname = decode(url.path().trim_start_matches('/'))?;
+        let mut sslmode = SslMode::Prefer;
+        let mut sslrootcert = None;
+        let mut connect_timeout_secs = 10;
+        for (k, v) in url.query_pairs() {
+            match k.as_ref() {
+                "sslmode" => sslmode = v.parse().map_err(|e: String| invalid(key, e))?,
+                "sslrootcert" => sslrootcert = Some(PathBuf::from(v.as_ref())),
+                "user" => user = v.into_owned(),
+                "password" => password = Some(v.into_owned()),
+                "dbname" => dbname = v.into_owned(),
+                "connect_timeout" => {
+                    connect_timeout_secs = v.parse().map_err(|_| {
+                        invalid(key, format!("connect_timeout {v:?} is not a number of seconds"))
+                    })?
+                }
+                "application_name" | "options" | "ssl" => {}
+                other => {
+                    return Err(invalid(
+                        key,
+                        format!("unknown connection parameter {other:?}; expected sslmode, sslrootcert, user, password, dbname or connect_timeout"),
+                    ));
+                }
+            }
+        }
+        if user.is_empty() {
+            user = std::env::var("PGUSER").unwrap_or_else(|_| "postgres".into());
+        }
+        if password.is_none() {
+            password = std::env::var("PGPASSWORD").ok();
+        }
+        if dbname.is_empty() {
+            dbname = user.clone();
+        }
+        Ok(Self {
+            host,
+            port,
+            user,
+            password: password.map(SecretString::from),
+            dbname,
+            sslmode,
+            sslrootcert,
+            connect_timeout_secs,
+        })
+    }
+
+    /// The URL with the password replaced by `***`, safe to log.
+    pub fn redacted(&self) -> String {
+        let pw = if self.password.is_some() { ":***" } else { "" };
+        format!(
+            "postgres://{}{}@{}:{}/{}",
+            self.user, pw, self.host, self.port, self.dbname
+        )
+    }
+
+    /// A `tokio_postgres::Config` for ordinary SQL on the same server.
+    pub fn to_pg_config(&self) -> tokio_postgres::Config {
+        let mut c = tokio_postgres::Config::new();
+        c.host(&self.host)
+            .port(self.port)
+            .user(&self.user)
+            .dbname(&self.dbname)
+            .application_name("inventorysync")
+            .connect_timeout(std::time::Duration::from_secs(self.connect_timeout_secs))
+            .options("-c TimeZone=UTC -c DateStyle=ISO -c extra_float_digits=3");
+        if let Some(p) = &self.password {
+            c.password(p.expose_secret());
+        }
+        c.ssl_mode(match self.sslmode {
+            SslMode::Disable => tokio_postgres::config::SslMode::Disable,
+            SslMode::Prefer => tokio_postgres::config::SslMode::Prefer,
+            SslMode::Require | SslMode::VerifyFull => tokio_postgres::config::SslMode::Require,
+        });
+        c
+    }
+}
+
+fn percent_decode(s: &str) -> Result<String, std::string::FromUtf8Error> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' && i + 3 <= b.len() {
+            let hex = |c: u8| (c as char).to_digit(16);
+            if let (Some(h), Some(l)) = (hex(b[i + 1]), hex(b[i + 2])) {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8(out)
+}
+
+/// A name used in SQL identifiers: publication and slot names.
+fn check_identifier(key: &str, v: &str) -> Result<(), ConfigError> {
+    let ok = !v.is_empty()
+        && v.len() <= 63
+        && v.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+    if ok {
+        Ok(())
+    } else {
+        Err(invalid(
+            key,
+            format!("{v:?} must be 1 to 63 characters of a-z, 0-9 and _"),
+        ))
+    }
+}
+
+/// The default slot name for a warehouse: `inventorysync_<id>` sanitized to `[a-z0-9_]`.
+pub fn default_slot_name(warehouse_id: &str) -> String {
+    let mut s: String = format!("inventorysync_{warehouse_id}")
+        .chars()
+        .map(|c| {
+            let c = c.to_ascii_lowercase();
+            if c.is_ascii_lowercase() || c.is_ascii_digit() {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    s.truncate(63);
+    s
+}
+
+/// Which pgoutput protocol to ask for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Streaming {
+    /// Protocol 1: whole transactions after commit.
+    Off,
+    /// Protocol 2 with `streaming 'on'`: large transactions in progress.
+    On,
+}
+
+/// One warehouse database to stream.
+#[derive(Debug, Clone)]
+pub struct WarehouseConfig {
+    /// Warehouse id, used in events and keys.
+    pub id: String,
+    /// Connection to the warehouse database.
+    pub conn: ConnInfo,
+    /// Publication name.
+    pub publication: String,
+    /// Replication slot name.
+    pub slot: String,
+    /// Protocol choice.
+    pub streaming: Streaming,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    #[serde(default)]
+    warehouses: Vec<FileWarehouse>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileWarehouse {
+    id: String,
+    url: String,
+    publication: Option<String>,
+    slot: Option<String>,
+    sslmode: Option<String>,
+    #[serde(default)]
+    streaming: bool,
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// State DB connection (`DB_URL`).
+    pub db_url: Option<ConnInfo>,
+    /// Kafka bootstrap servers (`KAFKA_BROKERS`); none means the embedded bus.
+    pub kafka_brokers: Option<String>,
+    /// Central inventory base URL (`WAREHOUSE_API_ENDPOINT`).
+    pub warehouse_api_endpoint: Option<url::Url>,
+    /// Warehouses from the TOML file.
+    pub warehouses: Vec<WarehouseConfig>,
+}
+
+impl Config {
+    /// Loads `.env` (when present), the environment, and the TOML file at `path` (a missing
+    /// file is fine unless `required`).
+    pub fn load(path: &Path, required: bool) -> Result<Self, ConfigError> {
+        let _ = dotenvy::dotenv();
+        let env = |k: &str| std::env::var(k).ok().filter(|v| !v.trim().is_empty());
+        let db_url = env("DB_URL")
+            .map(|v| ConnInfo::parse("DB_URL", &v))
+            .transpose()?;
+        let kafka_brokers = env("KAFKA_BROKERS");
+        let warehouse_api_endpoint = env("WAREHOUSE_API_ENDPOINT")
+            .map(|v| {
+                url::Url::parse(&v).map_err(|e| {
+                    invalid(
+                        "WAREHOUSE_API_ENDPOINT",
+                        format!("{e}; expected an http(s) URL"),
+                    )
+                })
+            })
+            .transpose()?;
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !required => String::new(),
+            Err(e) => {
+                return Err(ConfigError::File {
+                    path: path.into(),
+                    reason: e.to_string(),
+                });
+            }
+        };
+        let warehouses = parse_warehouses(path, &text)?;
+        Ok(Self {
+            db_url,
+            kafka_brokers,
+            warehouse_api_endpoint,
+            warehouses,
+        })
+    }
+}
+
+/// Parses and validates the `[[warehouses]]` of a TOML document.
+pub fn parse_warehouses(path: &Path, text: &str) -> Result<Vec<WarehouseConfig>, ConfigError> {
+    let file: FileConfig = toml::from_str(text).map_err(|e| ConfigError::File {
+        path: path.into(),
+        reason: e.to_string(),
+    })?;
+    let mut seen = HashSet::new();
+    let mut out = Vec::new();
+    for (i, w) in file.warehouses.into_iter().enumerate() {
+        let key = |f: &str| format!("warehouses[{i}].{f}");
+        if w.id.trim().is_empty() {
+            return Err(invalid(key("id"), "must not be empty"));
+        }
+        if !seen.insert(w.id.clone()) {
+            return Err(invalid(key("id"), format!("{:?} is listed twice", w.id)));
+        }
+        let mut conn = ConnInfo::parse(&key("url"), &w.url)?;
+        if let Some(m) = &w.sslmode {
+            conn.sslmode = m.parse().map_err(|e: String| invalid(key("sslmode"), e))?;
+        }
+        let publication = w.publication.unwrap_or_else(|| "inventorysync".into());
+        check_identifier(&key("publication"), &publication)?;
+        let slot = w.slot.unwrap_or_else(|| default_slot_name(&w.id));
+        check_identifier(&key("slot"), &slot)?;
+        out.push(WarehouseConfig {
+            id: w.id,
+            conn,
+            publication,
+            slot,
+            streaming: if w.streaming {
+                Streaming::On
+            } else {
+                Streaming::Off
+            },
+        });
+    }
+    Ok(out)
+}
+
+/// Checks a slot or publication name given on the command line.
+pub fn validate_name(key: &str, v: &str) -> Result<(), ConfigError> {
+    check_identifier(key, v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_urls_and_hides_the_password() {
+        let c = ConnInfo::parse("DB_URL", "postgres://inv:s3cr%40t@db.local:6543/state?sslmode=require")
+            .unwrap();
+        assert_eq!((c.host.as_str(), c.port, c.user.as_str()), ("db.local", 6543, "inv"));
+        assert_eq!(c.password.as_ref().unwrap().expose_secret(), "s3cr@t");
+        assert_eq!(c.sslmode, SslMode::Require);
+        assert!(!format!("{c:?}").contains("s3cr"));
+        assert_eq!(c.redacted(), "postgres://inv:***@db.local:6543/state");
+    }
+
+    #[test]
+    fn accepts_the_jdbc_form() {
+        let c = ConnInfo::parse(
+            "DB_URL",
+            "jdbc:postgresql://localhost:5432/inventory?user=app&password=pw",
+        )
+        .unwrap();
+        assert_eq!((c.user.as_str(), c.dbname.as_str()), ("app", "inventory"));
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        let e = ConnInfo::parse("DB_URL", "mysql://x").unwrap_err().to_string();
+        assert!(e.starts_with("configuration key DB_URL:"), "{e}");
+        let e = ConnInfo::parse("DB_URL", "postgres://h/db?sslmode=maybe")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("sslmode \"maybe\""), "{e}");
+        let e = parse_warehouses(
+            Path::new("x.toml"),
+            "[[warehouses]]\nid='a'\nurl='postgres://h/db'\nslot='Bad-Name'\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("warehouses[0].slot"), "{e}");
+        let e = parse_warehouses(Path::new("x.toml"), "[[warehouses]]\nid='a'\nurl='postgres://h/db'\nbogus=1\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown field `bogus`"), "{e}");
+    }
+
+    #[test]
+    fn warehouse_defaults() {
+        let w = parse_warehouses(
+            Path::new("x.toml"),
+            "[[warehouses]]\nid='WH-East'\nurl='postgres://u:pw@h/db'\n",
+        )
+        .unwrap();
+        assert_eq!(w[0].publication, "inventorysync");
+        assert_eq!(w[0].slot, "inventorysync_wh_east");
+        assert_eq!(w[0].streaming, Streaming::Off);
+    }
+}

@@ -1,0 +1,424 @@
+//! The change event and its JSON envelope (DESIGN §2).
+//!
+//! The envelope is Debezium-compatible so that services written for Debezium topics can read
+//! ours. It is written by hand rather than through serde because it sits on the hot path of
+//! every row: field order is fixed, numbers and embedded JSON are copied as they came from
+//! Postgres, and one output buffer is reused for every event.
+
+use std::sync::Arc;
+
+use crate::Lsn;
+
+/// A converted column value.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Value {
+    /// SQL NULL.
+    Null,
+    /// `bool`.
+    Bool(bool),
+    /// A JSON number, kept as the exact text Postgres sent.
+    Number(String),
+    /// A JSON string.
+    String(String),
+    /// Embedded JSON (json/jsonb), minified and known to be valid.
+    Json(String),
+    /// An array of values.
+    Array(Vec<Value>),
+}
+
+/// One column of a row: its name and value.
+pub type Field = (Arc<str>, Value);
+
+/// A row as ordered columns.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Row(pub Vec<Field>);
+
+impl Row {
+    /// The value of the named column.
+    pub fn get(&self, name: &str) -> Option<&Value> {
+        self.0.iter().find(|(n, _)| &**n == name).map(|(_, v)| v)
+    }
+}
+
+/// What happened to the row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    /// Insert (`c`).
+    Create,
+    /// Update (`u`).
+    Update,
+    /// Delete (`d`).
+    Delete,
+    /// Snapshot read (`r`).
+    Read,
+    /// Truncate (`t`).
+    Truncate,
+}
+
+impl Op {
+    /// The one-letter code of the envelope.
+    pub fn code(self) -> &'static str {
+        match self {
+            Op::Create => "c",
+            Op::Update => "u",
+            Op::Delete => "d",
+            Op::Read => "r",
+            Op::Truncate => "t",
+        }
+    }
+}
+
+/// The `source.snapshot` marker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SnapshotMarker {
+    /// Streaming (`"false"`).
+    False,
+    /// Initial load (`"true"`).
+    True,
+    /// The last row of the initial load (`"last"`).
+    Last,
+    /// A row read by a forced resync (`"incremental"`).
+    Incremental,
+}
+
+impl SnapshotMarker {
+    /// The envelope's text.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SnapshotMarker::False => "false",
+            SnapshotMarker::True => "true",
+            SnapshotMarker::Last => "last",
+            SnapshotMarker::Incremental => "incremental",
+        }
+    }
+}
+
+/// Names that stay the same for every event of one relation, shared by reference.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TableId {
+    /// Schema name.
+    pub schema: Arc<str>,
+    /// Table name.
+    pub table: Arc<str>,
+}
+
+/// Where the event came from: the `source` block.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SourceInfo {
+    /// Warehouse id (also the connector `name`).
+    pub warehouse_id: Arc<str>,
+    /// Database name.
+    pub db: Arc<str>,
+    /// Schema and table.
+    pub table: TableId,
+    /// Commit time in milliseconds since the Unix epoch.
+    pub ts_ms: i64,
+    /// Commit time in microseconds since the Unix epoch (for `committed_at`).
+    pub ts_us: i64,
+    /// Snapshot marker.
+    pub snapshot: SnapshotMarker,
+    /// Transaction id; none for snapshot rows.
+    pub tx_id: Option<u32>,
+    /// LSN of the change (the XLogData start, or the snapshot point).
+    pub lsn: Lsn,
+    /// LSN of the transaction's commit record (the snapshot point for snapshot rows).
+    pub commit_lsn: Lsn,
+    /// 0-based index of the change in its transaction.
+    pub sequence: u64,
+    /// Columns left out of `after` because their TOASTed value did not change.
+    pub unchanged_toast: Vec<Arc<str>>,
+}
+
+/// The `transaction` block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TransactionInfo {
+    /// Position of the change among all of its transaction's changes, 1-based.
+    pub total_order: u64,
+    /// Position among the transaction's changes to the same table, 1-based.
+    pub data_collection_order: u64,
+}
+
+/// One row change, ready for the bus.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChangeEvent {
+    /// Old row, when the replica identity provides it.
+    pub before: Option<Row>,
+    /// New row.
+    pub after: Option<Row>,
+    /// Source block.
+    pub source: SourceInfo,
+    /// Operation.
+    pub op: Op,
+    /// Processing time in milliseconds since the Unix epoch.
+    pub ts_ms: i64,
+    /// Transaction block; none for snapshot rows.
+    pub transaction: Option<TransactionInfo>,
+    /// The key columns and their values (none for truncate).
+    pub key: Option<Row>,
+}
+
+impl ChangeEvent {
+    /// The event's version: `commit_lsn:sequence` in fixed-width hex, ordered like the source.
+    pub fn version(&self) -> String {
+        format_version(self.source.commit_lsn, self.source.sequence)
+    }
+
+    /// Appends the JSON envelope (one line, no trailing newline) to `out`.
+    pub fn write_json(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(b"{\"before\":");
+        write_row(out, self.before.as_ref());
+        out.extend_from_slice(b",\"after\":");
+        write_row(out, self.after.as_ref());
+        let s = &self.source;
+        out.extend_from_slice(b",\"source\":{\"version\":\"");
+        out.extend_from_slice(env!("CARGO_PKG_VERSION").as_bytes());
+        out.extend_from_slice(b"\",\"connector\":\"inventorysync\",\"name\":");
+        write_str(out, &s.warehouse_id);
+        out.extend_from_slice(b",\"warehouse_id\":");
+        write_str(out, &s.warehouse_id);
+        out.extend_from_slice(b",\"db\":");
+        write_str(out, &s.db);
+        out.extend_from_slice(b",\"schema\":");
+        write_str(out, &s.table.schema);
+        out.extend_from_slice(b",\"table\":");
+        write_str(out, &s.table.table);
+        out.extend_from_slice(b",\"ts_ms\":");
+        write_int(out, s.ts_ms);
+        out.extend_from_slice(b",\"snapshot\":\"");
+        out.extend_from_slice(s.snapshot.as_str().as_bytes());
+        out.extend_from_slice(b"\",\"txId\":");
+        match s.tx_id {
+            Some(x) => write_int(out, x),
+            None => out.extend_from_slice(b"null"),
+        }
+        out.extend_from_slice(b",\"lsn\":");
+        write_int(out, s.lsn.0);
+        out.extend_from_slice(b",\"commit_lsn\":");
+        write_int(out, s.commit_lsn.0);
+        out.extend_from_slice(b",\"sequence\":");
+        write_int(out, s.sequence);
+        out.extend_from_slice(b",\"unchanged_toast\":[");
+        for (i, c) in s.unchanged_toast.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            write_str(out, c);
+        }
+        out.extend_from_slice(b"]},\"op\":\"");
+        out.extend_from_slice(self.op.code().as_bytes());
+        out.extend_from_slice(b"\",\"ts_ms\":");
+        write_int(out, self.ts_ms);
+        out.extend_from_slice(b",\"transaction\":");
+        match (&self.transaction, s.tx_id) {
+            (Some(t), Some(xid)) => {
+                out.extend_from_slice(b"{\"id\":\"");
+                write_int(out, xid);
+                out.push(b':');
+                write_int(out, s.commit_lsn.0);
+                out.extend_from_slice(b"\",\"total_order\":");
+                write_int(out, t.total_order);
+                out.extend_from_slice(b",\"data_collection_order\":");
+                write_int(out, t.data_collection_order);
+                out.push(b'}');
+            }
+            _ => out.extend_from_slice(b"null"),
+        }
+        out.push(b'}');
+    }
+
+    /// The event as a JSON string.
+    pub fn to_json(&self) -> String {
+        let mut out = Vec::with_capacity(512);
+        self.write_json(&mut out);
+        // Every byte written comes from UTF-8 strings or ASCII literals.
+        String::from_utf8(out).unwrap_or_default()
+    }
+
+    /// Appends the Kafka key `{"warehouse_id","table","pk"}` to `out`.
+    pub fn write_key_json(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(b"{\"warehouse_id\":");
+        write_str(out, &self.source.warehouse_id);
+        out.extend_from_slice(b",\"table\":\"");
+        escape_into(out, &self.source.table.schema);
+        out.push(b'.');
+        escape_into(out, &self.source.table.table);
+        out.extend_from_slice(b"\",\"pk\":");
+        write_row(out, self.key.as_ref());
+        out.push(b'}');
+    }
+}
+
+/// The fixed-width text form of a position: `{commit_lsn:016X}:{sequence:08X}`.
+pub fn format_version(commit_lsn: Lsn, sequence: u64) -> String {
+    format!("{:016X}:{:08X}", commit_lsn.0, sequence)
+}
+
+fn write_int(out: &mut Vec<u8>, v: impl itoa::Integer) {
+    out.extend_from_slice(itoa::Buffer::new().format(v).as_bytes());
+}
+
+fn write_row(out: &mut Vec<u8>, row: Option<&Row>) {
+    let Some(row) = row else {
+        out.extend_from_slice(b"null");
+        return;
+    };
+    out.push(b'{');
+    for (i, (name, value)) in row.0.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        write_str(out, name);
+        out.push(b':');
+        write_value(out, value);
+    }
+    out.push(b'}');
+}
+
+/// Appends one value as JSON.
+pub fn write_value(out: &mut Vec<u8>, v: &Value) {
+    match v {
+        Value::Null => out.extend_from_slice(b"null"),
+        Value::Bool(true) => out.extend_from_slice(b"true"),
+        Value::Bool(false) => out.extend_from_slice(b"false"),
+        Value::Number(n) | Value::Json(n) => out.extend_from_slice(n.as_bytes()),
+        Value::String(s) => write_str(out, s),
+        Value::Array(items) => {
+            out.push(b'[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                write_value(out, item);
+            }
+            out.push(b']');
+        }
+    }
+}
+
+/// Appends `s` as a quoted JSON string.
+pub fn write_str(out: &mut Vec<u8>, s: &str) {
+    out.push(b'"');
+    escape_into(out, s);
+    out.push(b'"');
+}
+
+const fn needs_escape_table() -> [bool; 256] {
+    let mut t = [false; 256];
+    let mut i = 0;
+    while i < 0x20 {
+        t[i] = true;
+        i += 1;
+    }
+    t[b'"' as usize] = true;
+    t[b'\\' as usize] = true;
+    t
+}
+
+static NEEDS_ESCAPE: [bool; 256] = needs_escape_table();
+
+fn escape_into(out: &mut Vec<u8>, s: &str) {
+    let bytes = s.as_bytes();
+    let mut start = 0;
+    for (i, &b) in bytes.iter().enumerate() {
+        if !NEEDS_ESCAPE[b as usize] {
+            continue;
+        }
+        out.extend_from_slice(&bytes[start..i]);
+        match b {
+            b'"' => out.extend_from_slice(b"\\\""),
+            b'\\' => out.extend_from_slice(b"\\\\"),
+            b'\n' => out.extend_from_slice(b"\\n"),
+            b'\r' => out.extend_from_slice(b"\\r"),
+            b'\t' => out.extend_from_slice(b"\\t"),
+            _ => {
+                const HEX: &[u8; 16] = b"0123456789abcdef";
+                out.extend_from_slice(b"\\u00");
+                out.push(HEX[(b >> 4) as usize]);
+                out.push(HEX[(b & 0xF) as usize]);
+            }
+        }
+        start = i + 1;
+    }
+    out.extend_from_slice(&bytes[start..]);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> ChangeEvent {
+        let name = |s: &str| -> Arc<str> { Arc::from(s) };
+        ChangeEvent {
+            before: None,
+            after: Some(Row(vec![
+                (name("sku"), Value::String("SKU-\"1\"\n".into())),
+                (name("qty"), Value::Number("5".into())),
+                (name("attrs"), Value::Json("{\"a\":[1,2]}".into())),
+                (
+                    name("tags"),
+                    Value::Array(vec![Value::Null, Value::Bool(true)]),
+                ),
+            ])),
+            source: SourceInfo {
+                warehouse_id: name("wh-east"),
+                db: name("inv"),
+                table: TableId {
+                    schema: name("public"),
+                    table: name("stock_levels"),
+                },
+                ts_ms: 1795557622123,
+                ts_us: 1795557622123456,
+                snapshot: SnapshotMarker::False,
+                tx_id: Some(1234),
+                lsn: Lsn(23836472),
+                commit_lsn: Lsn(23836600),
+                sequence: 3,
+                unchanged_toast: vec![name("notes")],
+            },
+            op: Op::Create,
+            ts_ms: 1795557622130,
+            transaction: Some(TransactionInfo {
+                total_order: 4,
+                data_collection_order: 2,
+            }),
+            key: Some(Row(vec![(name("sku"), Value::String("SKU-1".into()))])),
+        }
+    }
+
+    #[test]
+    fn envelope_has_the_exact_field_names_and_order() {
+        let json = sample().to_json();
+        let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+        assert_eq!(v["after"]["sku"], "SKU-\"1\"\n");
+        assert_eq!(v["after"]["attrs"]["a"][1], 2);
+        assert_eq!(v["source"]["connector"], "inventorysync");
+        assert_eq!(v["source"]["name"], "wh-east");
+        assert_eq!(v["source"]["txId"], 1234);
+        assert_eq!(v["source"]["commit_lsn"], 23836600u64);
+        assert_eq!(v["source"]["unchanged_toast"][0], "notes");
+        assert_eq!(v["transaction"]["id"], "1234:23836600");
+        assert_eq!(v["transaction"]["total_order"], 4);
+        assert_eq!(v["op"], "c");
+        assert!(json.starts_with("{\"before\":null,\"after\":{\"sku\""));
+        assert!(!json.contains('\n'));
+    }
+
+    #[test]
+    fn key_and_version_follow_the_contract() {
+        let e = sample();
+        let mut k = Vec::new();
+        e.write_key_json(&mut k);
+        assert_eq!(
+            String::from_utf8(k).unwrap(),
+            r#"{"warehouse_id":"wh-east","table":"public.stock_levels","pk":{"sku":"SKU-1"}}"#
+        );
+        assert_eq!(e.version(), "00000000016BB8B8:00000003");
+    }
+
+    #[test]
+    fn control_characters_are_escaped() {
+        let mut out = Vec::new();
+        write_str(&mut out, "a\u{1}b\\");
+        assert_eq!(String::from_utf8(out).unwrap(), r#""a\u0001b\\""#);
+    }
+}

@@ -1,0 +1,562 @@
+//! Transaction assembly: pgoutput messages in, `ChangeEvent`s and commit marks out.
+//!
+//! Without streaming, Postgres sends each transaction whole, in commit order, after it
+//! committed; Begin already carries the commit LSN, so events are emitted as rows arrive and
+//! a 200k-row transaction never sits in memory. With protocol 2 and `streaming 'on'`, large
+//! in-progress transactions arrive in interleaved blocks before their fate is known: they are
+//! kept per top-level xid, as the raw messages, within a memory bound past which they spill
+//! to a temporary file, and are replayed through the same path at Stream Commit. Aborted
+//! transactions and aborted subtransactions are dropped.
+
+use std::collections::{HashMap, HashSet};
+use std::fs::File;
+use std::io::{BufReader, BufWriter, Read, Seek, SeekFrom, Write};
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use super::SourceError;
+use super::pgoutput::{
+    Begin, Delete, Insert, LogicalMessage, OldTuple, PG_EPOCH_OFFSET_MICROS, TupleData,
+    TupleValue, Update,
+};
+use super::relation::{RelationCache, RelationInfo};
+use super::values::{convert_binary, convert_text};
+use crate::Lsn;
+use crate::event::{ChangeEvent, Op, Row, SnapshotMarker, SourceInfo, TransactionInfo, Value};
+
+/// What the assembler hands downstream.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StreamItem {
+    /// One row change.
+    Change(Box<ChangeEvent>),
+    /// Every change of the transaction ending at `end_lsn` has been handed over.
+    Commit {
+        /// LSN of the commit record.
+        commit_lsn: Lsn,
+        /// LSN just past the commit record: what may be confirmed once delivered.
+        end_lsn: Lsn,
+    },
+}
+
+/// What the caller must do after a message.
+#[derive(Debug)]
+pub enum Next {
+    /// Nothing more.
+    Done,
+    /// A streamed transaction committed: replay its buffered messages with
+    /// [`Assembler::replay_message`] (Relation messages through [`Assembler::relation`]), then
+    /// call [`Assembler::finish_replay`].
+    Replay(StreamedTransaction),
+}
+
+/// Identifies the source database in every event.
+#[derive(Debug, Clone)]
+pub struct SourceIdentity {
+    /// Warehouse id.
+    pub warehouse_id: Arc<str>,
+    /// Database name.
+    pub db: Arc<str>,
+}
+
+struct OpenTransaction {
+    xid: u32,
+    commit_lsn: Lsn,
+    commit_time_unix_us: i64,
+    sequence: u64,
+    per_table: HashMap<u32, u64>,
+    end_lsn: Option<Lsn>,
+}
+
+/// The assembler: relation cache, the open transaction and buffered streamed ones.
+pub struct Assembler {
+    identity: SourceIdentity,
+    relations: RelationCache,
+    open: Option<OpenTransaction>,
+    streams: StreamBuffers,
+    streaming_xid: Option<u32>,
+}
+
+impl Assembler {
+    /// A new assembler; streamed transactions may hold `stream_memory_bytes` in memory.
+    pub fn new(identity: SourceIdentity, stream_memory_bytes: usize) -> Self {
+        Self {
+            identity,
+            relations: RelationCache::default(),
+            open: None,
+            streams: StreamBuffers::new(stream_memory_bytes),
+            streaming_xid: None,
+        }
+    }
+
+    /// Records a Relation message with the table's primary key column names.
+    pub fn relation(&mut self, rel: &super::pgoutput::Relation, primary_key: &[String]) {
+        self.relations.insert(RelationInfo::new(rel, primary_key));
+    }
+
+    /// Bytes of streamed transactions held in memory now.
+    pub fn buffered_bytes(&self) -> usize {
+        self.streams.mem_bytes
+    }
+
+    /// Handles one message that is not a Relation. `wal_start` is its XLogData start and
+    /// `raw` its bytes (kept when it belongs to a streamed block).
+    pub fn handle(
+        &mut self,
+        msg: LogicalMessage,
+        wal_start: Lsn,
+        raw: &Bytes,
+        out: &mut Vec<StreamItem>,
+    ) -> Result<Next, SourceError> {
+        if let Some(xid) = self.streaming_xid {
+            match msg {
+                LogicalMessage::StreamStop => self.streaming_xid = None,
+                LogicalMessage::StreamStart(_) => {
+                    return Err(SourceError::Protocol(
+                        "Stream Start inside a streamed block".into(),
+                    ));
+                }
+                _ => self.streams.push(xid, wal_start, raw)?,
+            }
+            return Ok(Next::Done);
+        }
+        match msg {
+            LogicalMessage::Begin(b) => self.begin(&b),
+            LogicalMessage::Commit(c) => {
+                let open = self.open.take().ok_or_else(|| {
+                    SourceError::Protocol(format!("Commit at {} without Begin", c.commit_lsn))
+                })?;
+                out.push(StreamItem::Commit {
+                    commit_lsn: open.commit_lsn,
+                    end_lsn: c.end_lsn,
+                });
+            }
+            LogicalMessage::Insert(i) => self.insert(i, wal_start, out)?,
+            LogicalMessage::Update(u) => self.update(u, wal_start, out)?,
+            LogicalMessage::Delete(d) => self.delete(d, wal_start, out)?,
+            LogicalMessage::Truncate(t) => {
+                for oid in t.relation_oids {
+                    let rel = self.relation_info(oid, wal_start)?;
+                    let ev = self.event(&rel, Op::Truncate, None, None, None, wal_start, vec![])?;
+                    out.push(StreamItem::Change(Box::new(ev)));
+                }
+            }
+            LogicalMessage::StreamStart(s) => {
+                self.streaming_xid = Some(s.xid);
+            }
+            LogicalMessage::StreamAbort(a) => self.streams.abort(a.xid, a.subxid),
+            LogicalMessage::StreamCommit(c) => {
+                let buffered = self.streams.take(c.xid)?;
+                self.open = Some(OpenTransaction {
+                    xid: c.xid,
+                    commit_lsn: c.commit_lsn,
+                    commit_time_unix_us: c.commit_time_micros + PG_EPOCH_OFFSET_MICROS,
+                    sequence: 0,
+                    per_table: HashMap::new(),
+                    end_lsn: Some(c.end_lsn),
+                });
+                return Ok(Next::Replay(buffered.unwrap_or_else(|| {
+                    StreamedTransaction::empty(c.xid)
+                })));
+            }
+            // Origins, types and logical messages (our heartbeats among them) are not rows.
+            LogicalMessage::Origin(_)
+            | LogicalMessage::Type(_)
+            | LogicalMessage::Message(_)
+            | LogicalMessage::StreamStop
+            | LogicalMessage::Relation(_) => {}
+        }
+        Ok(Next::Done)
+    }
+
+    /// Replays one buffered message of a committed streamed transaction.
+    pub fn replay_message(
+        &mut self,
+        msg: LogicalMessage,
+        wal_start: Lsn,
+        out: &mut Vec<StreamItem>,
+    ) -> Result<(), SourceError> {
+        match msg {
+            LogicalMessage::Insert(i) => self.insert(i, wal_start, out),
+            LogicalMessage::Update(u) => self.update(u, wal_start, out),
+            LogicalMessage::Delete(d) => self.delete(d, wal_start, out),
+            LogicalMessage::Truncate(t) => {
+                for oid in t.relation_oids {
+                    let rel = self.relation_info(oid, wal_start)?;
+                    let ev = self.event(&rel, Op::Truncate, None, None, None, wal_start, vec![])?;
+                    out.push(StreamItem::Change(Box::new(ev)));
+                }
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Ends the replay of a streamed transaction.
+    pub fn finish_replay(&mut self, out: &mut Vec<StreamItem>) -> Result<(), SourceError> {
+        let open = self
+            .open
+            .take()
+            .ok_or_else(|| SourceError::Protocol("replay finished without a transaction".into()))?;
+        out.push(StreamItem::Commit {
+            commit_lsn: open.commit_lsn,
+            end_lsn: open.end_lsn.unwrap_or(open.commit_lsn),
+        });
+        Ok(())
+    }
+
+    fn begin(&mut self, b: &Begin) {
+        self.open = Some(OpenTransaction {
+            xid: b.xid,
+            commit_lsn: b.final_lsn,
+            commit_time_unix_us: b.commit_time_micros + PG_EPOCH_OFFSET_MICROS,
+            sequence: 0,
+            per_table: HashMap::new(),
+            end_lsn: None,
+        });
+    }
+
+    fn relation_info(&self, oid: u32, at: Lsn) -> Result<Arc<RelationInfo>, SourceError> {
+        self.relations
+            .get(oid)
+            .cloned()
+            .ok_or(SourceError::UnknownRelation { oid, lsn: at })
+    }
+
+    fn insert(
+        &mut self,
+        i: Insert,
+        at: Lsn,
+        out: &mut Vec<StreamItem>,
+    ) -> Result<(), SourceError> {
+        let rel = self.relation_info(i.relation_oid, at)?;
+        let mut toast = Vec::new();
+        let after = row_from_tuple(&rel, &i.new, None, &mut toast, at)?;
+        let key = key_of(&rel, &after);
+        let ev = self.event(&rel, Op::Create, None, Some(after), Some(key), at, toast)?;
+        out.push(StreamItem::Change(Box::new(ev)));
+        Ok(())
+    }
+
+    fn update(
+        &mut self,
+        u: Update,
+        at: Lsn,
+        out: &mut Vec<StreamItem>,
+    ) -> Result<(), SourceError> {
+        let rel = self.relation_info(u.relation_oid, at)?;
+        let mut toast = Vec::new();
+        let full_old = match &u.old {
+            Some(OldTuple::Full(t)) => Some(t),
+            _ => None,
+        };
+        let after = row_from_tuple(&rel, &u.new, full_old, &mut toast, at)?;
+        let before = match &u.old {
+            Some(old) => Some(old_row(&rel, old, at)?),
+            None => None,
+        };
+        let key = key_of(&rel, &after);
+        let ev = self.event(&rel, Op::Update, before, Some(after), Some(key), at, toast)?;
+        out.push(StreamItem::Change(Box::new(ev)));
+        Ok(())
+    }
+
+    fn delete(
+        &mut self,
+        d: Delete,
+        at: Lsn,
+        out: &mut Vec<StreamItem>,
+    ) -> Result<(), SourceError> {
+        let rel = self.relation_info(d.relation_oid, at)?;
+        let before = old_row(&rel, &d.old, at)?;
+        let key = key_of(&rel, &before);
+        let ev = self.event(&rel, Op::Delete, Some(before), None, Some(key), at, vec![])?;
+        out.push(StreamItem::Change(Box::new(ev)));
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn event(
+        &mut self,
+        rel: &RelationInfo,
+        op: Op,
+        before: Option<Row>,
+        after: Option<Row>,
+        key: Option<Row>,
+        at: Lsn,
+        unchanged_toast: Vec<Arc<str>>,
+    ) -> Result<ChangeEvent, SourceError> {
+        let open = self.open.as_mut().ok_or_else(|| {
+            SourceError::Protocol(format!("row change at {at} outside a transaction"))
+        })?;
+        let sequence = open.sequence;
+        open.sequence += 1;
+        let per_table = open.per_table.entry(rel.oid).or_insert(0);
+        *per_table += 1;
+        Ok(ChangeEvent {
+            before,
+            after,
+            source: SourceInfo {
+                warehouse_id: self.identity.warehouse_id.clone(),
+                db: self.identity.db.clone(),
+                table: rel.table.clone(),
+                ts_ms: open.commit_time_unix_us.div_euclid(1000),
+                ts_us: open.commit_time_unix_us,
+                snapshot: SnapshotMarker::False,
+                tx_id: Some(open.xid),
+                lsn: at,
+                commit_lsn: open.commit_lsn,
+                sequence,
+                unchanged_toast,
+            },
+            op,
+            ts_ms: now_ms(),
+            transaction: Some(TransactionInfo {
+                total_order: sequence + 1,
+                data_collection_order: *per_table,
+            }),
+            key,
+        })
+    }
+}
+
+/// Milliseconds since the Unix epoch, now.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+fn convert(
+    rel: &RelationInfo,
+    col: usize,
+    v: TupleValue<'_>,
+    at: Lsn,
+) -> Result<Value, SourceError> {
+    let c = &rel.columns[col];
+    match v {
+        TupleValue::Null | TupleValue::UnchangedToast => Ok(Value::Null),
+        TupleValue::Binary(b) => Ok(convert_binary(b)),
+        TupleValue::Text(t) => convert_text(c.type_oid, t).map_err(|source| SourceError::Value {
+            table: format!("{}.{}", rel.table.schema, rel.table.table),
+            column: c.name.to_string(),
+            lsn: at,
+            source,
+        }),
+    }
+}
+
+fn check_width(rel: &RelationInfo, t: &TupleData, at: Lsn) -> Result<(), SourceError> {
+    if t.len() != rel.columns.len() {
+        return Err(SourceError::Protocol(format!(
+            "row of {}.{} at {at} has {} columns, its Relation message announced {}",
+            rel.table.schema,
+            rel.table.table,
+            t.len(),
+            rel.columns.len()
+        )));
+    }
+    Ok(())
+}
+
+/// The new row; unchanged TOAST columns come from the full old row when there is one,
+/// otherwise they are left out and listed.
+pub(crate) fn row_from_tuple(
+    rel: &RelationInfo,
+    t: &TupleData,
+    full_old: Option<&TupleData>,
+    unchanged_toast: &mut Vec<Arc<str>>,
+    at: Lsn,
+) -> Result<Row, SourceError> {
+    check_width(rel, t, at)?;
+    let mut fields = Vec::with_capacity(t.len());
+    for (i, v) in t.iter().enumerate() {
+        let v = match (v, full_old.and_then(|o| o.get(i))) {
+            (TupleValue::UnchangedToast, Some(old @ (TupleValue::Text(_) | TupleValue::Binary(_)))) => old,
+            (TupleValue::UnchangedToast, _) => {
+                unchanged_toast.push(rel.columns[i].name.clone());
+                continue;
+            }
+            (v, _) => v,
+        };
+        fields.push((rel.columns[i].name.clone(), convert(rel, i, v, at)?));
+    }
+    Ok(Row(fields))
+}
+
+/// The old image: with a key-only tuple, only the identity columns.
+fn old_row(rel: &RelationInfo, old: &OldTuple, at: Lsn) -> Result<Row, SourceError> {
+    let t = old.tuple();
+    check_width(rel, t, at)?;
+    let key_only = matches!(old, OldTuple::Key(_));
+    let mut fields = Vec::new();
+    for (i, v) in t.iter().enumerate() {
+        if (key_only && !rel.columns[i].is_identity) || v == TupleValue::UnchangedToast {
+            continue;
+        }
+        fields.push((rel.columns[i].name.clone(), convert(rel, i, v, at)?));
+    }
+    Ok(Row(fields))
+}
+
+fn key_of(rel: &RelationInfo, row: &Row) -> Row {
+    Row(rel
+        .key_columns
+        .iter()
+        .map(|&i| {
+            let name = &rel.columns[i].name;
+            (name.clone(), row.get(name).cloned().unwrap_or(Value::Null))
+        })
+        .collect())
+}
+
+/// A committed streamed transaction's buffered messages, ready to replay in order.
+#[derive(Debug)]
+pub struct StreamedTransaction {
+    /// Top-level xid.
+    pub xid: u32,
+    mem: std::collections::VecDeque<(Lsn, Bytes)>,
+    spill: Option<BufReader<File>>,
+    aborted: HashSet<u32>,
+}
+
+impl StreamedTransaction {
+    fn empty(xid: u32) -> Self {
+        Self {
+            xid,
+            mem: Default::default(),
+            spill: None,
+            aborted: HashSet::new(),
+        }
+    }
+
+    /// Whether changes of this (sub)transaction id were rolled back.
+    pub fn is_aborted(&self, subxid: u32) -> bool {
+        self.aborted.contains(&subxid)
+    }
+
+    /// The aborted subtransaction ids.
+    pub fn aborted_set(&self) -> HashSet<u32> {
+        self.aborted.clone()
+    }
+
+    /// The next buffered message in arrival order, from memory then from the spill file.
+    // Spilling moves everything buffered so far to the file, so the memory part and the file
+    // never interleave: one of them is empty.
+    pub fn next_message(&mut self) -> Result<Option<(Lsn, Bytes)>, SourceError> {
+        if let Some(item) = self.mem.pop_front() {
+            return Ok(Some(item));
+        }
+        let Some(r) = self.spill.as_mut() else {
+            return Ok(None);
+        };
+        let mut header = [0u8; 12];
+        match r.read_exact(&mut header) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                self.spill = None;
+                return Ok(None);
+            }
+            Err(e) => return Err(SourceError::Spill(e)),
+        }
+        let mut lsn = [0u8; 8];
+        lsn.copy_from_slice(&header[..8]);
+        let mut len = [0u8; 4];
+        len.copy_from_slice(&header[8..]);
+        let mut buf = vec![0u8; u32::from_be_bytes(len) as usize];
+        r.read_exact(&mut buf).map_err(SourceError::Spill)?;
+        Ok(Some((Lsn(u64::from_be_bytes(lsn)), Bytes::from(buf))))
+    }
+}
+
+struct XidBuffer {
+    mem: Vec<(Lsn, Bytes)>,
+    mem_bytes: usize,
+    spill: Option<BufWriter<File>>,
+    aborted: HashSet<u32>,
+}
+
+/// In-progress streamed transactions, bounded in memory.
+struct StreamBuffers {
+    by_xid: HashMap<u32, XidBuffer>,
+    mem_bytes: usize,
+    limit_bytes: usize,
+}
+
+impl StreamBuffers {
+    fn new(limit_bytes: usize) -> Self {
+        Self {
+            by_xid: HashMap::new(),
+            mem_bytes: 0,
+            limit_bytes,
+        }
+    }
+
+    fn push(&mut self, xid: u32, at: Lsn, raw: &Bytes) -> Result<(), SourceError> {
+        let buf = self.by_xid.entry(xid).or_insert_with(|| XidBuffer {
+            mem: Vec::new(),
+            mem_bytes: 0,
+            spill: None,
+            aborted: HashSet::new(),
+        });
+        if let Some(w) = buf.spill.as_mut() {
+            return write_spilled(w, at, raw);
+        }
+        // Own the bytes: a slice would pin the whole network read buffer.
+        buf.mem.push((at, Bytes::copy_from_slice(raw)));
+        buf.mem_bytes += raw.len() + 32;
+        self.mem_bytes += raw.len() + 32;
+        if self.mem_bytes > self.limit_bytes {
+            // Move this transaction's messages to disk; it is the one growing.
+            let file = tempfile::tempfile().map_err(SourceError::Spill)?;
+            let mut w = BufWriter::with_capacity(1 << 20, file);
+            for (lsn, b) in buf.mem.drain(..) {
+                write_spilled(&mut w, lsn, &b)?;
+            }
+            self.mem_bytes -= buf.mem_bytes;
+            buf.mem_bytes = 0;
+            buf.spill = Some(w);
+            tracing::debug!(xid, "streamed transaction spilled to disk");
+        }
+        Ok(())
+    }
+
+    fn abort(&mut self, xid: u32, subxid: u32) {
+        if xid == subxid {
+            if let Some(b) = self.by_xid.remove(&xid) {
+                self.mem_bytes -= b.mem_bytes;
+            }
+        } else if let Some(b) = self.by_xid.get_mut(&xid) {
+            b.aborted.insert(subxid);
+        }
+    }
+
+    fn take(&mut self, xid: u32) -> Result<Option<StreamedTransaction>, SourceError> {
+        let Some(b) = self.by_xid.remove(&xid) else {
+            return Ok(None);
+        };
+        self.mem_bytes -= b.mem_bytes;
+        let spill = match b.spill {
+            Some(w) => {
+                let mut file = w.into_inner().map_err(|e| SourceError::Spill(e.into_error()))?;
+                file.seek(SeekFrom::Start(0)).map_err(SourceError::Spill)?;
+                Some(BufReader::with_capacity(1 << 20, file))
+            }
+            None => None,
+        };
+        Ok(Some(StreamedTransaction {
+            xid,
+            mem: b.mem.into(),
+            spill,
+            aborted: b.aborted,
+        }))
+    }
+}
+
+fn write_spilled(w: &mut BufWriter<File>, at: Lsn, raw: &[u8]) -> Result<(), SourceError> {
+    w.write_all(&at.0.to_be_bytes())
+        .and_then(|_| w.write_all(&(raw.len() as u32).to_be_bytes()))
+        .and_then(|_| w.write_all(raw))
+        .map_err(SourceError::Spill)
+}

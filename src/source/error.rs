@@ -1,0 +1,189 @@
+//! Source errors, split into what retrying can fix and what it cannot.
+
+use super::pgoutput::DecodeError;
+use super::values::ValueError;
+use crate::Lsn;
+
+/// An error reported by the Postgres server (ErrorResponse).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerError {
+    /// SQLSTATE code.
+    pub code: String,
+    /// Primary message.
+    pub message: String,
+    /// Detail, if any.
+    pub detail: Option<String>,
+    /// Hint, if any.
+    pub hint: Option<String>,
+}
+
+impl std::fmt::Display for ServerError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} (SQLSTATE {})", self.message, self.code)?;
+        if let Some(d) = &self.detail {
+            write!(f, "; {d}")?;
+        }
+        if let Some(h) = &self.hint {
+            write!(f, "; hint: {h}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Everything that can go wrong reading a warehouse.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    /// The server's `wal_level` is not `logical`.
+    #[error(
+        "wal_level is {found:?} on the warehouse server, logical decoding needs 'logical': set wal_level = logical in postgresql.conf and restart the server"
+    )]
+    WalLevelNotLogical {
+        /// The current setting.
+        found: String,
+    },
+    /// The publication does not exist in the warehouse database.
+    #[error(
+        "publication {publication:?} does not exist in the warehouse database: create it with CREATE PUBLICATION {publication} FOR TABLE … (see sql/warehouse_setup.sql)"
+    )]
+    PublicationMissing {
+        /// Publication name.
+        publication: String,
+    },
+    /// The slot is used by another process, even after retrying.
+    #[error(
+        "replication slot {slot:?} is in use by another process ({detail}); stop the other consumer or use another slot"
+    )]
+    SlotInUse {
+        /// Slot name.
+        slot: String,
+        /// The server's words.
+        detail: String,
+    },
+    /// The slot does not exist and was not to be created.
+    #[error("replication slot {slot:?} does not exist: create it, or pass --create-slot")]
+    SlotMissing {
+        /// Slot name.
+        slot: String,
+    },
+    /// The slot lost WAL it needed.
+    #[error(
+        "replication slot {slot:?} has been invalidated (wal_status lost): the WAL it needed was removed; drop it, create a new slot and run a forced resync of the warehouse"
+    )]
+    SlotInvalidated {
+        /// Slot name.
+        slot: String,
+    },
+    /// The role may not open a replication connection.
+    #[error(
+        "role {user:?} lacks the REPLICATION attribute: ALTER ROLE {user} WITH REPLICATION ({server})"
+    )]
+    NoReplicationPrivilege {
+        /// Role name.
+        user: String,
+        /// The server's words.
+        server: String,
+    },
+    /// The server refused the credentials.
+    #[error("authentication failed for role {user:?}: {server}")]
+    AuthFailed {
+        /// Role name.
+        user: String,
+        /// The server's words.
+        server: String,
+    },
+    /// A pgoutput or replication message could not be decoded.
+    #[error("undecodable replication message near {lsn}: {source}")]
+    Decode {
+        /// The decoder's words.
+        source: DecodeError,
+        /// Position of the message.
+        lsn: Lsn,
+    },
+    /// A row refers to a relation never described.
+    #[error("row for relation oid {oid} at {lsn} arrived before its Relation message")]
+    UnknownRelation {
+        /// Relation OID.
+        oid: u32,
+        /// Position.
+        lsn: Lsn,
+    },
+    /// A column value could not be converted.
+    #[error("column {column} of {table} at {lsn}: {source}")]
+    Value {
+        /// `schema.table`.
+        table: String,
+        /// Column.
+        column: String,
+        /// Position.
+        lsn: Lsn,
+        /// What was wrong.
+        source: ValueError,
+    },
+    /// The server broke the protocol.
+    #[error("protocol violation: {0}")]
+    Protocol(String),
+    /// The configuration cannot work.
+    #[error("{0}")]
+    Config(String),
+    /// Writing or reading the spill file of a streamed transaction failed.
+    #[error("spill file of a streamed transaction: {0}")]
+    Spill(std::io::Error),
+    /// The server answered with an error.
+    #[error("server error: {0}")]
+    Server(ServerError),
+    /// TLS could not be set up.
+    #[error("TLS: {0}")]
+    Tls(String),
+    /// The network failed.
+    #[error("connection to {target}: {source}")]
+    Io {
+        /// `host:port`.
+        target: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// A SQL query on the warehouse failed.
+    #[error("query on the warehouse failed: {0}")]
+    Sql(#[from] tokio_postgres::Error),
+    /// Writing the output failed.
+    #[error("writing output: {0}")]
+    Output(std::io::Error),
+}
+
+impl SourceError {
+    /// Whether retrying (after a backoff) can fix it.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            SourceError::Io { .. } | SourceError::Sql(_) => true,
+            SourceError::Server(e) => {
+                // Connection exceptions, resource problems, operator intervention, system errors.
+                ["08", "53", "57", "58", "40"]
+                    .iter()
+                    .any(|class| e.code.starts_with(class))
+                    && e.code != "57014"
+            }
+            _ => false,
+        }
+    }
+
+    /// Process exit code for this error: 2 for configuration or setup the user must fix,
+    /// 3 for data the pipeline cannot read, 1 otherwise.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            SourceError::WalLevelNotLogical { .. }
+            | SourceError::PublicationMissing { .. }
+            | SourceError::SlotInUse { .. }
+            | SourceError::SlotMissing { .. }
+            | SourceError::SlotInvalidated { .. }
+            | SourceError::NoReplicationPrivilege { .. }
+            | SourceError::AuthFailed { .. }
+            | SourceError::Config(_)
+            | SourceError::Tls(_) => 2,
+            SourceError::Decode { .. }
+            | SourceError::UnknownRelation { .. }
+            | SourceError::Value { .. }
+            | SourceError::Protocol(_) => 3,
+            _ => 1,
+        }
+    }
+}

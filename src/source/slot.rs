@@ -1,0 +1,197 @@
+//! Slot and publication checks before streaming: turns setup mistakes into definite errors.
+//!
+//! Every check reads the catalog and never changes the warehouse, except slot creation when
+//! asked for. A slot held by another process is retried for a while first, since a previous
+//! connection of our own may still be shutting down on the server.
+
+use std::time::Duration;
+
+use super::SourceError;
+use super::conn::{ReplicationConnection, quote_literal};
+use crate::Lsn;
+
+/// What we found about the slot.
+#[derive(Debug, Clone)]
+pub struct SlotState {
+    /// `confirmed_flush_lsn`.
+    pub confirmed_flush: Lsn,
+}
+
+/// A slot created by us, with the exported snapshot of its consistent point.
+#[derive(Debug, Clone)]
+pub struct CreatedSlot {
+    /// Where streaming starts.
+    pub consistent_point: Lsn,
+    /// Exported snapshot name, valid while the creating connection stays idle.
+    pub snapshot_name: String,
+}
+
+/// Checks `wal_level` through the replication connection.
+pub async fn check_wal_level(conn: &mut ReplicationConnection) -> Result<(), SourceError> {
+    let rows = conn.simple_query("SHOW wal_level").await?;
+    let level = rows
+        .first()
+        .and_then(|r| r.first().cloned().flatten())
+        .unwrap_or_default();
+    if level != "logical" {
+        return Err(SourceError::WalLevelNotLogical { found: level });
+    }
+    Ok(())
+}
+
+/// Checks that the publication exists.
+pub async fn check_publication(
+    sql: &tokio_postgres::Client,
+    publication: &str,
+) -> Result<(), SourceError> {
+    let n = sql
+        .query("SELECT 1 FROM pg_publication WHERE pubname = $1", &[&publication])
+        .await?
+        .len();
+    if n == 0 {
+        return Err(SourceError::PublicationMissing {
+            publication: publication.to_string(),
+        });
+    }
+    Ok(())
+}
+
+/// Looks the slot up; waits up to `busy_wait` for another holder to let go.
+pub async fn inspect_slot(
+    sql: &tokio_postgres::Client,
+    slot: &str,
+    busy_wait: Duration,
+) -> Result<Option<SlotState>, SourceError> {
+    let deadline = tokio::time::Instant::now() + busy_wait;
+    loop {
+        let rows = sql
+            .query(
+                "SELECT active_pid, wal_status, confirmed_flush_lsn::text, plugin, database = current_database() \
+                 FROM pg_replication_slots WHERE slot_name = $1",
+                &[&slot],
+            )
+            .await?;
+        let Some(row) = rows.first() else {
+            return Ok(None);
+        };
+        let pid: Option<i32> = row.get(0);
+        let wal_status: Option<String> = row.get(1);
+        let flush: Option<String> = row.get(2);
+        let plugin: Option<String> = row.get(3);
+        let same_db: Option<bool> = row.get(4);
+        if plugin.as_deref() != Some("pgoutput") || same_db != Some(true) {
+            return Err(SourceError::Config(format!(
+                "replication slot {slot:?} exists but is not a pgoutput slot of this database (plugin {plugin:?})"
+            )));
+        }
+        if wal_status.as_deref() == Some("lost") {
+            return Err(SourceError::SlotInvalidated {
+                slot: slot.to_string(),
+            });
+        }
+        match pid {
+            Some(pid) if tokio::time::Instant::now() < deadline => {
+                tracing::info!(slot, pid, "slot is held by another process; waiting");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Some(pid) => {
+                return Err(SourceError::SlotInUse {
+                    slot: slot.to_string(),
+                    detail: format!("active for PID {pid}"),
+                });
+            }
+            None => {
+                let confirmed_flush = flush
+                    .as_deref()
+                    .map(str::parse)
+                    .transpose()
+                    .map_err(|e| SourceError::Protocol(format!("confirmed_flush_lsn: {e}")))?
+                    .unwrap_or(Lsn::ZERO);
+                return Ok(Some(SlotState { confirmed_flush }));
+            }
+        }
+    }
+}
+
+/// Creates the slot with an exported snapshot.
+pub async fn create_slot(
+    conn: &mut ReplicationConnection,
+    slot: &str,
+) -> Result<CreatedSlot, SourceError> {
+    let rows = conn
+        .simple_query(&format!(
+            "CREATE_REPLICATION_SLOT {slot} LOGICAL pgoutput EXPORT_SNAPSHOT"
+        ))
+        .await
+        .map_err(|e| match e {
+            SourceError::Server(s) if s.code == "42710" => SourceError::Config(format!(
+                "replication slot {slot:?} was created by someone else meanwhile: {}",
+                s.message
+            )),
+            other => other,
+        })?;
+    let row = rows
+        .first()
+        .ok_or_else(|| SourceError::Protocol("CREATE_REPLICATION_SLOT returned no row".into()))?;
+    let consistent_point = row
+        .get(1)
+        .cloned()
+        .flatten()
+        .unwrap_or_default()
+        .parse()
+        .map_err(|e| SourceError::Protocol(format!("consistent_point: {e}")))?;
+    let snapshot_name = row
+        .get(2)
+        .cloned()
+        .flatten()
+        .ok_or_else(|| SourceError::Protocol("no exported snapshot".into()))?;
+    Ok(CreatedSlot {
+        consistent_point,
+        snapshot_name,
+    })
+}
+
+/// Maps errors of `START_REPLICATION` to what the user must do.
+pub fn classify_start_error(e: SourceError, slot: &str, publication: &str) -> SourceError {
+    match e {
+        SourceError::Server(s) => {
+            let msg = s.message.to_lowercase();
+            if msg.contains("publication") && msg.contains("does not exist") {
+                SourceError::PublicationMissing {
+                    publication: publication.to_string(),
+                }
+            } else if s.code == "55006" {
+                SourceError::SlotInUse {
+                    slot: slot.to_string(),
+                    detail: s.message,
+                }
+            } else if s.code == "42704" {
+                SourceError::SlotMissing {
+                    slot: slot.to_string(),
+                }
+            } else if msg.contains("invalidated")
+                || s.detail.as_deref().is_some_and(|d| d.contains("invalidated"))
+            {
+                SourceError::SlotInvalidated {
+                    slot: slot.to_string(),
+                }
+            } else {
+                SourceError::Server(s)
+            }
+        }
+        other => other,
+    }
+}
+
+/// The `START_REPLICATION` command.
+pub fn start_replication_sql(slot: &str, start: Lsn, publication: &str, streaming: bool) -> String {
+    let pubs = quote_literal(&format!("\"{publication}\""));
+    let mut opts = format!(
+        "proto_version '{}', publication_names {pubs}, messages 'true'",
+        if streaming { 2 } else { 1 }
+    );
+    if streaming {
+        opts.push_str(", streaming 'on'");
+    }
+    format!("START_REPLICATION SLOT {slot} LOGICAL {start} ({opts})")
+}

@@ -1,0 +1,261 @@
+//! The consistent initial load: every published table read in the slot's exported snapshot.
+//!
+//! The slot is created with `EXPORT_SNAPSHOT`; that snapshot sees exactly the transactions
+//! committed before the slot's consistent point, and streaming from the consistent point
+//! delivers exactly those after it. Reading the tables in that snapshot (a REPEATABLE READ
+//! transaction with `SET TRANSACTION SNAPSHOT`) therefore neither misses nor doubles a row,
+//! and takes no lock stronger than ACCESS SHARE. Rows are fetched through a cursor in
+//! chunks so memory stays flat whatever the table size.
+
+use std::sync::Arc;
+
+use tokio::sync::mpsc;
+
+use super::SourceError;
+use super::assemble::{StreamItem, now_ms};
+use super::conn::quote_literal;
+use super::pgoutput::{Relation, RelationColumn, ReplicaIdentity};
+use super::relation::RelationInfo;
+use super::values::convert_text;
+use crate::Lsn;
+use crate::event::{ChangeEvent, Op, Row, SnapshotMarker, SourceInfo, Value};
+
+/// Rows fetched per round trip.
+const FETCH_ROWS: usize = 5_000;
+
+/// A published table as the catalog describes it.
+#[derive(Debug, Clone)]
+pub struct PublishedTable {
+    /// What events need.
+    pub info: Arc<RelationInfo>,
+    /// Row filter of the publication (Postgres 15+), if any.
+    pub row_filter: Option<String>,
+}
+
+/// Quotes an identifier.
+pub fn quote_ident(s: &str) -> String {
+    format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+/// Lists the publication's tables with their published columns and primary keys.
+pub async fn published_tables(
+    sql: &tokio_postgres::Client,
+    publication: &str,
+) -> Result<Vec<PublishedTable>, SourceError> {
+    let rows = sql
+        .query(
+            "SELECT c.oid, pt.schemaname::text, pt.tablename::text, pt.attnames::text[], pt.rowfilter, c.relreplident::text \
+             FROM pg_publication_tables pt \
+             JOIN pg_namespace n ON n.nspname = pt.schemaname \
+             JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = pt.tablename \
+             WHERE pt.pubname = $1 ORDER BY 2, 3",
+            &[&publication],
+        )
+        .await?;
+    let mut out = Vec::new();
+    for row in rows {
+        let oid: u32 = row.get(0);
+        let schema: String = row.get(1);
+        let table: String = row.get(2);
+        let attnames: Option<Vec<String>> = row.get(3);
+        let row_filter: Option<String> = row.get(4);
+        let ident: String = row.get(5);
+        let cols = sql
+            .query(
+                "SELECT a.attname::text, a.atttypid, a.atttypmod, \
+                        coalesce(a.attnum = ANY(i.indkey), false) \
+                 FROM pg_attribute a \
+                 LEFT JOIN pg_index i ON i.indrelid = a.attrelid AND i.indisreplident \
+                 WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = '' \
+                 ORDER BY a.attnum",
+                &[&oid],
+            )
+            .await?;
+        let pk = primary_key(sql, oid).await?;
+        let identity = ReplicaIdentity::from_byte(ident.bytes().next().unwrap_or(b'd'))
+            .unwrap_or(ReplicaIdentity::Default);
+        let columns = cols
+            .iter()
+            .filter(|c| {
+                let name: String = c.get(0);
+                attnames.as_ref().is_none_or(|a| a.contains(&name))
+            })
+            .map(|c| {
+                let name: String = c.get(0);
+                let in_index: bool = c.get(3);
+                let is_key = match identity {
+                    ReplicaIdentity::Full => true,
+                    ReplicaIdentity::Default => pk.contains(&name),
+                    ReplicaIdentity::Index => in_index,
+                    ReplicaIdentity::Nothing => false,
+                };
+                RelationColumn {
+                    is_key,
+                    name,
+                    type_oid: c.get(1),
+                    type_modifier: c.get(2),
+                }
+            })
+            .collect();
+        let rel = Relation {
+            xid: None,
+            oid,
+            namespace: schema,
+            name: table,
+            replica_identity: identity,
+            columns,
+        };
+        out.push(PublishedTable {
+            info: Arc::new(RelationInfo::new(&rel, &pk)),
+            row_filter,
+        });
+    }
+    Ok(out)
+}
+
+/// The primary key's column names in key order; empty when the table has none.
+pub async fn primary_key(
+    sql: &tokio_postgres::Client,
+    relation_oid: u32,
+) -> Result<Vec<String>, SourceError> {
+    let rows = sql
+        .query(
+            "SELECT a.attname::text FROM pg_index i \
+             JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord) ON true \
+             JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum \
+             WHERE i.indrelid = $1 AND i.indisprimary ORDER BY k.ord",
+            &[&relation_oid],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
+/// Where snapshot events go, and what they say about their origin.
+pub struct SnapshotTarget<'a> {
+    /// Warehouse id.
+    pub warehouse_id: Arc<str>,
+    /// Database name.
+    pub db: Arc<str>,
+    /// The slot's consistent point: `lsn` and `commit_lsn` of every snapshot row.
+    pub consistent_point: Lsn,
+    /// Downstream.
+    pub out: &'a mpsc::Sender<Vec<StreamItem>>,
+}
+
+/// Reads every table in the exported snapshot and sends `op: "r"` events, the last one
+/// marked `"last"`, followed by a commit mark at the consistent point. Returns the row count.
+pub async fn initial_load(
+    sql: &mut tokio_postgres::Client,
+    snapshot_name: &str,
+    tables: &[PublishedTable],
+    target: SnapshotTarget<'_>,
+) -> Result<u64, SourceError> {
+    let tx = sql.transaction().await?;
+    tx.batch_execute(&format!(
+        "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY; SET TRANSACTION SNAPSHOT {}",
+        quote_literal(snapshot_name)
+    ))
+    .await?;
+    let mut sequence = 0u64;
+    let mut pending: Option<ChangeEvent> = None;
+    let mut batch = Vec::with_capacity(FETCH_ROWS);
+    let closed = || SourceError::Protocol("event consumer stopped during the initial load".into());
+    for t in tables {
+        let rel = &t.info;
+        let cols: Vec<String> = rel.columns.iter().map(|c| quote_ident(&c.name)).collect();
+        let select_list = if cols.is_empty() {
+            "NULL".to_string()
+        } else {
+            cols.join(", ")
+        };
+        let filter = t
+            .row_filter
+            .as_ref()
+            .map(|f| format!(" WHERE {f}"))
+            .unwrap_or_default();
+        tx.batch_execute(&format!(
+            "DECLARE inventorysync_snap NO SCROLL CURSOR FOR SELECT {select_list} FROM ONLY {}.{}{filter}",
+            quote_ident(&rel.table.schema),
+            quote_ident(&rel.table.table)
+        ))
+        .await?;
+        loop {
+            let msgs = tx
+                .simple_query(&format!("FETCH {FETCH_ROWS} FROM inventorysync_snap"))
+                .await?;
+            let mut got = 0;
+            for m in msgs {
+                let tokio_postgres::SimpleQueryMessage::Row(r) = m else {
+                    continue;
+                };
+                got += 1;
+                let mut fields = Vec::with_capacity(rel.columns.len());
+                for (i, c) in rel.columns.iter().enumerate() {
+                    let v = match r.get(i) {
+                        None => Value::Null,
+                        Some(text) => convert_text(c.type_oid, text.as_bytes()).map_err(
+                            |source| SourceError::Value {
+                                table: format!("{}.{}", rel.table.schema, rel.table.table),
+                                column: c.name.to_string(),
+                                lsn: target.consistent_point,
+                                source,
+                            },
+                        )?,
+                    };
+                    fields.push((c.name.clone(), v));
+                }
+                let after = Row(fields);
+                let key = Row(rel
+                    .key_columns
+                    .iter()
+                    .map(|&i| (rel.columns[i].name.clone(), after.0[i].1.clone()))
+                    .collect());
+                let ev = ChangeEvent {
+                    before: None,
+                    after: Some(after),
+                    source: SourceInfo {
+                        warehouse_id: target.warehouse_id.clone(),
+                        db: target.db.clone(),
+                        table: rel.table.clone(),
+                        ts_ms: now_ms(),
+                        ts_us: now_ms() * 1000,
+                        snapshot: SnapshotMarker::True,
+                        tx_id: None,
+                        lsn: target.consistent_point,
+                        commit_lsn: target.consistent_point,
+                        sequence,
+                        unchanged_toast: vec![],
+                    },
+                    op: Op::Read,
+                    ts_ms: now_ms(),
+                    transaction: None,
+                    key: Some(key),
+                };
+                sequence += 1;
+                if let Some(prev) = pending.replace(ev) {
+                    batch.push(StreamItem::Change(Box::new(prev)));
+                }
+            }
+            if !batch.is_empty() {
+                let full = std::mem::replace(&mut batch, Vec::with_capacity(FETCH_ROWS));
+                target.out.send(full).await.map_err(|_| closed())?;
+            }
+            if got < FETCH_ROWS {
+                break;
+            }
+        }
+        tx.batch_execute("CLOSE inventorysync_snap").await?;
+    }
+    tx.commit().await?;
+    let mut last = Vec::new();
+    if let Some(mut ev) = pending {
+        ev.source.snapshot = SnapshotMarker::Last;
+        last.push(StreamItem::Change(Box::new(ev)));
+    }
+    last.push(StreamItem::Commit {
+        commit_lsn: target.consistent_point,
+        end_lsn: target.consistent_point,
+    });
+    target.out.send(last).await.map_err(|_| closed())?;
+    Ok(sequence)
+}

@@ -1,0 +1,449 @@
+//! The replication loop: one warehouse slot in, batches of `StreamItem`s out.
+//!
+//! ```text
+//!   socket ──frames──▶ decode ──▶ assemble ──batches──▶ out (bounded channel)
+//!      ▲                                                    │
+//!      └── standby status (flush = durable) ◀── durable ◀───┘ (watch: highest delivered commit end)
+//! ```
+//!
+//! One `select!` serves the socket, a feedback timer and the durable position reported by
+//! the consumer. Status updates go out when the server asks, on the timer (at most
+//! `min(10 s, wal_sender_timeout / 2)` apart, as the walsender expects, see
+//! <https://www.postgresql.org/docs/15/protocol-replication.html>) and whenever the durable
+//! position moves. While the consumer is slow the loop stops reading the socket, which makes
+//! the walsender wait, but it keeps sending status updates so the server never times it out.
+//! `flush_lsn` is only ever what the consumer says is durable: a crash replays, never loses.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+use tokio::time::{Instant, Interval, MissedTickBehavior};
+use tokio_util::sync::CancellationToken;
+
+use super::assemble::{Assembler, Next, SourceIdentity, StreamItem};
+use super::conn::{Frame, FrameReader, FrameWriter, ReplicationConnection};
+use super::pgoutput::{
+    LogicalMessage, PG_EPOCH_OFFSET_MICROS, PgOutputDecoder, ReplicationMessage,
+    decode_logical_message, decode_replication_message, encode_standby_status_update,
+};
+use super::snapshot::{SnapshotTarget, initial_load, primary_key, published_tables};
+use super::{SourceError, slot, tls};
+use crate::Lsn;
+use crate::config::ConnInfo;
+
+/// Events per batch handed downstream at most.
+const MAX_BATCH_ITEMS: usize = 1024;
+
+/// What to stream and how.
+#[derive(Debug, Clone)]
+pub struct SourceOptions {
+    /// Warehouse id for events.
+    pub warehouse_id: String,
+    /// Warehouse connection.
+    pub conn: ConnInfo,
+    /// Slot name.
+    pub slot: String,
+    /// Publication name.
+    pub publication: String,
+    /// Create the slot (with an initial load) when it does not exist.
+    pub create_slot: bool,
+    /// Protocol 2 with streaming of in-progress transactions.
+    pub streaming: bool,
+    /// Stop once everything committed up to here is delivered.
+    pub endpos: Option<Lsn>,
+    /// Memory for in-progress streamed transactions before spilling to disk.
+    pub stream_memory_bytes: usize,
+    /// How long to wait for a slot held by another process.
+    pub slot_busy_wait: Duration,
+    /// Reconnect attempts on transient errors before giving up (none: forever).
+    pub max_reconnects: Option<u32>,
+}
+
+impl SourceOptions {
+    /// Options with the defaults for everything but the names.
+    pub fn new(warehouse_id: &str, conn: ConnInfo, slot: &str, publication: &str) -> Self {
+        Self {
+            warehouse_id: warehouse_id.to_string(),
+            conn,
+            slot: slot.to_string(),
+            publication: publication.to_string(),
+            create_slot: false,
+            streaming: false,
+            endpos: None,
+            stream_memory_bytes: 64 << 20,
+            slot_busy_wait: Duration::from_secs(10),
+            max_reconnects: None,
+        }
+    }
+}
+
+/// Streams the slot until cancelled, until `endpos`, or until a definite error. Transient
+/// errors reconnect with capped exponential backoff and jitter, resuming from the durable
+/// position. `durable` carries the highest commit end LSN the consumer has made durable.
+pub async fn run(
+    opts: &SourceOptions,
+    out: mpsc::Sender<Vec<StreamItem>>,
+    mut durable: watch::Receiver<Lsn>,
+    cancel: CancellationToken,
+) -> Result<(), SourceError> {
+    let mut failures = 0u32;
+    loop {
+        let started = Instant::now();
+        let result = tokio::select! {
+            r = run_once(opts, &out, &mut durable, &cancel) => r,
+            _ = cancel.cancelled() => Ok(()),
+        };
+        match result {
+            Ok(()) => return Ok(()),
+            Err(e) if e.is_transient() => {
+                if started.elapsed() > Duration::from_secs(60) {
+                    failures = 0;
+                }
+                failures += 1;
+                if opts.max_reconnects.is_some_and(|m| failures > m) {
+                    return Err(e);
+                }
+                let cap = Duration::from_secs(30).min(Duration::from_millis(250u64 << failures.min(8)));
+                let wait = cap.mul_f64(0.5 + rand::random::<f64>() / 2.0);
+                tracing::warn!(warehouse = %opts.warehouse_id, error = %e, retry_in_ms = wait.as_millis() as u64, "replication connection failed; reconnecting");
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = cancel.cancelled() => return Ok(()),
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+async fn run_once(
+    opts: &SourceOptions,
+    out: &mpsc::Sender<Vec<StreamItem>>,
+    durable: &mut watch::Receiver<Lsn>,
+    cancel: &CancellationToken,
+) -> Result<(), SourceError> {
+    let mut conn = ReplicationConnection::connect(&opts.conn).await?;
+    slot::check_wal_level(&mut conn).await?;
+    let mut sql = tls::connect_sql(&opts.conn).await?;
+    slot::check_publication(&sql, &opts.publication).await?;
+    let identity = SourceIdentity {
+        warehouse_id: Arc::from(opts.warehouse_id.as_str()),
+        db: Arc::from(opts.conn.dbname.as_str()),
+    };
+    let start = match slot::inspect_slot(&sql, &opts.slot, opts.slot_busy_wait).await? {
+        Some(state) => state.confirmed_flush.max(*durable.borrow()),
+        None if opts.create_slot => {
+            let created = slot::create_slot(&mut conn, &opts.slot).await?;
+            tracing::info!(slot = %opts.slot, consistent_point = %created.consistent_point, "slot created; reading the initial load");
+            let tables = published_tables(&sql, &opts.publication).await?;
+            let rows = initial_load(
+                &mut sql,
+                &created.snapshot_name,
+                &tables,
+                SnapshotTarget {
+                    warehouse_id: identity.warehouse_id.clone(),
+                    db: identity.db.clone(),
+                    consistent_point: created.consistent_point,
+                    out,
+                },
+            )
+            .await?;
+            tracing::info!(rows, tables = tables.len(), "initial load read");
+            if opts.endpos.is_some_and(|e| e <= created.consistent_point) {
+                wait_durable(durable, created.consistent_point, cancel).await;
+                return Ok(());
+            }
+            created.consistent_point
+        }
+        None => {
+            return Err(SourceError::SlotMissing {
+                slot: opts.slot.clone(),
+            });
+        }
+    };
+    let sender_timeout_ms: i64 = sql
+        .query_one(
+            "SELECT setting::bigint FROM pg_settings WHERE name = 'wal_sender_timeout'",
+            &[],
+        )
+        .await?
+        .get(0);
+    let status_interval = if sender_timeout_ms > 0 {
+        Duration::from_secs(10).min(Duration::from_millis(sender_timeout_ms as u64 / 2))
+    } else {
+        Duration::from_secs(10)
+    };
+    let sql_cmd = slot::start_replication_sql(&opts.slot, start, &opts.publication, opts.streaming);
+    tracing::info!(slot = %opts.slot, %start, "starting replication");
+    let (reader, writer) = conn
+        .start_replication(&sql_cmd)
+        .await
+        .map_err(|e| slot::classify_start_error(e, &opts.slot, &opts.publication))?;
+    let mut ticker = tokio::time::interval(status_interval);
+    ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let flushed = (*durable.borrow_and_update()).max(start);
+    let mut session = Session {
+        reader,
+        feedback: Feedback {
+            writer,
+            ticker,
+            durable: durable.clone(),
+            flushed,
+            received: start,
+        },
+        out: out.clone(),
+        assembler: Assembler::new(identity, opts.stream_memory_bytes),
+        decoder: PgOutputDecoder::new(),
+        sql,
+        pending: Vec::with_capacity(MAX_BATCH_ITEMS),
+        in_transaction: false,
+        last_commit_end: start,
+        endpos: opts.endpos,
+    };
+    session.run(cancel).await
+}
+
+async fn wait_durable(durable: &mut watch::Receiver<Lsn>, target: Lsn, cancel: &CancellationToken) {
+    while *durable.borrow_and_update() < target {
+        tokio::select! {
+            r = durable.changed() => if r.is_err() { return },
+            _ = cancel.cancelled() => return,
+        }
+    }
+}
+
+/// The status-update side: what we have received, what downstream made durable.
+struct Feedback {
+    writer: FrameWriter,
+    ticker: Interval,
+    durable: watch::Receiver<Lsn>,
+    flushed: Lsn,
+    received: Lsn,
+}
+
+impl Feedback {
+    async fn send_status(&mut self, reply_requested: bool) -> Result<(), SourceError> {
+        let now_pg = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_micros() as i64)
+            .unwrap_or(0)
+            - PG_EPOCH_OFFSET_MICROS;
+        let write = self.received.max(self.flushed);
+        let msg = encode_standby_status_update(write, self.flushed, self.flushed, now_pg, reply_requested);
+        self.writer.send_copy_data(&msg).await?;
+        self.ticker.reset();
+        Ok(())
+    }
+
+    /// Takes a new durable position; `false` when downstream has gone away.
+    async fn durable_moved(&mut self) -> Result<bool, SourceError> {
+        let d = *self.durable.borrow_and_update();
+        if d > self.flushed {
+            self.flushed = d;
+            self.send_status(false).await?;
+        }
+        Ok(true)
+    }
+}
+
+struct Session {
+    reader: FrameReader,
+    feedback: Feedback,
+    out: mpsc::Sender<Vec<StreamItem>>,
+    assembler: Assembler,
+    decoder: PgOutputDecoder,
+    sql: tokio_postgres::Client,
+    pending: Vec<StreamItem>,
+    in_transaction: bool,
+    last_commit_end: Lsn,
+    endpos: Option<Lsn>,
+}
+
+impl Session {
+    async fn run(&mut self, cancel: &CancellationToken) -> Result<(), SourceError> {
+        loop {
+            let frame = tokio::select! {
+                biased;
+                _ = cancel.cancelled() => {
+                    self.deliver().await?;
+                    let _ = self.feedback.send_status(false).await;
+                    return Ok(());
+                }
+                r = self.feedback.durable.changed() => {
+                    if r.is_err() {
+                        return Err(SourceError::Protocol("the event consumer stopped".into()));
+                    }
+                    self.feedback.durable_moved().await?;
+                    continue;
+                }
+                _ = self.feedback.ticker.tick() => {
+                    self.feedback.send_status(false).await?;
+                    continue;
+                }
+                f = self.reader.next() => f?,
+            };
+            match frame {
+                Frame::CopyData(data) => {
+                    let msg = decode_replication_message(data).map_err(|source| SourceError::Decode {
+                        source,
+                        lsn: self.feedback.received,
+                    })?;
+                    let stop = match msg {
+                        ReplicationMessage::XLogData { wal_start, data, .. } => {
+                            self.feedback.received = self.feedback.received.max(wal_start);
+                            self.handle_xlog(wal_start, data).await?
+                        }
+                        ReplicationMessage::PrimaryKeepalive { wal_end, reply_requested, .. } => {
+                            if reply_requested {
+                                self.feedback.send_status(false).await?;
+                            }
+                            !self.in_transaction
+                                && self.assembler.buffered_bytes() == 0
+                                && self.endpos.is_some_and(|e| wal_end >= e)
+                        }
+                    };
+                    if stop {
+                        return self.finish(cancel).await;
+                    }
+                    if self.pending.len() >= MAX_BATCH_ITEMS
+                        || (!self.pending.is_empty() && !self.reader.has_buffered_frame())
+                    {
+                        self.deliver().await?;
+                    }
+                }
+                Frame::CopyDone => {
+                    return Err(SourceError::Io {
+                        target: format!("{}:{}", "warehouse", self.feedback.received),
+                        source: std::io::Error::new(std::io::ErrorKind::ConnectionAborted, "server ended the replication stream"),
+                    });
+                }
+                Frame::Other(postgres_protocol::message::backend::Message::ErrorResponse(body)) => {
+                    return Err(super::conn::error_from_body(&body)?);
+                }
+                Frame::Other(_) | Frame::CopyBoth => {}
+            }
+        }
+    }
+
+    /// Handles one pgoutput message; `true` when `endpos` is reached.
+    async fn handle_xlog(&mut self, wal_start: Lsn, data: bytes::Bytes) -> Result<bool, SourceError> {
+        let msg = self
+            .decoder
+            .decode(&data)
+            .map_err(|source| SourceError::Decode { source, lsn: wal_start })?;
+        if let Some(endpos) = self.endpos {
+            let beyond = match &msg {
+                LogicalMessage::Begin(b) => b.final_lsn > endpos,
+                LogicalMessage::StreamCommit(c) => c.commit_lsn > endpos,
+                _ => !self.in_transaction && !self.decoder.in_stream_block() && wal_start > endpos,
+            };
+            if beyond {
+                return Ok(true);
+            }
+        }
+        match &msg {
+            LogicalMessage::Relation(r) if !self.decoder.in_stream_block() => {
+                let pk = primary_key(&self.sql, r.oid).await?;
+                self.assembler.relation(r, &pk);
+                return Ok(false);
+            }
+            LogicalMessage::Begin(_) => self.in_transaction = true,
+            LogicalMessage::Commit(c) => {
+                self.in_transaction = false;
+                self.last_commit_end = c.end_lsn;
+            }
+            LogicalMessage::StreamCommit(c) => self.last_commit_end = c.end_lsn,
+            _ => {}
+        }
+        if let Next::Replay(mut tx) =
+            self.assembler.handle(msg, wal_start, &data, &mut self.pending)?
+        {
+            let aborted = tx.aborted_set();
+            while let Some((lsn, raw)) = tx.next_message()? {
+                self.replay_one(lsn, &raw, &aborted).await?;
+                if self.pending.len() >= MAX_BATCH_ITEMS {
+                    self.deliver().await?;
+                }
+            }
+            self.assembler.finish_replay(&mut self.pending)?;
+        }
+        Ok(false)
+    }
+
+    async fn replay_one(
+        &mut self,
+        lsn: Lsn,
+        raw: &bytes::Bytes,
+        aborted: &std::collections::HashSet<u32>,
+    ) -> Result<(), SourceError> {
+        let msg = decode_logical_message(raw, true)
+            .map_err(|source| SourceError::Decode { source, lsn })?;
+        if message_xid(&msg).is_some_and(|x| aborted.contains(&x)) {
+            return Ok(());
+        }
+        if let LogicalMessage::Relation(r) = &msg {
+            let pk = primary_key(&self.sql, r.oid).await?;
+            self.assembler.relation(r, &pk);
+            return Ok(());
+        }
+        self.assembler.replay_message(msg, lsn, &mut self.pending)
+    }
+
+    /// Hands the pending items downstream, serving status updates while it waits.
+    async fn deliver(&mut self) -> Result<(), SourceError> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let batch = std::mem::replace(&mut self.pending, Vec::with_capacity(MAX_BATCH_ITEMS));
+        loop {
+            tokio::select! {
+                biased;
+                permit = self.out.reserve() => {
+                    let permit = permit.map_err(|_| SourceError::Protocol("the event consumer stopped".into()))?;
+                    permit.send(batch);
+                    return Ok(());
+                }
+                r = self.feedback.durable.changed() => {
+                    if r.is_err() {
+                        return Err(SourceError::Protocol("the event consumer stopped".into()));
+                    }
+                    self.feedback.durable_moved().await?;
+                }
+                _ = self.feedback.ticker.tick() => self.feedback.send_status(false).await?,
+            }
+        }
+    }
+
+    /// `endpos` reached: deliver, wait until it is durable, confirm, stop.
+    async fn finish(&mut self, cancel: &CancellationToken) -> Result<(), SourceError> {
+        self.deliver().await?;
+        let target = self.last_commit_end;
+        while self.feedback.flushed < target {
+            tokio::select! {
+                r = self.feedback.durable.changed() => {
+                    if r.is_err() { break; }
+                    self.feedback.durable_moved().await?;
+                }
+                _ = self.feedback.ticker.tick() => self.feedback.send_status(false).await?,
+                _ = cancel.cancelled() => break,
+            }
+        }
+        self.feedback.send_status(false).await?;
+        let _ = self.feedback.writer.send_copy_done().await;
+        Ok(())
+    }
+}
+
+fn message_xid(m: &LogicalMessage) -> Option<u32> {
+    match m {
+        LogicalMessage::Insert(i) => i.xid,
+        LogicalMessage::Update(u) => u.xid,
+        LogicalMessage::Delete(d) => d.xid,
+        LogicalMessage::Truncate(t) => t.xid,
+        LogicalMessage::Relation(r) => r.xid,
+        LogicalMessage::Type(t) => t.xid,
+        LogicalMessage::Message(m) => m.xid,
+        _ => None,
+    }
+}

@@ -1,0 +1,129 @@
+//! TLS for warehouse connections, with rustls: the `sslmode` semantics of libpq.
+//!
+//! `require` and `prefer` encrypt without verifying the certificate, as libpq does;
+//! `verify-full` checks the chain against the Mozilla roots (or `sslrootcert`) and the host name.
+
+use std::sync::Arc;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{ClientConfig, DigitallySignedStruct, SignatureScheme};
+
+use super::SourceError;
+use crate::config::{ConnInfo, SslMode};
+
+/// The rustls client configuration for a connection.
+pub fn client_config(conn: &ConnInfo) -> Result<Arc<ClientConfig>, SourceError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| SourceError::Tls(e.to_string()))?;
+    let config = if conn.sslmode == SslMode::VerifyFull {
+        let mut roots = rustls::RootCertStore::empty();
+        match &conn.sslrootcert {
+            Some(path) => {
+                let pem = std::fs::read(path).map_err(|e| {
+                    SourceError::Tls(format!("sslrootcert {}: {e}", path.display()))
+                })?;
+                for cert in rustls_pemfile_certs(&pem)? {
+                    roots
+                        .add(cert)
+                        .map_err(|e| SourceError::Tls(format!("sslrootcert: {e}")))?;
+                }
+            }
+            None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
+        }
+        builder.with_root_certificates(roots).with_no_client_auth()
+    } else {
+        builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(NoVerification(provider)))
+            .with_no_client_auth()
+    };
+    Ok(Arc::new(config))
+}
+
+/// The server name to present and verify.
+pub fn server_name(conn: &ConnInfo) -> Result<ServerName<'static>, SourceError> {
+    ServerName::try_from(conn.host.clone())
+        .map_err(|e| SourceError::Tls(format!("host {:?} as TLS server name: {e}", conn.host)))
+}
+
+fn rustls_pemfile_certs(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, SourceError> {
+    use rustls::pki_types::pem::PemObject;
+    CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| SourceError::Tls(format!("sslrootcert is not PEM: {e}")))
+}
+
+/// Encrypts without authenticating the server: libpq's `require`/`prefer`.
+#[derive(Debug)]
+struct NoVerification(Arc<rustls::crypto::CryptoProvider>);
+
+impl ServerCertVerifier for NoVerification {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// Opens an ordinary SQL connection (tokio-postgres) to the same server, with TLS per `sslmode`.
+pub async fn connect_sql(conn: &ConnInfo) -> Result<tokio_postgres::Client, SourceError> {
+    let cfg = conn.to_pg_config();
+    if conn.sslmode == SslMode::Disable {
+        let (client, connection) = cfg.connect(tokio_postgres::NoTls).await?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, "warehouse SQL connection ended");
+            }
+        });
+        Ok(client)
+    } else {
+        let tls = tokio_postgres_rustls::MakeRustlsConnect::new((*client_config(conn)?).clone());
+        let (client, connection) = cfg.connect(tls).await?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, "warehouse SQL connection ended");
+            }
+        });
+        Ok(client)
+    }
+}
