@@ -144,14 +144,19 @@ impl ConnInfo {
                 "dbname" => dbname = v.into_owned(),
                 "connect_timeout" => {
                     connect_timeout_secs = v.parse().map_err(|_| {
-                        invalid(key, format!("connect_timeout {v:?} is not a number of seconds"))
+                        invalid(
+                            key,
+                            format!("connect_timeout {v:?} is not a number of seconds"),
+                        )
                     })?
                 }
                 "application_name" | "options" | "ssl" => {}
                 other => {
                     return Err(invalid(
                         key,
-                        format!("unknown connection parameter {other:?}; expected sslmode, sslrootcert, user, password, dbname or connect_timeout"),
+                        format!(
+                            "unknown connection parameter {other:?}; expected sslmode, sslrootcert, user, password, dbname or connect_timeout"
+                        ),
                     ));
                 }
             }
@@ -406,9 +411,15 @@ mod tests {
 
     #[test]
     fn parses_urls_and_hides_the_password() {
-        let c = ConnInfo::parse("DB_URL", "postgres://inv:s3cr%40t@db.local:6543/state?sslmode=require")
-            .unwrap();
-        assert_eq!((c.host.as_str(), c.port, c.user.as_str()), ("db.local", 6543, "inv"));
+        let c = ConnInfo::parse(
+            "DB_URL",
+            "postgres://inv:s3cr%40t@db.local:6543/state?sslmode=require",
+        )
+        .unwrap();
+        assert_eq!(
+            (c.host.as_str(), c.port, c.user.as_str()),
+            ("db.local", 6543, "inv")
+        );
         assert_eq!(c.password.as_ref().unwrap().expose_secret(), "s3cr@t");
         assert_eq!(c.sslmode, SslMode::Require);
         assert!(!format!("{c:?}").contains("s3cr"));
@@ -427,7 +438,9 @@ mod tests {
 
     #[test]
     fn bad_values_name_their_key() {
-        let e = ConnInfo::parse("DB_URL", "mysql://x").unwrap_err().to_string();
+        let e = ConnInfo::parse("DB_URL", "mysql://x")
+            .unwrap_err()
+            .to_string();
         assert!(e.starts_with("configuration key DB_URL:"), "{e}");
         let e = ConnInfo::parse("DB_URL", "postgres://h/db?sslmode=maybe")
             .unwrap_err()
@@ -440,9 +453,12 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("warehouses[0].slot"), "{e}");
-        let e = parse_warehouses(Path::new("x.toml"), "[[warehouses]]\nid='a'\nurl='postgres://h/db'\nbogus=1\n")
-            .unwrap_err()
-            .to_string();
+        let e = parse_warehouses(
+            Path::new("x.toml"),
+            "[[warehouses]]\nid='a'\nurl='postgres://h/db'\nbogus=1\n",
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("unknown field `bogus`"), "{e}");
     }
 

@@ -412,7 +412,7 @@ mod tests {
             String::from_utf8(k).unwrap(),
             r#"{"warehouse_id":"wh-east","table":"public.stock_levels","pk":{"sku":"SKU-1"}}"#
         );
-        assert_eq!(e.version(), "00000000016BB8B8:00000003");
+        assert_eq!(e.version(), "00000000016BB7B8:00000003");
     }
 
     #[test]

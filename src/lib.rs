@@ -2,6 +2,8 @@
 //!
 //! The crate is organised by pipeline stage; see the README for the architecture.
 
+#![warn(missing_docs)]
+
 pub mod config;
 pub mod event;
 pub mod lsn;

@@ -11,7 +11,11 @@ use inventorysync::tail::{Output, tail};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
-#[command(name = "inventorysync", version, about = "Change data capture from warehouse PostgreSQL databases")]
+#[command(
+    name = "inventorysync",
+    version,
+    about = "Change data capture from warehouse PostgreSQL databases"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -61,9 +65,13 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");
@@ -108,10 +116,11 @@ async fn run_tail(args: TailArgs) -> ExitCode {
     let cancel = CancellationToken::new();
     let signal_cancel = cancel.clone();
     tokio::spawn(async move {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(_) => return,
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => return,
+            };
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
             _ = term.recv() => {}
@@ -120,9 +129,26 @@ async fn run_tail(args: TailArgs) -> ExitCode {
     });
     match tail(opts, output, cancel).await {
         Ok(summary) => {
-            tracing::info!(events = summary.events, skipped = summary.skipped, "tail finished");
+            tracing::info!(
+                events = summary.events,
+                skipped = summary.skipped,
+                peak_rss_kb = peak_rss_kb(),
+                "tail finished"
+            );
             ExitCode::SUCCESS
         }
         Err(e) => fail(&e, e.exit_code()),
     }
+}
+
+/// Peak resident set size of this process (VmHWM), in KiB.
+fn peak_rss_kb() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
 }

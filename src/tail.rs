@@ -180,7 +180,9 @@ fn write_loop(
                     line.clear();
                     ev.write_json(&mut line);
                     line.push(b'\n');
-                    sink.writer().write_all(&line).map_err(SourceError::Output)?;
+                    sink.writer()
+                        .write_all(&line)
+                        .map_err(SourceError::Output)?;
                     last_written = Some(pos);
                     summary.events += 1;
                 }

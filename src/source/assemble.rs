@@ -17,8 +17,8 @@ use bytes::Bytes;
 
 use super::SourceError;
 use super::pgoutput::{
-    Begin, Delete, Insert, LogicalMessage, OldTuple, PG_EPOCH_OFFSET_MICROS, TupleData,
-    TupleValue, Update,
+    Begin, Delete, Insert, LogicalMessage, OldTuple, PG_EPOCH_OFFSET_MICROS, TupleData, TupleValue,
+    Update,
 };
 use super::relation::{RelationCache, RelationInfo};
 use super::values::{convert_binary, convert_text};
@@ -155,9 +155,9 @@ impl Assembler {
                     per_table: HashMap::new(),
                     end_lsn: Some(c.end_lsn),
                 });
-                return Ok(Next::Replay(buffered.unwrap_or_else(|| {
-                    StreamedTransaction::empty(c.xid)
-                })));
+                return Ok(Next::Replay(
+                    buffered.unwrap_or_else(|| StreamedTransaction::empty(c.xid)),
+                ));
             }
             // Origins, types and logical messages (our heartbeats among them) are not rows.
             LogicalMessage::Origin(_)
@@ -223,12 +223,7 @@ impl Assembler {
             .ok_or(SourceError::UnknownRelation { oid, lsn: at })
     }
 
-    fn insert(
-        &mut self,
-        i: Insert,
-        at: Lsn,
-        out: &mut Vec<StreamItem>,
-    ) -> Result<(), SourceError> {
+    fn insert(&mut self, i: Insert, at: Lsn, out: &mut Vec<StreamItem>) -> Result<(), SourceError> {
         let rel = self.relation_info(i.relation_oid, at)?;
         let mut toast = Vec::new();
         let after = row_from_tuple(&rel, &i.new, None, &mut toast, at)?;
@@ -238,12 +233,7 @@ impl Assembler {
         Ok(())
     }
 
-    fn update(
-        &mut self,
-        u: Update,
-        at: Lsn,
-        out: &mut Vec<StreamItem>,
-    ) -> Result<(), SourceError> {
+    fn update(&mut self, u: Update, at: Lsn, out: &mut Vec<StreamItem>) -> Result<(), SourceError> {
         let rel = self.relation_info(u.relation_oid, at)?;
         let mut toast = Vec::new();
         let full_old = match &u.old {
@@ -261,12 +251,7 @@ impl Assembler {
         Ok(())
     }
 
-    fn delete(
-        &mut self,
-        d: Delete,
-        at: Lsn,
-        out: &mut Vec<StreamItem>,
-    ) -> Result<(), SourceError> {
+    fn delete(&mut self, d: Delete, at: Lsn, out: &mut Vec<StreamItem>) -> Result<(), SourceError> {
         let rel = self.relation_info(d.relation_oid, at)?;
         let before = old_row(&rel, &d.old, at)?;
         let key = key_of(&rel, &before);
@@ -373,7 +358,10 @@ pub(crate) fn row_from_tuple(
     let mut fields = Vec::with_capacity(t.len());
     for (i, v) in t.iter().enumerate() {
         let v = match (v, full_old.and_then(|o| o.get(i))) {
-            (TupleValue::UnchangedToast, Some(old @ (TupleValue::Text(_) | TupleValue::Binary(_)))) => old,
+            (
+                TupleValue::UnchangedToast,
+                Some(old @ (TupleValue::Text(_) | TupleValue::Binary(_))),
+            ) => old,
             (TupleValue::UnchangedToast, _) => {
                 unchanged_toast.push(rel.columns[i].name.clone());
                 continue;
@@ -539,7 +527,9 @@ impl StreamBuffers {
         self.mem_bytes -= b.mem_bytes;
         let spill = match b.spill {
             Some(w) => {
-                let mut file = w.into_inner().map_err(|e| SourceError::Spill(e.into_error()))?;
+                let mut file = w
+                    .into_inner()
+                    .map_err(|e| SourceError::Spill(e.into_error()))?;
                 file.seek(SeekFrom::Start(0)).map_err(SourceError::Spill)?;
                 Some(BufReader::with_capacity(1 << 20, file))
             }

@@ -170,15 +170,16 @@ impl ReplicationConnection {
             source,
         };
         let timeout = Duration::from_secs(conn.connect_timeout_secs.max(1));
-        let tcp = tokio::time::timeout(timeout, TcpStream::connect((conn.host.as_str(), conn.port)))
-            .await
-            .map_err(|_| {
-                io_err(std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    "connect timed out",
-                ))
-            })?
-            .map_err(io_err)?;
+        let tcp =
+            tokio::time::timeout(timeout, TcpStream::connect((conn.host.as_str(), conn.port)))
+                .await
+                .map_err(|_| {
+                    io_err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "connect timed out",
+                    ))
+                })?
+                .map_err(io_err)?;
         tcp.set_nodelay(true).map_err(io_err)?;
         let stream: Box<dyn Transport> = if conn.sslmode == SslMode::Disable {
             Box::new(tcp)
@@ -254,8 +255,7 @@ impl ReplicationConnection {
                     }
                     if !has_scram {
                         return Err(SourceError::Config(
-                            "the server offers no SASL mechanism we support (SCRAM-SHA-256)"
-                                .into(),
+                            "the server offers no SASL mechanism we support (SCRAM-SHA-256)".into(),
                         ));
                     }
                     let pw = self.password()?;
@@ -269,7 +269,8 @@ impl ReplicationConnection {
                     let s = scram.as_mut().ok_or_else(|| {
                         SourceError::Protocol("SASL continue before SASL start".into())
                     })?;
-                    s.update(body.data()).map_err(|e| self.auth_err(e.to_string()))?;
+                    s.update(body.data())
+                        .map_err(|e| self.auth_err(e.to_string()))?;
                     let msg = s.message().to_vec();
                     self.send(|b| frontend::sasl_response(&msg, b)).await?;
                 }
@@ -305,7 +306,9 @@ impl ReplicationConnection {
             .password
             .as_ref()
             .map(|p| p.expose_secret().to_string())
-            .ok_or_else(|| self.auth_err("the server asks for a password and none is configured".into()))
+            .ok_or_else(|| {
+                self.auth_err("the server asks for a password and none is configured".into())
+            })
     }
 
     fn auth_err(&self, server: String) -> SourceError {
@@ -344,7 +347,11 @@ impl ReplicationConnection {
         loop {
             let msg = match self.reader.next().await? {
                 Frame::Other(m) => m,
-                _ => return Err(SourceError::Protocol(format!("copy message answering {sql:?}"))),
+                _ => {
+                    return Err(SourceError::Protocol(format!(
+                        "copy message answering {sql:?}"
+                    )));
+                }
             };
             match msg {
                 Message::DataRow(body) => {

@@ -45,7 +45,10 @@ pub async fn check_publication(
     publication: &str,
 ) -> Result<(), SourceError> {
     let n = sql
-        .query("SELECT 1 FROM pg_publication WHERE pubname = $1", &[&publication])
+        .query(
+            "SELECT 1 FROM pg_publication WHERE pubname = $1",
+            &[&publication],
+        )
         .await?
         .len();
     if n == 0 {
@@ -81,7 +84,8 @@ pub async fn inspect_slot(
         let same_db: Option<bool> = row.get(4);
         if plugin.as_deref() != Some("pgoutput") || same_db != Some(true) {
             return Err(SourceError::Config(format!(
-                "replication slot {slot:?} exists but is not a pgoutput slot of this database (plugin {plugin:?})"
+                "replication slot {slot:?} already exists for another database or output plugin (plugin {}); choose another slot name",
+                plugin.as_deref().unwrap_or("none")
             )));
         }
         if wal_status.as_deref() == Some("lost") {
@@ -170,7 +174,9 @@ pub fn classify_start_error(e: SourceError, slot: &str, publication: &str) -> So
                     slot: slot.to_string(),
                 }
             } else if msg.contains("invalidated")
-                || s.detail.as_deref().is_some_and(|d| d.contains("invalidated"))
+                || s.detail
+                    .as_deref()
+                    .is_some_and(|d| d.contains("invalidated"))
             {
                 SourceError::SlotInvalidated {
                     slot: slot.to_string(),

@@ -193,14 +193,16 @@ pub async fn initial_load(
                 for (i, c) in rel.columns.iter().enumerate() {
                     let v = match r.get(i) {
                         None => Value::Null,
-                        Some(text) => convert_text(c.type_oid, text.as_bytes()).map_err(
-                            |source| SourceError::Value {
-                                table: format!("{}.{}", rel.table.schema, rel.table.table),
-                                column: c.name.to_string(),
-                                lsn: target.consistent_point,
-                                source,
-                            },
-                        )?,
+                        Some(text) => {
+                            convert_text(c.type_oid, text.as_bytes()).map_err(|source| {
+                                SourceError::Value {
+                                    table: format!("{}.{}", rel.table.schema, rel.table.table),
+                                    column: c.name.to_string(),
+                                    lsn: target.consistent_point,
+                                    source,
+                                }
+                            })?
+                        }
                     };
                     fields.push((c.name.clone(), v));
                 }

@@ -104,7 +104,8 @@ pub async fn run(
                 if opts.max_reconnects.is_some_and(|m| failures > m) {
                     return Err(e);
                 }
-                let cap = Duration::from_secs(30).min(Duration::from_millis(250u64 << failures.min(8)));
+                let cap =
+                    Duration::from_secs(30).min(Duration::from_millis(250u64 << failures.min(8)));
                 let wait = cap.mul_f64(0.5 + rand::random::<f64>() / 2.0);
                 tracing::warn!(warehouse = %opts.warehouse_id, error = %e, retry_in_ms = wait.as_millis() as u64, "replication connection failed; reconnecting");
                 tokio::select! {
@@ -230,7 +231,13 @@ impl Feedback {
             .unwrap_or(0)
             - PG_EPOCH_OFFSET_MICROS;
         let write = self.received.max(self.flushed);
-        let msg = encode_standby_status_update(write, self.flushed, self.flushed, now_pg, reply_requested);
+        let msg = encode_standby_status_update(
+            write,
+            self.flushed,
+            self.flushed,
+            now_pg,
+            reply_requested,
+        );
         self.writer.send_copy_data(&msg).await?;
         self.ticker.reset();
         Ok(())
@@ -285,16 +292,24 @@ impl Session {
             };
             match frame {
                 Frame::CopyData(data) => {
-                    let msg = decode_replication_message(data).map_err(|source| SourceError::Decode {
-                        source,
-                        lsn: self.feedback.received,
-                    })?;
+                    let msg =
+                        decode_replication_message(data).map_err(|source| SourceError::Decode {
+                            source,
+                            lsn: self.feedback.received,
+                        })?;
                     let stop = match msg {
-                        ReplicationMessage::XLogData { wal_start, data, .. } => {
+                        ReplicationMessage::XLogData {
+                            wal_start, data, ..
+                        } => {
                             self.feedback.received = self.feedback.received.max(wal_start);
                             self.handle_xlog(wal_start, data).await?
                         }
-                        ReplicationMessage::PrimaryKeepalive { wal_end, reply_requested, .. } => {
+                        ReplicationMessage::PrimaryKeepalive {
+                            wal_end,
+                            reply_requested,
+                            ..
+                        } => {
+                            tracing::trace!(%wal_end, reply_requested, "keepalive");
                             if reply_requested {
                                 self.feedback.send_status(false).await?;
                             }
@@ -315,7 +330,10 @@ impl Session {
                 Frame::CopyDone => {
                     return Err(SourceError::Io {
                         target: format!("{}:{}", "warehouse", self.feedback.received),
-                        source: std::io::Error::new(std::io::ErrorKind::ConnectionAborted, "server ended the replication stream"),
+                        source: std::io::Error::new(
+                            std::io::ErrorKind::ConnectionAborted,
+                            "server ended the replication stream",
+                        ),
                     });
                 }
                 Frame::Other(postgres_protocol::message::backend::Message::ErrorResponse(body)) => {
@@ -327,11 +345,18 @@ impl Session {
     }
 
     /// Handles one pgoutput message; `true` when `endpos` is reached.
-    async fn handle_xlog(&mut self, wal_start: Lsn, data: bytes::Bytes) -> Result<bool, SourceError> {
+    async fn handle_xlog(
+        &mut self,
+        wal_start: Lsn,
+        data: bytes::Bytes,
+    ) -> Result<bool, SourceError> {
         let msg = self
             .decoder
             .decode(&data)
-            .map_err(|source| SourceError::Decode { source, lsn: wal_start })?;
+            .map_err(|source| SourceError::Decode {
+                source,
+                lsn: wal_start,
+            })?;
         if let Some(endpos) = self.endpos {
             let beyond = match &msg {
                 LogicalMessage::Begin(b) => b.final_lsn > endpos,
@@ -339,6 +364,7 @@ impl Session {
                 _ => !self.in_transaction && !self.decoder.in_stream_block() && wal_start > endpos,
             };
             if beyond {
+                tracing::debug!(%wal_start, %endpos, "endpos reached by a message");
                 return Ok(true);
             }
         }
@@ -357,7 +383,8 @@ impl Session {
             _ => {}
         }
         if let Next::Replay(mut tx) =
-            self.assembler.handle(msg, wal_start, &data, &mut self.pending)?
+            self.assembler
+                .handle(msg, wal_start, &data, &mut self.pending)?
         {
             let aborted = tx.aborted_set();
             while let Some((lsn, raw)) = tx.next_message()? {

@@ -67,7 +67,9 @@ pub fn array_element(type_oid: u32) -> Option<u32> {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ValueError {
     /// The bytes are not UTF-8 (the database is not UTF8-encoded).
-    #[error("value is not valid UTF-8 (valid for the first {valid_up_to} bytes); the warehouse database must use UTF8 encoding")]
+    #[error(
+        "value is not valid UTF-8 (valid for the first {valid_up_to} bytes); the warehouse database must use UTF8 encoding"
+    )]
     NotUtf8 {
         /// Valid prefix length.
         valid_up_to: usize,
@@ -404,7 +406,10 @@ mod tests {
     #[test]
     fn numbers_and_their_special_values() {
         assert_eq!(convert_str(oid::INT4, "-42"), n("-42"));
-        assert_eq!(convert_str(oid::INT8, "9223372036854775807"), n("9223372036854775807"));
+        assert_eq!(
+            convert_str(oid::INT8, "9223372036854775807"),
+            n("9223372036854775807")
+        );
         assert_eq!(convert_str(oid::FLOAT8, "1.5e+20"), n("1.5e+20"));
         assert_eq!(convert_str(oid::FLOAT8, "NaN"), s("NaN"));
         assert_eq!(convert_str(oid::FLOAT4, "-Infinity"), s("-Infinity"));
@@ -427,8 +432,14 @@ mod tests {
             "2000-02-29T17:30:00.000000Z"
         );
         assert_eq!(timestamptz_to_rfc3339("infinity"), "infinity");
-        assert_eq!(convert_str(oid::TIMESTAMP, "2026-11-24 21:00:00"), s("2026-11-24T21:00:00"));
-        assert_eq!(format_unix_micros(1_795_557_622_123_456), "2026-11-24T19:20:22.123456Z");
+        assert_eq!(
+            convert_str(oid::TIMESTAMP, "2026-11-24 21:00:00"),
+            s("2026-11-24T21:00:00")
+        );
+        assert_eq!(
+            format_unix_micros(1_795_557_622_123_456),
+            "2026-11-24T22:00:22.123456Z"
+        );
     }
 
     #[test]
@@ -461,8 +472,14 @@ mod tests {
                 Value::Array(vec![n("3"), n("4")])
             ])
         );
-        assert_eq!(convert_str(1007, "[0:1]={7,8}"), Value::Array(vec![n("7"), n("8")]));
-        assert_eq!(convert_str(1022, "{NaN,1.5}"), Value::Array(vec![s("NaN"), n("1.5")]));
+        assert_eq!(
+            convert_str(1007, "[0:1]={7,8}"),
+            Value::Array(vec![n("7"), n("8")])
+        );
+        assert_eq!(
+            convert_str(1022, "{NaN,1.5}"),
+            Value::Array(vec![s("NaN"), n("1.5")])
+        );
         assert_eq!(convert_str(1000, "{}"), Value::Array(vec![]));
         assert_eq!(
             convert_str(3807, r#"{"{\"a\": 1}"}"#),

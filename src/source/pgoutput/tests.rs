@@ -83,7 +83,9 @@ fn decodes_begin_and_commit() {
 
 #[test]
 fn decodes_relation_with_key_flags() {
-    let msg = PgOutputDecoder::new().decode(&relation_bytes(None)).unwrap();
+    let msg = PgOutputDecoder::new()
+        .decode(&relation_bytes(None))
+        .unwrap();
     let LogicalMessage::Relation(r) = msg else {
         panic!("not a relation: {msg:?}")
     };

@@ -1,0 +1,411 @@
+//! Test services: real PostgreSQL 15 servers started with `initdb`, one per kind, shared by
+//! every test of this binary; each test gets its own database, slot and publication names.
+//!
+//! `INVENTORYSYNC_TEST_PG_BIN` names the Postgres bin directory (default: the Debian
+//! location). Running as root, the servers run as the `postgres` OS user. Each server is
+//! stopped by a watchdog once this test process exits.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use inventorysync::Lsn;
+use inventorysync::config::ConnInfo;
+use inventorysync::source::assemble::StreamItem;
+use inventorysync::source::stream::{SourceOptions, run};
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+/// Password of the roles the tests create.
+pub const PASSWORD: &str = "s3cret-pw";
+
+/// A running server.
+pub struct Pg {
+    /// TCP port on 127.0.0.1.
+    pub port: u16,
+    /// Data and socket directory.
+    pub dir: PathBuf,
+}
+
+fn pg_bin() -> PathBuf {
+    std::env::var_os("INVENTORYSYNC_TEST_PG_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/usr/lib/postgresql/15/bin"))
+}
+
+fn is_root() -> bool {
+    std::fs::metadata("/proc/self")
+        .map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0)
+        .unwrap_or(false)
+}
+
+fn as_pg_user(program: &Path) -> Command {
+    if is_root() {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "postgres", "--"]).arg(program);
+        c
+    } else {
+        Command::new(program)
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+impl Pg {
+    /// Starts a server with these extra `postgresql.conf` lines.
+    pub fn start(name: &str, conf: &str) -> Pg {
+        let dir =
+            std::env::temp_dir().join(format!("inventorysync-it-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        if is_root() {
+            Command::new("chown")
+                .args(["-R", "postgres"])
+                .arg(&dir)
+                .status()
+                .unwrap();
+        }
+        let data = dir.join("data");
+        let out = as_pg_user(&pg_bin().join("initdb"))
+            .arg("-D")
+            .arg(&data)
+            .args(["-A", "trust", "-U", "postgres", "-E", "UTF8", "--no-sync"])
+            .output()
+            .expect("initdb runs");
+        assert!(
+            out.status.success(),
+            "initdb failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let port = free_port();
+        let hba = "local all all trust\n\
+                   host all postgres 127.0.0.1/32 trust\n\
+                   host replication postgres 127.0.0.1/32 trust\n\
+                   host all md5_user 127.0.0.1/32 md5\n\
+                   host replication md5_user 127.0.0.1/32 md5\n\
+                   host all clear_user 127.0.0.1/32 password\n\
+                   host replication clear_user 127.0.0.1/32 password\n\
+                   host all all 127.0.0.1/32 scram-sha-256\n\
+                   host replication all 127.0.0.1/32 scram-sha-256\n";
+        std::fs::write(data.join("pg_hba.conf"), hba).unwrap();
+        let conf_all = format!(
+            "port = {port}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{}'\n\
+             max_wal_senders = 60\nmax_replication_slots = 60\nmax_connections = 200\n\
+             fsync = off\nsynchronous_commit = off\nfull_page_writes = off\n\
+             password_encryption = 'scram-sha-256'\nshared_buffers = '128MB'\n{conf}\n",
+            dir.display()
+        );
+        let mut existing = std::fs::read_to_string(data.join("postgresql.conf")).unwrap();
+        existing.push_str(&conf_all);
+        std::fs::write(data.join("postgresql.conf"), existing).unwrap();
+        if is_root() {
+            Command::new("chown")
+                .args(["-R", "postgres"])
+                .arg(&dir)
+                .status()
+                .unwrap();
+        }
+        let out = as_pg_user(&pg_bin().join("pg_ctl"))
+            .arg("-D")
+            .arg(&data)
+            .arg("-l")
+            .arg(dir.join("log"))
+            .args(["-w", "start"])
+            .stdout(Stdio::null())
+            .output()
+            .expect("pg_ctl runs");
+        assert!(
+            out.status.success(),
+            "pg_ctl start failed: {}",
+            std::fs::read_to_string(dir.join("log")).unwrap_or_default()
+        );
+        // Stop the server when this process goes away, however it ends.
+        let watchdog = format!(
+            "while [ -d /proc/{pid} ]; do sleep 1; done; {ctl} -D {data} -m immediate stop >/dev/null 2>&1",
+            pid = std::process::id(),
+            ctl = pg_bin().join("pg_ctl").display(),
+            data = data.display(),
+        );
+        let mut w = if is_root() {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--", "sh", "-c", &watchdog]);
+            c
+        } else {
+            let mut c = Command::new("sh");
+            c.args(["-c", &watchdog]);
+            c
+        };
+        w.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        // The watchdog must outlive this process, so it is never waited for.
+        #[allow(clippy::zombie_processes)]
+        w.spawn().expect("watchdog starts");
+        Pg { port, dir }
+    }
+
+    /// URL for `user` (password auth unless postgres) on `db`.
+    pub fn url(&self, user: &str, db: &str) -> String {
+        if user == "postgres" {
+            format!(
+                "postgres://postgres@127.0.0.1:{}/{db}?sslmode=disable",
+                self.port
+            )
+        } else {
+            format!(
+                "postgres://{user}:{PASSWORD}@127.0.0.1:{}/{db}?sslmode=disable",
+                self.port
+            )
+        }
+    }
+
+    /// A fresh database with a client connected as postgres.
+    pub async fn new_db(&self, prefix: &str) -> TestDb {
+        init_logs();
+        static N: AtomicU32 = AtomicU32::new(0);
+        let name = format!(
+            "{}_{}",
+            prefix.to_lowercase(),
+            N.fetch_add(1, Ordering::SeqCst)
+        );
+        let admin = connect(&self.url("postgres", "postgres")).await;
+        admin
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await
+            .unwrap();
+        let client = connect(&self.url("postgres", &name)).await;
+        TestDb {
+            name,
+            port: self.port,
+            url: self.url("postgres", "x"),
+            client,
+        }
+    }
+}
+
+/// Sends the engine's logs to the test output when `INVENTORYSYNC_LOG` is set.
+pub fn init_logs() {
+    static ONCE: OnceLock<()> = OnceLock::new();
+    ONCE.get_or_init(|| {
+        if let Ok(filter) = std::env::var("INVENTORYSYNC_LOG") {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+                .with_test_writer()
+                .try_init();
+        }
+    });
+}
+
+/// The main server: logical WAL, TLS on with a self-signed certificate for `localhost`.
+pub fn pg() -> &'static Pg {
+    static PG: OnceLock<Pg> = OnceLock::new();
+    PG.get_or_init(|| {
+        let pg = Pg::start(
+            "main",
+            "wal_level = logical\nlogical_decoding_work_mem = '64kB'\n",
+        );
+        make_tls_cert(&pg);
+        pg
+    })
+}
+
+/// A second server whose `wal_level` is `replica`.
+pub fn pg_replica_level() -> &'static Pg {
+    static PG: OnceLock<Pg> = OnceLock::new();
+    PG.get_or_init(|| Pg::start("replica", "wal_level = replica\n"))
+}
+
+/// A third server where slots lose WAL quickly (`max_slot_wal_keep_size`).
+pub fn pg_small_keep() -> &'static Pg {
+    static PG: OnceLock<Pg> = OnceLock::new();
+    PG.get_or_init(|| {
+        Pg::start(
+            "smallkeep",
+            "wal_level = logical\nmax_slot_wal_keep_size = '1MB'\nmin_wal_size = '32MB'\nmax_wal_size = '32MB'\n",
+        )
+    })
+}
+
+fn make_tls_cert(pg: &Pg) {
+    let data = pg.dir.join("data");
+    let script = format!(
+        "set -e; cd {d}; \
+         openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN=inventorysync-test-ca -keyout ca.key -out ca.crt; \
+         openssl req -newkey rsa:2048 -nodes -subj /CN=localhost -keyout server.key -out server.csr; \
+         printf 'subjectAltName=DNS:localhost\\nbasicConstraints=CA:FALSE\\n' > ext.cnf; \
+         openssl x509 -req -in server.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 2 -extfile ext.cnf -out server.crt",
+        d = data.display()
+    );
+    let ok = Command::new("sh")
+        .args(["-c", &script])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    assert!(ok, "openssl could not make a test certificate");
+    if is_root() {
+        Command::new("chown")
+            .args(["postgres"])
+            .arg(data.join("server.key"))
+            .arg(data.join("server.crt"))
+            .status()
+            .unwrap();
+    }
+    Command::new("chmod")
+        .arg("600")
+        .arg(data.join("server.key"))
+        .status()
+        .unwrap();
+    std::fs::copy(data.join("ca.crt"), pg.dir.join("ca.crt")).unwrap();
+    let mut conf = std::fs::read_to_string(data.join("postgresql.conf")).unwrap();
+    conf.push_str("ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n");
+    std::fs::write(data.join("postgresql.conf"), conf).unwrap();
+    let out = as_pg_user(&pg_bin().join("pg_ctl"))
+        .arg("-D")
+        .arg(&data)
+        .arg("reload")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    std::thread::sleep(Duration::from_millis(300));
+}
+
+/// Connects as a plain SQL client.
+pub async fn connect(url: &str) -> tokio_postgres::Client {
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .unwrap_or_else(|e| panic!("connect {url}: {e}"));
+    tokio::spawn(conn);
+    client
+}
+
+/// One test's database.
+pub struct TestDb {
+    /// Database name.
+    pub name: String,
+    /// Server port.
+    pub port: u16,
+    url: String,
+    /// SQL client as postgres.
+    pub client: tokio_postgres::Client,
+}
+
+impl TestDb {
+    /// URL of this database for `user`.
+    pub fn url_as(&self, user: &str) -> String {
+        let base = if user == "postgres" {
+            format!("postgres://postgres@127.0.0.1:{}", self.port)
+        } else {
+            format!("postgres://{user}:{PASSWORD}@127.0.0.1:{}", self.port)
+        };
+        let _ = &self.url;
+        format!("{base}/{}?sslmode=disable", self.name)
+    }
+
+    /// Connection info for postgres on this database.
+    pub fn conn(&self) -> ConnInfo {
+        ConnInfo::parse("test", &self.url_as("postgres")).unwrap()
+    }
+
+    /// Runs SQL (several statements allowed).
+    pub async fn exec(&self, sql: &str) {
+        self.client
+            .batch_execute(sql)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    }
+
+    /// `pg_current_wal_insert_lsn()`: with `synchronous_commit = off` the write position
+    /// can lag commits that already happened.
+    pub async fn current_lsn(&self) -> Lsn {
+        let s: String = self
+            .client
+            .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
+            .await
+            .unwrap()
+            .get(0);
+        s.parse().unwrap()
+    }
+
+    /// The cluster-wide slot name for this database's slot `slot`.
+    pub fn slot(&self, slot: &str) -> String {
+        format!("{}_{slot}", self.name)
+    }
+
+    /// Source options for slot `slot` and publication `pub` on this database.
+    pub fn options(&self, slot: &str, publication: &str) -> SourceOptions {
+        let mut o = SourceOptions::new(&self.name, self.conn(), &self.slot(slot), publication);
+        o.max_reconnects = Some(0);
+        o.slot_busy_wait = Duration::from_secs(1);
+        o
+    }
+
+    /// Streams with `opts` until `endpos` and returns every event as JSON.
+    pub async fn drain(&self, opts: SourceOptions) -> Vec<serde_json::Value> {
+        drain(opts)
+            .await
+            .unwrap_or_else(|e| panic!("streaming failed: {e}"))
+    }
+
+    /// Streams everything committed so far.
+    pub async fn drain_now(&self, mut opts: SourceOptions) -> Vec<serde_json::Value> {
+        opts.endpos = Some(self.current_lsn().await);
+        self.drain(opts).await
+    }
+}
+
+/// Runs the source with a collector that confirms each commit at once.
+pub async fn drain(
+    opts: SourceOptions,
+) -> Result<Vec<serde_json::Value>, inventorysync::source::SourceError> {
+    let (tx, mut rx) = mpsc::channel::<Vec<StreamItem>>(8);
+    let (durable_tx, durable_rx) = watch::channel(Lsn::ZERO);
+    let collector = tokio::spawn(async move {
+        let mut events = Vec::new();
+        while let Some(batch) = rx.recv().await {
+            for item in batch {
+                match item {
+                    StreamItem::Change(ev) => {
+                        events.push(serde_json::from_str(&ev.to_json()).unwrap())
+                    }
+                    StreamItem::Commit { end_lsn, .. } => {
+                        let _ = durable_tx.send(end_lsn);
+                    }
+                }
+            }
+        }
+        events
+    });
+    let result = tokio::time::timeout(
+        Duration::from_secs(120),
+        run(&opts, tx, durable_rx, CancellationToken::new()),
+    )
+    .await
+    .expect("streaming finished within 120 s");
+    let events = collector.await.unwrap();
+    result.map(|_| events)
+}
+
+/// The `after` (or `before` for deletes) of each event as `(op, row)`.
+pub fn ops(events: &[serde_json::Value]) -> Vec<(String, serde_json::Value)> {
+    events
+        .iter()
+        .map(|e| {
+            let op = e["op"].as_str().unwrap().to_string();
+            let row = if op == "d" {
+                e["before"].clone()
+            } else {
+                e["after"].clone()
+            };
+            (op, row)
+        })
+        .collect()
+}

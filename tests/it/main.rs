@@ -1,0 +1,6 @@
+//! Integration tests against real PostgreSQL servers started by the harness.
+
+mod cli;
+mod errors;
+mod harness;
+mod stream;

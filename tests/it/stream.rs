@@ -1,0 +1,558 @@
+//! Streaming a slot into change events: operations, identities, TOAST, types, DDL,
+//! transactions, big transactions and the initial load.
+
+use serde_json::json;
+
+use crate::harness::{ops, pg};
+
+const STOCK: &str = "CREATE TABLE stock_levels (sku text, location_code text, qty_on_hand int NOT NULL, \
+                     reserved int DEFAULT 0, PRIMARY KEY (sku, location_code));";
+
+async fn setup(prefix: &str, ddl: &str) -> crate::harness::TestDb {
+    let db = pg().new_db(prefix).await;
+    db.exec(ddl).await;
+    db.exec("CREATE PUBLICATION inventorysync FOR ALL TABLES")
+        .await;
+    db
+}
+
+#[tokio::test]
+async fn insert_update_delete_truncate_become_events() {
+    let db = setup("crud", STOCK).await;
+    let opts = db.options("s", "inventorysync");
+    let mut create = opts.clone();
+    create.create_slot = true;
+    assert!(db.drain_now(create).await.is_empty());
+    db.exec(
+        "INSERT INTO stock_levels VALUES ('SKU-1','A-01',7,1);
+         UPDATE stock_levels SET qty_on_hand = 5 WHERE sku = 'SKU-1';
+         DELETE FROM stock_levels WHERE sku = 'SKU-1';",
+    )
+    .await;
+    db.exec("INSERT INTO stock_levels VALUES ('SKU-2','A-02',1,0)")
+        .await;
+    db.exec("TRUNCATE stock_levels").await;
+    let events = db.drain_now(opts).await;
+    let got: Vec<&str> = events.iter().map(|e| e["op"].as_str().unwrap()).collect();
+    assert_eq!(got, ["c", "u", "d", "c", "t"]);
+    let u = &events[1];
+    assert_eq!(
+        u["after"],
+        json!({"sku":"SKU-1","location_code":"A-01","qty_on_hand":5,"reserved":1})
+    );
+    assert_eq!(
+        u["before"],
+        serde_json::Value::Null,
+        "default identity sends no old row when the key did not change"
+    );
+    assert_eq!(
+        events[2]["before"],
+        json!({"sku":"SKU-1","location_code":"A-01"})
+    );
+    assert_eq!(events[2]["after"], serde_json::Value::Null);
+    assert_eq!(events[4]["before"], serde_json::Value::Null);
+    assert_eq!(events[4]["after"], serde_json::Value::Null);
+    // One transaction: shared commit_lsn, sequence 0,1,2, transaction block.
+    let (a, b) = (&events[0]["source"], &events[2]["source"]);
+    assert_eq!(a["commit_lsn"], b["commit_lsn"]);
+    assert_eq!(b["sequence"], 2);
+    assert_eq!(events[2]["transaction"]["total_order"], 3);
+    assert_eq!(
+        events[2]["transaction"]["id"],
+        format!("{}:{}", b["txId"], b["commit_lsn"])
+    );
+    assert_eq!(a["snapshot"], "false");
+    assert_eq!(a["schema"], "public");
+    assert_eq!(a["table"], "stock_levels");
+    assert_eq!(a["connector"], "inventorysync");
+    // Positions increase.
+    let pos: Vec<(u64, u64)> = events
+        .iter()
+        .map(|e| {
+            (
+                e["source"]["commit_lsn"].as_u64().unwrap(),
+                e["source"]["sequence"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert!(pos.windows(2).all(|w| w[0] < w[1]), "{pos:?}");
+}
+
+#[tokio::test]
+async fn replica_identities_shape_before_images_and_keys() {
+    let db = setup(
+        "ident",
+        "CREATE TABLE d (id int PRIMARY KEY, v text);
+         CREATE TABLE f (id int PRIMARY KEY, v text); ALTER TABLE f REPLICA IDENTITY FULL;
+         CREATE TABLE i (id int PRIMARY KEY, code text NOT NULL, v text); CREATE UNIQUE INDEX i_code ON i(code);
+         ALTER TABLE i REPLICA IDENTITY USING INDEX i_code;
+         CREATE TABLE n (id int, v text); ALTER TABLE n REPLICA IDENTITY NOTHING;
+         CREATE TABLE fk (a int, b text); ALTER TABLE fk REPLICA IDENTITY FULL;",
+    )
+    .await;
+    let mut create = db.options("s", "inventorysync");
+    create.create_slot = true;
+    db.drain_now(create).await;
+    db.exec(
+        "INSERT INTO d VALUES (1,'x'); UPDATE d SET v='y'; DELETE FROM d;
+         INSERT INTO f VALUES (1,'x'); UPDATE f SET v='y'; DELETE FROM f;
+         INSERT INTO i VALUES (1,'c1','x'); UPDATE i SET v='y'; DELETE FROM i;
+         INSERT INTO n VALUES (1,'x');
+         INSERT INTO fk VALUES (1,'x'); UPDATE fk SET b='y'; DELETE FROM fk;",
+    )
+    .await;
+    let events = db.drain_now(db.options("s", "inventorysync")).await;
+    let by_table = |t: &str| -> Vec<&serde_json::Value> {
+        events
+            .iter()
+            .filter(|e| e["source"]["table"] == t)
+            .collect()
+    };
+    let d = by_table("d");
+    assert_eq!(d[1]["before"], serde_json::Value::Null);
+    assert_eq!(d[2]["before"], json!({"id":1}));
+    let f = by_table("f");
+    assert_eq!(f[1]["before"], json!({"id":1,"v":"x"}));
+    assert_eq!(f[2]["before"], json!({"id":1,"v":"y"}));
+    let i = by_table("i");
+    assert_eq!(i[2]["before"], json!({"code":"c1"}));
+    let n = by_table("n");
+    assert_eq!(n.len(), 1);
+    assert_eq!(n[0]["after"], json!({"id":1,"v":"x"}));
+    let fk = by_table("fk");
+    assert_eq!(fk[2]["before"], json!({"a":1,"b":"y"}));
+    assert_eq!(fk.len(), 3);
+}
+
+#[tokio::test]
+async fn event_keys_prefer_the_primary_key() {
+    use inventorysync::source::assemble::StreamItem;
+    use tokio::sync::{mpsc, watch};
+    let db = setup(
+        "keys",
+        "CREATE TABLE f (id int PRIMARY KEY, v text); ALTER TABLE f REPLICA IDENTITY FULL;
+         CREATE TABLE i (id int PRIMARY KEY, code text NOT NULL); CREATE UNIQUE INDEX ic ON i(code);
+         ALTER TABLE i REPLICA IDENTITY USING INDEX ic;
+         CREATE TABLE j (code text NOT NULL, v text); CREATE UNIQUE INDEX jc ON j(code);
+         ALTER TABLE j REPLICA IDENTITY USING INDEX jc;
+         CREATE TABLE w (a int, b text); ALTER TABLE w REPLICA IDENTITY FULL;",
+    )
+    .await;
+    let mut opts = db.options("s", "inventorysync");
+    opts.create_slot = true;
+    db.drain_now(opts.clone()).await;
+    db.exec("INSERT INTO f VALUES (1,'x'); INSERT INTO i VALUES (2,'c'); INSERT INTO j VALUES ('k','v'); INSERT INTO w VALUES (3,'z');").await;
+    opts.create_slot = false;
+    opts.endpos = Some(db.current_lsn().await);
+    let (tx, mut rx) = mpsc::channel(8);
+    let (dtx, drx) = watch::channel(inventorysync::Lsn::ZERO);
+    let h = tokio::spawn(async move {
+        inventorysync::source::stream::run(&opts, tx, drx, Default::default()).await
+    });
+    let mut keys = Vec::new();
+    while let Some(b) = rx.recv().await {
+        for item in b {
+            match item {
+                StreamItem::Change(ev) => {
+                    let mut k = Vec::new();
+                    ev.write_key_json(&mut k);
+                    keys.push(String::from_utf8(k).unwrap());
+                }
+                StreamItem::Commit { end_lsn, .. } => {
+                    let _ = dtx.send(end_lsn);
+                }
+            }
+        }
+    }
+    h.await.unwrap().unwrap();
+    let n = &db.name;
+    assert_eq!(
+        keys,
+        [
+            format!(r#"{{"warehouse_id":"{n}","table":"public.f","pk":{{"id":1}}}}"#),
+            format!(r#"{{"warehouse_id":"{n}","table":"public.i","pk":{{"id":2}}}}"#),
+            format!(r#"{{"warehouse_id":"{n}","table":"public.j","pk":{{"code":"k"}}}}"#),
+            format!(r#"{{"warehouse_id":"{n}","table":"public.w","pk":{{"a":3,"b":"z"}}}}"#),
+        ]
+    );
+}
+
+#[tokio::test]
+async fn unchanged_toast_is_never_null() {
+    let db = setup(
+        "toast",
+        "CREATE TABLE d (id int PRIMARY KEY, qty int, notes text);
+         ALTER TABLE d ALTER COLUMN notes SET STORAGE EXTERNAL;
+         CREATE TABLE f (id int PRIMARY KEY, qty int, notes text);
+         ALTER TABLE f ALTER COLUMN notes SET STORAGE EXTERNAL; ALTER TABLE f REPLICA IDENTITY FULL;",
+    )
+    .await;
+    let mut create = db.options("s", "inventorysync");
+    create.create_slot = true;
+    db.drain_now(create).await;
+    db.exec(
+        "INSERT INTO d SELECT 1, 1, string_agg(md5(g::text), '') FROM generate_series(1, 400) g;
+         INSERT INTO f SELECT 1, 1, string_agg(md5(g::text), '') FROM generate_series(1, 400) g;",
+    )
+    .await;
+    db.exec("UPDATE d SET qty = 2; UPDATE f SET qty = 2;").await;
+    let events = db.drain_now(db.options("s", "inventorysync")).await;
+    let upd: Vec<&serde_json::Value> = events.iter().filter(|e| e["op"] == "u").collect();
+    assert_eq!(upd.len(), 2);
+    let d = upd.iter().find(|e| e["source"]["table"] == "d").unwrap();
+    assert!(
+        d["after"].get("notes").is_none(),
+        "default identity: left out, not null"
+    );
+    assert_eq!(d["after"]["qty"], 2);
+    assert_eq!(d["source"]["unchanged_toast"], json!(["notes"]));
+    let f = upd.iter().find(|e| e["source"]["table"] == "f").unwrap();
+    assert_eq!(
+        f["after"]["notes"].as_str().unwrap().len(),
+        400 * 32,
+        "full identity: filled from the old row"
+    );
+    assert_eq!(f["source"]["unchanged_toast"], json!([]));
+}
+
+#[tokio::test]
+async fn every_type_converts_as_the_contract_says() {
+    let db = setup(
+        "types",
+        "CREATE TYPE mood AS ENUM ('ok','sad');
+         CREATE TABLE t (id int PRIMARY KEY, i2 int2, i8 int8, o oid, f4 float4, f8 float8, n numeric,
+           b bool, j json, jb jsonb, tz timestamptz, ts timestamp, d date, tm time, u uuid, tx text,
+           vc varchar(10), ch char(3), m mood, by bytea, ia int[], ta text[], fa float8[], ja jsonb[],
+           na numeric[], ba bool[], other interval);",
+    )
+    .await;
+    let mut create = db.options("s", "inventorysync");
+    create.create_slot = true;
+    db.drain_now(create).await;
+    db.exec(
+        r#"INSERT INTO t VALUES (1, -2, 9223372036854775807, 4000000000, 1.5, 'NaN', 12.3400, true,
+           '{"a" :
+              [1, "x y"]}', '{"k": {"z": null}}', '2026-11-24 21:00:00.1234+02', '2026-11-24 21:00:00',
+           '2026-11-24', '21:00:00.5', 'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11', 'he said "hi"\n', 'v', 'ab',
+           'sad', '\x00ff10', '{1,NULL,3}', '{"a b","c,d",NULL}', '{Infinity,-Infinity,0.5}',
+           ARRAY['{"x":1}'::jsonb], '{1.10,NaN}', '{t,f}', '1 day 02:00:00');
+           INSERT INTO t (id, f8, tz, d, n) VALUES (2, '-Infinity', 'infinity', '-infinity', 'NaN');
+           INSERT INTO t (id) VALUES (3);"#,
+    )
+    .await;
+    let events = db.drain_now(db.options("s", "inventorysync")).await;
+    let a = &events[0]["after"];
+    assert_eq!(a["i2"], -2);
+    assert_eq!(a["i8"], json!(9223372036854775807i64));
+    assert_eq!(a["o"], json!(4000000000u64));
+    assert_eq!(a["f4"], 1.5);
+    assert_eq!(a["f8"], "NaN");
+    assert_eq!(a["n"], "12.3400");
+    assert_eq!(a["b"], true);
+    assert_eq!(a["j"], json!({"a":[1,"x y"]}));
+    assert_eq!(a["jb"], json!({"k":{"z":null}}));
+    assert_eq!(a["tz"], "2026-11-24T19:00:00.123400Z");
+    assert_eq!(a["ts"], "2026-11-24T21:00:00");
+    assert_eq!(a["d"], "2026-11-24");
+    assert_eq!(a["tm"], "21:00:00.5");
+    assert_eq!(a["u"], "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11");
+    assert_eq!(a["tx"], "he said \"hi\"\\n");
+    assert_eq!(a["vc"], "v");
+    assert_eq!(a["ch"], "ab ");
+    assert_eq!(a["m"], "sad");
+    assert_eq!(a["by"], "AP8Q");
+    assert_eq!(a["ia"], json!([1, null, 3]));
+    assert_eq!(a["ta"], json!(["a b", "c,d", null]));
+    assert_eq!(a["fa"], json!(["Infinity", "-Infinity", 0.5]));
+    assert_eq!(a["ja"], json!([{"x":1}]));
+    assert_eq!(a["na"], json!(["1.10", "NaN"]));
+    assert_eq!(a["ba"], json!([true, false]));
+    assert_eq!(a["other"], "1 day 02:00:00");
+    let b = &events[1]["after"];
+    assert_eq!(b["f8"], "-Infinity");
+    assert_eq!(b["tz"], "infinity");
+    assert_eq!(b["d"], "-infinity");
+    assert_eq!(b["n"], "NaN");
+    let c = &events[2]["after"];
+    for col in ["i2", "f8", "n", "b", "j", "jb", "tz", "u", "by", "ia", "m"] {
+        assert_eq!(c[col], serde_json::Value::Null, "{col} NULL");
+    }
+}
+
+#[tokio::test]
+async fn ddl_mid_stream_decodes_rows_by_their_own_relation() {
+    let db = setup("ddl", "CREATE TABLE t (id int PRIMARY KEY, a int, b text);").await;
+    let mut create = db.options("s", "inventorysync");
+    create.create_slot = true;
+    db.drain_now(create).await;
+    db.exec(
+        "INSERT INTO t VALUES (1, 1, 'one');
+         ALTER TABLE t ADD COLUMN c numeric DEFAULT 1.5;
+         INSERT INTO t VALUES (2, 2, 'two', 2.5);
+         ALTER TABLE t DROP COLUMN b;
+         INSERT INTO t VALUES (3, 3, 3.5);
+         ALTER TABLE t ALTER COLUMN a TYPE text;
+         INSERT INTO t VALUES (4, 'four', 4.5);",
+    )
+    .await;
+    let rows: Vec<serde_json::Value> = ops(&db.drain_now(db.options("s", "inventorysync")).await)
+        .into_iter()
+        .map(|(_, r)| r)
+        .collect();
+    assert_eq!(
+        rows,
+        [
+            json!({"id":1,"a":1,"b":"one"}),
+            json!({"id":2,"a":2,"b":"two","c":"2.5"}),
+            json!({"id":3,"a":3,"c":"3.5"}),
+            json!({"id":4,"a":"four","c":"4.5"}),
+        ]
+    );
+}
+
+#[tokio::test]
+async fn a_transaction_over_several_tables_keeps_its_order() {
+    let db = setup(
+        "multi",
+        "CREATE TABLE a (id int PRIMARY KEY); CREATE TABLE b (id int PRIMARY KEY);",
+    )
+    .await;
+    let mut create = db.options("s", "inventorysync");
+    create.create_slot = true;
+    db.drain_now(create).await;
+    db.exec("BEGIN; INSERT INTO a VALUES (1); INSERT INTO b VALUES (1); INSERT INTO a VALUES (2); COMMIT;").await;
+    let events = db.drain_now(db.options("s", "inventorysync")).await;
+    let seen: Vec<(String, u64, u64, u64)> = events
+        .iter()
+        .map(|e| {
+            (
+                e["source"]["table"].as_str().unwrap().to_string(),
+                e["source"]["sequence"].as_u64().unwrap(),
+                e["transaction"]["total_order"].as_u64().unwrap(),
+                e["transaction"]["data_collection_order"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            ("a".into(), 0, 1, 1),
+            ("b".into(), 1, 2, 1),
+            ("a".into(), 2, 3, 2)
+        ]
+    );
+}
+
+async fn rollbacks_emit_nothing(streaming: bool) {
+    let db = setup(
+        if streaming { "rbs" } else { "rb" },
+        "CREATE TABLE t (id int PRIMARY KEY, pad text);",
+    )
+    .await;
+    let mut opts = db.options("s", "inventorysync");
+    opts.streaming = streaming;
+    let mut create = opts.clone();
+    create.create_slot = true;
+    db.drain_now(create).await;
+    db.exec("BEGIN; INSERT INTO t VALUES (1); ROLLBACK;").await;
+    // Big enough to be streamed in progress when streaming is on.
+    db.exec(
+        "BEGIN;
+         INSERT INTO t SELECT g, repeat('x', 200) FROM generate_series(10, 2000) g;
+         SAVEPOINT sp;
+         INSERT INTO t SELECT g, repeat('y', 200) FROM generate_series(3000, 5000) g;
+         ROLLBACK TO SAVEPOINT sp;
+         INSERT INTO t VALUES (2, 'kept');
+         COMMIT;",
+    )
+    .await;
+    db.exec("BEGIN; INSERT INTO t SELECT g, repeat('z', 200) FROM generate_series(6000, 9000) g; ROLLBACK;").await;
+    let events = db.drain_now(opts).await;
+    let ids: Vec<i64> = events
+        .iter()
+        .map(|e| e["after"]["id"].as_i64().unwrap())
+        .collect();
+    let mut expected: Vec<i64> = (10..=2000).collect();
+    expected.push(2);
+    assert_eq!(ids, expected);
+    assert!(
+        events
+            .iter()
+            .all(|e| e["after"]["pad"] != "kept" || e["after"]["id"] == 2)
+    );
+}
+
+#[tokio::test]
+async fn rollback_and_rollback_to_savepoint_emit_nothing() {
+    rollbacks_emit_nothing(false).await;
+}
+
+#[tokio::test]
+async fn rollbacks_emit_nothing_with_streaming_on() {
+    rollbacks_emit_nothing(true).await;
+}
+
+#[tokio::test]
+async fn initial_load_racing_concurrent_writes_misses_and_doubles_nothing() {
+    let db = setup(
+        "race",
+        "CREATE TABLE t (id int PRIMARY KEY, v int NOT NULL);",
+    )
+    .await;
+    db.exec("INSERT INTO t SELECT g, 0 FROM generate_series(1, 20000) g")
+        .await;
+    let url = db.url_as("postgres");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let c = crate::harness::connect(&url).await;
+            let mut n = 0i32;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                n += 1;
+                c.batch_execute(&format!(
+                    "BEGIN; INSERT INTO t VALUES ({}, {n}); UPDATE t SET v = {n} WHERE id = {}; DELETE FROM t WHERE id = {}; COMMIT;",
+                    100000 + n,
+                    (n * 7) % 20000 + 1,
+                    (n * 13) % 20000 + 1,
+                ))
+                .await
+                .unwrap();
+            }
+            n
+        })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let mut create = db.options("s", "inventorysync");
+    create.create_slot = true;
+    create.endpos = Some(inventorysync::Lsn(1));
+    let snapshot = db.drain(create).await;
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let writes = writer.await.unwrap();
+    assert!(
+        writes > 10,
+        "the writer ran during the load ({writes} transactions)"
+    );
+    let streamed = db.drain_now(db.options("s", "inventorysync")).await;
+    assert_eq!(snapshot.last().unwrap()["source"]["snapshot"], "last");
+    assert!(snapshot.iter().all(|e| e["op"] == "r"));
+    // Replay the events into a map and compare with the table.
+    let mut state = std::collections::BTreeMap::new();
+    let mut inserts_seen = std::collections::HashMap::new();
+    for e in snapshot.iter().chain(streamed.iter()) {
+        match e["op"].as_str().unwrap() {
+            "r" | "c" => {
+                let id = e["after"]["id"].as_i64().unwrap();
+                *inserts_seen.entry(id).or_insert(0) += 1;
+                state.insert(id, e["after"]["v"].as_i64().unwrap());
+            }
+            "u" => {
+                state.insert(
+                    e["after"]["id"].as_i64().unwrap(),
+                    e["after"]["v"].as_i64().unwrap(),
+                );
+            }
+            "d" => {
+                state.remove(&e["before"]["id"].as_i64().unwrap());
+            }
+            other => panic!("unexpected op {other}"),
+        }
+    }
+    assert!(
+        inserts_seen.values().all(|&n| n == 1),
+        "a row was read or inserted twice"
+    );
+    let rows = db
+        .client
+        .query("SELECT id, v FROM t ORDER BY id", &[])
+        .await
+        .unwrap();
+    let table: std::collections::BTreeMap<i64, i64> = rows
+        .iter()
+        .map(|r| (r.get::<_, i32>(0) as i64, r.get::<_, i32>(1) as i64))
+        .collect();
+    assert_eq!(state, table);
+}
+
+async fn big_transaction_streams(streaming: bool) {
+    let db = setup(
+        if streaming { "bigs" } else { "big" },
+        "CREATE TABLE t (id bigint PRIMARY KEY, pad text);",
+    )
+    .await;
+    let mut opts = db.options("s", "inventorysync");
+    opts.streaming = streaming;
+    opts.stream_memory_bytes = 4 << 20;
+    let mut create = opts.clone();
+    create.create_slot = true;
+    db.drain_now(create).await;
+    db.exec("INSERT INTO t SELECT g, repeat('p', 100) FROM generate_series(1, 200000) g")
+        .await;
+    opts.endpos = Some(db.current_lsn().await);
+    // Count without keeping: memory of the source itself is what is measured by the CLI test.
+    let (tx, mut rx) =
+        tokio::sync::mpsc::channel::<Vec<inventorysync::source::assemble::StreamItem>>(4);
+    let (dtx, drx) = tokio::sync::watch::channel(inventorysync::Lsn::ZERO);
+    let h = tokio::spawn(async move {
+        inventorysync::source::stream::run(&opts, tx, drx, Default::default()).await
+    });
+    let mut n = 0u64;
+    let mut last_seq = None;
+    while let Some(b) = rx.recv().await {
+        for item in b {
+            match item {
+                inventorysync::source::assemble::StreamItem::Change(ev) => {
+                    n += 1;
+                    assert_eq!(
+                        Some(ev.source.sequence),
+                        last_seq.map(|s: u64| s + 1).or(Some(0))
+                    );
+                    last_seq = Some(ev.source.sequence);
+                }
+                inventorysync::source::assemble::StreamItem::Commit { end_lsn, .. } => {
+                    let _ = dtx.send(end_lsn);
+                }
+            }
+        }
+    }
+    h.await.unwrap().unwrap();
+    assert_eq!(n, 200_000);
+}
+
+#[tokio::test]
+async fn a_200k_row_transaction_streams_through() {
+    big_transaction_streams(false).await;
+}
+
+#[tokio::test]
+async fn a_200k_row_transaction_streams_through_with_streaming_and_spill() {
+    big_transaction_streams(true).await;
+}
+
+#[tokio::test]
+async fn tls_connections_work_with_require_and_verify_full() {
+    let db = setup("tls", "CREATE TABLE t (id int PRIMARY KEY);").await;
+    db.exec("INSERT INTO t VALUES (1)").await;
+    let ca = pg().dir.join("ca.crt");
+    for (i, q) in [
+        "sslmode=require".to_string(),
+        format!("sslmode=verify-full&sslrootcert={}", ca.display()),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let url = format!("postgres://postgres@localhost:{}/{}?{q}", db.port, db.name);
+        let conn = inventorysync::config::ConnInfo::parse("test", &url).unwrap();
+        let mut opts = inventorysync::source::stream::SourceOptions::new(
+            &db.name,
+            conn,
+            &format!("s{i}"),
+            "inventorysync",
+        );
+        opts.create_slot = true;
+        opts.max_reconnects = Some(0);
+        let events = db.drain_now(opts).await;
+        assert_eq!(events.len(), 1, "{q}");
+    }
+}
