@@ -6,7 +6,7 @@
 //! Throughput is reported in rows per second on one core.
 
 use bytes::{BufMut, Bytes, BytesMut};
-use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use criterion::{Criterion, Throughput, criterion_group};
 use inventorysync::Lsn;
 use inventorysync::source::assemble::{Assembler, Next, SourceIdentity, StreamItem};
 use inventorysync::source::pgoutput::{
@@ -14,6 +14,10 @@ use inventorysync::source::pgoutput::{
 };
 
 const ROWS_PER_TX: usize = 1000;
+
+/// The same allocator as the binary.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn xlog(lsn: u64, payload: &[u8]) -> Bytes {
     let mut b = BytesMut::with_capacity(payload.len() + 25);
@@ -37,7 +41,13 @@ fn relation() -> Vec<u8> {
     cstr(&mut b, "public");
     cstr(&mut b, "bench");
     b.put_u8(b'd');
-    let cols = [("id", 20, 1), ("name", 25, 0), ("price", 1700, 0), ("at", 1184, 0), ("attrs", 3802, 0)];
+    let cols = [
+        ("id", 20, 1),
+        ("name", 25, 0),
+        ("price", 1700, 0),
+        ("at", 1184, 0),
+        ("attrs", 3802, 0),
+    ];
     b.put_i16(cols.len() as i16);
     for (name, oid, key) in cols {
         b.put_u8(key);
@@ -94,47 +104,73 @@ fn recorded_stream() -> Vec<Bytes> {
     out
 }
 
+/// Decodes, assembles and encodes one recorded transaction; returns the bytes written.
+fn run_once(stream: &[Bytes], out: &mut Vec<u8>, items: &mut Vec<StreamItem>) -> usize {
+    let mut decoder = PgOutputDecoder::new();
+    let mut asm = Assembler::new(
+        SourceIdentity {
+            warehouse_id: "wh-bench".into(),
+            db: "bench".into(),
+        },
+        64 << 20,
+    );
+    out.clear();
+    for frame in stream {
+        let Ok(ReplicationMessage::XLogData {
+            wal_start, data, ..
+        }) = decode_replication_message(frame.clone())
+        else {
+            panic!("bad frame")
+        };
+        let msg = decoder.decode(&data).expect("decodes");
+        if let LogicalMessage::Relation(r) = &msg {
+            asm.relation(r, &["id".to_string()]);
+            continue;
+        }
+        let next = asm
+            .handle(msg, Lsn(wal_start.0), &data, items)
+            .expect("assembles");
+        assert!(matches!(next, Next::Done));
+        for item in items.drain(..) {
+            if let StreamItem::Change(ev) = item {
+                ev.write_json(out);
+                out.push(b'\n');
+            }
+        }
+    }
+    out.len()
+}
+
 fn bench(c: &mut Criterion) {
     let stream = recorded_stream();
-    let row_bytes: usize = stream[2].len() - 25;
-    eprintln!("row message size: {row_bytes} bytes");
     let mut group = c.benchmark_group("pipeline");
     group.throughput(Throughput::Elements(ROWS_PER_TX as u64));
     group.bench_function("decode_normalize_encode_1000_rows", |b| {
         let mut out = Vec::with_capacity(1 << 20);
         let mut items = Vec::with_capacity(ROWS_PER_TX + 1);
-        b.iter(|| {
-            let mut decoder = PgOutputDecoder::new();
-            let mut asm = Assembler::new(
-                SourceIdentity { warehouse_id: "wh-bench".into(), db: "bench".into() },
-                64 << 20,
-            );
-            out.clear();
-            for frame in &stream {
-                let Ok(ReplicationMessage::XLogData { wal_start, data, .. }) =
-                    decode_replication_message(frame.clone())
-                else {
-                    panic!("bad frame")
-                };
-                let msg = decoder.decode(&data).expect("decodes");
-                if let LogicalMessage::Relation(r) = &msg {
-                    asm.relation(r, &["id".to_string()]);
-                    continue;
-                }
-                let next = asm.handle(msg, Lsn(wal_start.0), &data, &mut items).expect("assembles");
-                assert!(matches!(next, Next::Done));
-                for item in items.drain(..) {
-                    if let StreamItem::Change(ev) = item {
-                        ev.write_json(&mut out);
-                        out.push(b'\n');
-                    }
-                }
-            }
-            std::hint::black_box(out.len())
-        })
+        b.iter(|| std::hint::black_box(run_once(&stream, &mut out, &mut items)))
     });
     group.finish();
 }
 
 criterion_group!(benches, bench);
-criterion_main!(benches);
+
+/// `DECODE_BENCH_TRANSACTIONS=N` runs a fixed amount of work without criterion, for
+/// instruction counts under `valgrind --tool=callgrind` (repeatable on a noisy machine).
+fn main() {
+    if let Some(n) = std::env::var("DECODE_BENCH_TRANSACTIONS")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+    {
+        let stream = recorded_stream();
+        let (mut out, mut items) = (Vec::with_capacity(1 << 20), Vec::new());
+        let mut total = 0;
+        for _ in 0..n {
+            total += run_once(&stream, &mut out, &mut items);
+        }
+        println!("{} rows, {total} bytes of JSON", n * ROWS_PER_TX);
+        return;
+    }
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+}

@@ -9,6 +9,9 @@ use std::sync::Arc;
 
 use crate::Lsn;
 
+/// Immutable UTF-8 text, cheap to clone, usually a slice of the received message.
+pub type Text = bytestring::ByteString;
+
 /// A converted column value.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Value {
@@ -17,11 +20,11 @@ pub enum Value {
     /// `bool`.
     Bool(bool),
     /// A JSON number, kept as the exact text Postgres sent.
-    Number(String),
+    Number(Text),
     /// A JSON string.
-    String(String),
+    String(Text),
     /// Embedded JSON (json/jsonb), minified and known to be valid.
-    Json(String),
+    Json(Text),
     /// An array of values.
     Array(Vec<Value>),
 }
@@ -127,6 +130,30 @@ pub struct SourceInfo {
     pub sequence: u64,
     /// Columns left out of `after` because their TOASTed value did not change.
     pub unchanged_toast: Vec<Arc<str>>,
+    /// The constant head of the JSON `source` block, from [`SourceInfo::header`]: rendered
+    /// once per relation rather than escaped again for every event.
+    pub header: Arc<str>,
+}
+
+impl SourceInfo {
+    /// Renders the fields of the `source` block that are the same for every event of one
+    /// table: version, connector, name, warehouse_id, db, schema and table.
+    pub fn header(warehouse_id: &str, db: &str, table: &TableId) -> Arc<str> {
+        let mut out = Vec::with_capacity(160);
+        out.extend_from_slice(b"{\"version\":\"");
+        out.extend_from_slice(env!("CARGO_PKG_VERSION").as_bytes());
+        out.extend_from_slice(b"\",\"connector\":\"inventorysync\",\"name\":");
+        write_str(&mut out, warehouse_id);
+        out.extend_from_slice(b",\"warehouse_id\":");
+        write_str(&mut out, warehouse_id);
+        out.extend_from_slice(b",\"db\":");
+        write_str(&mut out, db);
+        out.extend_from_slice(b",\"schema\":");
+        write_str(&mut out, &table.schema);
+        out.extend_from_slice(b",\"table\":");
+        write_str(&mut out, &table.table);
+        Arc::from(String::from_utf8(out).unwrap_or_default())
+    }
 }
 
 /// The `transaction` block.
@@ -170,18 +197,8 @@ impl ChangeEvent {
         out.extend_from_slice(b",\"after\":");
         write_row(out, self.after.as_ref());
         let s = &self.source;
-        out.extend_from_slice(b",\"source\":{\"version\":\"");
-        out.extend_from_slice(env!("CARGO_PKG_VERSION").as_bytes());
-        out.extend_from_slice(b"\",\"connector\":\"inventorysync\",\"name\":");
-        write_str(out, &s.warehouse_id);
-        out.extend_from_slice(b",\"warehouse_id\":");
-        write_str(out, &s.warehouse_id);
-        out.extend_from_slice(b",\"db\":");
-        write_str(out, &s.db);
-        out.extend_from_slice(b",\"schema\":");
-        write_str(out, &s.table.schema);
-        out.extend_from_slice(b",\"table\":");
-        write_str(out, &s.table.table);
+        out.extend_from_slice(b",\"source\":");
+        out.extend_from_slice(s.header.as_bytes());
         out.extend_from_slice(b",\"ts_ms\":");
         write_int(out, s.ts_ms);
         out.extend_from_slice(b",\"snapshot\":\"");
@@ -316,10 +333,30 @@ const fn needs_escape_table() -> [bool; 256] {
 
 static NEEDS_ESCAPE: [bool; 256] = needs_escape_table();
 
+/// Whether any of the 8 bytes is a control character, `"` or `\\` (SWAR: one test per word).
+#[inline]
+fn word_needs_escape(w: u64) -> bool {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGHS: u64 = 0x8080_8080_8080_8080;
+    let has_zero = |x: u64| x.wrapping_sub(ONES) & !x & HIGHS;
+    let below_0x20 = w.wrapping_sub(ONES * 0x20) & !w & HIGHS;
+    (below_0x20 | has_zero(w ^ (ONES * b'"' as u64)) | has_zero(w ^ (ONES * b'\\' as u64))) != 0
+}
+
 fn escape_into(out: &mut Vec<u8>, s: &str) {
     let bytes = s.as_bytes();
+    // Fast path: most values have nothing to escape; skip them a word at a time.
+    let mut clean = 0;
+    while clean + 8 <= bytes.len() {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(&bytes[clean..clean + 8]);
+        if word_needs_escape(u64::from_le_bytes(w)) {
+            break;
+        }
+        clean += 8;
+    }
     let mut start = 0;
-    for (i, &b) in bytes.iter().enumerate() {
+    for (i, &b) in bytes.iter().enumerate().skip(clean) {
         if !NEEDS_ESCAPE[b as usize] {
             continue;
         }
@@ -348,6 +385,10 @@ mod tests {
 
     fn sample() -> ChangeEvent {
         let name = |s: &str| -> Arc<str> { Arc::from(s) };
+        let table = TableId {
+            schema: name("public"),
+            table: name("stock_levels"),
+        };
         ChangeEvent {
             before: None,
             after: Some(Row(vec![
@@ -362,10 +403,8 @@ mod tests {
             source: SourceInfo {
                 warehouse_id: name("wh-east"),
                 db: name("inv"),
-                table: TableId {
-                    schema: name("public"),
-                    table: name("stock_levels"),
-                },
+                header: SourceInfo::header("wh-east", "inv", &table),
+                table,
                 ts_ms: 1795557622123,
                 ts_us: 1795557622123456,
                 snapshot: SnapshotMarker::False,
@@ -392,6 +431,11 @@ mod tests {
         assert_eq!(v["after"]["sku"], "SKU-\"1\"\n");
         assert_eq!(v["after"]["attrs"]["a"][1], 2);
         assert_eq!(v["source"]["connector"], "inventorysync");
+        assert_eq!(v["source"]["version"], env!("CARGO_PKG_VERSION"));
+        assert_eq!(v["source"]["warehouse_id"], "wh-east");
+        assert_eq!(v["source"]["db"], "inv");
+        assert_eq!(v["source"]["schema"], "public");
+        assert_eq!(v["source"]["table"], "stock_levels");
         assert_eq!(v["source"]["name"], "wh-east");
         assert_eq!(v["source"]["txId"], 1234);
         assert_eq!(v["source"]["commit_lsn"], 23836600u64);
@@ -413,6 +457,21 @@ mod tests {
             r#"{"warehouse_id":"wh-east","table":"public.stock_levels","pk":{"sku":"SKU-1"}}"#
         );
         assert_eq!(e.version(), "00000000016BB7B8:00000003");
+    }
+
+    #[test]
+    fn escaping_agrees_with_serde_json_on_every_byte_position() {
+        for special in ['"', '\\', '\n', '\u{1}', '\u{1f}', 'é', ' ', '~', '\u{7f}'] {
+            for pos in 0..20 {
+                let mut s: String = "abcdefghijklmnopqrst".chars().take(pos).collect();
+                s.push(special);
+                s.push_str("xyz");
+                let mut out = Vec::new();
+                write_str(&mut out, &s);
+                let back: String = serde_json::from_slice(&out).unwrap();
+                assert_eq!(back, s);
+            }
+        }
     }
 
     #[test]

@@ -10,6 +10,11 @@ use inventorysync::source::stream::SourceOptions;
 use inventorysync::tail::{Output, tail};
 use tokio_util::sync::CancellationToken;
 
+/// Events are many small allocations that live briefly; mimalloc handles that pattern with
+/// far fewer instructions than the system allocator (see benches/decode.rs).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "inventorysync",

@@ -64,8 +64,11 @@ struct OpenTransaction {
     commit_lsn: Lsn,
     commit_time_unix_us: i64,
     sequence: u64,
-    per_table: HashMap<u32, u64>,
+    /// Changes so far per relation OID; a transaction touches few tables, so a list wins.
+    per_table: Vec<(u32, u64)>,
     end_lsn: Option<Lsn>,
+    /// Processing time stamped on events, refreshed every few hundred changes.
+    now_ms: i64,
 }
 
 /// The assembler: relation cache, the open transaction and buffered streamed ones.
@@ -91,7 +94,8 @@ impl Assembler {
 
     /// Records a Relation message with the table's primary key column names.
     pub fn relation(&mut self, rel: &super::pgoutput::Relation, primary_key: &[String]) {
-        self.relations.insert(RelationInfo::new(rel, primary_key));
+        self.relations
+            .insert(RelationInfo::new(rel, primary_key, &self.identity));
     }
 
     /// Bytes of streamed transactions held in memory now.
@@ -152,8 +156,9 @@ impl Assembler {
                     commit_lsn: c.commit_lsn,
                     commit_time_unix_us: c.commit_time_micros + PG_EPOCH_OFFSET_MICROS,
                     sequence: 0,
-                    per_table: HashMap::new(),
+                    per_table: Vec::new(),
                     end_lsn: Some(c.end_lsn),
+                    now_ms: now_ms(),
                 });
                 return Ok(Next::Replay(
                     buffered.unwrap_or_else(|| StreamedTransaction::empty(c.xid)),
@@ -211,8 +216,9 @@ impl Assembler {
             commit_lsn: b.final_lsn,
             commit_time_unix_us: b.commit_time_micros + PG_EPOCH_OFFSET_MICROS,
             sequence: 0,
-            per_table: HashMap::new(),
+            per_table: Vec::new(),
             end_lsn: None,
+            now_ms: now_ms(),
         });
     }
 
@@ -276,8 +282,20 @@ impl Assembler {
         })?;
         let sequence = open.sequence;
         open.sequence += 1;
-        let per_table = open.per_table.entry(rel.oid).or_insert(0);
-        *per_table += 1;
+        if sequence % 256 == 255 {
+            open.now_ms = now_ms();
+        }
+        let data_collection_order = match open.per_table.iter_mut().find(|(oid, _)| *oid == rel.oid)
+        {
+            Some((_, n)) => {
+                *n += 1;
+                *n
+            }
+            None => {
+                open.per_table.push((rel.oid, 1));
+                1
+            }
+        };
         Ok(ChangeEvent {
             before,
             after,
@@ -293,12 +311,13 @@ impl Assembler {
                 commit_lsn: open.commit_lsn,
                 sequence,
                 unchanged_toast,
+                header: rel.source_header.clone(),
             },
             op,
-            ts_ms: now_ms(),
+            ts_ms: open.now_ms,
             transaction: Some(TransactionInfo {
                 total_order: sequence + 1,
-                data_collection_order: *per_table,
+                data_collection_order,
             }),
             key,
         })
@@ -313,22 +332,21 @@ pub fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
-fn convert(
-    rel: &RelationInfo,
-    col: usize,
-    v: TupleValue<'_>,
-    at: Lsn,
-) -> Result<Value, SourceError> {
+/// Converts column `col` of tuple `t`.
+fn convert(rel: &RelationInfo, col: usize, t: &TupleData, at: Lsn) -> Result<Value, SourceError> {
     let c = &rel.columns[col];
-    match v {
-        TupleValue::Null | TupleValue::UnchangedToast => Ok(Value::Null),
-        TupleValue::Binary(b) => Ok(convert_binary(b)),
-        TupleValue::Text(t) => convert_text(c.type_oid, t).map_err(|source| SourceError::Value {
-            table: format!("{}.{}", rel.table.schema, rel.table.table),
-            column: c.name.to_string(),
-            lsn: at,
-            source,
-        }),
+    match t.get(col) {
+        None | Some(TupleValue::Null | TupleValue::UnchangedToast) => Ok(Value::Null),
+        Some(TupleValue::Binary(b)) => Ok(convert_binary(b)),
+        Some(TupleValue::Text(_)) => {
+            let raw = t.value_bytes(col).unwrap_or_default();
+            convert_text(c.type_oid, raw).map_err(|source| SourceError::Value {
+                table: format!("{}.{}", rel.table.schema, rel.table.table),
+                column: c.name.to_string(),
+                lsn: at,
+                source,
+            })
+        }
     }
 }
 
@@ -357,18 +375,22 @@ pub(crate) fn row_from_tuple(
     check_width(rel, t, at)?;
     let mut fields = Vec::with_capacity(t.len());
     for (i, v) in t.iter().enumerate() {
-        let v = match (v, full_old.and_then(|o| o.get(i))) {
-            (
-                TupleValue::UnchangedToast,
-                Some(old @ (TupleValue::Text(_) | TupleValue::Binary(_))),
-            ) => old,
+        let source = match (v, full_old) {
+            (TupleValue::UnchangedToast, Some(old))
+                if matches!(
+                    old.get(i),
+                    Some(TupleValue::Text(_) | TupleValue::Binary(_))
+                ) =>
+            {
+                old
+            }
             (TupleValue::UnchangedToast, _) => {
                 unchanged_toast.push(rel.columns[i].name.clone());
                 continue;
             }
-            (v, _) => v,
+            _ => t,
         };
-        fields.push((rel.columns[i].name.clone(), convert(rel, i, v, at)?));
+        fields.push((rel.columns[i].name.clone(), convert(rel, i, source, at)?));
     }
     Ok(Row(fields))
 }
@@ -383,7 +405,7 @@ fn old_row(rel: &RelationInfo, old: &OldTuple, at: Lsn) -> Result<Row, SourceErr
         if (key_only && !rel.columns[i].is_identity) || v == TupleValue::UnchangedToast {
             continue;
         }
-        fields.push((rel.columns[i].name.clone(), convert(rel, i, v, at)?));
+        fields.push((rel.columns[i].name.clone(), convert(rel, i, t, at)?));
     }
     Ok(Row(fields))
 }

@@ -8,8 +8,9 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use super::assemble::SourceIdentity;
 use super::pgoutput::{Relation, ReplicaIdentity};
-use crate::event::TableId;
+use crate::event::{SourceInfo, TableId};
 
 /// One published column.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -35,12 +36,14 @@ pub struct RelationInfo {
     pub columns: Vec<ColumnInfo>,
     /// Indexes of the event-key columns; every column when the table has no key.
     pub key_columns: Vec<usize>,
+    /// The rendered constant head of this table's `source` block.
+    pub source_header: Arc<str>,
 }
 
 impl RelationInfo {
     /// Builds the info from a Relation message and the table's primary key column names
-    /// (empty when it has none).
-    pub fn new(rel: &Relation, primary_key: &[String]) -> Self {
+    /// (empty when it has none), for events of `source`.
+    pub fn new(rel: &Relation, primary_key: &[String], source: &SourceIdentity) -> Self {
         let columns: Vec<ColumnInfo> = rel
             .columns
             .iter()
@@ -68,12 +71,14 @@ impl RelationInfo {
             None if !identity_cols.is_empty() => identity_cols,
             None => (0..columns.len()).collect(),
         };
+        let table = TableId {
+            schema: Arc::from(rel.namespace.as_str()),
+            table: Arc::from(rel.name.as_str()),
+        };
         Self {
             oid: rel.oid,
-            table: TableId {
-                schema: Arc::from(rel.namespace.as_str()),
-                table: Arc::from(rel.name.as_str()),
-            },
+            source_header: SourceInfo::header(&source.warehouse_id, &source.db, &table),
+            table,
             identity: rel.replica_identity,
             columns,
             key_columns,

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use tokio::sync::mpsc;
 
 use super::SourceError;
-use super::assemble::{StreamItem, now_ms};
+use super::assemble::{SourceIdentity, StreamItem, now_ms};
 use super::conn::quote_literal;
 use super::pgoutput::{Relation, RelationColumn, ReplicaIdentity};
 use super::relation::RelationInfo;
@@ -41,6 +41,7 @@ pub fn quote_ident(s: &str) -> String {
 pub async fn published_tables(
     sql: &tokio_postgres::Client,
     publication: &str,
+    source: &SourceIdentity,
 ) -> Result<Vec<PublishedTable>, SourceError> {
     let rows = sql
         .query(
@@ -106,7 +107,7 @@ pub async fn published_tables(
             columns,
         };
         out.push(PublishedTable {
-            info: Arc::new(RelationInfo::new(&rel, &pk)),
+            info: Arc::new(RelationInfo::new(&rel, &pk, source)),
             row_filter,
         });
     }
@@ -194,14 +195,13 @@ pub async fn initial_load(
                     let v = match r.get(i) {
                         None => Value::Null,
                         Some(text) => {
-                            convert_text(c.type_oid, text.as_bytes()).map_err(|source| {
-                                SourceError::Value {
+                            convert_text(c.type_oid, bytes::Bytes::copy_from_slice(text.as_bytes()))
+                                .map_err(|source| SourceError::Value {
                                     table: format!("{}.{}", rel.table.schema, rel.table.table),
                                     column: c.name.to_string(),
                                     lsn: target.consistent_point,
                                     source,
-                                }
-                            })?
+                                })?
                         }
                     };
                     fields.push((c.name.clone(), v));
@@ -227,6 +227,7 @@ pub async fn initial_load(
                         commit_lsn: target.consistent_point,
                         sequence,
                         unchanged_toast: vec![],
+                        header: rel.source_header.clone(),
                     },
                     op: Op::Read,
                     ts_ms: now_ms(),

@@ -137,7 +137,7 @@ async fn run_once(
         None if opts.create_slot => {
             let created = slot::create_slot(&mut conn, &opts.slot).await?;
             tracing::info!(slot = %opts.slot, consistent_point = %created.consistent_point, "slot created; reading the initial load");
-            let tables = published_tables(&sql, &opts.publication).await?;
+            let tables = published_tables(&sql, &opts.publication, &identity).await?;
             let rows = initial_load(
                 &mut sql,
                 &created.snapshot_name,

@@ -6,8 +6,9 @@
 //! not what the type promises; it is then passed on as its text rather than dropped.
 
 use base64::Engine;
+use bytes::Bytes;
 
-use crate::event::Value;
+use crate::event::{Text, Value};
 
 /// Type OIDs the converter knows (from `pg_type.dat`).
 #[allow(missing_docs)]
@@ -76,9 +77,11 @@ pub enum ValueError {
     },
 }
 
-/// Converts one text-format value of type `type_oid`.
-pub fn convert_text(type_oid: u32, raw: &[u8]) -> Result<Value, ValueError> {
-    let text = std::str::from_utf8(raw).map_err(|e| ValueError::NotUtf8 {
+/// Converts one text-format value of type `type_oid`. `raw` is a slice of the received
+/// message: values passed through unchanged (text, numbers, numeric, uuid, …) keep pointing
+/// into it instead of being copied.
+pub fn convert_text(type_oid: u32, raw: Bytes) -> Result<Value, ValueError> {
+    let text = Text::try_from(raw).map_err(|e| ValueError::NotUtf8 {
         valid_up_to: e.valid_up_to(),
     })?;
     Ok(convert_str(type_oid, text))
@@ -86,55 +89,50 @@ pub fn convert_text(type_oid: u32, raw: &[u8]) -> Result<Value, ValueError> {
 
 /// Converts a binary-format value: passed on as base64, since we never ask for binary.
 pub fn convert_binary(raw: &[u8]) -> Value {
-    Value::String(base64::engine::general_purpose::STANDARD.encode(raw))
+    Value::String(base64::engine::general_purpose::STANDARD.encode(raw).into())
 }
 
-fn convert_str(type_oid: u32, text: &str) -> Value {
+fn convert_str(type_oid: u32, text: Text) -> Value {
     match type_oid {
-        oid::INT2 | oid::INT4 | oid::INT8 | oid::OID => {
-            if is_integer(text) {
-                Value::Number(text.to_owned())
-            } else {
-                Value::String(text.to_owned())
-            }
-        }
-        oid::FLOAT4 | oid::FLOAT8 => {
-            if is_json_number(text) {
-                Value::Number(text.to_owned())
-            } else {
-                // NaN, Infinity, -Infinity have no JSON number form.
-                Value::String(text.to_owned())
-            }
-        }
-        oid::BOOL => match text {
-            "t" => Value::Bool(true),
-            "f" => Value::Bool(false),
-            other => Value::String(other.to_owned()),
+        oid::INT2 | oid::INT4 | oid::INT8 | oid::OID if is_integer(&text) => Value::Number(text),
+        // NaN, Infinity, -Infinity have no JSON number form and stay strings.
+        oid::FLOAT4 | oid::FLOAT8 if is_json_number(&text) => Value::Number(text),
+        oid::BOOL if &*text == "t" => Value::Bool(true),
+        oid::BOOL if &*text == "f" => Value::Bool(false),
+        // jsonb's output form is one line of valid JSON already: embed it as it came.
+        oid::JSONB if !text.is_empty() => Value::Json(text),
+        oid::JSON | oid::JSONB => match minify_json(&text) {
+            Some(j) => Value::Json(j.into()),
+            None => Value::String(text),
         },
-        oid::JSON | oid::JSONB => match minify_json(text) {
-            Some(j) => Value::Json(j),
-            None => Value::String(text.to_owned()),
+        oid::TIMESTAMPTZ => match parse_timestamptz(&text) {
+            Some(t) => Value::String(t.into()),
+            None => Value::String(text),
         },
-        oid::TIMESTAMPTZ => Value::String(timestamptz_to_rfc3339(text)),
-        oid::TIMESTAMP => Value::String(text.replacen(' ', "T", 1)),
-        oid::BYTEA => match decode_bytea_hex(text) {
-            Some(bytes) => Value::String(base64::engine::general_purpose::STANDARD.encode(bytes)),
-            None => Value::String(text.to_owned()),
+        oid::TIMESTAMP => Value::String(text.replacen(' ', "T", 1).into()),
+        oid::BYTEA => match decode_bytea_hex(&text) {
+            Some(bytes) => Value::String(
+                base64::engine::general_purpose::STANDARD
+                    .encode(bytes)
+                    .into(),
+            ),
+            None => Value::String(text),
         },
-        t => match array_element(t) {
-            Some(elem) => match parse_array(text, elem) {
-                Some(v) => v,
-                None => Value::String(text.to_owned()),
-            },
+        t => match array_element(t).and_then(|elem| parse_array(&text, elem)) {
+            Some(v) => v,
             // numeric, text, varchar, char, uuid, date, time, enums and everything else.
-            None => Value::String(text.to_owned()),
+            None => Value::String(text),
         },
     }
 }
 
 fn is_integer(s: &str) -> bool {
-    let digits = s.strip_prefix('-').unwrap_or(s);
-    !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit())
+    is_integer_bytes(s.as_bytes())
+}
+
+fn is_integer_bytes(b: &[u8]) -> bool {
+    let digits = b.strip_prefix(b"-").unwrap_or(b);
+    !digits.is_empty() && digits.iter().all(u8::is_ascii_digit)
 }
 
 /// Whether `s` is a number in JSON's grammar.
@@ -181,27 +179,37 @@ fn is_json_number(s: &str) -> bool {
 /// Removes insignificant white space from JSON text (the `json` type keeps the input's
 /// layout, newlines included), so that an event stays on one line. `None` if unbalanced.
 pub fn minify_json(text: &str) -> Option<String> {
-    let mut out = String::with_capacity(text.len());
+    // Only ASCII white space is removed, so the output stays valid UTF-8; working on bytes
+    // and copying whole runs keeps this off the profile.
+    let b = text.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
     let mut in_string = false;
-    let mut escaped = false;
-    for ch in text.chars() {
+    let mut run_start = 0;
+    let mut i = 0;
+    while i < b.len() {
+        let c = b[i];
         if in_string {
-            out.push(ch);
-            if escaped {
-                escaped = false;
-            } else if ch == '\\' {
-                escaped = true;
-            } else if ch == '"' {
-                in_string = false;
+            match c {
+                b'\\' => i += 1,
+                b'"' => in_string = false,
+                _ => {}
             }
-        } else if ch == '"' {
+        } else if c == b'"' {
             in_string = true;
-            out.push(ch);
-        } else if !matches!(ch, ' ' | '\t' | '\n' | '\r') {
-            out.push(ch);
+        } else if matches!(c, b' ' | b'\t' | b'\n' | b'\r') {
+            out.extend_from_slice(&b[run_start..i]);
+            run_start = i + 1;
         }
+        i += 1;
     }
-    (!in_string && !out.is_empty()).then_some(out)
+    if in_string {
+        return None;
+    }
+    out.extend_from_slice(&b[run_start.min(b.len())..]);
+    if out.is_empty() {
+        return None;
+    }
+    String::from_utf8(out).ok()
 }
 
 /// `2026-11-24 21:00:00.1234+00` → `2026-11-24T21:00:00.123400Z`. Other offsets are
@@ -211,7 +219,43 @@ pub fn timestamptz_to_rfc3339(text: &str) -> String {
     parse_timestamptz(text).unwrap_or_else(|| text.to_owned())
 }
 
+/// The common case in a `TimeZone=UTC` session, `YYYY-MM-DD HH:MM:SS[.f{1,6}]+00`, rewritten
+/// byte by byte; anything else takes the general path.
+fn utc_timestamptz_fast(b: &[u8]) -> Option<String> {
+    let n = b.len();
+    if !(22..=29).contains(&n) || &b[n - 3..] != b"+00" {
+        return None;
+    }
+    let digits_at = [0, 1, 2, 3, 5, 6, 8, 9, 11, 12, 14, 15, 17, 18];
+    if b[4] != b'-' || b[7] != b'-' || b[10] != b' ' || b[13] != b':' || b[16] != b':' {
+        return None;
+    }
+    if !digits_at.iter().all(|&i| b[i].is_ascii_digit()) {
+        return None;
+    }
+    let frac = &b[19..n - 3];
+    let frac_digits = match frac {
+        [] => &[][..],
+        [b'.', rest @ ..]
+            if !rest.is_empty() && rest.len() <= 6 && rest.iter().all(u8::is_ascii_digit) =>
+        {
+            rest
+        }
+        _ => return None,
+    };
+    let mut out = [b'0'; 27];
+    out[..19].copy_from_slice(&b[..19]);
+    out[10] = b'T';
+    out[19] = b'.';
+    out[20..20 + frac_digits.len()].copy_from_slice(frac_digits);
+    out[26] = b'Z';
+    std::str::from_utf8(&out).ok().map(str::to_owned)
+}
+
 fn parse_timestamptz(text: &str) -> Option<String> {
+    if let Some(fast) = utc_timestamptz_fast(text.as_bytes()) {
+        return Some(fast);
+    }
     let b = text.as_bytes();
     if b.len() < 22 || b[4] != b'-' || b[7] != b'-' || b[10] != b' ' || b[13] != b':' {
         return None;
@@ -264,9 +308,38 @@ fn parse_timestamptz(text: &str) -> Option<String> {
             return None;
         }
     }
-    Some(format!(
-        "{y:04}-{mo:02}-{d:02}T{h:02}:{mi:02}:{s:02}.{micros:06}Z"
-    ))
+    Some(rfc3339(y, mo, d, h, mi, s, micros))
+}
+
+/// `YYYY-MM-DDTHH:MM:SS.ffffffZ` without going through `format!` (it is on the hot path).
+#[allow(clippy::too_many_arguments)]
+fn rfc3339(y: i64, mo: i64, d: i64, h: i64, mi: i64, s: i64, micros: i64) -> String {
+    let mut out = [0u8; 27];
+    let mut put = |at: usize, v: i64, width: usize| {
+        let mut v = v;
+        for k in (0..width).rev() {
+            out[at + k] = b'0' + (v % 10) as u8;
+            v /= 10;
+        }
+    };
+    put(0, y, 4);
+    put(5, mo, 2);
+    put(8, d, 2);
+    put(11, h, 2);
+    put(14, mi, 2);
+    put(17, s, 2);
+    put(20, micros, 6);
+    out[4] = b'-';
+    out[7] = b'-';
+    out[10] = b'T';
+    out[13] = b':';
+    out[16] = b':';
+    out[19] = b'.';
+    out[26] = b'Z';
+    // Every byte written above is ASCII.
+    std::str::from_utf8(&out)
+        .map(str::to_owned)
+        .unwrap_or_default()
 }
 
 /// Days since 1970-01-01 of a proleptic Gregorian date (H. Hinnant's algorithm).
@@ -298,12 +371,7 @@ pub fn format_unix_micros(micros: i64) -> String {
     let frac = micros.rem_euclid(1_000_000);
     let (y, mo, d) = civil_from_days(secs.div_euclid(86_400));
     let s = secs.rem_euclid(86_400);
-    format!(
-        "{y:04}-{mo:02}-{d:02}T{:02}:{:02}:{:02}.{frac:06}Z",
-        s / 3600,
-        s % 3600 / 60,
-        s % 60
-    )
+    rfc3339(y, mo, d, s / 3600, s % 3600 / 60, s % 60, frac)
 }
 
 /// Decodes bytea's hex output form `\x0a0b…`.
@@ -364,7 +432,7 @@ fn parse_array_level(
                         c => s.push(c),
                     }
                 }
-                items.push(convert_str(elem, &s));
+                items.push(convert_str(elem, s.into()));
             }
             _ => {
                 let (start, _) = *it.peek()?;
@@ -380,7 +448,7 @@ fn parse_array_level(
                 if raw.eq_ignore_ascii_case("NULL") {
                     items.push(Value::Null);
                 } else {
-                    items.push(convert_str(elem, raw));
+                    items.push(convert_str(elem, raw.into()));
                 }
             }
         }
@@ -401,6 +469,9 @@ mod tests {
     }
     fn n(v: &str) -> Value {
         Value::Number(v.into())
+    }
+    fn convert_str(type_oid: u32, text: &str) -> Value {
+        convert_text(type_oid, Bytes::copy_from_slice(text.as_bytes())).unwrap()
     }
 
     #[test]
@@ -432,6 +503,22 @@ mod tests {
             "2000-02-29T17:30:00.000000Z"
         );
         assert_eq!(timestamptz_to_rfc3339("infinity"), "infinity");
+        assert_eq!(
+            timestamptz_to_rfc3339("2026-11-24 21:00:00+00"),
+            "2026-11-24T21:00:00.000000Z"
+        );
+        assert_eq!(
+            timestamptz_to_rfc3339("2026-11-24 21:00:00.123456+00"),
+            "2026-11-24T21:00:00.123456Z"
+        );
+        assert_eq!(
+            timestamptz_to_rfc3339("2026-11-24 21:00:00.5+00"),
+            "2026-11-24T21:00:00.500000Z"
+        );
+        assert_eq!(
+            timestamptz_to_rfc3339("12026-11-24 21:00:00+00"),
+            "12026-11-24 21:00:00+00"
+        );
         assert_eq!(
             convert_str(oid::TIMESTAMP, "2026-11-24 21:00:00"),
             s("2026-11-24T21:00:00")
@@ -483,13 +570,13 @@ mod tests {
         assert_eq!(convert_str(1000, "{}"), Value::Array(vec![]));
         assert_eq!(
             convert_str(3807, r#"{"{\"a\": 1}"}"#),
-            Value::Array(vec![Value::Json("{\"a\":1}".into())])
+            Value::Array(vec![Value::Json("{\"a\": 1}".into())])
         );
     }
 
     #[test]
     fn non_utf8_is_a_clear_error() {
-        let e = convert_text(oid::TEXT, b"ok\xff").unwrap_err();
+        let e = convert_text(oid::TEXT, Bytes::from_static(b"ok\xff")).unwrap_err();
         assert_eq!(e, ValueError::NotUtf8 { valid_up_to: 2 });
     }
 
