@@ -1,11 +1,11 @@
 //! The `inventorysync` command line: parse, set up logging, run.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use inventorysync::Lsn;
-use inventorysync::config::{ConnInfo, validate_name};
+use inventorysync::config::{Config, ConnInfo, Streaming, validate_name};
 use inventorysync::source::stream::SourceOptions;
 use inventorysync::tail::{Output, tail};
 use tokio_util::sync::CancellationToken;
@@ -22,6 +22,9 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
     about = "Change data capture from warehouse PostgreSQL databases"
 )]
 struct Cli {
+    /// Configuration file listing the warehouses.
+    #[arg(long, global = true, default_value = "inventorysync.toml")]
+    config: PathBuf,
     #[command(subcommand)]
     command: Command,
 }
@@ -35,15 +38,18 @@ enum Command {
 #[derive(clap::Args)]
 struct TailArgs {
     /// Warehouse database URL: postgres://user:password@host:port/database[?sslmode=…].
-    #[arg(long, env = "INVENTORYSYNC_SOURCE_URL", hide_env_values = true)]
-    source: String,
-    /// Replication slot name.
+    #[arg(long, env = "INVENTORYSYNC_SOURCE_URL", hide_env_values = true, required_unless_present = "warehouse")]
+    source: Option<String>,
+    /// Take URL, slot and publication of this warehouse from the configuration file instead.
+    #[arg(long, conflicts_with = "source")]
+    warehouse: Option<String>,
+    /// Replication slot name (default with --warehouse: the configured one).
+    #[arg(long, required_unless_present = "warehouse")]
+    slot: Option<String>,
+    /// Publication name (default with --warehouse: the configured one).
     #[arg(long)]
-    slot: String,
-    /// Publication name.
-    #[arg(long, default_value = "inventorysync")]
-    publication: String,
-    /// Warehouse id written into events (default: the database name).
+    publication: Option<String>,
+    /// Warehouse id written into events (default: the --warehouse id, else the database name).
     #[arg(long)]
     warehouse_id: Option<String>,
     /// Create the slot if missing, reading the published tables first (initial load).
@@ -84,7 +90,7 @@ fn main() -> ExitCode {
         }
     };
     match cli.command {
-        Command::Tail(args) => runtime.block_on(run_tail(args)),
+        Command::Tail(args) => runtime.block_on(run_tail(args, &cli.config)),
     }
 }
 
@@ -93,25 +99,50 @@ fn fail(message: impl std::fmt::Display, code: i32) -> ExitCode {
     ExitCode::from(code as u8)
 }
 
-async fn run_tail(args: TailArgs) -> ExitCode {
-    let conn = match ConnInfo::parse("--source", &args.source) {
-        Ok(c) => c,
-        Err(e) => return fail(e, 2),
-    };
-    for (key, v) in [("--slot", &args.slot), ("--publication", &args.publication)] {
-        if let Err(e) = validate_name(key, v) {
-            return fail(e, 2);
+/// Resolves the warehouse to tail from the flags, or from the configuration file.
+fn tail_target(args: &TailArgs, config_path: &Path) -> Result<SourceOptions, ExitCode> {
+    let (conn, warehouse_id, slot, publication, streaming) = match &args.warehouse {
+        Some(id) => {
+            let config = Config::load(config_path, true).map_err(|e| fail(e, 2))?;
+            let Some(w) = config.warehouses.into_iter().find(|w| &w.id == id) else {
+                return Err(fail(
+                    format!("warehouse {id:?} is not in {}", config_path.display()),
+                    2,
+                ));
+            };
+            let streaming = w.streaming == Streaming::On;
+            (w.conn, w.id, w.slot, w.publication, streaming)
         }
+        None => {
+            let source = args.source.as_deref().unwrap_or_default();
+            let conn = ConnInfo::parse("--source", source).map_err(|e| fail(e, 2))?;
+            let id = conn.dbname.clone();
+            let slot = args.slot.clone().unwrap_or_default();
+            (conn, id, slot, "inventorysync".to_string(), false)
+        }
+    };
+    let slot = args.slot.clone().unwrap_or(slot);
+    let publication = args.publication.clone().unwrap_or(publication);
+    for (key, v) in [("--slot", &slot), ("--publication", &publication)] {
+        validate_name(key, v).map_err(|e| fail(e, 2))?;
     }
+    let warehouse_id = args.warehouse_id.clone().unwrap_or(warehouse_id);
+    let mut opts = SourceOptions::new(&warehouse_id, conn, &slot, &publication);
+    opts.streaming = args.streaming || streaming;
+    Ok(opts)
+}
+
+async fn run_tail(args: TailArgs, config_path: &Path) -> ExitCode {
+    let mut opts = match tail_target(&args, config_path) {
+        Ok(o) => o,
+        Err(code) => return code,
+    };
     let endpos = match args.endpos.as_deref().map(str::parse::<Lsn>).transpose() {
         Ok(e) => e,
         Err(e) => return fail(format!("--endpos: {e}"), 2),
     };
-    let warehouse_id = args.warehouse_id.unwrap_or_else(|| conn.dbname.clone());
-    let mut opts = SourceOptions::new(&warehouse_id, conn, &args.slot, &args.publication);
     opts.create_slot = args.create_slot;
     opts.endpos = endpos;
-    opts.streaming = args.streaming;
     opts.stream_memory_bytes = args.stream_memory_mib << 20;
     let output = if args.output == "-" {
         Output::Stdout

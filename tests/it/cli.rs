@@ -212,3 +212,40 @@ async fn memory_stays_flat_through_a_200k_row_transaction_with_and_without_strea
         assert!(rss < 80_000, "{name}: peak RSS {rss} kB");
     }
 }
+
+#[tokio::test]
+async fn tail_reads_a_warehouse_from_the_configuration_file() {
+    let db = pg().new_db("cfg").await;
+    db.exec("CREATE TABLE t (id int PRIMARY KEY); INSERT INTO t VALUES (7); CREATE PUBLICATION wh_pub FOR ALL TABLES").await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("inventorysync.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[[warehouses]]\nid = 'wh-{0}'\nurl = '{1}'\npublication = 'wh_pub'\nslot = '{0}_cfg'\n",
+            db.name,
+            db.url_as("postgres")
+        ),
+    )
+    .unwrap();
+    let cfg_s = cfg.to_str().unwrap();
+    let (code, out, err) = {
+        let o = bin()
+            .args(["--config", cfg_s, "tail", "--warehouse", &format!("wh-{}", db.name), "--create-slot", "--endpos", "0/1"])
+            .output()
+            .unwrap();
+        (o.status.code().unwrap_or(-1), String::from_utf8_lossy(&o.stdout).into_owned(), String::from_utf8_lossy(&o.stderr).into_owned())
+    };
+    assert_eq!(code, 0, "{err}");
+    let ev: serde_json::Value = serde_json::from_str(out.lines().next().unwrap()).unwrap();
+    assert_eq!(ev["source"]["warehouse_id"], format!("wh-{}", db.name));
+    assert_eq!(ev["after"]["id"], 7);
+    assert_eq!(ev["source"]["snapshot"], "last");
+
+    std::fs::write(&cfg, "[[warehouses]]\nid = 'x'\nurl = 'postgres://u:hunter2@h/db'\nslot = 'Bad Slot'\n").unwrap();
+    let o = bin().args(["--config", cfg_s, "tail", "--warehouse", "x"]).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(err.contains("warehouses[0].slot"), "{err}");
+    assert!(!err.contains("hunter2"), "secrets never printed: {err}");
+}
