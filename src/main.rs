@@ -38,7 +38,12 @@ enum Command {
 #[derive(clap::Args)]
 struct TailArgs {
     /// Warehouse database URL: postgres://user:password@host:port/database[?sslmode=…].
-    #[arg(long, env = "INVENTORYSYNC_SOURCE_URL", hide_env_values = true, required_unless_present = "warehouse")]
+    #[arg(
+        long,
+        env = "INVENTORYSYNC_SOURCE_URL",
+        hide_env_values = true,
+        required_unless_present = "warehouse"
+    )]
     source: Option<String>,
     /// Take URL, slot and publication of this warehouse from the configuration file instead.
     #[arg(long, conflicts_with = "source")]

@@ -187,3 +187,60 @@ impl SourceError {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn setup_errors_are_definite_with_exit_code_2() {
+        let slot = || "s".to_string();
+        let definite = [
+            SourceError::WalLevelNotLogical {
+                found: "replica".into(),
+            },
+            SourceError::PublicationMissing {
+                publication: "p".into(),
+            },
+            SourceError::SlotInUse {
+                slot: slot(),
+                detail: "pid 1".into(),
+            },
+            SourceError::SlotMissing { slot: slot() },
+            SourceError::SlotInvalidated { slot: slot() },
+            SourceError::NoReplicationPrivilege {
+                user: "u".into(),
+                server: "x".into(),
+            },
+            SourceError::AuthFailed {
+                user: "u".into(),
+                server: "x".into(),
+            },
+        ];
+        for e in definite {
+            assert_eq!(e.exit_code(), 2, "{e}");
+            assert!(!e.is_transient(), "{e}");
+        }
+    }
+
+    #[test]
+    fn network_and_shutdown_errors_are_transient() {
+        let io = SourceError::Io {
+            target: "h:1".into(),
+            source: std::io::Error::new(std::io::ErrorKind::ConnectionReset, "reset"),
+        };
+        assert!(io.is_transient());
+        let server = |code: &str| {
+            SourceError::Server(ServerError {
+                code: code.into(),
+                message: "m".into(),
+                detail: None,
+                hint: None,
+            })
+        };
+        assert!(server("57P01").is_transient(), "admin shutdown");
+        assert!(server("08006").is_transient(), "connection failure");
+        assert!(!server("42601").is_transient(), "syntax error");
+        assert!(!server("57014").is_transient(), "query canceled");
+    }
+}

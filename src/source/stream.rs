@@ -125,6 +125,8 @@ async fn run_once(
     cancel: &CancellationToken,
 ) -> Result<(), SourceError> {
     let mut conn = ReplicationConnection::connect(&opts.conn).await?;
+    let (system_id, timeline, xlogpos) = conn.identify_system().await?;
+    tracing::debug!(warehouse = %opts.warehouse_id, system_id, timeline, %xlogpos, server_version = conn.server_version, "connected for replication");
     slot::check_wal_level(&mut conn).await?;
     let mut sql = tls::connect_sql(&opts.conn).await?;
     slot::check_publication(&sql, &opts.publication).await?;

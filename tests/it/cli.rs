@@ -231,10 +231,23 @@ async fn tail_reads_a_warehouse_from_the_configuration_file() {
     let cfg_s = cfg.to_str().unwrap();
     let (code, out, err) = {
         let o = bin()
-            .args(["--config", cfg_s, "tail", "--warehouse", &format!("wh-{}", db.name), "--create-slot", "--endpos", "0/1"])
+            .args([
+                "--config",
+                cfg_s,
+                "tail",
+                "--warehouse",
+                &format!("wh-{}", db.name),
+                "--create-slot",
+                "--endpos",
+                "0/1",
+            ])
             .output()
             .unwrap();
-        (o.status.code().unwrap_or(-1), String::from_utf8_lossy(&o.stdout).into_owned(), String::from_utf8_lossy(&o.stderr).into_owned())
+        (
+            o.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&o.stdout).into_owned(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
     };
     assert_eq!(code, 0, "{err}");
     let ev: serde_json::Value = serde_json::from_str(out.lines().next().unwrap()).unwrap();
@@ -242,8 +255,15 @@ async fn tail_reads_a_warehouse_from_the_configuration_file() {
     assert_eq!(ev["after"]["id"], 7);
     assert_eq!(ev["source"]["snapshot"], "last");
 
-    std::fs::write(&cfg, "[[warehouses]]\nid = 'x'\nurl = 'postgres://u:hunter2@h/db'\nslot = 'Bad Slot'\n").unwrap();
-    let o = bin().args(["--config", cfg_s, "tail", "--warehouse", "x"]).output().unwrap();
+    std::fs::write(
+        &cfg,
+        "[[warehouses]]\nid = 'x'\nurl = 'postgres://u:hunter2@h/db'\nslot = 'Bad Slot'\n",
+    )
+    .unwrap();
+    let o = bin()
+        .args(["--config", cfg_s, "tail", "--warehouse", "x"])
+        .output()
+        .unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(2), "{err}");
     assert!(err.contains("warehouses[0].slot"), "{err}");

@@ -556,3 +556,57 @@ async fn tls_connections_work_with_require_and_verify_full() {
         assert_eq!(events.len(), 1, "{q}");
     }
 }
+
+#[tokio::test]
+async fn a_terminated_walsender_is_reconnected_and_nothing_is_lost() {
+    let db = setup(
+        "reconnect",
+        "CREATE TABLE t (id int PRIMARY KEY, pad text);",
+    )
+    .await;
+    let mut create = db.options("s", "inventorysync");
+    create.create_slot = true;
+    db.drain_now(create).await;
+    for t in 0..100 {
+        db.exec(&format!(
+            "INSERT INTO t SELECT g, repeat('x', 100) FROM generate_series({}, {}) g",
+            t * 1000,
+            t * 1000 + 999
+        ))
+        .await;
+    }
+    let mut opts = db.options("s", "inventorysync");
+    opts.max_reconnects = Some(10);
+    opts.endpos = Some(db.current_lsn().await);
+    let slot = db.slot("s");
+    let url = db.url_as("postgres");
+    let killer = tokio::spawn(async move {
+        let c = crate::harness::connect(&url).await;
+        for _ in 0..200 {
+            let killed: Vec<tokio_postgres::Row> = c
+                .query(
+                    "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE slot_name = $1 AND active_pid IS NOT NULL",
+                    &[&slot],
+                )
+                .await
+                .unwrap();
+            if !killed.is_empty() {
+                return true;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        false
+    });
+    let events = db.drain(opts).await;
+    assert!(
+        killer.await.unwrap(),
+        "the walsender was terminated while streaming"
+    );
+    let mut ids: Vec<i64> = events
+        .iter()
+        .map(|e| e["after"]["id"].as_i64().unwrap())
+        .collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids, (0..100_000).collect::<Vec<i64>>());
+}
