@@ -135,16 +135,10 @@ impl Assembler {
                     end_lsn: c.end_lsn,
                 });
             }
-            LogicalMessage::Insert(i) => self.insert(i, wal_start, out)?,
-            LogicalMessage::Update(u) => self.update(u, wal_start, out)?,
-            LogicalMessage::Delete(d) => self.delete(d, wal_start, out)?,
-            LogicalMessage::Truncate(t) => {
-                for oid in t.relation_oids {
-                    let rel = self.relation_info(oid, wal_start)?;
-                    let ev = self.event(&rel, Op::Truncate, None, None, None, wal_start, vec![])?;
-                    out.push(StreamItem::Change(Box::new(ev)));
-                }
-            }
+            msg @ (LogicalMessage::Insert(_)
+            | LogicalMessage::Update(_)
+            | LogicalMessage::Delete(_)
+            | LogicalMessage::Truncate(_)) => self.replay_message(msg, wal_start, out)?,
             LogicalMessage::StreamStart(s) => {
                 self.streaming_xid = Some(s.xid);
             }
@@ -174,7 +168,8 @@ impl Assembler {
         Ok(Next::Done)
     }
 
-    /// Replays one buffered message of a committed streamed transaction.
+    /// Turns one row-change message into events: for live transactions, and for the replay
+    /// of a committed streamed transaction's buffered messages.
     pub fn replay_message(
         &mut self,
         msg: LogicalMessage,

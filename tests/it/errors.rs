@@ -198,27 +198,14 @@ async fn a_consumer_slower_than_wal_sender_timeout_is_not_disconnected() {
         .await;
     let mut o = db.options("s", "inventorysync");
     o.endpos = Some(db.current_lsn().await);
-    let (tx, mut rx) =
-        tokio::sync::mpsc::channel::<Vec<inventorysync::source::assemble::StreamItem>>(1);
-    let (dtx, drx) = tokio::sync::watch::channel(inventorysync::Lsn::ZERO);
-    let h = tokio::spawn(async move {
-        inventorysync::source::stream::run(&o, tx, drx, Default::default()).await
-    });
     // Stall for three times the timeout before reading anything.
-    tokio::time::sleep(Duration::from_secs(6)).await;
-    let mut n = 0;
-    while let Some(b) = rx.recv().await {
-        for item in b {
-            match item {
-                inventorysync::source::assemble::StreamItem::Change(_) => n += 1,
-                inventorysync::source::assemble::StreamItem::Commit { end_lsn, .. } => {
-                    let _ = dtx.send(end_lsn);
-                }
-            }
-        }
-    }
-    h.await
-        .unwrap()
-        .expect("no disconnect: max_reconnects is 0, so a drop would fail the run");
+    let count = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let sink = count.clone();
+    crate::harness::stream_with(o, Duration::from_secs(6), move |_| {
+        sink.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    })
+    .await
+    .expect("no disconnect: max_reconnects is 0, so a drop would fail the run");
+    let n = count.load(std::sync::atomic::Ordering::Relaxed);
     assert_eq!(n, 50000);
 }

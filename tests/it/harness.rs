@@ -51,6 +51,17 @@ fn as_pg_user(program: &Path) -> Command {
     }
 }
 
+/// Postgres refuses to run as root: when we are root, its files belong to `postgres`.
+fn give_to_postgres(path: &Path) {
+    if is_root() {
+        Command::new("chown")
+            .args(["-R", "postgres"])
+            .arg(path)
+            .status()
+            .unwrap();
+    }
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -65,13 +76,7 @@ impl Pg {
             std::env::temp_dir().join(format!("inventorysync-it-{}-{name}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
-        if is_root() {
-            Command::new("chown")
-                .args(["-R", "postgres"])
-                .arg(&dir)
-                .status()
-                .unwrap();
-        }
+        give_to_postgres(&dir);
         let data = dir.join("data");
         let out = as_pg_user(&pg_bin().join("initdb"))
             .arg("-D")
@@ -105,13 +110,7 @@ impl Pg {
         let mut existing = std::fs::read_to_string(data.join("postgresql.conf")).unwrap();
         existing.push_str(&conf_all);
         std::fs::write(data.join("postgresql.conf"), existing).unwrap();
-        if is_root() {
-            Command::new("chown")
-                .args(["-R", "postgres"])
-                .arg(&dir)
-                .status()
-                .unwrap();
-        }
+        give_to_postgres(&dir);
         let out = as_pg_user(&pg_bin().join("pg_ctl"))
             .arg("-D")
             .arg(&data)
@@ -362,27 +361,27 @@ impl TestDb {
     }
 }
 
-/// Runs the source with a collector that confirms each commit at once.
-pub async fn drain(
+/// Runs the source, hands every event to `on_event`, and confirms each commit as soon as
+/// its events were handed over. The consumer first sleeps for `stall`.
+pub async fn stream_with(
     opts: SourceOptions,
-) -> Result<Vec<serde_json::Value>, inventorysync::source::SourceError> {
-    let (tx, mut rx) = mpsc::channel::<Vec<StreamItem>>(8);
+    stall: Duration,
+    mut on_event: impl FnMut(&inventorysync::event::ChangeEvent) + Send + 'static,
+) -> Result<(), inventorysync::source::SourceError> {
+    let (tx, mut rx) = mpsc::channel::<Vec<StreamItem>>(1);
     let (durable_tx, durable_rx) = watch::channel(Lsn::ZERO);
-    let collector = tokio::spawn(async move {
-        let mut events = Vec::new();
+    let consumer = tokio::spawn(async move {
+        tokio::time::sleep(stall).await;
         while let Some(batch) = rx.recv().await {
             for item in batch {
                 match item {
-                    StreamItem::Change(ev) => {
-                        events.push(serde_json::from_str(&ev.to_json()).unwrap())
-                    }
+                    StreamItem::Change(ev) => on_event(&ev),
                     StreamItem::Commit { end_lsn, .. } => {
                         let _ = durable_tx.send(end_lsn);
                     }
                 }
             }
         }
-        events
     });
     let result = tokio::time::timeout(
         Duration::from_secs(120),
@@ -390,8 +389,24 @@ pub async fn drain(
     )
     .await
     .expect("streaming finished within 120 s");
-    let events = collector.await.unwrap();
-    result.map(|_| events)
+    consumer.await.unwrap();
+    result
+}
+
+/// Streams with `opts` and returns every event as JSON.
+pub async fn drain(
+    opts: SourceOptions,
+) -> Result<Vec<serde_json::Value>, inventorysync::source::SourceError> {
+    let events = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink = events.clone();
+    stream_with(opts, Duration::ZERO, move |ev| {
+        sink.lock()
+            .unwrap()
+            .push(serde_json::from_str(&ev.to_json()).unwrap())
+    })
+    .await?;
+    let events = std::mem::take(&mut *events.lock().unwrap());
+    Ok(events)
 }
 
 /// The `after` (or `before` for deletes) of each event as `(op, row)`.

@@ -126,8 +126,6 @@ async fn replica_identities_shape_before_images_and_keys() {
 
 #[tokio::test]
 async fn event_keys_prefer_the_primary_key() {
-    use inventorysync::source::assemble::StreamItem;
-    use tokio::sync::{mpsc, watch};
     let db = setup(
         "keys",
         "CREATE TABLE f (id int PRIMARY KEY, v text); ALTER TABLE f REPLICA IDENTITY FULL;
@@ -144,27 +142,16 @@ async fn event_keys_prefer_the_primary_key() {
     db.exec("INSERT INTO f VALUES (1,'x'); INSERT INTO i VALUES (2,'c'); INSERT INTO j VALUES ('k','v'); INSERT INTO w VALUES (3,'z');").await;
     opts.create_slot = false;
     opts.endpos = Some(db.current_lsn().await);
-    let (tx, mut rx) = mpsc::channel(8);
-    let (dtx, drx) = watch::channel(inventorysync::Lsn::ZERO);
-    let h = tokio::spawn(async move {
-        inventorysync::source::stream::run(&opts, tx, drx, Default::default()).await
-    });
-    let mut keys = Vec::new();
-    while let Some(b) = rx.recv().await {
-        for item in b {
-            match item {
-                StreamItem::Change(ev) => {
-                    let mut k = Vec::new();
-                    ev.write_key_json(&mut k);
-                    keys.push(String::from_utf8(k).unwrap());
-                }
-                StreamItem::Commit { end_lsn, .. } => {
-                    let _ = dtx.send(end_lsn);
-                }
-            }
-        }
-    }
-    h.await.unwrap().unwrap();
+    let keys = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink = keys.clone();
+    crate::harness::stream_with(opts, std::time::Duration::ZERO, move |ev| {
+        let mut k = Vec::new();
+        ev.write_key_json(&mut k);
+        sink.lock().unwrap().push(String::from_utf8(k).unwrap());
+    })
+    .await
+    .unwrap();
+    let keys = keys.lock().unwrap().clone();
     let n = &db.name;
     assert_eq!(
         keys,
@@ -491,32 +478,21 @@ async fn big_transaction_streams(streaming: bool) {
         .await;
     opts.endpos = Some(db.current_lsn().await);
     // Count without keeping: memory of the source itself is what is measured by the CLI test.
-    let (tx, mut rx) =
-        tokio::sync::mpsc::channel::<Vec<inventorysync::source::assemble::StreamItem>>(4);
-    let (dtx, drx) = tokio::sync::watch::channel(inventorysync::Lsn::ZERO);
-    let h = tokio::spawn(async move {
-        inventorysync::source::stream::run(&opts, tx, drx, Default::default()).await
-    });
-    let mut n = 0u64;
-    let mut last_seq = None;
-    while let Some(b) = rx.recv().await {
-        for item in b {
-            match item {
-                inventorysync::source::assemble::StreamItem::Change(ev) => {
-                    n += 1;
-                    assert_eq!(
-                        Some(ev.source.sequence),
-                        last_seq.map(|s: u64| s + 1).or(Some(0))
-                    );
-                    last_seq = Some(ev.source.sequence);
-                }
-                inventorysync::source::assemble::StreamItem::Commit { end_lsn, .. } => {
-                    let _ = dtx.send(end_lsn);
-                }
-            }
-        }
-    }
-    h.await.unwrap().unwrap();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new((0u64, None::<u64>)));
+    let sink = seen.clone();
+    crate::harness::stream_with(opts, std::time::Duration::ZERO, move |ev| {
+        let mut s = sink.lock().unwrap();
+        assert_eq!(
+            ev.source.sequence,
+            s.1.map_or(0, |q| q + 1),
+            "sequence is gapless"
+        );
+        s.0 += 1;
+        s.1 = Some(ev.source.sequence);
+    })
+    .await
+    .unwrap();
+    let n = seen.lock().unwrap().0;
     assert_eq!(n, 200_000);
 }
 
