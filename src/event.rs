@@ -29,17 +29,72 @@ pub enum Value {
     Array(Vec<Value>),
 }
 
-/// One column of a row: its name and value.
-pub type Field = (Arc<str>, Value);
+/// Column names of one relation shape, shared by every row of that shape.
+pub type ColumnNames = Arc<[Arc<str>]>;
 
-/// A row as ordered columns.
+/// A row: values of some of a relation's columns, in column order. The names are shared with
+/// every other row of the relation, so building a row costs one reference count, not one
+/// per column.
 #[derive(Debug, Clone, PartialEq, Default)]
-pub struct Row(pub Vec<Field>);
+pub struct Row {
+    names: ColumnNames,
+    fields: Vec<(u16, Value)>,
+}
 
 impl Row {
+    /// An empty row over `names`, with room for `capacity` values.
+    pub fn new(names: ColumnNames, capacity: usize) -> Self {
+        Self {
+            names,
+            fields: Vec::with_capacity(capacity),
+        }
+    }
+
+    /// A row from name/value pairs (names not shared with anything).
+    pub fn from_pairs<'a>(pairs: impl IntoIterator<Item = (&'a str, Value)>) -> Self {
+        let (names, values): (Vec<Arc<str>>, Vec<Value>) =
+            pairs.into_iter().map(|(n, v)| (Arc::from(n), v)).unzip();
+        let mut row = Row::new(names.into(), values.len());
+        for (i, v) in values.into_iter().enumerate() {
+            row.push(i, v);
+        }
+        row
+    }
+
+    /// Adds the value of column `column` (an index into the names).
+    pub fn push(&mut self, column: usize, value: Value) {
+        // A relation has at most 1,600 columns.
+        self.fields.push((column as u16, value));
+    }
+
     /// The value of the named column.
     pub fn get(&self, name: &str) -> Option<&Value> {
-        self.0.iter().find(|(n, _)| &**n == name).map(|(_, v)| v)
+        self.iter().find(|(n, _)| *n == name).map(|(_, v)| v)
+    }
+
+    /// The value of column `column`, if the row has it.
+    pub fn value_at(&self, column: usize) -> Option<&Value> {
+        self.fields
+            .iter()
+            .find(|(c, _)| usize::from(*c) == column)
+            .map(|(_, v)| v)
+    }
+
+    /// Name and value of each column present, in column order.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &Value)> {
+        self.fields
+            .iter()
+            .map(|(c, v)| (self.names.get(usize::from(*c)).map_or("", |n| &**n), v))
+    }
+
+    /// Number of columns present.
+    pub fn len(&self) -> usize {
+        self.fields.len()
+    }
+
+    /// Whether no column is present.
+    pub fn is_empty(&self) -> bool {
+        self.fields.is_empty()
     }
 }
 
@@ -96,24 +151,73 @@ impl SnapshotMarker {
     }
 }
 
-/// Names that stay the same for every event of one relation, shared by reference.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TableId {
+/// Where the events of one table come from. Shared by reference by every event of the table,
+/// with the constant head of its JSON `source` block rendered once.
+#[derive(Debug, PartialEq, Eq)]
+pub struct TableSource {
+    warehouse_id: Arc<str>,
+    db: Arc<str>,
+    schema: Arc<str>,
+    table: Arc<str>,
+    header: String,
+}
+
+impl TableSource {
+    /// Describes table `schema.table` of database `db` in warehouse `warehouse_id`.
+    pub fn new(warehouse_id: &str, db: &str, schema: &str, table: &str) -> Arc<Self> {
+        let mut out = Vec::with_capacity(160);
+        out.extend_from_slice(b"{\"version\":\"");
+        out.extend_from_slice(env!("CARGO_PKG_VERSION").as_bytes());
+        out.extend_from_slice(b"\",\"connector\":\"inventorysync\",\"name\":");
+        write_str(&mut out, warehouse_id);
+        out.extend_from_slice(b",\"warehouse_id\":");
+        write_str(&mut out, warehouse_id);
+        out.extend_from_slice(b",\"db\":");
+        write_str(&mut out, db);
+        out.extend_from_slice(b",\"schema\":");
+        write_str(&mut out, schema);
+        out.extend_from_slice(b",\"table\":");
+        write_str(&mut out, table);
+        Arc::new(Self {
+            warehouse_id: warehouse_id.into(),
+            db: db.into(),
+            schema: schema.into(),
+            table: table.into(),
+            header: String::from_utf8(out).unwrap_or_default(),
+        })
+    }
+
+    /// Warehouse id.
+    pub fn warehouse_id(&self) -> &str {
+        &self.warehouse_id
+    }
+
+    /// Database name.
+    pub fn db(&self) -> &str {
+        &self.db
+    }
+
     /// Schema name.
-    pub schema: Arc<str>,
+    pub fn schema(&self) -> &str {
+        &self.schema
+    }
+
     /// Table name.
-    pub table: Arc<str>,
+    pub fn table(&self) -> &str {
+        &self.table
+    }
+
+    /// `schema.table`.
+    pub fn qualified_name(&self) -> String {
+        format!("{}.{}", self.schema, self.table)
+    }
 }
 
 /// Where the event came from: the `source` block.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SourceInfo {
-    /// Warehouse id (also the connector `name`).
-    pub warehouse_id: Arc<str>,
-    /// Database name.
-    pub db: Arc<str>,
-    /// Schema and table.
-    pub table: TableId,
+    /// Warehouse, database and table.
+    pub table: Arc<TableSource>,
     /// Commit time in milliseconds since the Unix epoch.
     pub ts_ms: i64,
     /// Commit time in microseconds since the Unix epoch (for `committed_at`).
@@ -130,30 +234,6 @@ pub struct SourceInfo {
     pub sequence: u64,
     /// Columns left out of `after` because their TOASTed value did not change.
     pub unchanged_toast: Vec<Arc<str>>,
-    /// The constant head of the JSON `source` block, from [`SourceInfo::header`]: rendered
-    /// once per relation rather than escaped again for every event.
-    pub header: Arc<str>,
-}
-
-impl SourceInfo {
-    /// Renders the fields of the `source` block that are the same for every event of one
-    /// table: version, connector, name, warehouse_id, db, schema and table.
-    pub fn header(warehouse_id: &str, db: &str, table: &TableId) -> Arc<str> {
-        let mut out = Vec::with_capacity(160);
-        out.extend_from_slice(b"{\"version\":\"");
-        out.extend_from_slice(env!("CARGO_PKG_VERSION").as_bytes());
-        out.extend_from_slice(b"\",\"connector\":\"inventorysync\",\"name\":");
-        write_str(&mut out, warehouse_id);
-        out.extend_from_slice(b",\"warehouse_id\":");
-        write_str(&mut out, warehouse_id);
-        out.extend_from_slice(b",\"db\":");
-        write_str(&mut out, db);
-        out.extend_from_slice(b",\"schema\":");
-        write_str(&mut out, &table.schema);
-        out.extend_from_slice(b",\"table\":");
-        write_str(&mut out, &table.table);
-        Arc::from(String::from_utf8(out).unwrap_or_default())
-    }
 }
 
 /// The `transaction` block.
@@ -198,7 +278,7 @@ impl ChangeEvent {
         write_row(out, self.after.as_ref());
         let s = &self.source;
         out.extend_from_slice(b",\"source\":");
-        out.extend_from_slice(s.header.as_bytes());
+        out.extend_from_slice(s.table.header.as_bytes());
         out.extend_from_slice(b",\"ts_ms\":");
         write_int(out, s.ts_ms);
         out.extend_from_slice(b",\"snapshot\":\"");
@@ -253,12 +333,13 @@ impl ChangeEvent {
 
     /// Appends the Kafka key `{"warehouse_id","table","pk"}` to `out`.
     pub fn write_key_json(&self, out: &mut Vec<u8>) {
+        let t = &self.source.table;
         out.extend_from_slice(b"{\"warehouse_id\":");
-        write_str(out, &self.source.warehouse_id);
+        write_str(out, &t.warehouse_id);
         out.extend_from_slice(b",\"table\":\"");
-        escape_into(out, &self.source.table.schema);
+        escape_into(out, &t.schema);
         out.push(b'.');
-        escape_into(out, &self.source.table.table);
+        escape_into(out, &t.table);
         out.extend_from_slice(b"\",\"pk\":");
         write_row(out, self.key.as_ref());
         out.push(b'}');
@@ -280,7 +361,7 @@ fn write_row(out: &mut Vec<u8>, row: Option<&Row>) {
         return;
     };
     out.push(b'{');
-    for (i, (name, value)) in row.0.iter().enumerate() {
+    for (i, (name, value)) in row.iter().enumerate() {
         if i > 0 {
             out.push(b',');
         }
@@ -385,26 +466,16 @@ mod tests {
 
     fn sample() -> ChangeEvent {
         let name = |s: &str| -> Arc<str> { Arc::from(s) };
-        let table = TableId {
-            schema: name("public"),
-            table: name("stock_levels"),
-        };
         ChangeEvent {
             before: None,
-            after: Some(Row(vec![
-                (name("sku"), Value::String("SKU-\"1\"\n".into())),
-                (name("qty"), Value::Number("5".into())),
-                (name("attrs"), Value::Json("{\"a\":[1,2]}".into())),
-                (
-                    name("tags"),
-                    Value::Array(vec![Value::Null, Value::Bool(true)]),
-                ),
+            after: Some(Row::from_pairs([
+                ("sku", Value::String("SKU-\"1\"\n".into())),
+                ("qty", Value::Number("5".into())),
+                ("attrs", Value::Json("{\"a\":[1,2]}".into())),
+                ("tags", Value::Array(vec![Value::Null, Value::Bool(true)])),
             ])),
             source: SourceInfo {
-                warehouse_id: name("wh-east"),
-                db: name("inv"),
-                header: SourceInfo::header("wh-east", "inv", &table),
-                table,
+                table: TableSource::new("wh-east", "inv", "public", "stock_levels"),
                 ts_ms: 1795557622123,
                 ts_us: 1795557622123456,
                 snapshot: SnapshotMarker::False,
@@ -420,7 +491,7 @@ mod tests {
                 total_order: 4,
                 data_collection_order: 2,
             }),
-            key: Some(Row(vec![(name("sku"), Value::String("SKU-1".into()))])),
+            key: Some(Row::from_pairs([("sku", Value::String("SKU-1".into()))])),
         }
     }
 

@@ -182,8 +182,17 @@ impl Assembler {
             LogicalMessage::Delete(d) => self.delete(d, wal_start, out),
             LogicalMessage::Truncate(t) => {
                 for oid in t.relation_oids {
-                    let rel = self.relation_info(oid, wal_start)?;
-                    let ev = self.event(&rel, Op::Truncate, None, None, None, wal_start, vec![])?;
+                    let rel = Self::relation_info(&self.relations, oid, wal_start)?;
+                    let ev = event(
+                        &mut self.open,
+                        rel,
+                        Op::Truncate,
+                        None,
+                        None,
+                        None,
+                        wal_start,
+                        vec![],
+                    )?;
                     out.push(StreamItem::Change(Box::new(ev)));
                 }
                 Ok(())
@@ -217,106 +226,135 @@ impl Assembler {
         });
     }
 
-    fn relation_info(&self, oid: u32, at: Lsn) -> Result<Arc<RelationInfo>, SourceError> {
-        self.relations
+    /// The relation, borrowed: cloning its `Arc` per row would cost two atomic operations.
+    fn relation_info(
+        relations: &RelationCache,
+        oid: u32,
+        at: Lsn,
+    ) -> Result<&RelationInfo, SourceError> {
+        relations
             .get(oid)
-            .cloned()
+            .map(|r| &**r)
             .ok_or(SourceError::UnknownRelation { oid, lsn: at })
     }
 
     fn insert(&mut self, i: Insert, at: Lsn, out: &mut Vec<StreamItem>) -> Result<(), SourceError> {
-        let rel = self.relation_info(i.relation_oid, at)?;
+        let rel = Self::relation_info(&self.relations, i.relation_oid, at)?;
         let mut toast = Vec::new();
-        let after = row_from_tuple(&rel, &i.new, None, &mut toast, at)?;
-        let key = key_of(&rel, &after);
-        let ev = self.event(&rel, Op::Create, None, Some(after), Some(key), at, toast)?;
+        let after = row_from_tuple(rel, &i.new, None, &mut toast, at)?;
+        let key = key_of(rel, &after);
+        let ev = event(
+            &mut self.open,
+            rel,
+            Op::Create,
+            None,
+            Some(after),
+            Some(key),
+            at,
+            toast,
+        )?;
         out.push(StreamItem::Change(Box::new(ev)));
         Ok(())
     }
 
     fn update(&mut self, u: Update, at: Lsn, out: &mut Vec<StreamItem>) -> Result<(), SourceError> {
-        let rel = self.relation_info(u.relation_oid, at)?;
+        let rel = Self::relation_info(&self.relations, u.relation_oid, at)?;
         let mut toast = Vec::new();
         let full_old = match &u.old {
             Some(OldTuple::Full(t)) => Some(t),
             _ => None,
         };
-        let after = row_from_tuple(&rel, &u.new, full_old, &mut toast, at)?;
+        let after = row_from_tuple(rel, &u.new, full_old, &mut toast, at)?;
         let before = match &u.old {
-            Some(old) => Some(old_row(&rel, old, at)?),
+            Some(old) => Some(old_row(rel, old, at)?),
             None => None,
         };
-        let key = key_of(&rel, &after);
-        let ev = self.event(&rel, Op::Update, before, Some(after), Some(key), at, toast)?;
+        let key = key_of(rel, &after);
+        let ev = event(
+            &mut self.open,
+            rel,
+            Op::Update,
+            before,
+            Some(after),
+            Some(key),
+            at,
+            toast,
+        )?;
         out.push(StreamItem::Change(Box::new(ev)));
         Ok(())
     }
 
     fn delete(&mut self, d: Delete, at: Lsn, out: &mut Vec<StreamItem>) -> Result<(), SourceError> {
-        let rel = self.relation_info(d.relation_oid, at)?;
-        let before = old_row(&rel, &d.old, at)?;
-        let key = key_of(&rel, &before);
-        let ev = self.event(&rel, Op::Delete, Some(before), None, Some(key), at, vec![])?;
+        let rel = Self::relation_info(&self.relations, d.relation_oid, at)?;
+        let before = old_row(rel, &d.old, at)?;
+        let key = key_of(rel, &before);
+        let ev = event(
+            &mut self.open,
+            rel,
+            Op::Delete,
+            Some(before),
+            None,
+            Some(key),
+            at,
+            vec![],
+        )?;
         out.push(StreamItem::Change(Box::new(ev)));
         Ok(())
     }
+}
 
-    #[allow(clippy::too_many_arguments)]
-    fn event(
-        &mut self,
-        rel: &RelationInfo,
-        op: Op,
-        before: Option<Row>,
-        after: Option<Row>,
-        key: Option<Row>,
-        at: Lsn,
-        unchanged_toast: Vec<Arc<str>>,
-    ) -> Result<ChangeEvent, SourceError> {
-        let open = self.open.as_mut().ok_or_else(|| {
-            SourceError::Protocol(format!("row change at {at} outside a transaction"))
-        })?;
-        let sequence = open.sequence;
-        open.sequence += 1;
-        if sequence % 256 == 255 {
-            open.now_ms = now_ms();
-        }
-        let data_collection_order = match open.per_table.iter_mut().find(|(oid, _)| *oid == rel.oid)
-        {
-            Some((_, n)) => {
-                *n += 1;
-                *n
-            }
-            None => {
-                open.per_table.push((rel.oid, 1));
-                1
-            }
-        };
-        Ok(ChangeEvent {
-            before,
-            after,
-            source: SourceInfo {
-                warehouse_id: self.identity.warehouse_id.clone(),
-                db: self.identity.db.clone(),
-                table: rel.table.clone(),
-                ts_ms: open.commit_time_unix_us.div_euclid(1000),
-                ts_us: open.commit_time_unix_us,
-                snapshot: SnapshotMarker::False,
-                tx_id: Some(open.xid),
-                lsn: at,
-                commit_lsn: open.commit_lsn,
-                sequence,
-                unchanged_toast,
-                header: rel.source_header.clone(),
-            },
-            op,
-            ts_ms: open.now_ms,
-            transaction: Some(TransactionInfo {
-                total_order: sequence + 1,
-                data_collection_order,
-            }),
-            key,
-        })
+/// Builds one streamed change event of the open transaction, advancing its sequence.
+#[allow(clippy::too_many_arguments)]
+fn event(
+    open: &mut Option<OpenTransaction>,
+    rel: &RelationInfo,
+    op: Op,
+    before: Option<Row>,
+    after: Option<Row>,
+    key: Option<Row>,
+    at: Lsn,
+    unchanged_toast: Vec<Arc<str>>,
+) -> Result<ChangeEvent, SourceError> {
+    let open = open.as_mut().ok_or_else(|| {
+        SourceError::Protocol(format!("row change at {at} outside a transaction"))
+    })?;
+    let sequence = open.sequence;
+    open.sequence += 1;
+    if sequence % 256 == 255 {
+        open.now_ms = now_ms();
     }
+    let data_collection_order = match open.per_table.iter_mut().find(|(oid, _)| *oid == rel.oid) {
+        Some((_, n)) => {
+            *n += 1;
+            *n
+        }
+        None => {
+            open.per_table.push((rel.oid, 1));
+            1
+        }
+    };
+    Ok(ChangeEvent {
+        before,
+        after,
+        source: SourceInfo {
+            table: rel.table.clone(),
+            ts_ms: open.commit_time_unix_us.div_euclid(1000),
+            ts_us: open.commit_time_unix_us,
+            snapshot: SnapshotMarker::False,
+            tx_id: Some(open.xid),
+            lsn: at,
+            commit_lsn: open.commit_lsn,
+            sequence,
+            unchanged_toast,
+        },
+        op,
+        ts_ms: open.now_ms,
+        transaction: Some(TransactionInfo {
+            total_order: sequence + 1,
+            data_collection_order,
+        }),
+        key,
+    })
 }
 
 /// Milliseconds since the Unix epoch, now.
@@ -336,7 +374,7 @@ fn convert(rel: &RelationInfo, col: usize, t: &TupleData, at: Lsn) -> Result<Val
         Some(TupleValue::Text(_)) => {
             let raw = t.value_bytes(col).unwrap_or_default();
             convert_text(c.type_oid, raw).map_err(|source| SourceError::Value {
-                table: format!("{}.{}", rel.table.schema, rel.table.table),
+                table: rel.table.qualified_name(),
                 column: c.name.to_string(),
                 lsn: at,
                 source,
@@ -349,8 +387,8 @@ fn check_width(rel: &RelationInfo, t: &TupleData, at: Lsn) -> Result<(), SourceE
     if t.len() != rel.columns.len() {
         return Err(SourceError::Protocol(format!(
             "row of {}.{} at {at} has {} columns, its Relation message announced {}",
-            rel.table.schema,
-            rel.table.table,
+            rel.table.schema(),
+            rel.table.table(),
             t.len(),
             rel.columns.len()
         )));
@@ -368,7 +406,7 @@ pub(crate) fn row_from_tuple(
     at: Lsn,
 ) -> Result<Row, SourceError> {
     check_width(rel, t, at)?;
-    let mut fields = Vec::with_capacity(t.len());
+    let mut row = Row::new(rel.names.clone(), t.len());
     for (i, v) in t.iter().enumerate() {
         let source = match (v, full_old) {
             (TupleValue::UnchangedToast, Some(old))
@@ -385,9 +423,9 @@ pub(crate) fn row_from_tuple(
             }
             _ => t,
         };
-        fields.push((rel.columns[i].name.clone(), convert(rel, i, source, at)?));
+        row.push(i, convert(rel, i, source, at)?);
     }
-    Ok(Row(fields))
+    Ok(row)
 }
 
 /// The old image: with a key-only tuple, only the identity columns.
@@ -395,25 +433,23 @@ fn old_row(rel: &RelationInfo, old: &OldTuple, at: Lsn) -> Result<Row, SourceErr
     let t = old.tuple();
     check_width(rel, t, at)?;
     let key_only = matches!(old, OldTuple::Key(_));
-    let mut fields = Vec::new();
+    let mut row = Row::new(rel.names.clone(), t.len());
     for (i, v) in t.iter().enumerate() {
         if (key_only && !rel.columns[i].is_identity) || v == TupleValue::UnchangedToast {
             continue;
         }
-        fields.push((rel.columns[i].name.clone(), convert(rel, i, t, at)?));
+        row.push(i, convert(rel, i, t, at)?);
     }
-    Ok(Row(fields))
+    Ok(row)
 }
 
-fn key_of(rel: &RelationInfo, row: &Row) -> Row {
-    Row(rel
-        .key_columns
-        .iter()
-        .map(|&i| {
-            let name = &rel.columns[i].name;
-            (name.clone(), row.get(name).cloned().unwrap_or(Value::Null))
-        })
-        .collect())
+/// The key columns' values taken from `row`, null where the row lacks one.
+pub(crate) fn key_of(rel: &RelationInfo, row: &Row) -> Row {
+    let mut key = Row::new(rel.names.clone(), rel.key_columns.len());
+    for &i in &rel.key_columns {
+        key.push(i, row.value_at(i).cloned().unwrap_or(Value::Null));
+    }
+    key
 }
 
 /// A committed streamed transaction's buffered messages, ready to replay in order.

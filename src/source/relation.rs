@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use super::assemble::SourceIdentity;
 use super::pgoutput::{Relation, ReplicaIdentity};
-use crate::event::{SourceInfo, TableId};
+use crate::event::{ColumnNames, TableSource};
 
 /// One published column.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -28,16 +28,16 @@ pub struct ColumnInfo {
 pub struct RelationInfo {
     /// Relation OID.
     pub oid: u32,
-    /// Schema and table names.
-    pub table: TableId,
+    /// Warehouse, database, schema and table, shared with every event.
+    pub table: Arc<TableSource>,
     /// Replica identity.
     pub identity: ReplicaIdentity,
     /// Published columns in order.
     pub columns: Vec<ColumnInfo>,
+    /// The column names, shared with every row.
+    pub names: ColumnNames,
     /// Indexes of the event-key columns; every column when the table has no key.
     pub key_columns: Vec<usize>,
-    /// The rendered constant head of this table's `source` block.
-    pub source_header: Arc<str>,
 }
 
 impl RelationInfo {
@@ -71,14 +71,10 @@ impl RelationInfo {
             None if !identity_cols.is_empty() => identity_cols,
             None => (0..columns.len()).collect(),
         };
-        let table = TableId {
-            schema: Arc::from(rel.namespace.as_str()),
-            table: Arc::from(rel.name.as_str()),
-        };
         Self {
             oid: rel.oid,
-            source_header: SourceInfo::header(&source.warehouse_id, &source.db, &table),
-            table,
+            table: TableSource::new(&source.warehouse_id, &source.db, &rel.namespace, &rel.name),
+            names: columns.iter().map(|c| c.name.clone()).collect(),
             identity: rel.replica_identity,
             columns,
             key_columns,

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use tokio::sync::mpsc;
 
 use super::SourceError;
-use super::assemble::{SourceIdentity, StreamItem, now_ms};
+use super::assemble::{SourceIdentity, StreamItem, key_of, now_ms};
 use super::conn::quote_literal;
 use super::pgoutput::{Relation, RelationColumn, ReplicaIdentity};
 use super::relation::RelationInfo;
@@ -131,12 +131,8 @@ pub async fn primary_key(
     Ok(rows.iter().map(|r| r.get(0)).collect())
 }
 
-/// Where snapshot events go, and what they say about their origin.
+/// Where snapshot events go.
 pub struct SnapshotTarget<'a> {
-    /// Warehouse id.
-    pub warehouse_id: Arc<str>,
-    /// Database name.
-    pub db: Arc<str>,
     /// The slot's consistent point: `lsn` and `commit_lsn` of every snapshot row.
     pub consistent_point: Lsn,
     /// Downstream.
@@ -176,8 +172,8 @@ pub async fn initial_load(
             .unwrap_or_default();
         tx.batch_execute(&format!(
             "DECLARE inventorysync_snap NO SCROLL CURSOR FOR SELECT {select_list} FROM ONLY {}.{}{filter}",
-            quote_ident(&rel.table.schema),
-            quote_ident(&rel.table.table)
+            quote_ident(rel.table.schema()),
+            quote_ident(rel.table.table())
         ))
         .await?;
         loop {
@@ -190,34 +186,27 @@ pub async fn initial_load(
                     continue;
                 };
                 got += 1;
-                let mut fields = Vec::with_capacity(rel.columns.len());
+                let mut after = Row::new(rel.names.clone(), rel.columns.len());
                 for (i, c) in rel.columns.iter().enumerate() {
                     let v = match r.get(i) {
                         None => Value::Null,
                         Some(text) => {
                             convert_text(c.type_oid, bytes::Bytes::copy_from_slice(text.as_bytes()))
                                 .map_err(|source| SourceError::Value {
-                                    table: format!("{}.{}", rel.table.schema, rel.table.table),
+                                    table: rel.table.qualified_name(),
                                     column: c.name.to_string(),
                                     lsn: target.consistent_point,
                                     source,
                                 })?
                         }
                     };
-                    fields.push((c.name.clone(), v));
+                    after.push(i, v);
                 }
-                let after = Row(fields);
-                let key = Row(rel
-                    .key_columns
-                    .iter()
-                    .map(|&i| (rel.columns[i].name.clone(), after.0[i].1.clone()))
-                    .collect());
+                let key = key_of(rel, &after);
                 let ev = ChangeEvent {
                     before: None,
                     after: Some(after),
                     source: SourceInfo {
-                        warehouse_id: target.warehouse_id.clone(),
-                        db: target.db.clone(),
                         table: rel.table.clone(),
                         ts_ms: now_ms(),
                         ts_us: now_ms() * 1000,
@@ -227,7 +216,6 @@ pub async fn initial_load(
                         commit_lsn: target.consistent_point,
                         sequence,
                         unchanged_toast: vec![],
-                        header: rel.source_header.clone(),
                     },
                     op: Op::Read,
                     ts_ms: now_ms(),

@@ -145,8 +145,6 @@ async fn run_once(
                 &created.snapshot_name,
                 &tables,
                 SnapshotTarget {
-                    warehouse_id: identity.warehouse_id.clone(),
-                    db: identity.db.clone(),
                     consistent_point: created.consistent_point,
                     out,
                 },
