@@ -9,6 +9,7 @@
 use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::PathBuf;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
@@ -17,6 +18,9 @@ use crate::Lsn;
 use crate::source::SourceError;
 use crate::source::assemble::StreamItem;
 use crate::source::stream::{SourceOptions, run};
+
+/// How often a busy stream syncs its output and confirms the position to Postgres.
+const CONFIRM_INTERVAL: Duration = Duration::from_millis(500);
 
 /// Where the lines go.
 #[derive(Debug, Clone)]
@@ -156,12 +160,19 @@ fn write_loop(
     let mut summary = TailSummary::default();
     let mut line = Vec::with_capacity(4096);
     let mut committed: Option<Lsn> = None;
+    let mut last_confirm = Instant::now();
     loop {
+        // A stream that never pauses must still be confirmed, or the slot retains WAL.
+        if last_confirm.elapsed() >= CONFIRM_INTERVAL {
+            confirm(&mut sink, &mut committed, &durable)?;
+            last_confirm = Instant::now();
+        }
         let batch = match rx.try_recv() {
             Ok(b) => b,
             Err(mpsc::error::TryRecvError::Empty) => {
                 // Idle: make what was written durable, then say so.
                 confirm(&mut sink, &mut committed, &durable)?;
+                last_confirm = Instant::now();
                 match rx.blocking_recv() {
                     Some(b) => b,
                     None => break,

@@ -269,3 +269,79 @@ async fn tail_reads_a_warehouse_from_the_configuration_file() {
     assert!(err.contains("warehouses[0].slot"), "{err}");
     assert!(!err.contains("hunter2"), "secrets never printed: {err}");
 }
+
+#[tokio::test]
+async fn positions_are_confirmed_while_a_backlog_drains_not_only_at_the_end() {
+    let db = pg().new_db("confirm").await;
+    db.exec("CREATE TABLE t (id int PRIMARY KEY, pad text); CREATE PUBLICATION inventorysync FOR ALL TABLES").await;
+    let url = db.url_as("postgres");
+    let slot = db.slot("s");
+    let (code, _, err) = run_tail(&[
+        "--source",
+        &url,
+        "--slot",
+        &slot,
+        "--create-slot",
+        "--endpos",
+        "0/1",
+        "-o",
+        "/dev/null",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    for t in 0..200 {
+        db.exec(&format!(
+            "INSERT INTO t SELECT g, repeat('x', 100) FROM generate_series({}, {}) g",
+            t * 1000,
+            t * 1000 + 999
+        ))
+        .await;
+    }
+    let end = db.current_lsn().await;
+    let confirmed = || async {
+        let s: String = db
+            .client
+            .query_one(
+                "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
+                &[&slot],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        s.parse::<inventorysync::Lsn>().unwrap()
+    };
+    let start = confirmed().await;
+    let end_s = end.to_string();
+    let mut child = bin()
+        .args([
+            "tail",
+            "--source",
+            &url,
+            "--slot",
+            &slot,
+            "--endpos",
+            &end_s,
+            "-o",
+            "/dev/null",
+        ])
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut seen = vec![start];
+    while child.try_wait().unwrap().is_none() {
+        let c = confirmed().await;
+        if c != *seen.last().unwrap() {
+            seen.push(c);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(child.wait().unwrap().success());
+    assert!(
+        seen.windows(2).all(|w| w[0] < w[1]),
+        "confirmed position only grows: {seen:?}"
+    );
+    assert!(
+        seen.len() >= 3,
+        "confirmed in steps while draining, not once at the end: {seen:?}"
+    );
+    assert!(confirmed().await > start);
+}

@@ -512,6 +512,7 @@ async fn tls_connections_work_with_require_and_verify_full() {
     db.exec("INSERT INTO t VALUES (1)").await;
     let ca = pg().dir.join("ca.crt");
     for (i, q) in [
+        "sslmode=prefer".to_string(),
         "sslmode=require".to_string(),
         format!("sslmode=verify-full&sslrootcert={}", ca.display()),
     ]
