@@ -8,6 +8,7 @@ pub mod config;
 pub mod event;
 pub mod lsn;
 pub mod source;
+pub mod store;
 pub mod tail;
 
 pub use lsn::Lsn;

@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 use inventorysync::Lsn;
 use inventorysync::config::{Config, ConnInfo, Streaming, validate_name};
 use inventorysync::source::stream::SourceOptions;
+use inventorysync::store::StateDb;
 use inventorysync::tail::{Output, tail};
 use tokio_util::sync::CancellationToken;
 
@@ -33,6 +34,8 @@ struct Cli {
 enum Command {
     /// Stream one slot as JSON change events, one per line (like pg_recvlogical).
     Tail(TailArgs),
+    /// Create or update the state DB's tables (DB_URL).
+    Migrate,
 }
 
 #[derive(clap::Args)]
@@ -96,12 +99,37 @@ fn main() -> ExitCode {
     };
     match cli.command {
         Command::Tail(args) => runtime.block_on(run_tail(args, &cli.config)),
+        Command::Migrate => runtime.block_on(run_migrate(&cli.config)),
     }
 }
 
 fn fail(message: impl std::fmt::Display, code: i32) -> ExitCode {
     eprintln!("error: {message}");
     ExitCode::from(code as u8)
+}
+
+async fn run_migrate(config_path: &Path) -> ExitCode {
+    let config = match Config::load(config_path, false) {
+        Ok(c) => c,
+        Err(e) => return fail(e, 2),
+    };
+    let Some(db_url) = config.db_url else {
+        return fail(
+            "DB_URL is not set: it names the state DB, e.g. postgres://user:password@host:5432/inventorysync_state",
+            2,
+        );
+    };
+    let db = match StateDb::connect(&db_url).await {
+        Ok(db) => db,
+        Err(e) => return fail(e, 1),
+    };
+    match db.migrate().await {
+        Ok(()) => {
+            println!("state DB {} is up to date", db_url.redacted());
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(e, 1),
+    }
 }
 
 /// Resolves the warehouse to tail from the flags, or from the configuration file.

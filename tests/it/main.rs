@@ -3,4 +3,5 @@
 mod cli;
 mod errors;
 mod harness;
+mod store;
 mod stream;

@@ -1,0 +1,146 @@
+//! The state DB: migrations, forward-only checkpoints, warehouse leases, `migrate`.
+
+use std::process::Command;
+use std::time::Duration;
+
+use inventorysync::Lsn;
+use inventorysync::config::ConnInfo;
+use inventorysync::store::{StateDb, WarehouseLease};
+
+use crate::harness::pg;
+
+async fn state_db(prefix: &str) -> (crate::harness::TestDb, StateDb) {
+    let db = pg().new_db(prefix).await;
+    let state = StateDb::connect(&ConnInfo::parse("DB_URL", &db.url_as("postgres")).unwrap())
+        .await
+        .unwrap();
+    state.migrate().await.unwrap();
+    (db, state)
+}
+
+#[tokio::test]
+async fn migrations_are_idempotent_and_checkpoints_only_move_forward() {
+    let (_db, state) = state_db("ckpt").await;
+    state.migrate().await.unwrap();
+    assert_eq!(state.checkpoint("wh-1").await.unwrap(), None);
+    state
+        .advance_checkpoint("wh-1", "slot_a", Lsn(0x10))
+        .await
+        .unwrap();
+    state
+        .advance_checkpoint("wh-1", "slot_a", Lsn(0x5))
+        .await
+        .unwrap();
+    assert_eq!(
+        state.checkpoint("wh-1").await.unwrap().unwrap().flush_lsn,
+        Lsn(0x10)
+    );
+    state
+        .advance_checkpoint("wh-1", "slot_a", Lsn(0x1_0000_0020))
+        .await
+        .unwrap();
+    let c = state.checkpoint("wh-1").await.unwrap().unwrap();
+    assert_eq!(
+        (c.slot_name.as_str(), c.flush_lsn),
+        ("slot_a", Lsn(0x1_0000_0020))
+    );
+    assert_eq!(state.checkpoint("wh-2").await.unwrap(), None);
+}
+
+#[tokio::test]
+async fn one_process_owns_a_warehouse_and_a_standby_takes_over_when_it_goes() {
+    let (_db, state) = state_db("lease").await;
+    let id = format!("wh-{}", std::process::id());
+    let owner = WarehouseLease::try_acquire(&state, &id)
+        .await
+        .unwrap()
+        .expect("first owner");
+    assert!(
+        WarehouseLease::try_acquire(&state, &id)
+            .await
+            .unwrap()
+            .is_none(),
+        "taken"
+    );
+    assert!(
+        WarehouseLease::try_acquire(&state, &format!("{id}-other"))
+            .await
+            .unwrap()
+            .is_some()
+    );
+    owner.release().await.unwrap();
+    let mut standby = WarehouseLease::try_acquire(&state, &id)
+        .await
+        .unwrap()
+        .expect("free again");
+    standby.check().await.unwrap();
+    // An owner that dies without releasing: its connection closes and the lock goes with it.
+    drop(standby);
+    let mut taken = None;
+    for _ in 0..50 {
+        taken = WarehouseLease::try_acquire(&state, &id).await.unwrap();
+        if taken.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        taken.is_some(),
+        "the lock of a dropped connection is released"
+    );
+}
+
+fn migrate(db_url: Option<&str>) -> (i32, String, String) {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_inventorysync"));
+    c.args(["--config", "/nonexistent/inventorysync.toml", "migrate"]);
+    match db_url {
+        Some(u) => c.env("DB_URL", u),
+        None => c.env_remove("DB_URL"),
+    };
+    let o = c.output().unwrap();
+    (
+        o.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn migrate_accepts_the_jdbc_form_and_reports_bad_urls_clearly() {
+    let db = pg().new_db("migrate").await;
+    let jdbc = format!(
+        "jdbc:postgresql://127.0.0.1:{}/{}?user=postgres&sslmode=disable",
+        db.port, db.name
+    );
+    let (code, out, err) = migrate(Some(&jdbc));
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("is up to date"), "{out}");
+    let n: i64 = db
+        .client
+        .query_one("SELECT count(*) FROM replication_checkpoints", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 0);
+
+    let (code, _, err) = migrate(None);
+    assert_eq!(code, 2);
+    assert!(err.contains("DB_URL is not set"), "{err}");
+
+    let missing = format!(
+        "postgres://postgres:hunter2@127.0.0.1:{}/no_such_db?sslmode=disable",
+        db.port
+    );
+    let (code, _, err) = migrate(Some(&missing));
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("state DB postgres://postgres:***@127.0.0.1"),
+        "{err}"
+    );
+    assert!(err.contains("no_such_db"), "{err}");
+    assert!(!err.contains("hunter2"), "{err}");
+
+    let (code, _, err) = migrate(Some("mysql://x/y"));
+    assert_eq!(code, 2);
+    assert!(err.contains("configuration key DB_URL"), "{err}");
+}
