@@ -474,3 +474,108 @@ mod tests {
         assert_eq!(w[0].streaming, Streaming::Off);
     }
 }
+
+/// Kafka settings from the environment: `KAFKA_BROKERS` (given), `KAFKA_TOPIC` (name or
+/// template with `{warehouse}`, `{schema}`, `{table}`), `KAFKA_PARTITIONS`,
+/// `KAFKA_REPLICATION_FACTOR`, `KAFKA_LINGER_MS`, `KAFKA_BATCH_BYTES`, `KAFKA_COMPRESSION`,
+/// `KAFKA_MESSAGE_TIMEOUT_MS`, and any librdkafka property as `KAFKA_PROPERTY_<NAME>`
+/// (`KAFKA_PROPERTY_SECURITY_PROTOCOL=SASL_SSL` sets `security.protocol`).
+pub fn kafka_settings(brokers: &str) -> Result<crate::bus::kafka::KafkaSettings, ConfigError> {
+    kafka_settings_from(brokers, std::env::vars())
+}
+
+/// [`kafka_settings`] over any set of variables (for tests).
+pub fn kafka_settings_from(
+    brokers: &str,
+    vars: impl IntoIterator<Item = (String, String)>,
+) -> Result<crate::bus::kafka::KafkaSettings, ConfigError> {
+    let mut s = crate::bus::kafka::KafkaSettings::new(brokers);
+    if brokers.trim().is_empty() {
+        return Err(invalid(
+            "KAFKA_BROKERS",
+            "is empty; expected host:port[,host:port]",
+        ));
+    }
+    fn number<T: std::str::FromStr>(key: &str, v: &str) -> Result<T, ConfigError> {
+        v.trim()
+            .parse()
+            .map_err(|_| invalid(key, format!("{v:?} is not a valid number")))
+    }
+    for (k, v) in vars {
+        match k.as_str() {
+            "KAFKA_TOPIC" => {
+                s.topic = crate::bus::topic::TopicTemplate::parse("KAFKA_TOPIC", &v)
+                    .map_err(|e| invalid("KAFKA_TOPIC", e.to_string()))?;
+            }
+            "KAFKA_PARTITIONS" => s.partitions = number(&k, &v)?,
+            "KAFKA_REPLICATION_FACTOR" => s.replication_factor = number(&k, &v)?,
+            "KAFKA_LINGER_MS" => s.linger_ms = number(&k, &v)?,
+            "KAFKA_BATCH_BYTES" => s.batch_bytes = number(&k, &v)?,
+            "KAFKA_MESSAGE_TIMEOUT_MS" => s.message_timeout_ms = number(&k, &v)?,
+            "KAFKA_COMPRESSION" => match v.as_str() {
+                "none" | "gzip" | "snappy" | "lz4" | "zstd" => s.compression = v,
+                other => {
+                    return Err(invalid(
+                        &k,
+                        format!("{other:?}; expected none, gzip, snappy, lz4 or zstd"),
+                    ));
+                }
+            },
+            _ => {
+                if let Some(name) = k.strip_prefix("KAFKA_PROPERTY_") {
+                    let prop = name.to_ascii_lowercase().replace('_', ".");
+                    s.properties.push((prop, SecretString::from(v)));
+                }
+            }
+        }
+    }
+    if s.partitions < 1 || s.replication_factor < 1 {
+        return Err(invalid(
+            "KAFKA_PARTITIONS / KAFKA_REPLICATION_FACTOR",
+            "must be at least 1",
+        ));
+    }
+    Ok(s)
+}
+
+#[cfg(test)]
+mod kafka_tests {
+    use super::*;
+
+    fn vars(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn kafka_settings_read_the_environment() {
+        let s = kafka_settings_from(
+            "b:9092",
+            vars(&[
+                ("KAFKA_TOPIC", "cdc.{warehouse}.{table}"),
+                ("KAFKA_PARTITIONS", "3"),
+                ("KAFKA_PROPERTY_SECURITY_PROTOCOL", "SASL_SSL"),
+                ("KAFKA_PROPERTY_SASL_PASSWORD", "hunter2"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(s.partitions, 3);
+        assert_eq!(s.properties[0].0, "security.protocol");
+        assert!(!format!("{s:?}").contains("hunter2"), "secrets stay hidden");
+    }
+
+    #[test]
+    fn bad_kafka_settings_name_their_key() {
+        let e = kafka_settings_from("b:9092", vars(&[("KAFKA_TOPIC", "cdc.{db}")]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("KAFKA_TOPIC"), "{e}");
+        let e = kafka_settings_from("b:9092", vars(&[("KAFKA_LINGER_MS", "soon")]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("KAFKA_LINGER_MS") && e.contains("soon"), "{e}");
+        assert!(kafka_settings_from(" ", vars(&[])).is_err());
+    }
+}

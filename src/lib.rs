@@ -4,6 +4,8 @@
 
 #![warn(missing_docs)]
 
+pub mod app;
+pub mod bus;
 pub mod config;
 pub mod event;
 pub mod lsn;

@@ -5,7 +5,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use inventorysync::Lsn;
-use inventorysync::config::{Config, ConnInfo, Streaming, validate_name};
+use inventorysync::bus::kafka::KafkaBus;
+use inventorysync::config::{Config, ConnInfo, Streaming, kafka_settings, validate_name};
 use inventorysync::source::stream::SourceOptions;
 use inventorysync::store::StateDb;
 use inventorysync::tail::{Output, tail};
@@ -36,6 +37,8 @@ enum Command {
     Tail(TailArgs),
     /// Create or update the state DB's tables (DB_URL).
     Migrate,
+    /// Stream every configured warehouse to Kafka, with checkpoints in the state DB.
+    Run,
 }
 
 #[derive(clap::Args)]
@@ -100,12 +103,79 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Tail(args) => runtime.block_on(run_tail(args, &cli.config)),
         Command::Migrate => runtime.block_on(run_migrate(&cli.config)),
+        Command::Run => runtime.block_on(run_service(&cli.config)),
     }
 }
 
 fn fail(message: impl std::fmt::Display, code: i32) -> ExitCode {
     eprintln!("error: {message}");
     ExitCode::from(code as u8)
+}
+
+/// A token cancelled by Ctrl-C or SIGTERM.
+fn shutdown_token() -> CancellationToken {
+    let cancel = CancellationToken::new();
+    let signal_cancel = cancel.clone();
+    tokio::spawn(async move {
+        let Ok(mut term) =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        else {
+            return;
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        tracing::info!("shutting down");
+        signal_cancel.cancel();
+    });
+    cancel
+}
+
+async fn run_service(config_path: &Path) -> ExitCode {
+    let config = match Config::load(config_path, true) {
+        Ok(c) => c,
+        Err(e) => return fail(e, 2),
+    };
+    if config.warehouses.is_empty() {
+        return fail(
+            format!("{} lists no [[warehouses]]", config_path.display()),
+            2,
+        );
+    }
+    let Some(db_url) = config.db_url.clone() else {
+        return fail(
+            "DB_URL is not set: it names the state DB that holds the checkpoints",
+            2,
+        );
+    };
+    let Some(brokers) = config.kafka_brokers.clone() else {
+        return fail(
+            "KAFKA_BROKERS is not set; the embedded bus is not available yet (it needs the consumer stage), so run needs Kafka",
+            2,
+        );
+    };
+    let kafka = match kafka_settings(&brokers) {
+        Ok(k) => k,
+        Err(e) => return fail(e, 2),
+    };
+    let state = match StateDb::connect(&db_url).await {
+        Ok(s) => s,
+        Err(e) => return fail(e, 1),
+    };
+    if let Err(e) = state.migrate().await {
+        return fail(e, 1);
+    }
+    let bus = match KafkaBus::connect(kafka).await {
+        Ok(b) => b,
+        Err(e) => {
+            let code = if e.is_transient() { 1 } else { 2 };
+            return fail(e, code);
+        }
+    };
+    tracing::info!(warehouses = config.warehouses.len(), "running");
+    inventorysync::app::run(config.warehouses, state, bus, shutdown_token()).await;
+    ExitCode::SUCCESS
 }
 
 async fn run_migrate(config_path: &Path) -> ExitCode {
@@ -182,21 +252,7 @@ async fn run_tail(args: TailArgs, config_path: &Path) -> ExitCode {
     } else {
         Output::File(PathBuf::from(&args.output))
     };
-    let cancel = CancellationToken::new();
-    let signal_cancel = cancel.clone();
-    tokio::spawn(async move {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(_) => return,
-            };
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
-        }
-        signal_cancel.cancel();
-    });
-    match tail(opts, output, cancel).await {
+    match tail(opts, output, shutdown_token()).await {
         Ok(summary) => {
             tracing::info!(
                 events = summary.events,

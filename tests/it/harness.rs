@@ -424,3 +424,51 @@ pub fn ops(events: &[serde_json::Value]) -> Vec<(String, serde_json::Value)> {
         })
         .collect()
 }
+
+/// A Kafka-protocol broker (tansu, in memory) shared by the tests of this binary.
+pub struct Broker {
+    /// `127.0.0.1:port`.
+    pub address: String,
+}
+
+fn tansu_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("INVENTORYSYNC_TEST_TANSU") {
+        return PathBuf::from(p);
+    }
+    let home_bin = std::env::var_os("HOME")
+        .map(|h| PathBuf::from(h).join(".cargo/bin/tansu"))
+        .filter(|p| p.exists());
+    home_bin.unwrap_or_else(|| PathBuf::from("tansu"))
+}
+
+/// The broker, started on first use and stopped when this process exits.
+pub fn broker() -> &'static Broker {
+    static BROKER: OnceLock<Broker> = OnceLock::new();
+    BROKER.get_or_init(|| {
+        let port = free_port();
+        let url = format!("tcp://127.0.0.1:{port}");
+        let script = format!(
+            "{bin} broker --listener-url {url} --advertised-listener-url {url} --storage-engine memory://tansu/ >/dev/null 2>&1 & b=$!; \
+             while [ -d /proc/{pid} ] && kill -0 $b 2>/dev/null; do sleep 1; done; kill $b 2>/dev/null",
+            bin = tansu_bin().display(),
+            pid = std::process::id(),
+        );
+        // The wrapper outlives this process on purpose, to stop the broker after it.
+        #[allow(clippy::zombie_processes)]
+        Command::new("sh")
+            .args(["-c", &script])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("tansu starts (scripts/test installs it)");
+        let address = format!("127.0.0.1:{port}");
+        for _ in 0..200 {
+            if std::net::TcpStream::connect(&address).is_ok() {
+                return Broker { address };
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("tansu did not listen on {address} within 20 s ({})", tansu_bin().display());
+    })
+}

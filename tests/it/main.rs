@@ -3,5 +3,6 @@
 mod cli;
 mod errors;
 mod harness;
+mod kafka;
 mod store;
 mod stream;

@@ -1,0 +1,204 @@
+//! `inventorysync run`: wires one pipeline per warehouse and owns shutdown.
+//!
+//! ```text
+//!  per warehouse (while holding its lease):
+//!    source::stream::run ──items──▶ bus::kafka::publish ──commits──▶ acker
+//!          ▲                                                           │ all events acked
+//!          └────────── durable LSN ◀── checkpoint committed ◀──────────┘
+//! ```
+//!
+//! A failing warehouse is retried with backoff and reported; it never stops the others. A
+//! definite error (bad setup, lost slot) stops that warehouse only, with the error logged.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::Lsn;
+use crate::bus::BusError;
+use crate::bus::kafka::{self, KafkaBus};
+use crate::config::{Streaming, WarehouseConfig};
+use crate::source::SourceError;
+use crate::source::stream::{self, SourceOptions};
+use crate::store::{StateDb, StoreError, WarehouseLease};
+
+/// How often a standby asks for a warehouse it does not own.
+const LEASE_POLL: Duration = Duration::from_secs(3);
+/// How often the owner checks that its lease connection is alive.
+const LEASE_CHECK: Duration = Duration::from_secs(5);
+/// Checkpoints of a busy stream are written at most this often.
+const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(200);
+
+/// Why a warehouse pipeline stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    /// The source failed.
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    /// The bus failed.
+    #[error(transparent)]
+    Bus(#[from] BusError),
+    /// The state DB failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A task of the pipeline panicked or vanished.
+    #[error("pipeline task failed: {0}")]
+    Task(String),
+}
+
+impl PipelineError {
+    /// Whether restarting the pipeline can help.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            PipelineError::Source(e) => e.is_transient(),
+            PipelineError::Bus(e) => e.is_transient(),
+            PipelineError::Store(_) | PipelineError::Task(_) => true,
+        }
+    }
+}
+
+/// Runs every warehouse until `cancel`; returns when all pipelines have stopped.
+pub async fn run(
+    warehouses: Vec<WarehouseConfig>,
+    state: StateDb,
+    bus: Arc<KafkaBus>,
+    cancel: CancellationToken,
+) {
+    let mut tasks = tokio::task::JoinSet::new();
+    for w in warehouses {
+        let (state, bus, cancel) = (state.clone(), bus.clone(), cancel.clone());
+        tasks.spawn(async move {
+            let id = w.id.clone();
+            if let Err(e) = supervise(w, state, bus, cancel).await {
+                tracing::error!(warehouse = %id, error = %e, "warehouse stopped; fix the cause and restart");
+            }
+        });
+    }
+    while tasks.join_next().await.is_some() {}
+}
+
+/// Owns, runs and restarts one warehouse's pipeline.
+async fn supervise(
+    w: WarehouseConfig,
+    state: StateDb,
+    bus: Arc<KafkaBus>,
+    cancel: CancellationToken,
+) -> Result<(), PipelineError> {
+    let mut failures = 0u32;
+    loop {
+        let lease = loop {
+            match WarehouseLease::try_acquire(&state, &w.id).await {
+                Ok(Some(l)) => break l,
+                Ok(None) => {
+                    tracing::debug!(warehouse = %w.id, "owned by another process; standing by")
+                }
+                Err(e) => {
+                    tracing::warn!(warehouse = %w.id, error = %e, "cannot reach the state DB for the lease")
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(LEASE_POLL) => {}
+                _ = cancel.cancelled() => return Ok(()),
+            }
+        };
+        tracing::info!(warehouse = %w.id, "owning warehouse");
+        let started = Instant::now();
+        match run_pipeline(&w, &state, &bus, lease, &cancel).await {
+            Ok(()) => return Ok(()),
+            Err(e) if e.is_transient() => {
+                if started.elapsed() > Duration::from_secs(60) {
+                    failures = 0;
+                }
+                failures += 1;
+                let cap =
+                    Duration::from_secs(30).min(Duration::from_millis(250u64 << failures.min(8)));
+                let wait = cap.mul_f64(0.5 + rand::random::<f64>() / 2.0);
+                tracing::warn!(warehouse = %w.id, error = %e, retry_in_ms = wait.as_millis() as u64, "pipeline failed; restarting from the checkpoint");
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = cancel.cancelled() => return Ok(()),
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+async fn run_pipeline(
+    w: &WarehouseConfig,
+    state: &StateDb,
+    bus: &Arc<KafkaBus>,
+    mut lease: WarehouseLease,
+    cancel: &CancellationToken,
+) -> Result<(), PipelineError> {
+    let checkpoint = state
+        .checkpoint(&w.id)
+        .await?
+        .map_or(Lsn::ZERO, |c| c.flush_lsn);
+    let (items_tx, items_rx) = mpsc::channel(16);
+    let (acks_tx, mut acks_rx) = mpsc::channel::<kafka::PendingCommit>(1024);
+    let (durable_tx, durable_rx) = watch::channel(checkpoint);
+    let child = cancel.child_token();
+    let mut opts = SourceOptions::new(&w.id, w.conn.clone(), &w.slot, &w.publication);
+    opts.create_slot = true;
+    opts.streaming = w.streaming == Streaming::On;
+    let source_cancel = child.clone();
+    let mut source =
+        tokio::spawn(async move { stream::run(&opts, items_tx, durable_rx, source_cancel).await });
+    let mut publisher = tokio::spawn(kafka::publish(bus.clone(), items_rx, acks_tx));
+    let mut lease_check = tokio::time::interval(LEASE_CHECK);
+    let mut last_write = Instant::now();
+    let mut unwritten: Option<Lsn> = None;
+    let result: Result<(), PipelineError> = loop {
+        tokio::select! {
+            pending = acks_rx.recv() => {
+                let Some(pending) = pending else { break Ok(()) };
+                let end = match kafka::await_commit(pending).await {
+                    Ok(end) => end,
+                    Err(e) => break Err(e.into()),
+                };
+                unwritten = Some(end);
+                if acks_rx.is_empty() || last_write.elapsed() >= CHECKPOINT_INTERVAL {
+                    if let Err(e) = state.advance_checkpoint(&w.id, &w.slot, end).await {
+                        break Err(e.into());
+                    }
+                    unwritten = None;
+                    last_write = Instant::now();
+                    let _ = durable_tx.send(end);
+                }
+            }
+            _ = lease_check.tick() => {
+                if let Err(e) = lease.check().await {
+                    break Err(e.into());
+                }
+            }
+            r = &mut source => break flatten(r),
+            r = &mut publisher => break flatten(r),
+            _ = cancel.cancelled() => break Ok(()),
+        }
+    };
+    child.cancel();
+    // Whatever was acknowledged but not yet written is written now, so a clean stop loses
+    // no progress.
+    if let Some(end) = unwritten {
+        state.advance_checkpoint(&w.id, &w.slot, end).await?;
+    }
+    source.abort();
+    publisher.abort();
+    let _ = lease.release().await;
+    result
+}
+
+fn flatten<E>(r: Result<Result<(), E>, tokio::task::JoinError>) -> Result<(), PipelineError>
+where
+    PipelineError: From<E>,
+{
+    match r {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(e.into()),
+        Err(e) => Err(PipelineError::Task(e.to_string())),
+    }
+}

@@ -1,0 +1,286 @@
+//! Kafka through `rdkafka`: an idempotent producer with `acks=all`, topics created through
+//! the admin API (the engine never relies on auto-creation), and the commit-ordered
+//! acknowledgement that feeds checkpoints.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
+use secrecy::{ExposeSecret, SecretString};
+use tokio::sync::mpsc;
+
+use super::topic::TopicTemplate;
+use super::{BusError, Record};
+use crate::Lsn;
+use crate::source::assemble::StreamItem;
+
+/// Kafka settings (DESIGN §7): `KAFKA_BROKERS` and the producer's knobs.
+#[derive(Debug, Clone)]
+pub struct KafkaSettings {
+    /// Bootstrap servers.
+    pub brokers: String,
+    /// Topic name or template.
+    pub topic: TopicTemplate,
+    /// Partitions of topics the engine creates.
+    pub partitions: i32,
+    /// Replication factor of topics the engine creates.
+    pub replication_factor: i32,
+    /// `linger.ms`.
+    pub linger_ms: u32,
+    /// `batch.size` in bytes.
+    pub batch_bytes: u32,
+    /// `compression.type`.
+    pub compression: String,
+    /// `message.timeout.ms`: how long the producer retries one message before reporting it
+    /// undelivered (the pipeline then replays from the checkpoint).
+    pub message_timeout_ms: u32,
+    /// Extra librdkafka properties (`security.protocol`, `sasl.*`, `ssl.*`); values are secret.
+    pub properties: Vec<(String, SecretString)>,
+}
+
+impl KafkaSettings {
+    /// Defaults for everything but the brokers.
+    pub fn new(brokers: &str) -> Self {
+        Self {
+            brokers: brokers.to_string(),
+            topic: TopicTemplate::default(),
+            partitions: 6,
+            replication_factor: 1,
+            linger_ms: 5,
+            batch_bytes: 1 << 20,
+            compression: "lz4".into(),
+            message_timeout_ms: 30_000,
+            properties: Vec::new(),
+        }
+    }
+
+    fn client_config(&self) -> ClientConfig {
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", &self.brokers)
+            .set("client.id", "inventorysync")
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("compression.type", &self.compression)
+            .set("linger.ms", self.linger_ms.to_string())
+            .set("batch.size", self.batch_bytes.to_string())
+            .set("message.timeout.ms", self.message_timeout_ms.to_string())
+            .set("allow.auto.create.topics", "false");
+        for (k, v) in &self.properties {
+            c.set(k, v.expose_secret());
+        }
+        c
+    }
+}
+
+/// A connected producer with its admin client.
+pub struct KafkaBus {
+    producer: FutureProducer,
+    admin: AdminClient<DefaultClientContext>,
+    settings: KafkaSettings,
+    known_topics: Mutex<HashSet<String>>,
+}
+
+impl KafkaBus {
+    /// Creates the clients and checks that the brokers answer.
+    pub async fn connect(settings: KafkaSettings) -> Result<Arc<Self>, BusError> {
+        let config = settings.client_config();
+        let producer: FutureProducer = config.create().map_err(|e| BusError::Config {
+            key: "KAFKA_BROKERS / kafka properties".into(),
+            reason: e.to_string(),
+        })?;
+        let admin: AdminClient<DefaultClientContext> = config.create()?;
+        let client = producer.clone();
+        let metadata = tokio::task::spawn_blocking(move || {
+            client
+                .client()
+                .fetch_metadata(None, Duration::from_secs(10))
+                .map(|m| m.brokers().len())
+        })
+        .await
+        .map_err(|e| BusError::Unreachable {
+            brokers: settings.brokers.clone(),
+            reason: e.to_string(),
+        })?;
+        match metadata {
+            Ok(n) if n > 0 => {}
+            Ok(_) => {
+                return Err(BusError::Unreachable {
+                    brokers: settings.brokers.clone(),
+                    reason: "no broker in the cluster metadata".into(),
+                });
+            }
+            Err(e) => {
+                return Err(BusError::Unreachable {
+                    brokers: settings.brokers.clone(),
+                    reason: e.to_string(),
+                });
+            }
+        }
+        Ok(Arc::new(Self {
+            producer,
+            admin,
+            settings,
+            known_topics: Mutex::new(HashSet::new()),
+        }))
+    }
+
+    /// The topic template.
+    pub fn topics(&self) -> &TopicTemplate {
+        &self.settings.topic
+    }
+
+    /// Creates `topic` unless it exists (the engine never relies on auto-creation).
+    pub async fn ensure_topic(&self, topic: &str) -> Result<(), BusError> {
+        if self
+            .known_topics
+            .lock()
+            .map(|k| k.contains(topic))
+            .unwrap_or(false)
+        {
+            return Ok(());
+        }
+        let new = NewTopic::new(
+            topic,
+            self.settings.partitions,
+            TopicReplication::Fixed(self.settings.replication_factor),
+        );
+        let results = self
+            .admin
+            .create_topics(
+                &[new],
+                &AdminOptions::new().operation_timeout(Some(Duration::from_secs(30))),
+            )
+            .await?;
+        for r in results {
+            match r {
+                Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                Err((name, code)) => {
+                    return Err(BusError::CreateTopic {
+                        topic: name,
+                        reason: code.to_string(),
+                    });
+                }
+            }
+        }
+        if let Ok(mut k) = self.known_topics.lock() {
+            k.insert(topic.to_string());
+        }
+        Ok(())
+    }
+
+    /// Queues one record; waits while the producer's queue is full (backpressure).
+    pub async fn send(
+        &self,
+        rec: &Record,
+        warehouse_id: &str,
+        table: &str,
+    ) -> Result<DeliveryFuture, BusError> {
+        loop {
+            let headers = OwnedHeaders::new_with_capacity(4)
+                .insert(Header {
+                    key: "warehouse_id",
+                    value: Some(warehouse_id),
+                })
+                .insert(Header {
+                    key: "table",
+                    value: Some(table),
+                })
+                .insert(Header {
+                    key: "op",
+                    value: Some(rec.op),
+                })
+                .insert(Header {
+                    key: "version",
+                    value: Some(rec.version.as_str()),
+                });
+            let record = FutureRecord::to(&rec.topic)
+                .key(&rec.key)
+                .payload(&rec.value)
+                .headers(headers);
+            match self.producer.send_result(record) {
+                Ok(f) => return Ok(f),
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                Err((e, _)) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// Waits until queued messages are delivered or `timeout` passes.
+    pub fn flush(&self, timeout: Duration) {
+        let _ = self.producer.flush(timeout);
+    }
+}
+
+/// The deliveries of one commit, to be awaited in commit order.
+pub struct PendingCommit {
+    /// End LSN of the commit.
+    pub end_lsn: Lsn,
+    /// One delivery per event, with its topic.
+    pub deliveries: Vec<(String, DeliveryFuture)>,
+}
+
+/// Renders and sends every event from `items`, handing each commit's deliveries to `acks`
+/// in commit order. Ends when `items` closes.
+pub async fn publish(
+    bus: Arc<KafkaBus>,
+    mut items: mpsc::Receiver<Vec<StreamItem>>,
+    acks: mpsc::Sender<PendingCommit>,
+) -> Result<(), BusError> {
+    let mut current: Vec<(String, DeliveryFuture)> = Vec::new();
+    while let Some(batch) = items.recv().await {
+        for item in batch {
+            match item {
+                StreamItem::Change(ev) => {
+                    let topic = bus.topics().topic_for(&ev.source.table);
+                    bus.ensure_topic(&topic).await?;
+                    let rec = Record::new(&ev, topic);
+                    let table = ev.source.table.qualified_name();
+                    let fut = bus
+                        .send(&rec, ev.source.table.warehouse_id(), &table)
+                        .await?;
+                    current.push((rec.topic, fut));
+                }
+                StreamItem::Commit { end_lsn, .. } => {
+                    let pending = PendingCommit {
+                        end_lsn,
+                        deliveries: std::mem::take(&mut current),
+                    };
+                    if acks.send(pending).await.is_err() {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Awaits one commit's deliveries; an error names the topic and the client's reason.
+pub async fn await_commit(pending: PendingCommit) -> Result<Lsn, BusError> {
+    for (topic, fut) in pending.deliveries {
+        match fut.await {
+            Ok(Ok(_)) => {}
+            Ok(Err((e, _))) => {
+                return Err(BusError::Delivery {
+                    topic,
+                    reason: e.to_string(),
+                });
+            }
+            Err(_) => {
+                return Err(BusError::Delivery {
+                    topic,
+                    reason: "the producer was dropped before delivery".into(),
+                });
+            }
+        }
+    }
+    Ok(pending.end_lsn)
+}
