@@ -145,6 +145,7 @@ async fn run_pipeline(
     let mut opts = SourceOptions::new(&w.id, w.conn.clone(), &w.slot, &w.publication);
     opts.create_slot = true;
     opts.streaming = w.streaming == Streaming::On;
+    opts.heartbeat_interval = w.heartbeat_interval;
     let source_cancel = child.clone();
     let mut source =
         tokio::spawn(async move { stream::run(&opts, items_tx, durable_rx, source_cancel).await });

@@ -287,6 +287,8 @@ pub struct WarehouseConfig {
     pub slot: String,
     /// Protocol choice.
     pub streaming: Streaming,
+    /// How often `run` writes a heartbeat message into the warehouse's WAL (none: never).
+    pub heartbeat_interval: Option<std::time::Duration>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -306,6 +308,8 @@ struct FileWarehouse {
     sslmode: Option<String>,
     #[serde(default)]
     streaming: bool,
+    /// Seconds between heartbeats; 0 turns them off.
+    heartbeat_secs: Option<u64>,
 }
 
 /// The whole configuration.
@@ -394,6 +398,10 @@ pub fn parse_warehouses(path: &Path, text: &str) -> Result<Vec<WarehouseConfig>,
                 Streaming::On
             } else {
                 Streaming::Off
+            },
+            heartbeat_interval: match w.heartbeat_secs.unwrap_or(60) {
+                0 => None,
+                secs => Some(std::time::Duration::from_secs(secs)),
             },
         });
     }

@@ -98,6 +98,11 @@ impl Assembler {
             .insert(RelationInfo::new(rel, primary_key, &self.identity));
     }
 
+    /// Whether a streamed transaction is open (buffered in memory or spilled).
+    pub fn has_open_streams(&self) -> bool {
+        !self.streams.by_xid.is_empty()
+    }
+
     /// Bytes of streamed transactions held in memory now.
     pub fn buffered_bytes(&self) -> usize {
         self.streams.mem_bytes

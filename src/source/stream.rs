@@ -58,6 +58,9 @@ pub struct SourceOptions {
     pub slot_busy_wait: Duration,
     /// Reconnect attempts on transient errors before giving up (none: forever).
     pub max_reconnects: Option<u32>,
+    /// Write a heartbeat into the warehouse's WAL this often (none: never; `tail` writes
+    /// nothing to the database).
+    pub heartbeat_interval: Option<Duration>,
 }
 
 impl SourceOptions {
@@ -74,6 +77,7 @@ impl SourceOptions {
             stream_memory_bytes: 64 << 20,
             slot_busy_wait: Duration::from_secs(10),
             max_reconnects: None,
+            heartbeat_interval: None,
         }
     }
 }
@@ -201,6 +205,11 @@ async fn run_once(
         in_transaction: false,
         last_commit_end: start,
         endpos: opts.endpos,
+        heartbeat: opts.heartbeat_interval.map(|every| {
+            let mut i = tokio::time::interval_at(Instant::now() + every, every);
+            i.set_missed_tick_behavior(MissedTickBehavior::Delay);
+            i
+        }),
     };
     session.run(cancel).await
 }
@@ -265,6 +274,29 @@ struct Session {
     in_transaction: bool,
     last_commit_end: Lsn,
     endpos: Option<Lsn>,
+    heartbeat: Option<Interval>,
+}
+
+/// Writes a heartbeat into the warehouse's WAL: a transactional logical message that makes
+/// the walsender send a commit, so a slot whose tables are quiet still advances. The message
+/// itself is not a row and is never published.
+async fn heartbeat(sql: &tokio_postgres::Client) -> Result<(), SourceError> {
+    sql.execute(
+        "SELECT pg_logical_emit_message(true, 'inventorysync', 'heartbeat')",
+        &[],
+    )
+    .await?;
+    Ok(())
+}
+
+/// Ticks `interval` when there is one; never completes otherwise.
+async fn tick_opt(interval: &mut Option<Interval>) {
+    match interval {
+        Some(i) => {
+            i.tick().await;
+        }
+        None => std::future::pending().await,
+    }
 }
 
 impl Session {
@@ -286,6 +318,10 @@ impl Session {
                 }
                 _ = self.feedback.ticker.tick() => {
                     self.feedback.send_status(false).await?;
+                    continue;
+                }
+                _ = tick_opt(&mut self.heartbeat) => {
+                    heartbeat(&self.sql).await?;
                     continue;
                 }
                 f = self.reader.next() => f?,
@@ -310,12 +346,17 @@ impl Session {
                             ..
                         } => {
                             tracing::trace!(%wal_end, reply_requested, "keepalive");
-                            if reply_requested {
+                            let idle = self.is_idle();
+                            if idle && wal_end > self.feedback.flushed {
+                                // Nothing of ours is in flight and the server has decoded up
+                                // to wal_end: confirming it lets an idle slot release WAL
+                                // that only other tables or databases wrote.
+                                self.feedback.flushed = wal_end;
+                                self.feedback.send_status(false).await?;
+                            } else if reply_requested {
                                 self.feedback.send_status(false).await?;
                             }
-                            !self.in_transaction
-                                && self.assembler.buffered_bytes() == 0
-                                && self.endpos.is_some_and(|e| wal_end >= e)
+                            idle && self.endpos.is_some_and(|e| wal_end >= e)
                         }
                     };
                     if stop {
@@ -342,6 +383,16 @@ impl Session {
                 Frame::Other(_) | Frame::CopyBoth => {}
             }
         }
+    }
+
+    /// Whether nothing is in flight: no open or streamed transaction, nothing pending, and
+    /// everything handed downstream is durable.
+    fn is_idle(&self) -> bool {
+        !self.in_transaction
+            && !self.decoder.in_stream_block()
+            && !self.assembler.has_open_streams()
+            && self.pending.is_empty()
+            && self.feedback.flushed >= self.last_commit_end
     }
 
     /// Handles one pgoutput message; `true` when `endpos` is reached.

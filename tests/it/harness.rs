@@ -322,6 +322,19 @@ impl TestDb {
             .unwrap_or_else(|e| panic!("{sql}: {e}"));
     }
 
+    /// WAL the slot `slot` (as named by [`TestDb::slot`]) retains past its confirmed position.
+    pub async fn slot_lag_bytes(&self, slot: &str) -> i64 {
+        self.client
+            .query_one(
+                "SELECT pg_wal_lsn_diff(pg_current_wal_insert_lsn(), confirmed_flush_lsn)::bigint \
+                 FROM pg_replication_slots WHERE slot_name = $1",
+                &[&self.slot(slot)],
+            )
+            .await
+            .unwrap()
+            .get(0)
+    }
+
     /// `pg_current_wal_insert_lsn()`: with `synchronous_commit = off` the write position
     /// can lag commits that already happened.
     pub async fn current_lsn(&self) -> Lsn {
@@ -366,6 +379,16 @@ impl TestDb {
 pub async fn stream_with(
     opts: SourceOptions,
     stall: Duration,
+    on_event: impl FnMut(&inventorysync::event::ChangeEvent) + Send + 'static,
+) -> Result<(), inventorysync::source::SourceError> {
+    stream_until(opts, stall, CancellationToken::new(), on_event).await
+}
+
+/// [`stream_with`] that also stops when `cancel` is cancelled.
+pub async fn stream_until(
+    opts: SourceOptions,
+    stall: Duration,
+    cancel: CancellationToken,
     mut on_event: impl FnMut(&inventorysync::event::ChangeEvent) + Send + 'static,
 ) -> Result<(), inventorysync::source::SourceError> {
     let (tx, mut rx) = mpsc::channel::<Vec<StreamItem>>(1);
@@ -383,12 +406,9 @@ pub async fn stream_with(
             }
         }
     });
-    let result = tokio::time::timeout(
-        Duration::from_secs(120),
-        run(&opts, tx, durable_rx, CancellationToken::new()),
-    )
-    .await
-    .expect("streaming finished within 120 s");
+    let result = tokio::time::timeout(Duration::from_secs(120), run(&opts, tx, durable_rx, cancel))
+        .await
+        .expect("streaming finished within 120 s");
     consumer.await.unwrap();
     result
 }

@@ -198,9 +198,11 @@ async fn run_publishes_contract_events_to_kafka_and_checkpoints_what_was_acknowl
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // The slot may go further than the checkpoint: when nothing is in flight, the source
+    // confirms what the server has decoded (other tables' WAL), which holds none of our commits.
     assert!(
-        confirmed > last_commit && confirmed <= checkpoint,
-        "slot confirmed {confirmed}, checkpoint {checkpoint}"
+        confirmed > last_commit,
+        "slot confirmed {confirmed}, last commit {last_commit}, checkpoint {checkpoint}"
     );
 }
 

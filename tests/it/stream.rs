@@ -587,3 +587,99 @@ async fn a_terminated_walsender_is_reconnected_and_nothing_is_lost() {
     ids.dedup();
     assert_eq!(ids, (0..100_000).collect::<Vec<i64>>());
 }
+
+#[tokio::test]
+async fn an_idle_published_table_next_to_a_busy_one_does_not_hold_wal() {
+    let db = pg().new_db("idle").await;
+    db.exec(
+        "CREATE TABLE quiet (id int PRIMARY KEY); CREATE TABLE busy (id int, pad text);
+         CREATE PUBLICATION inventorysync FOR TABLE quiet;",
+    )
+    .await;
+    let mut create = db.options("s", "inventorysync");
+    create.create_slot = true;
+    db.drain_now(create).await;
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let events = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let seen = events.clone();
+    let streaming = tokio::spawn(crate::harness::stream_until(
+        db.options("s", "inventorysync"),
+        std::time::Duration::ZERO,
+        cancel.clone(),
+        move |_| {
+            seen.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        },
+    ));
+    for _ in 0..8 {
+        db.exec("INSERT INTO busy SELECT g, repeat('x', 200) FROM generate_series(1, 20000) g")
+            .await;
+    }
+    let mut lag = i64::MAX;
+    for _ in 0..100 {
+        lag = db.slot_lag_bytes("s").await;
+        if lag < 1 << 20 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    cancel.cancel();
+    streaming.await.unwrap().unwrap();
+    assert!(
+        lag < 1 << 20,
+        "the slot retains {lag} bytes of WAL written by an unpublished table"
+    );
+    assert_eq!(events.load(std::sync::atomic::Ordering::Relaxed), 0);
+}
+
+#[tokio::test]
+async fn heartbeats_advance_a_quiet_slot_and_are_never_events() {
+    let db = setup("heartbeat", "CREATE TABLE t (id int PRIMARY KEY);").await;
+    let mut create = db.options("s", "inventorysync");
+    create.create_slot = true;
+    db.drain_now(create).await;
+    let confirmed = || async {
+        let s: String = db
+            .client
+            .query_one(
+                "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
+                &[&db.slot("s")],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        s.parse::<inventorysync::Lsn>().unwrap()
+    };
+    let before = confirmed().await;
+    let mut opts = db.options("s", "inventorysync");
+    opts.heartbeat_interval = Some(std::time::Duration::from_millis(300));
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let events = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let seen = events.clone();
+    let streaming = tokio::spawn(crate::harness::stream_until(
+        opts,
+        std::time::Duration::ZERO,
+        cancel.clone(),
+        move |_| {
+            seen.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        },
+    ));
+    let mut after = before;
+    for _ in 0..50 {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        after = confirmed().await;
+        if after > before {
+            break;
+        }
+    }
+    cancel.cancel();
+    streaming.await.unwrap().unwrap();
+    assert!(
+        after > before,
+        "heartbeat commits moved the slot ({before} -> {after})"
+    );
+    assert_eq!(
+        events.load(std::sync::atomic::Ordering::Relaxed),
+        0,
+        "heartbeats are not events"
+    );
+}
