@@ -134,16 +134,17 @@ async fn run_pipeline(
     mut lease: WarehouseLease,
     cancel: &CancellationToken,
 ) -> Result<(), PipelineError> {
-    let checkpoint = state
-        .checkpoint(&w.id)
-        .await?
-        .map_or(Lsn::ZERO, |c| c.flush_lsn);
+    let stored = state.checkpoint(&w.id).await?;
+    // The first checkpoint of a slot is written once its initial load is acknowledged.
+    let load_delivered = stored.as_ref().is_some_and(|c| c.slot_name == w.slot);
+    let checkpoint = stored.map_or(Lsn::ZERO, |c| c.flush_lsn);
     let (items_tx, items_rx) = mpsc::channel(16);
     let (acks_tx, mut acks_rx) = mpsc::channel::<kafka::PendingCommit>(1024);
     let (durable_tx, durable_rx) = watch::channel(checkpoint);
     let child = cancel.child_token();
     let mut opts = SourceOptions::new(&w.id, w.conn.clone(), &w.slot, &w.publication);
     opts.create_slot = true;
+    opts.initial_load_pending = !load_delivered;
     opts.streaming = w.streaming == Streaming::On;
     opts.heartbeat_interval = w.heartbeat_interval;
     let source_cancel = child.clone();

@@ -58,6 +58,9 @@ pub struct SourceOptions {
     pub slot_busy_wait: Duration,
     /// Reconnect attempts on transient errors before giving up (none: forever).
     pub max_reconnects: Option<u32>,
+    /// The caller knows that the slot's initial load was never delivered (no checkpoint for
+    /// it): with `create_slot`, an existing slot is dropped and created again with a new load.
+    pub initial_load_pending: bool,
     /// Write a heartbeat into the warehouse's WAL this often (none: never; `tail` writes
     /// nothing to the database).
     pub heartbeat_interval: Option<Duration>,
@@ -78,6 +81,7 @@ impl SourceOptions {
             slot_busy_wait: Duration::from_secs(10),
             max_reconnects: None,
             heartbeat_interval: None,
+            initial_load_pending: false,
         }
     }
 }
@@ -138,7 +142,15 @@ async fn run_once(
         warehouse_id: Arc::from(opts.warehouse_id.as_str()),
         db: Arc::from(opts.conn.dbname.as_str()),
     };
-    let start = match slot::inspect_slot(&sql, &opts.slot, opts.slot_busy_wait).await? {
+    let mut existing = slot::inspect_slot(&sql, &opts.slot, opts.slot_busy_wait).await?;
+    if existing.is_some() && opts.create_slot && opts.initial_load_pending {
+        // A crash between creating the slot and delivering its initial load leaves a slot
+        // whose snapshot rows were never delivered; only a fresh slot and load repair that.
+        tracing::warn!(slot = %opts.slot, "the slot's initial load was never confirmed delivered; dropping the slot and loading again");
+        slot::drop_slot(&mut conn, &opts.slot).await?;
+        existing = None;
+    }
+    let start = match existing {
         Some(state) => state.confirmed_flush.max(*durable.borrow()),
         None if opts.create_slot => {
             let created = slot::create_slot(&mut conn, &opts.slot).await?;
@@ -155,8 +167,10 @@ async fn run_once(
             )
             .await?;
             tracing::info!(rows, tables = tables.len(), "initial load read");
-            if opts.endpos.is_some_and(|e| e <= created.consistent_point) {
-                wait_durable(durable, created.consistent_point, cancel).await;
+            // Stream only once the load is durable downstream, so that nothing confirmed to
+            // the slot can run ahead of snapshot rows still in flight.
+            wait_durable(durable, created.consistent_point, cancel).await;
+            if cancel.is_cancelled() || opts.endpos.is_some_and(|e| e <= created.consistent_point) {
                 return Ok(());
             }
             created.consistent_point

@@ -11,6 +11,12 @@ use rdkafka::message::Headers;
 
 use crate::harness::{TestDb, broker, pg};
 
+fn rand_suffix() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    N.fetch_add(1, Ordering::Relaxed)
+}
+
 struct Service {
     child: Child,
 }
@@ -49,25 +55,43 @@ fn service(cfg: &std::path::Path, state: &TestDb, topic: &str, brokers: &str) ->
     c
 }
 
-async fn consume(
+type Received = (String, HashMap<String, String>, serde_json::Value);
+
+async fn consume(topic: &str, expected: usize) -> Vec<Received> {
+    let all = consume_until(topic, Duration::from_secs(90), |all| all.len() >= expected).await;
+    assert!(
+        all.len() >= expected,
+        "only {} of {expected} messages on {topic}",
+        all.len()
+    );
+    all
+}
+
+/// Reads `topic` from the start until `done` says so, or `limit` passes (the caller's
+/// assertions then say what is missing).
+async fn consume_until(
     topic: &str,
-    expected: usize,
-) -> Vec<(String, HashMap<String, String>, serde_json::Value)> {
+    limit: Duration,
+    mut done: impl FnMut(&[Received]) -> bool,
+) -> Vec<Received> {
     let consumer: StreamConsumer = ClientConfig::new()
         .set("bootstrap.servers", &broker().address)
-        .set("group.id", format!("it-{topic}"))
+        .set("group.id", format!("it-{topic}-{}", rand_suffix()))
         .set("auto.offset.reset", "earliest")
         .set("enable.auto.commit", "false")
+        // The topic may not exist yet when we subscribe: notice it soon after the engine
+        // creates it (the default refresh is five minutes).
+        .set("topic.metadata.refresh.interval.ms", "500")
         .create()
         .unwrap();
     consumer.subscribe(&[topic]).unwrap();
     let mut out = Vec::new();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
-    while out.len() < expected {
-        let msg = match tokio::time::timeout_at(deadline, consumer.recv())
-            .await
-            .unwrap_or_else(|_| panic!("only {} of {expected} messages on {topic}", out.len()))
-        {
+    let deadline = tokio::time::Instant::now() + limit;
+    while !done(&out) {
+        let Ok(next) = tokio::time::timeout_at(deadline, consumer.recv()).await else {
+            break;
+        };
+        let msg = match next {
             Ok(m) => m,
             // The topic appears once the engine created it.
             Err(_) => {
@@ -246,5 +270,150 @@ async fn bad_configuration_gives_clear_errors() {
     assert!(
         err.contains("state DB") && err.contains("no_such_db") && !err.contains("hunter2"),
         "{err}"
+    );
+}
+
+fn ids(received: &[Received]) -> std::collections::BTreeSet<i64> {
+    received
+        .iter()
+        .filter_map(|(_, _, v)| v["after"]["id"].as_i64())
+        .collect()
+}
+
+/// A `consume_until` predicate over the ids seen so far, updated incrementally (the topic
+/// holds over 100,000 messages).
+fn ids_until(
+    mut done: impl FnMut(&std::collections::BTreeSet<i64>) -> bool,
+) -> impl FnMut(&[Received]) -> bool {
+    let mut seen = std::collections::BTreeSet::new();
+    let mut read = 0;
+    move |r: &[Received]| {
+        seen.extend(
+            r[read..]
+                .iter()
+                .filter_map(|(_, _, v)| v["after"]["id"].as_i64()),
+        );
+        read = r.len();
+        done(&seen)
+    }
+}
+
+#[tokio::test]
+async fn kill_9_of_run_during_a_load_loses_nothing_and_publishes_no_aborted_rows() {
+    let db = pg().new_db("kkill").await;
+    db.exec("CREATE TABLE t (id int PRIMARY KEY, pad text); CREATE PUBLICATION inventorysync FOR ALL TABLES;")
+        .await;
+    let state = pg().new_db("kkillstate").await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path(), &db, "wh-kill");
+    let topic = format!("it.{}", db.name);
+    let url = db.url_as("postgres");
+    let writer = tokio::spawn(async move {
+        let c = crate::harness::connect(&url).await;
+        for t in 0..100 {
+            c.batch_execute(&format!(
+                "INSERT INTO t SELECT g, repeat('x', 100) FROM generate_series({}, {}) g",
+                t * 1000,
+                t * 1000 + 999
+            ))
+            .await
+            .unwrap();
+            if t % 25 == 0 {
+                c.batch_execute(&format!(
+                    "BEGIN; INSERT INTO t SELECT g, 'aborted' FROM generate_series({}, {}) g; ROLLBACK;",
+                    1_000_000 + t * 1000,
+                    1_000_000 + t * 1000 + 999
+                ))
+                .await
+                .unwrap();
+            }
+        }
+    });
+    for seed_ms in [700u64, 1300, 400, 1900] {
+        let mut child = service(&cfg, &state, &topic, &broker().address)
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(seed_ms)).await;
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+    }
+    writer.await.unwrap();
+    let _svc = Service {
+        child: service(&cfg, &state, &topic, &broker().address)
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    };
+    let all = consume_until(
+        &topic,
+        Duration::from_secs(120),
+        ids_until(|s| s.len() >= 100_000 && s.range(..100_000).count() == 100_000),
+    )
+    .await;
+    let seen = ids(&all);
+    let missing = 100_000 - seen.range(..100_000).count();
+    assert_eq!(
+        missing,
+        0,
+        "every committed row is on the topic ({} messages read)",
+        all.len()
+    );
+    assert!(
+        seen.range(1_000_000..).next().is_none(),
+        "nothing from aborted transactions"
+    );
+}
+
+#[tokio::test]
+async fn a_standby_run_takes_over_when_the_owner_dies() {
+    let db = pg().new_db("kha").await;
+    db.exec("CREATE TABLE t (id int PRIMARY KEY); INSERT INTO t VALUES (0); CREATE PUBLICATION inventorysync FOR ALL TABLES;")
+        .await;
+    let state = pg().new_db("khastate").await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path(), &db, "wh-ha");
+    let topic = format!("it.{}", db.name);
+    let mut owner = service(&cfg, &state, &topic, &broker().address)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    consume(&topic, 1).await;
+    let _standby = Service {
+        child: service(&cfg, &state, &topic, &broker().address)
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    };
+    db.exec("INSERT INTO t SELECT g FROM generate_series(1, 100) g")
+        .await;
+    consume_until(
+        &topic,
+        Duration::from_secs(30),
+        ids_until(|s| s.len() == 101),
+    )
+    .await;
+    owner.kill().unwrap(); // SIGKILL: no chance to hand over
+    owner.wait().unwrap();
+    let killed_at = std::time::Instant::now();
+    db.exec("INSERT INTO t SELECT g FROM generate_series(101, 200) g")
+        .await;
+    let all = consume_until(
+        &topic,
+        Duration::from_secs(60),
+        ids_until(|s| s.len() == 201),
+    )
+    .await;
+    let took = killed_at.elapsed();
+    let seen = ids(&all);
+    let missing: Vec<i64> = (0..=200).filter(|i| !seen.contains(i)).collect();
+    let extra: Vec<&i64> = seen.iter().filter(|i| !(0..=200).contains(*i)).collect();
+    assert!(
+        missing.is_empty() && extra.is_empty(),
+        "nothing lost across the takeover: missing {missing:?}, extra {extra:?}"
+    );
+    assert!(
+        took < Duration::from_secs(20),
+        "the standby took over in {took:?}"
     );
 }
