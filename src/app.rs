@@ -87,7 +87,7 @@ async fn supervise(
     bus: Arc<KafkaBus>,
     cancel: CancellationToken,
 ) -> Result<(), PipelineError> {
-    let mut failures = 0u32;
+    let mut backoff = crate::backoff::Backoff::new();
     loop {
         let lease = loop {
             match WarehouseLease::try_acquire(&state, &w.id).await {
@@ -109,13 +109,7 @@ async fn supervise(
         match run_pipeline(&w, &state, &bus, lease, &cancel).await {
             Ok(()) => return Ok(()),
             Err(e) if e.is_transient() => {
-                if started.elapsed() > Duration::from_secs(60) {
-                    failures = 0;
-                }
-                failures += 1;
-                let cap =
-                    Duration::from_secs(30).min(Duration::from_millis(250u64 << failures.min(8)));
-                let wait = cap.mul_f64(0.5 + rand::random::<f64>() / 2.0);
+                let wait = backoff.next_delay(started.elapsed());
                 tracing::warn!(warehouse = %w.id, error = %e, retry_in_ms = wait.as_millis() as u64, "pipeline failed; restarting from the checkpoint");
                 tokio::select! {
                     _ = tokio::time::sleep(wait) => {}

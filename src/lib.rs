@@ -5,6 +5,7 @@
 #![warn(missing_docs)]
 
 pub mod app;
+pub mod backoff;
 pub mod bus;
 pub mod config;
 pub mod event;

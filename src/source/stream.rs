@@ -95,7 +95,7 @@ pub async fn run(
     mut durable: watch::Receiver<Lsn>,
     cancel: CancellationToken,
 ) -> Result<(), SourceError> {
-    let mut failures = 0u32;
+    let mut backoff = crate::backoff::Backoff::new();
     loop {
         let started = Instant::now();
         let result = tokio::select! {
@@ -105,16 +105,10 @@ pub async fn run(
         match result {
             Ok(()) => return Ok(()),
             Err(e) if e.is_transient() => {
-                if started.elapsed() > Duration::from_secs(60) {
-                    failures = 0;
-                }
-                failures += 1;
-                if opts.max_reconnects.is_some_and(|m| failures > m) {
+                let wait = backoff.next_delay(started.elapsed());
+                if opts.max_reconnects.is_some_and(|m| backoff.failures() > m) {
                     return Err(e);
                 }
-                let cap =
-                    Duration::from_secs(30).min(Duration::from_millis(250u64 << failures.min(8)));
-                let wait = cap.mul_f64(0.5 + rand::random::<f64>() / 2.0);
                 tracing::warn!(warehouse = %opts.warehouse_id, error = %e, retry_in_ms = wait.as_millis() as u64, "replication connection failed; reconnecting");
                 tokio::select! {
                     _ = tokio::time::sleep(wait) => {}
