@@ -155,6 +155,39 @@ pub async fn create_slot(
     })
 }
 
+/// What the server says about a slot's hold on WAL (`pg_replication_slots`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SlotHealth {
+    /// `wal_status`: reserved, extended, unreserved or lost.
+    pub wal_status: String,
+    /// WAL the slot keeps from being removed: current WAL position minus `restart_lsn`.
+    pub retained_wal_bytes: i64,
+    /// `safe_wal_size`: bytes that can still be written before the slot is in danger
+    /// (none when `max_slot_wal_keep_size` is unlimited).
+    pub safe_wal_size: Option<i64>,
+}
+
+/// Reads the slot's health; `None` when the slot does not exist.
+pub async fn slot_health(
+    sql: &tokio_postgres::Client,
+    slot: &str,
+) -> Result<Option<SlotHealth>, SourceError> {
+    let row = sql
+        .query_opt(
+            "SELECT coalesce(wal_status, 'unknown'), \
+                    coalesce(pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn), 0)::bigint, \
+                    safe_wal_size \
+             FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await?;
+    Ok(row.map(|r| SlotHealth {
+        wal_status: r.get(0),
+        retained_wal_bytes: r.get(1),
+        safe_wal_size: r.get(2),
+    }))
+}
+
 /// Drops the slot, waiting for a previous user to let go of it.
 pub async fn drop_slot(conn: &mut ReplicationConnection, slot: &str) -> Result<(), SourceError> {
     conn.simple_query(&format!("DROP_REPLICATION_SLOT {slot} WAIT"))

@@ -58,6 +58,10 @@ pub struct SourceOptions {
     pub slot_busy_wait: Duration,
     /// Reconnect attempts on transient errors before giving up (none: forever).
     pub max_reconnects: Option<u32>,
+    /// How often the slot's health is read while streaming.
+    pub health_interval: Duration,
+    /// Where the latest slot health goes (for metrics and readiness).
+    pub health: Option<Arc<watch::Sender<Option<slot::SlotHealth>>>>,
     /// The caller knows that the slot's initial load was never delivered (no checkpoint for
     /// it): with `create_slot`, an existing slot is dropped and created again with a new load.
     pub initial_load_pending: bool,
@@ -81,6 +85,8 @@ impl SourceOptions {
             slot_busy_wait: Duration::from_secs(10),
             max_reconnects: None,
             heartbeat_interval: None,
+            health_interval: Duration::from_secs(30),
+            health: None,
             initial_load_pending: false,
         }
     }
@@ -213,6 +219,13 @@ async fn run_once(
         in_transaction: false,
         last_commit_end: start,
         endpos: opts.endpos,
+        health_tick: {
+            let mut i = tokio::time::interval(opts.health_interval);
+            i.set_missed_tick_behavior(MissedTickBehavior::Delay);
+            i
+        },
+        slot: opts.slot.clone(),
+        health: opts.health.clone(),
         heartbeat: opts.heartbeat_interval.map(|every| {
             let mut i = tokio::time::interval_at(Instant::now() + every, every);
             i.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -283,6 +296,9 @@ struct Session {
     last_commit_end: Lsn,
     endpos: Option<Lsn>,
     heartbeat: Option<Interval>,
+    health_tick: Interval,
+    slot: String,
+    health: Option<Arc<watch::Sender<Option<slot::SlotHealth>>>>,
 }
 
 /// Writes a heartbeat into the warehouse's WAL: a transactional logical message that makes
@@ -326,6 +342,10 @@ impl Session {
                 }
                 _ = self.feedback.ticker.tick() => {
                     self.feedback.send_status(false).await?;
+                    continue;
+                }
+                _ = self.health_tick.tick() => {
+                    self.check_health().await?;
                     continue;
                 }
                 _ = tick_opt(&mut self.heartbeat) => {
@@ -391,6 +411,37 @@ impl Session {
                 Frame::Other(_) | Frame::CopyBoth => {}
             }
         }
+    }
+
+    /// Reads the slot's health, publishes it, and stops with a definite error once the slot
+    /// has lost WAL it needed (only a new slot and a forced resync repair that).
+    async fn check_health(&mut self) -> Result<(), SourceError> {
+        let Some(h) = slot::slot_health(&self.sql, &self.slot).await? else {
+            return Err(SourceError::SlotMissing {
+                slot: self.slot.clone(),
+            });
+        };
+        match h.wal_status.as_str() {
+            "lost" => {
+                return Err(SourceError::SlotInvalidated {
+                    slot: self.slot.clone(),
+                });
+            }
+            "unreserved" | "extended" => tracing::warn!(
+                slot = %self.slot,
+                wal_status = %h.wal_status,
+                retained_wal_bytes = h.retained_wal_bytes,
+                safe_wal_size = ?h.safe_wal_size,
+                "the slot retains more WAL than the server means to keep"
+            ),
+            _ => {
+                tracing::debug!(slot = %self.slot, wal_status = %h.wal_status, retained_wal_bytes = h.retained_wal_bytes, "slot health")
+            }
+        }
+        if let Some(tx) = &self.health {
+            tx.send_replace(Some(h));
+        }
+        Ok(())
     }
 
     /// Whether nothing is in flight: no open or streamed transaction, nothing pending, and

@@ -683,3 +683,42 @@ async fn heartbeats_advance_a_quiet_slot_and_are_never_events() {
         "heartbeats are not events"
     );
 }
+
+#[tokio::test]
+async fn slot_health_is_read_and_published_while_streaming() {
+    let db = setup("health", "CREATE TABLE t (id int PRIMARY KEY);").await;
+    let mut create = db.options("s", "inventorysync");
+    create.create_slot = true;
+    db.drain_now(create).await;
+    let (tx, mut rx) = tokio::sync::watch::channel(None);
+    let mut opts = db.options("s", "inventorysync");
+    opts.health_interval = std::time::Duration::from_millis(100);
+    opts.health = Some(std::sync::Arc::new(tx));
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let streaming = tokio::spawn(crate::harness::stream_until(
+        opts,
+        std::time::Duration::ZERO,
+        cancel.clone(),
+        |_| {},
+    ));
+    db.exec("INSERT INTO t SELECT g FROM generate_series(1, 1000) g")
+        .await;
+    let health = tokio::time::timeout(std::time::Duration::from_secs(20), async {
+        loop {
+            rx.changed().await.unwrap();
+            if let Some(h) = rx.borrow_and_update().clone() {
+                break h;
+            }
+        }
+    })
+    .await
+    .expect("health published");
+    cancel.cancel();
+    streaming.await.unwrap().unwrap();
+    assert_eq!(health.wal_status, "reserved");
+    assert!(health.retained_wal_bytes > 0, "{health:?}");
+    assert_eq!(
+        health.safe_wal_size, None,
+        "max_slot_wal_keep_size is unlimited here"
+    );
+}
