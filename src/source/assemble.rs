@@ -247,14 +247,12 @@ impl Assembler {
         let rel = Self::relation_info(&self.relations, i.relation_oid, at)?;
         let mut toast = Vec::new();
         let after = row_from_tuple(rel, &i.new, None, &mut toast, at)?;
-        let key = key_of(rel, &after);
-        let ev = event(
+        let ev = change_event(
             &mut self.open,
             rel,
             Op::Create,
             None,
             Some(after),
-            Some(key),
             at,
             toast,
         )?;
@@ -274,14 +272,12 @@ impl Assembler {
             Some(old) => Some(old_row(rel, old, at)?),
             None => None,
         };
-        let key = key_of(rel, &after);
-        let ev = event(
+        let ev = change_event(
             &mut self.open,
             rel,
             Op::Update,
             before,
             Some(after),
-            Some(key),
             at,
             toast,
         )?;
@@ -292,20 +288,32 @@ impl Assembler {
     fn delete(&mut self, d: Delete, at: Lsn, out: &mut Vec<StreamItem>) -> Result<(), SourceError> {
         let rel = Self::relation_info(&self.relations, d.relation_oid, at)?;
         let before = old_row(rel, &d.old, at)?;
-        let key = key_of(rel, &before);
-        let ev = event(
+        let ev = change_event(
             &mut self.open,
             rel,
             Op::Delete,
             Some(before),
             None,
-            Some(key),
             at,
             vec![],
         )?;
         out.push(StreamItem::Change(Box::new(ev)));
         Ok(())
     }
+}
+
+/// A row change's event, keyed by the new row (the old one for deletes).
+fn change_event(
+    open: &mut Option<OpenTransaction>,
+    rel: &RelationInfo,
+    op: Op,
+    before: Option<Row>,
+    after: Option<Row>,
+    at: Lsn,
+    unchanged_toast: Vec<Arc<str>>,
+) -> Result<ChangeEvent, SourceError> {
+    let key = after.as_ref().or(before.as_ref()).map(|r| key_of(rel, r));
+    event(open, rel, op, before, after, key, at, unchanged_toast)
 }
 
 /// Builds one streamed change event of the open transaction, advancing its sequence.

@@ -61,6 +61,22 @@ async fn definite_errors_exit_with_code_2_and_a_clear_message() {
     assert!(err.contains("wal_level is \"replica\""), "{err}");
 }
 
+/// Creates `slot` with `tail --create-slot`, writing its initial load to `out`.
+fn create_slot_with_tail(url: &str, slot: &str, out: &str) {
+    let (code, _, err) = run_tail(&[
+        "--source",
+        url,
+        "--slot",
+        slot,
+        "--create-slot",
+        "--endpos",
+        "0/1",
+        "-o",
+        out,
+    ]);
+    assert_eq!(code, 0, "{err}");
+}
+
 fn positions(path: &std::path::Path) -> Vec<(u64, u64, serde_json::Value)> {
     std::fs::read_to_string(path)
         .unwrap()
@@ -86,18 +102,7 @@ async fn kill_9_mid_stream_then_restart_loses_nothing_and_never_goes_back() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("events.jsonl");
     let out_s = out.to_str().unwrap();
-    let (code, _, err) = run_tail(&[
-        "--source",
-        &url,
-        "--slot",
-        &slot,
-        "--create-slot",
-        "--endpos",
-        "0/1",
-        "-o",
-        out_s,
-    ]);
-    assert_eq!(code, 0, "{err}");
+    create_slot_with_tail(&url, &slot, out_s);
     // Load 400 transactions of 100 rows while tail is killed and restarted.
     let writer_url = url.clone();
     let writer = tokio::spawn(async move {
@@ -276,18 +281,7 @@ async fn positions_are_confirmed_while_a_backlog_drains_not_only_at_the_end() {
     db.exec("CREATE TABLE t (id int PRIMARY KEY, pad text); CREATE PUBLICATION inventorysync FOR ALL TABLES").await;
     let url = db.url_as("postgres");
     let slot = db.slot("s");
-    let (code, _, err) = run_tail(&[
-        "--source",
-        &url,
-        "--slot",
-        &slot,
-        "--create-slot",
-        "--endpos",
-        "0/1",
-        "-o",
-        "/dev/null",
-    ]);
-    assert_eq!(code, 0, "{err}");
+    create_slot_with_tail(&url, &slot, "/dev/null");
     for t in 0..200 {
         db.exec(&format!(
             "INSERT INTO t SELECT g, repeat('x', 100) FROM generate_series({}, {}) g",
