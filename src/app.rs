@@ -2,7 +2,7 @@
 //!
 //! ```text
 //!  per warehouse (while holding its lease):
-//!    source::stream::run ──items──▶ bus::kafka::publish ──commits──▶ acker
+//!    source::stream::run ──items──▶ bus::publish ──commit acks──▶ acker
 //!          ▲                                                           │ all events acked
 //!          └────────── durable LSN ◀── checkpoint committed ◀──────────┘
 //! ```
@@ -18,10 +18,10 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::Lsn;
-use crate::bus::BusError;
-use crate::bus::kafka::{self, KafkaBus};
+use crate::bus::{self, Bus, BusError, CommitAck};
 use crate::config::{Streaming, WarehouseConfig};
 use crate::source::SourceError;
+use crate::source::slot::SlotHealth;
 use crate::source::stream::{self, SourceOptions};
 use crate::store::{StateDb, StoreError, WarehouseLease};
 
@@ -60,19 +60,37 @@ impl PipelineError {
     }
 }
 
+/// What the service knows about one warehouse's stream, for logs, metrics and readiness.
+pub struct WarehouseStatus {
+    /// Warehouse id.
+    pub id: String,
+    /// The latest slot health read while streaming.
+    pub slot_health: Arc<watch::Sender<Option<SlotHealth>>>,
+}
+
+impl WarehouseStatus {
+    fn new(id: &str) -> Arc<Self> {
+        Arc::new(Self {
+            id: id.to_string(),
+            slot_health: Arc::new(watch::Sender::new(None)),
+        })
+    }
+}
+
 /// Runs every warehouse until `cancel`; returns when all pipelines have stopped.
-pub async fn run(
+pub async fn run<B: Bus + Clone>(
     warehouses: Vec<WarehouseConfig>,
     state: StateDb,
-    bus: Arc<KafkaBus>,
+    bus: B,
     cancel: CancellationToken,
 ) {
     let mut tasks = tokio::task::JoinSet::new();
     for w in warehouses {
         let (state, bus, cancel) = (state.clone(), bus.clone(), cancel.clone());
+        let status = WarehouseStatus::new(&w.id);
         tasks.spawn(async move {
             let id = w.id.clone();
-            if let Err(e) = supervise(w, state, bus, cancel).await {
+            if let Err(e) = supervise(w, state, bus, status, cancel).await {
                 tracing::error!(warehouse = %id, error = %e, "warehouse stopped; fix the cause and restart");
             }
         });
@@ -81,10 +99,11 @@ pub async fn run(
 }
 
 /// Owns, runs and restarts one warehouse's pipeline.
-async fn supervise(
+async fn supervise<B: Bus>(
     w: WarehouseConfig,
     state: StateDb,
-    bus: Arc<KafkaBus>,
+    bus: B,
+    status: Arc<WarehouseStatus>,
     cancel: CancellationToken,
 ) -> Result<(), PipelineError> {
     let mut backoff = crate::backoff::Backoff::new();
@@ -106,7 +125,7 @@ async fn supervise(
         };
         tracing::info!(warehouse = %w.id, "owning warehouse");
         let started = Instant::now();
-        match run_pipeline(&w, &state, &bus, lease, &cancel).await {
+        match run_pipeline(&w, &state, &bus, &status, lease, &cancel).await {
             Ok(()) => return Ok(()),
             Err(e) if e.is_transient() => {
                 let wait = backoff.next_delay(started.elapsed());
@@ -121,10 +140,11 @@ async fn supervise(
     }
 }
 
-async fn run_pipeline(
+async fn run_pipeline<B: Bus>(
     w: &WarehouseConfig,
     state: &StateDb,
-    bus: &Arc<KafkaBus>,
+    bus: &B,
+    status: &WarehouseStatus,
     mut lease: WarehouseLease,
     cancel: &CancellationToken,
 ) -> Result<(), PipelineError> {
@@ -133,7 +153,7 @@ async fn run_pipeline(
     let load_delivered = stored.as_ref().is_some_and(|c| c.slot_name == w.slot);
     let checkpoint = stored.map_or(Lsn::ZERO, |c| c.flush_lsn);
     let (items_tx, items_rx) = mpsc::channel(16);
-    let (acks_tx, mut acks_rx) = mpsc::channel::<kafka::PendingCommit>(1024);
+    let (acks_tx, mut acks_rx) = mpsc::channel::<CommitAck>(1024);
     let (durable_tx, durable_rx) = watch::channel(checkpoint);
     let child = cancel.child_token();
     let mut opts = SourceOptions::new(&w.id, w.conn.clone(), &w.slot, &w.publication);
@@ -141,18 +161,19 @@ async fn run_pipeline(
     opts.initial_load_pending = !load_delivered;
     opts.streaming = w.streaming == Streaming::On;
     opts.heartbeat_interval = w.heartbeat_interval;
+    opts.health = Some(status.slot_health.clone());
     let source_cancel = child.clone();
     let mut source =
         tokio::spawn(async move { stream::run(&opts, items_tx, durable_rx, source_cancel).await });
-    let mut publisher = tokio::spawn(kafka::publish(bus.clone(), items_rx, acks_tx));
+    let mut publisher = tokio::spawn(bus::publish(bus.publisher(&w.id)?, items_rx, acks_tx));
     let mut lease_check = tokio::time::interval(LEASE_CHECK);
     let mut last_write = Instant::now();
     let mut unwritten: Option<Lsn> = None;
     let result: Result<(), PipelineError> = loop {
         tokio::select! {
-            pending = acks_rx.recv() => {
-                let Some(pending) = pending else { break Ok(()) };
-                let end = match kafka::await_commit(pending).await {
+            ack = acks_rx.recv() => {
+                let Some(ack) = ack else { break Ok(()) };
+                let end = match ack.await {
                     Ok(end) => end,
                     Err(e) => break Err(e.into()),
                 };

@@ -460,6 +460,32 @@ fn escape_into(out: &mut Vec<u8>, s: &str) {
     out.extend_from_slice(&bytes[start..]);
 }
 
+/// A small insert into `public.stock_levels` of warehouse `wh`, with `sku` = `SKU-<n>` and
+/// `commit_lsn` = `n` (for unit tests of the stages).
+#[cfg(test)]
+pub(crate) fn test_event(n: u64) -> Box<ChangeEvent> {
+    let key = Row::from_pairs([("sku", Value::String(format!("SKU-{n}").into()))]);
+    Box::new(ChangeEvent {
+        before: None,
+        after: Some(key.clone()),
+        source: SourceInfo {
+            table: TableSource::new("wh", "inv", "public", "stock_levels"),
+            ts_ms: 0,
+            ts_us: 0,
+            snapshot: SnapshotMarker::False,
+            tx_id: Some(n as u32),
+            lsn: Lsn(n),
+            commit_lsn: Lsn(n),
+            sequence: 0,
+            unchanged_toast: Vec::new(),
+        },
+        op: Op::Create,
+        ts_ms: 0,
+        transaction: None,
+        key: Some(key),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -8,6 +8,7 @@ pub mod app;
 pub mod backoff;
 pub mod bus;
 pub mod config;
+pub mod consumer;
 pub mod event;
 pub mod lsn;
 pub mod source;

@@ -2,11 +2,14 @@
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 use inventorysync::Lsn;
+use inventorysync::bus::embedded::EmbeddedBus;
 use inventorysync::bus::kafka::KafkaBus;
 use inventorysync::config::{Config, ConnInfo, Streaming, kafka_settings, validate_name};
+use inventorysync::consumer::{self, Stage, embedded::BatchLimits};
 use inventorysync::source::stream::SourceOptions;
 use inventorysync::store::StateDb;
 use inventorysync::tail::{Output, tail};
@@ -16,6 +19,9 @@ use tokio_util::sync::CancellationToken;
 /// far fewer instructions than the system allocator (see benches/decode.rs).
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// Events each warehouse's embedded queue holds before the source waits.
+const EMBEDDED_QUEUE_EVENTS: usize = 16_384;
 
 #[derive(Parser)]
 #[command(
@@ -37,7 +43,7 @@ enum Command {
     Tail(TailArgs),
     /// Create or update the state DB's tables (DB_URL).
     Migrate,
-    /// Stream every configured warehouse to Kafka, with checkpoints in the state DB.
+    /// Stream every configured warehouse to Kafka (or the embedded bus) and the consumer stage.
     Run,
 }
 
@@ -149,13 +155,12 @@ async fn run_service(config_path: &Path) -> ExitCode {
             2,
         );
     };
-    let Some(brokers) = config.kafka_brokers.clone() else {
-        return fail(
-            "KAFKA_BROKERS is not set; the embedded bus is not available yet (it needs the consumer stage), so run needs Kafka",
-            2,
-        );
-    };
-    let kafka = match kafka_settings(&brokers) {
+    let kafka = match config
+        .kafka_brokers
+        .as_deref()
+        .map(kafka_settings)
+        .transpose()
+    {
         Ok(k) => k,
         Err(e) => return fail(e, 2),
     };
@@ -166,15 +171,41 @@ async fn run_service(config_path: &Path) -> ExitCode {
     if let Err(e) = state.migrate().await {
         return fail(e, 1);
     }
-    let bus = match KafkaBus::connect(kafka).await {
-        Ok(b) => b,
-        Err(e) => {
-            let code = if e.is_transient() { 1 } else { 2 };
-            return fail(e, code);
+    let cancel = shutdown_token();
+    let warehouses = config.warehouses;
+    match kafka {
+        Some(kafka) => {
+            let bus = match KafkaBus::connect(kafka).await {
+                Ok(b) => b,
+                Err(e) => {
+                    let code = if e.is_transient() { 1 } else { 2 };
+                    return fail(e, code);
+                }
+            };
+            tracing::info!(warehouses = warehouses.len(), bus = "kafka", "running");
+            inventorysync::app::run(warehouses, state, bus, cancel).await;
         }
-    };
-    tracing::info!(warehouses = config.warehouses.len(), "running");
-    inventorysync::app::run(config.warehouses, state, bus, shutdown_token()).await;
+        None => {
+            let bus = EmbeddedBus::new(EMBEDDED_QUEUE_EVENTS);
+            let stage = Arc::new(Stage::new());
+            let mut consumers = tokio::task::JoinSet::new();
+            for w in &warehouses {
+                let Some(rx) = bus.subscribe(&w.id) else {
+                    return fail(format!("warehouse {} is configured twice", w.id), 2);
+                };
+                consumers.spawn(consumer::embedded::run(
+                    rx,
+                    stage.clone(),
+                    BatchLimits::default(),
+                    cancel.clone(),
+                ));
+            }
+            tracing::info!(warehouses = warehouses.len(), bus = "embedded", "running");
+            inventorysync::app::run(warehouses, state, bus, cancel.clone()).await;
+            cancel.cancel();
+            while consumers.join_next().await.is_some() {}
+        }
+    }
     ExitCode::SUCCESS
 }
 

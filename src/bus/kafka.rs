@@ -13,12 +13,11 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use secrecy::{ExposeSecret, SecretString};
-use tokio::sync::mpsc;
 
 use super::topic::TopicTemplate;
-use super::{BusError, Record};
+use super::{BusError, CommitAck, Record};
 use crate::Lsn;
-use crate::source::assemble::StreamItem;
+use crate::event::ChangeEvent;
 
 /// Kafka settings (DESIGN §7): `KAFKA_BROKERS` and the producer's knobs.
 #[derive(Debug, Clone)]
@@ -70,7 +69,10 @@ impl KafkaSettings {
             .set("linger.ms", self.linger_ms.to_string())
             .set("batch.size", self.batch_bytes.to_string())
             .set("message.timeout.ms", self.message_timeout_ms.to_string())
-            .set("allow.auto.create.topics", "false");
+            .set("allow.auto.create.topics", "false")
+            // The producer's queue is the bus's buffer: bounded, so a stopped broker holds
+            // the source back instead of growing memory (default 1 GiB).
+            .set("queue.buffering.max.kbytes", "65536");
         for (k, v) in &self.properties {
             c.set(k, v.expose_secret());
         }
@@ -79,8 +81,13 @@ impl KafkaSettings {
 }
 
 /// A connected producer with its admin client.
+///
+/// The producer is replaced after a failed delivery: an idempotent producer whose messages
+/// timed out may be fenced by the broker for good, and a pipeline restarting on it would
+/// fail forever. Each publisher keeps the producer it started with, so one warehouse's
+/// failure never disturbs another's deliveries in flight.
 pub struct KafkaBus {
-    producer: FutureProducer,
+    producer: Mutex<(u64, FutureProducer)>,
     admin: AdminClient<DefaultClientContext>,
     settings: KafkaSettings,
     known_topics: Mutex<HashSet<String>>,
@@ -96,6 +103,7 @@ impl KafkaBus {
         })?;
         let admin: AdminClient<DefaultClientContext> = config.create()?;
         let client = producer.clone();
+        let producer_for_bus = producer;
         let metadata = tokio::task::spawn_blocking(move || {
             client
                 .client()
@@ -123,7 +131,7 @@ impl KafkaBus {
             }
         }
         Ok(Arc::new(Self {
-            producer,
+            producer: Mutex::new((0, producer_for_bus)),
             admin,
             settings,
             known_topics: Mutex::new(HashSet::new()),
@@ -174,8 +182,64 @@ impl KafkaBus {
         Ok(())
     }
 
+    /// Waits until queued messages are delivered or `timeout` passes.
+    pub fn flush(&self, timeout: Duration) {
+        let _ = self.current_producer().1.flush(timeout);
+    }
+
+    fn current_producer(&self) -> (u64, FutureProducer) {
+        self.producer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Replaces producer `generation` (after a failed delivery) unless that happened already.
+    fn retire(&self, generation: u64) {
+        let mut current = self.producer.lock().unwrap_or_else(|p| p.into_inner());
+        if current.0 != generation {
+            return;
+        }
+        match self.settings.client_config().create::<FutureProducer>() {
+            Ok(fresh) => {
+                tracing::info!(
+                    generation = generation + 1,
+                    "new Kafka producer after a failed delivery"
+                );
+                *current = (generation + 1, fresh);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot create a new Kafka producer; keeping the old one")
+            }
+        }
+    }
+}
+
+impl super::Bus for Arc<KafkaBus> {
+    type Publisher = KafkaPublisher;
+
+    fn publisher(&self, _warehouse_id: &str) -> Result<KafkaPublisher, BusError> {
+        let (generation, producer) = self.current_producer();
+        Ok(KafkaPublisher {
+            bus: self.clone(),
+            generation,
+            producer,
+            current: Vec::new(),
+        })
+    }
+}
+
+/// One pipeline's sending side: collects each commit's delivery futures.
+pub struct KafkaPublisher {
+    bus: Arc<KafkaBus>,
+    generation: u64,
+    producer: FutureProducer,
+    current: Vec<(String, DeliveryFuture)>,
+}
+
+impl KafkaPublisher {
     /// Queues one record; waits while the producer's queue is full (backpressure).
-    pub async fn send(
+    async fn send_record(
         &self,
         rec: &Record,
         warehouse_id: &str,
@@ -208,64 +272,47 @@ impl KafkaBus {
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
                     tokio::time::sleep(Duration::from_millis(5)).await;
                 }
-                Err((e, _)) => return Err(e.into()),
-            }
-        }
-    }
-
-    /// Waits until queued messages are delivered or `timeout` passes.
-    pub fn flush(&self, timeout: Duration) {
-        let _ = self.producer.flush(timeout);
-    }
-}
-
-/// The deliveries of one commit, to be awaited in commit order.
-pub struct PendingCommit {
-    /// End LSN of the commit.
-    pub end_lsn: Lsn,
-    /// One delivery per event, with its topic.
-    pub deliveries: Vec<(String, DeliveryFuture)>,
-}
-
-/// Renders and sends every event from `items`, handing each commit's deliveries to `acks`
-/// in commit order. Ends when `items` closes.
-pub async fn publish(
-    bus: Arc<KafkaBus>,
-    mut items: mpsc::Receiver<Vec<StreamItem>>,
-    acks: mpsc::Sender<PendingCommit>,
-) -> Result<(), BusError> {
-    let mut current: Vec<(String, DeliveryFuture)> = Vec::new();
-    while let Some(batch) = items.recv().await {
-        for item in batch {
-            match item {
-                StreamItem::Change(ev) => {
-                    let topic = bus.topics().topic_for(&ev.source.table);
-                    bus.ensure_topic(&topic).await?;
-                    let rec = Record::new(&ev, topic);
-                    let table = ev.source.table.qualified_name();
-                    let fut = bus
-                        .send(&rec, ev.source.table.warehouse_id(), &table)
-                        .await?;
-                    current.push((rec.topic, fut));
-                }
-                StreamItem::Commit { end_lsn, .. } => {
-                    let pending = PendingCommit {
-                        end_lsn,
-                        deliveries: std::mem::take(&mut current),
-                    };
-                    if acks.send(pending).await.is_err() {
-                        return Ok(());
-                    }
+                Err((e, _)) => {
+                    self.bus.retire(self.generation);
+                    return Err(e.into());
                 }
             }
         }
     }
-    Ok(())
+}
+
+impl super::Publisher for KafkaPublisher {
+    async fn send(&mut self, ev: Box<ChangeEvent>) -> Result<(), BusError> {
+        let topic = self.bus.topics().topic_for(&ev.source.table);
+        self.bus.ensure_topic(&topic).await?;
+        let rec = Record::new(&ev, topic);
+        let table = ev.source.table.qualified_name();
+        let fut = self
+            .send_record(&rec, ev.source.table.warehouse_id(), &table)
+            .await?;
+        self.current.push((rec.topic, fut));
+        Ok(())
+    }
+
+    async fn commit(&mut self, end_lsn: Lsn) -> Result<CommitAck, BusError> {
+        let deliveries = std::mem::take(&mut self.current);
+        let (bus, generation) = (self.bus.clone(), self.generation);
+        Ok(Box::pin(async move {
+            let r = await_deliveries(end_lsn, deliveries).await;
+            if r.is_err() {
+                bus.retire(generation);
+            }
+            r
+        }))
+    }
 }
 
 /// Awaits one commit's deliveries; an error names the topic and the client's reason.
-pub async fn await_commit(pending: PendingCommit) -> Result<Lsn, BusError> {
-    for (topic, fut) in pending.deliveries {
+async fn await_deliveries(
+    end_lsn: Lsn,
+    deliveries: Vec<(String, DeliveryFuture)>,
+) -> Result<Lsn, BusError> {
+    for (topic, fut) in deliveries {
         match fut.await {
             Ok(Ok(_)) => {}
             Ok(Err((e, _))) => {
@@ -282,5 +329,5 @@ pub async fn await_commit(pending: PendingCommit) -> Result<Lsn, BusError> {
             }
         }
     }
-    Ok(pending.end_lsn)
+    Ok(end_lsn)
 }

@@ -1,21 +1,75 @@
-//! The bus between the source and the consumer stage.
+//! The bus between the source and the consumer stage: one trait, two implementations.
 //!
 //! ```text
-//!  source ──Vec<StreamItem>──▶ publisher ──records──▶ Kafka (acks=all, idempotent)
-//!                                  │ per commit: its delivery futures, in commit order
+//!  source ──Vec<StreamItem>──▶ publish ──events──▶ Publisher (Kafka, or the embedded queue)
+//!                                  │ per commit: one acknowledgement, in commit order
 //!                                  ▼
 //!                               acker ──▶ checkpoint (state DB) ──▶ durable LSN ──▶ source
 //! ```
 //!
 //! The delivery rule of DESIGN §4 lives here: a commit's end LSN becomes durable only once
 //! every event of that commit, and of every commit before it, is acknowledged by the bus and
-//! the checkpoint row is committed. A delivery failure stops the pipeline with a transient
-//! error; the source then restarts from the durable position and replays (at-least-once).
+//! the checkpoint row is committed. Kafka acknowledges with `acks=all`; the embedded bus
+//! acknowledges once the consumer stage has an outcome for the event. A delivery failure
+//! stops the pipeline with a transient error; the source then restarts from the durable
+//! position and replays (at-least-once).
 
+pub mod embedded;
 pub mod kafka;
 pub mod topic;
 
+use std::future::Future;
+
+use futures_util::future::BoxFuture;
+use tokio::sync::mpsc;
+
+use crate::Lsn;
 use crate::event::ChangeEvent;
+use crate::source::assemble::StreamItem;
+
+/// A bus the engine can publish change events to.
+pub trait Bus: Send + Sync + 'static {
+    /// One warehouse's sending side.
+    type Publisher: Publisher;
+    /// A publisher for `warehouse_id`'s events (one per pipeline run).
+    fn publisher(&self, warehouse_id: &str) -> Result<Self::Publisher, BusError>;
+}
+
+/// The acknowledgement of one commit: resolves to its end LSN once all its events are
+/// delivered, or to the error that stopped one of them.
+pub type CommitAck = BoxFuture<'static, Result<Lsn, BusError>>;
+
+/// Sends one warehouse's events in source order.
+pub trait Publisher: Send + 'static {
+    /// Queues one event; waits while the bus is full (backpressure).
+    fn send(&mut self, ev: Box<ChangeEvent>) -> impl Future<Output = Result<(), BusError>> + Send;
+    /// Closes the commit ending at `end_lsn`: every event sent since the previous commit
+    /// belongs to it.
+    fn commit(&mut self, end_lsn: Lsn) -> impl Future<Output = Result<CommitAck, BusError>> + Send;
+}
+
+/// Sends every event from `items` through `publisher`, handing each commit's acknowledgement
+/// to `acks` in commit order. Ends when `items` closes or `acks` is dropped.
+pub async fn publish<P: Publisher>(
+    mut publisher: P,
+    mut items: mpsc::Receiver<Vec<StreamItem>>,
+    acks: mpsc::Sender<CommitAck>,
+) -> Result<(), BusError> {
+    while let Some(batch) = items.recv().await {
+        for item in batch {
+            match item {
+                StreamItem::Change(ev) => publisher.send(ev).await?,
+                StreamItem::Commit { end_lsn, .. } => {
+                    let ack = publisher.commit(end_lsn).await?;
+                    if acks.send(ack).await.is_err() {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
 
 /// What can go wrong on the bus.
 #[derive(Debug, thiserror::Error)]
@@ -58,6 +112,9 @@ pub enum BusError {
     /// The state DB failed while checkpointing.
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
+    /// The consumer stage behind the embedded bus has stopped.
+    #[error("the consumer stage stopped: {0}")]
+    ConsumerGone(String),
 }
 
 impl BusError {

@@ -533,10 +533,11 @@ impl Session {
             return Ok(());
         }
         let batch = std::mem::replace(&mut self.pending, Vec::with_capacity(MAX_BATCH_ITEMS));
+        let out = self.out.clone();
         loop {
             tokio::select! {
                 biased;
-                permit = self.out.reserve() => {
+                permit = out.reserve() => {
                     let permit = permit.map_err(|_| SourceError::Protocol("the event consumer stopped".into()))?;
                     permit.send(batch);
                     return Ok(());
@@ -548,6 +549,8 @@ impl Session {
                     self.feedback.durable_moved().await?;
                 }
                 _ = self.feedback.ticker.tick() => self.feedback.send_status(false).await?,
+                // A stopped consumer must not hide a slot that is running out of WAL.
+                _ = self.health_tick.tick() => self.check_health().await?,
             }
         }
     }

@@ -445,10 +445,12 @@ pub fn ops(events: &[serde_json::Value]) -> Vec<(String, serde_json::Value)> {
         .collect()
 }
 
-/// A Kafka-protocol broker (tansu, in memory) shared by the tests of this binary.
+/// A Kafka-protocol broker (tansu, in memory).
 pub struct Broker {
     /// `127.0.0.1:port`.
     pub address: String,
+    /// Where the wrapper wrote tansu's pid.
+    pid_file: PathBuf,
 }
 
 fn tansu_bin() -> PathBuf {
@@ -461,17 +463,19 @@ fn tansu_bin() -> PathBuf {
     home_bin.unwrap_or_else(|| PathBuf::from("tansu"))
 }
 
-/// The broker, started on first use and stopped when this process exits.
-pub fn broker() -> &'static Broker {
-    static BROKER: OnceLock<Broker> = OnceLock::new();
-    BROKER.get_or_init(|| {
+impl Broker {
+    /// Starts a broker that stops when this process exits.
+    pub fn start() -> Broker {
         let port = free_port();
         let url = format!("tcp://127.0.0.1:{port}");
+        let pid_file = std::env::temp_dir().join(format!("inventorysync-tansu-{port}.pid"));
         let script = format!(
             "{bin} broker --listener-url {url} --advertised-listener-url {url} --storage-engine memory://tansu/ >/dev/null 2>&1 & b=$!; \
-             while [ -d /proc/{pid} ] && kill -0 $b 2>/dev/null; do sleep 1; done; kill $b 2>/dev/null",
+             echo $b > {pid_file}; \
+             while [ -d /proc/{pid} ] && kill -0 $b 2>/dev/null; do sleep 1; done; kill -CONT $b 2>/dev/null; kill $b 2>/dev/null",
             bin = tansu_bin().display(),
             pid = std::process::id(),
+            pid_file = pid_file.display(),
         );
         // The wrapper outlives this process on purpose, to stop the broker after it.
         #[allow(clippy::zombie_processes)]
@@ -485,10 +489,31 @@ pub fn broker() -> &'static Broker {
         let address = format!("127.0.0.1:{port}");
         for _ in 0..200 {
             if std::net::TcpStream::connect(&address).is_ok() {
-                return Broker { address };
+                return Broker { address, pid_file };
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-        panic!("tansu did not listen on {address} within 20 s ({})", tansu_bin().display());
-    })
+        panic!(
+            "tansu did not listen on {address} within 20 s ({})",
+            tansu_bin().display()
+        );
+    }
+
+    /// Sends `signal` (e.g. `STOP`, `CONT`) to the broker process.
+    pub fn signal(&self, signal: &str) {
+        let pid = std::fs::read_to_string(&self.pid_file).expect("tansu pid file");
+        let ok = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(pid.trim())
+            .status()
+            .expect("kill runs")
+            .success();
+        assert!(ok, "kill -{signal} tansu");
+    }
+}
+
+/// The broker shared by the tests of this binary, started on first use.
+pub fn broker() -> &'static Broker {
+    static BROKER: OnceLock<Broker> = OnceLock::new();
+    BROKER.get_or_init(Broker::start)
 }
