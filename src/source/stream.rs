@@ -338,6 +338,11 @@ impl Session {
                         return Err(SourceError::Protocol("the event consumer stopped".into()));
                     }
                     self.feedback.durable_moved().await?;
+                    // A commit ending at or past endpos is durable: nothing at or before
+                    // endpos can follow it (the server may send no keepalive to say so).
+                    if self.endpos.is_some_and(|e| self.last_commit_end >= e) && self.is_idle() {
+                        return self.finish(cancel).await;
+                    }
                     continue;
                 }
                 _ = self.feedback.ticker.tick() => {
