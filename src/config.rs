@@ -296,6 +296,14 @@ pub struct WarehouseConfig {
 struct FileConfig {
     #[serde(default)]
     warehouses: Vec<FileWarehouse>,
+    #[serde(default)]
+    mappings: Vec<crate::consumer::settings::FileMapping>,
+    #[serde(default)]
+    rules: crate::consumer::settings::FileRules,
+    #[serde(default)]
+    batch: crate::consumer::settings::FileBatch,
+    #[serde(default)]
+    central: crate::consumer::settings::FileCentral,
 }
 
 #[derive(Debug, Deserialize)]
@@ -321,8 +329,12 @@ pub struct Config {
     pub kafka_brokers: Option<String>,
     /// Central inventory base URL (`WAREHOUSE_API_ENDPOINT`).
     pub warehouse_api_endpoint: Option<url::Url>,
+    /// Bearer token for the central API (`WAREHOUSE_API_TOKEN`).
+    pub warehouse_api_token: Option<SecretString>,
     /// Warehouses from the TOML file.
     pub warehouses: Vec<WarehouseConfig>,
+    /// Mappings, rules, batching and central client knobs from the TOML file.
+    pub consumer: crate::consumer::settings::ConsumerSettings,
 }
 
 impl Config {
@@ -355,22 +367,46 @@ impl Config {
                 });
             }
         };
-        let warehouses = parse_warehouses(path, &text)?;
+        let (warehouses, consumer) = parse_file(path, &text)?;
         Ok(Self {
             db_url,
             kafka_brokers,
             warehouse_api_endpoint,
+            warehouse_api_token: env("WAREHOUSE_API_TOKEN").map(SecretString::from),
             warehouses,
+            consumer,
         })
     }
 }
 
 /// Parses and validates the `[[warehouses]]` of a TOML document.
 pub fn parse_warehouses(path: &Path, text: &str) -> Result<Vec<WarehouseConfig>, ConfigError> {
+    parse_file(path, text).map(|(w, _)| w)
+}
+
+/// Parses and validates a whole TOML document: warehouses, then the consumer's sections.
+fn parse_file(
+    path: &Path,
+    text: &str,
+) -> Result<
+    (
+        Vec<WarehouseConfig>,
+        crate::consumer::settings::ConsumerSettings,
+    ),
+    ConfigError,
+> {
     let file: FileConfig = toml::from_str(text).map_err(|e| ConfigError::File {
         path: path.into(),
         reason: e.to_string(),
     })?;
+    let consumer = crate::consumer::settings::ConsumerSettings::from_file(
+        crate::consumer::settings::FileConsumer {
+            mappings: file.mappings,
+            rules: file.rules,
+            batch: file.batch,
+            central: file.central,
+        },
+    )?;
     let mut seen = HashSet::new();
     let mut out = Vec::new();
     for (i, w) in file.warehouses.into_iter().enumerate() {
@@ -405,7 +441,7 @@ pub fn parse_warehouses(path: &Path, text: &str) -> Result<Vec<WarehouseConfig>,
             },
         });
     }
-    Ok(out)
+    Ok((out, consumer))
 }
 
 /// Checks a slot or publication name given on the command line.
@@ -514,6 +550,18 @@ pub fn kafka_settings_from(
             "KAFKA_TOPIC" => {
                 s.topic = crate::bus::topic::TopicTemplate::parse("KAFKA_TOPIC", &v)
                     .map_err(|e| invalid("KAFKA_TOPIC", e.to_string()))?;
+            }
+            "KAFKA_GROUP_ID" if !v.trim().is_empty() => s.group_id = v,
+            "KAFKA_DLQ_TOPIC" => {
+                let t = crate::bus::topic::TopicTemplate::parse("KAFKA_DLQ_TOPIC", &v)
+                    .map_err(|e| invalid("KAFKA_DLQ_TOPIC", e.to_string()))?;
+                if t.as_str().contains('{') {
+                    return Err(invalid(
+                        &k,
+                        format!("{v:?}: the dead-letter topic is one topic, not a template"),
+                    ));
+                }
+                s.dlq_topic = v;
             }
             "KAFKA_PARTITIONS" => s.partitions = number(&k, &v)?,
             "KAFKA_REPLICATION_FACTOR" => s.replication_factor = number(&k, &v)?,

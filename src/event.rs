@@ -281,6 +281,9 @@ impl ChangeEvent {
         out.extend_from_slice(s.table.header.as_bytes());
         out.extend_from_slice(b",\"ts_ms\":");
         write_int(out, s.ts_ms);
+        // Debezium 2's microsecond commit time: the central contract's `committed_at`.
+        out.extend_from_slice(b",\"ts_us\":");
+        write_int(out, s.ts_us);
         out.extend_from_slice(b",\"snapshot\":\"");
         out.extend_from_slice(s.snapshot.as_str().as_bytes());
         out.extend_from_slice(b"\",\"txId\":");

@@ -7,6 +7,7 @@
 pub mod app;
 pub mod backoff;
 pub mod bus;
+pub mod central;
 pub mod config;
 pub mod consumer;
 pub mod event;

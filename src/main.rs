@@ -1,5 +1,6 @@
 //! The `inventorysync` command line: parse, set up logging, run.
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -8,8 +9,10 @@ use clap::{Parser, Subcommand};
 use inventorysync::Lsn;
 use inventorysync::bus::embedded::EmbeddedBus;
 use inventorysync::bus::kafka::KafkaBus;
+use inventorysync::central::client::CentralClient;
+use inventorysync::central::server::{CentralServer, CentralStore, Faults};
 use inventorysync::config::{Config, ConnInfo, Streaming, kafka_settings, validate_name};
-use inventorysync::consumer::{self, Stage, embedded::BatchLimits};
+use inventorysync::consumer::{self, DeadLetters, Stage};
 use inventorysync::source::stream::SourceOptions;
 use inventorysync::store::StateDb;
 use inventorysync::tail::{Output, tail};
@@ -45,6 +48,39 @@ enum Command {
     Migrate,
     /// Stream every configured warehouse to Kafka (or the embedded bus) and the consumer stage.
     Run,
+    /// Serve the reference central inventory API (for the demo and tests).
+    Central(CentralArgs),
+}
+
+#[derive(clap::Args)]
+struct CentralArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:9000")]
+    listen: std::net::SocketAddr,
+    /// Keep state in Postgres (table central_inventory) at this URL instead of in memory.
+    #[arg(long, env = "CENTRAL_DB_URL", hide_env_values = true)]
+    db_url: Option<String>,
+    /// Require this bearer token.
+    #[arg(long, env = "CENTRAL_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Share of change requests answered with --error-status (0.0 to 1.0).
+    #[arg(long, default_value_t = 0.0)]
+    error_rate: f64,
+    /// Status of injected errors.
+    #[arg(long, default_value_t = 503)]
+    error_status: u16,
+    /// Retry-After seconds sent with injected errors.
+    #[arg(long)]
+    retry_after_secs: Option<u64>,
+    /// Delay before answering each change request, in milliseconds.
+    #[arg(long, default_value_t = 0)]
+    latency_ms: u64,
+    /// Answer `rejected` for changes whose key contains this text.
+    #[arg(long)]
+    reject_key_substring: Option<String>,
+    /// Answer 422 for whole batches holding a change whose key contains this text.
+    #[arg(long)]
+    invalid_key_substring: Option<String>,
 }
 
 #[derive(clap::Args)]
@@ -110,6 +146,7 @@ fn main() -> ExitCode {
         Command::Tail(args) => runtime.block_on(run_tail(args, &cli.config)),
         Command::Migrate => runtime.block_on(run_migrate(&cli.config)),
         Command::Run => runtime.block_on(run_service(&cli.config)),
+        Command::Central(args) => runtime.block_on(run_central(args)),
     }
 }
 
@@ -164,6 +201,31 @@ async fn run_service(config_path: &Path) -> ExitCode {
         Ok(k) => k,
         Err(e) => return fail(e, 2),
     };
+    let mapped = config.consumer.mappings.len();
+    let client = match &config.warehouse_api_endpoint {
+        Some(endpoint) => match CentralClient::new(
+            endpoint,
+            config.warehouse_api_token.clone(),
+            config.consumer.central,
+        ) {
+            Ok(c) => Some(Arc::new(c)),
+            Err(e) => return fail(format!("WAREHOUSE_API_ENDPOINT: {e}"), 2),
+        },
+        None if mapped > 0 => {
+            return fail(
+                format!(
+                    "{mapped} table(s) are mapped in [[mappings]] but WAREHOUSE_API_ENDPOINT is not set: it names the central inventory API, e.g. http://central:8080/api/warehouse"
+                ),
+                2,
+            );
+        }
+        None => None,
+    };
+    if mapped == 0 {
+        tracing::warn!(
+            "no [[mappings]] in the configuration: changes are published but none is sent to central"
+        );
+    }
     let state = match StateDb::connect(&db_url).await {
         Ok(s) => s,
         Err(e) => return fail(e, 1),
@@ -173,40 +235,127 @@ async fn run_service(config_path: &Path) -> ExitCode {
     }
     let cancel = shutdown_token();
     let warehouses = config.warehouses;
+    let ids: HashSet<String> = warehouses.iter().map(|w| w.id.clone()).collect();
+    let mut consumers = tokio::task::JoinSet::new();
     match kafka {
         Some(kafka) => {
-            let bus = match KafkaBus::connect(kafka).await {
+            let bus = match KafkaBus::connect(kafka.clone()).await {
                 Ok(b) => b,
                 Err(e) => {
                     let code = if e.is_transient() { 1 } else { 2 };
                     return fail(e, code);
                 }
             };
+            if client.is_some() {
+                let dead_letters = DeadLetters::Kafka {
+                    bus: bus.clone(),
+                    topic: kafka.dlq_topic.clone(),
+                };
+                let stage = Arc::new(Stage::new(
+                    config.consumer,
+                    client,
+                    state.clone(),
+                    dead_letters,
+                    cancel.clone(),
+                ));
+                let consumer_cancel = cancel.clone();
+                consumers.spawn(async move {
+                    if let Err(e) =
+                        consumer::kafka::run(kafka, ids, stage, consumer_cancel.clone()).await
+                    {
+                        tracing::error!(error = %e, "the consumer stage stopped");
+                        consumer_cancel.cancel();
+                    }
+                });
+            }
             tracing::info!(warehouses = warehouses.len(), bus = "kafka", "running");
-            inventorysync::app::run(warehouses, state, bus, cancel).await;
+            inventorysync::app::run(warehouses, state, bus, cancel.clone()).await;
         }
         None => {
             let bus = EmbeddedBus::new(EMBEDDED_QUEUE_EVENTS);
-            let stage = Arc::new(Stage::new());
-            let mut consumers = tokio::task::JoinSet::new();
+            let stage = Arc::new(Stage::new(
+                config.consumer,
+                client,
+                state.clone(),
+                DeadLetters::StateDb,
+                cancel.clone(),
+            ));
             for w in &warehouses {
                 let Some(rx) = bus.subscribe(&w.id) else {
                     return fail(format!("warehouse {} is configured twice", w.id), 2);
                 };
                 consumers.spawn(consumer::embedded::run(
+                    w.id.clone(),
                     rx,
                     stage.clone(),
-                    BatchLimits::default(),
                     cancel.clone(),
                 ));
             }
             tracing::info!(warehouses = warehouses.len(), bus = "embedded", "running");
             inventorysync::app::run(warehouses, state, bus, cancel.clone()).await;
-            cancel.cancel();
-            while consumers.join_next().await.is_some() {}
         }
     }
+    cancel.cancel();
+    while consumers.join_next().await.is_some() {}
     ExitCode::SUCCESS
+}
+
+async fn run_central(args: CentralArgs) -> ExitCode {
+    if !(0.0..=1.0).contains(&args.error_rate) {
+        return fail(
+            format!("--error-rate {}: expected 0.0 to 1.0", args.error_rate),
+            2,
+        );
+    }
+    let store = match &args.db_url {
+        None => CentralStore::memory(),
+        Some(url) => {
+            let conn = match ConnInfo::parse("CENTRAL_DB_URL", url) {
+                Ok(c) => c,
+                Err(e) => return fail(e, 2),
+            };
+            let pool = match sqlx::postgres::PgPoolOptions::new()
+                .max_connections(8)
+                .connect_with(inventorysync::store::connect_options(&conn))
+                .await
+            {
+                Ok(p) => p,
+                Err(e) => return fail(format!("central store {}: {e}", conn.redacted()), 1),
+            };
+            match CentralStore::postgres(pool).await {
+                Ok(s) => s,
+                Err(e) => return fail(format!("central store {}: {e}", conn.redacted()), 1),
+            }
+        }
+    };
+    let server = CentralServer {
+        store,
+        token: args.token,
+        faults: Faults {
+            error_rate: args.error_rate,
+            error_status: Some(args.error_status),
+            retry_after_secs: args.retry_after_secs,
+            latency_ms: args.latency_ms,
+            reject_key_substring: args.reject_key_substring,
+            invalid_key_substring: args.invalid_key_substring,
+            ..Faults::default()
+        },
+    };
+    let listener = match tokio::net::TcpListener::bind(args.listen).await {
+        Ok(l) => l,
+        Err(e) => return fail(format!("--listen {}: {e}", args.listen), 2),
+    };
+    let addr = listener
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    eprintln!(
+        "central inventory API on http://{addr}/api/warehouse (faults: GET/PUT /admin/faults)"
+    );
+    match server.serve(listener, shutdown_token()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(e, 1),
+    }
 }
 
 async fn run_migrate(config_path: &Path) -> ExitCode {

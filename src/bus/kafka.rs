@@ -41,6 +41,10 @@ pub struct KafkaSettings {
     pub message_timeout_ms: u32,
     /// Extra librdkafka properties (`security.protocol`, `sasl.*`, `ssl.*`); values are secret.
     pub properties: Vec<(String, SecretString)>,
+    /// The consumer stage's group (`KAFKA_GROUP_ID`).
+    pub group_id: String,
+    /// The dead-letter topic (`KAFKA_DLQ_TOPIC`).
+    pub dlq_topic: String,
 }
 
 impl KafkaSettings {
@@ -56,6 +60,8 @@ impl KafkaSettings {
             compression: "lz4".into(),
             message_timeout_ms: 30_000,
             properties: Vec::new(),
+            group_id: "inventorysync".into(),
+            dlq_topic: crate::consumer::DEFAULT_DLQ_TOPIC.into(),
         }
     }
 
@@ -180,6 +186,52 @@ impl KafkaBus {
             k.insert(topic.to_string());
         }
         Ok(())
+    }
+
+    /// Produces one message and waits for its acknowledgement (the dead-letter topic).
+    pub async fn send_and_wait(
+        &self,
+        topic: &str,
+        key: &[u8],
+        value: &[u8],
+        headers: &[(&str, &str)],
+    ) -> Result<(), BusError> {
+        self.ensure_topic(topic).await?;
+        let mut h = OwnedHeaders::new_with_capacity(headers.len());
+        for (k, v) in headers {
+            h = h.insert(Header {
+                key: k,
+                value: Some(*v),
+            });
+        }
+        let record = FutureRecord::to(topic).key(key).payload(value).headers(h);
+        let (generation, producer) = self.current_producer();
+        match producer
+            .send(
+                record,
+                Duration::from_millis(u64::from(self.settings.message_timeout_ms)),
+            )
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err((e, _)) => {
+                self.retire(generation);
+                Err(BusError::Delivery {
+                    topic: topic.to_string(),
+                    reason: e.to_string(),
+                })
+            }
+        }
+    }
+
+    /// Bootstrap servers.
+    pub fn brokers(&self) -> &str {
+        &self.settings.brokers
+    }
+
+    /// Extra librdkafka properties (for the consumer's client).
+    pub fn settings(&self) -> &KafkaSettings {
+        &self.settings
     }
 
     /// Waits until queued messages are delivered or `timeout` passes.

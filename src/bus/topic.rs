@@ -64,6 +64,11 @@ impl TopicTemplate {
         })
     }
 
+    /// The template as written.
+    pub fn as_str(&self) -> &str {
+        &self.template
+    }
+
     /// The topic for events of `table`. Characters Kafka forbids in names are replaced by `_`.
     pub fn topic_for(&self, table: &TableSource) -> String {
         if self.is_literal {

@@ -1,40 +1,22 @@
 //! The consumer side of the embedded bus: one task per warehouse queue.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::Stage;
+use super::{Incoming, Stage};
 use crate::bus::embedded::EmbeddedReceiver;
 
-/// How many changes go into one batch at most, and how long to wait for a batch to fill.
-#[derive(Debug, Clone, Copy)]
-pub struct BatchLimits {
-    /// Changes per batch.
-    pub max_changes: usize,
-    /// Wait for more changes at most this long after the first one.
-    pub linger: Duration,
-}
-
-impl Default for BatchLimits {
-    fn default() -> Self {
-        Self {
-            max_changes: 500,
-            linger: Duration::from_millis(50),
-        }
-    }
-}
-
-/// Consumes one warehouse's queue until `cancel`: batches events, hands them to the stage
-/// and reports their outcomes back to the bus.
+/// Consumes one warehouse's queue until `cancel`: batches events (by the stage's count and
+/// linger), hands them to the stage and reports their outcomes back to the bus.
 pub async fn run(
+    warehouse_id: String,
     mut rx: EmbeddedReceiver,
     stage: Arc<Stage>,
-    limits: BatchLimits,
     cancel: CancellationToken,
 ) {
+    let limits = stage.settings().batch;
     let mut batch = Vec::with_capacity(limits.max_changes);
     let mut last_seq = 0;
     loop {
@@ -49,7 +31,7 @@ pub async fn run(
             if let Some(c) = chunk.take() {
                 for d in c {
                     last_seq = d.seq;
-                    batch.push(d.event);
+                    batch.push(Incoming::Event(d.event));
                 }
             }
             if batch.len() >= limits.max_changes {
@@ -64,7 +46,10 @@ pub async fn run(
                 },
             };
         }
-        stage.handle(&batch).await;
+        if stage.handle(&warehouse_id, &batch).await.is_err() {
+            // Cancelled: these events have no outcome; the source replays them.
+            return;
+        }
         rx.outcome_through(last_seq);
         batch.clear();
     }

@@ -1,20 +1,101 @@
-//! The consumer stage: takes change events off the bus in source order and gives each one an
-//! outcome at the central inventory system (DESIGN §3, §4).
+//! The consumer stage: takes change events off the bus in source order, maps and validates
+//! them, pushes them to the central inventory system in batches, and gives each one an
+//! outcome (DESIGN §3, §4).
+//!
+//! ```text
+//!  bus ──events──▶ map (unmapped: skipped) ──▶ validate ──▶ batch ──▶ central client
+//!                                               │ fails        ▲           │ stale / rejected / 400-422
+//!                                               ▼              │           ▼
+//!                              dead-letter queue + sync_conflicts ◀────────┘
+//! ```
 //!
 //! Only an outcome lets the bus count an event as delivered: the embedded bus then
-//! acknowledges the commit to the source, the Kafka consumer commits the offset.
+//! acknowledges the commit to the source, the Kafka consumer stores the offset. Outcomes are
+//! written (conflict rows, dead letters) before that, and are idempotent, so a crash replays
+//! and never loses.
 
 pub mod embedded;
+pub mod kafka;
+pub mod mapping;
+pub mod settings;
 
+use std::borrow::Cow;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::event::ChangeEvent;
+use serde_json::Value;
+use tokio_util::sync::CancellationToken;
 
-/// What became of one change.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
-    /// Its table is not mapped to a central entity: nothing to send.
-    Skipped,
+use crate::backoff::Backoff;
+use crate::bus::kafka::KafkaBus;
+use crate::central::client::{Cancelled, CentralClient, Verdict};
+use crate::central::{Change, ChangeResult, ResultStatus};
+use crate::event::ChangeEvent;
+use crate::store::{NewConflict, NewDeadLetter, StateDb, StoreError};
+use mapping::{EventView, Mapped, Violation, map_event};
+use settings::ConsumerSettings;
+
+/// The default dead-letter topic.
+pub const DEFAULT_DLQ_TOPIC: &str = "inventorysync.dlq";
+
+/// One change event as the bus delivers it.
+#[derive(Debug)]
+pub enum Incoming {
+    /// From the embedded bus.
+    Event(Box<ChangeEvent>),
+    /// From Kafka: the record's key, value and `table` header.
+    Record {
+        /// `schema.table` from the `table` header.
+        table: String,
+        /// The JSON key.
+        key: Vec<u8>,
+        /// The JSON envelope.
+        value: Vec<u8>,
+    },
+}
+
+impl Incoming {
+    fn table(&self) -> Cow<'_, str> {
+        match self {
+            Incoming::Event(ev) => Cow::Owned(ev.source.table.qualified_name()),
+            Incoming::Record { table, .. } => Cow::Borrowed(table),
+        }
+    }
+
+    fn value(&self) -> Cow<'_, [u8]> {
+        match self {
+            Incoming::Event(ev) => {
+                let mut out = Vec::with_capacity(640);
+                ev.write_json(&mut out);
+                Cow::Owned(out)
+            }
+            Incoming::Record { value, .. } => Cow::Borrowed(value),
+        }
+    }
+
+    fn key(&self) -> Cow<'_, [u8]> {
+        match self {
+            Incoming::Event(ev) => {
+                let mut out = Vec::with_capacity(128);
+                ev.write_key_json(&mut out);
+                Cow::Owned(out)
+            }
+            Incoming::Record { key, .. } => Cow::Borrowed(key),
+        }
+    }
+}
+
+/// Where dead letters go.
+pub enum DeadLetters {
+    /// A Kafka topic (with the Kafka bus).
+    Kafka {
+        /// The producer.
+        bus: Arc<KafkaBus>,
+        /// The topic (`inventorysync.dlq`).
+        topic: String,
+    },
+    /// The state DB's `sync_dead_letters` (with the embedded bus).
+    StateDb,
 }
 
 /// Counts of outcomes since start, for logs and metrics.
@@ -22,18 +103,56 @@ pub enum Outcome {
 pub struct StageCounters {
     /// Changes of unmapped tables.
     pub skipped: AtomicU64,
+    /// Changes applied at central.
+    pub applied: AtomicU64,
+    /// Changes central had applied before.
+    pub duplicate: AtomicU64,
+    /// Changes central holds a newer version of.
+    pub stale: AtomicU64,
+    /// Changes central rejected (answer `rejected`, or 400/422 alone).
+    pub rejected: AtomicU64,
+    /// Changes that broke a business rule before sending.
+    pub invalid: AtomicU64,
+    /// Truncates recorded.
+    pub truncates: AtomicU64,
+    /// Changes sent to the dead-letter queue.
+    pub dead_lettered: AtomicU64,
 }
 
 /// Maps, validates and delivers changes; shared by every warehouse's consumer.
-#[derive(Debug, Default)]
 pub struct Stage {
+    settings: ConsumerSettings,
+    client: Option<Arc<CentralClient>>,
+    state: StateDb,
+    dead_letters: DeadLetters,
     counters: StageCounters,
+    cancel: CancellationToken,
+}
+
+/// A change on its way, with the event it came from.
+struct Pending {
+    item: usize,
+    change: Change,
 }
 
 impl Stage {
-    /// A stage with no table mapped yet.
-    pub fn new() -> Self {
-        Self::default()
+    /// A stage. Without a central client every mapped table is an error at start (the caller
+    /// checks), so `client` may be `None` only when nothing is mapped.
+    pub fn new(
+        settings: ConsumerSettings,
+        client: Option<Arc<CentralClient>>,
+        state: StateDb,
+        dead_letters: DeadLetters,
+        cancel: CancellationToken,
+    ) -> Self {
+        Self {
+            settings,
+            client,
+            state,
+            dead_letters,
+            counters: StageCounters::default(),
+            cancel,
+        }
     }
 
     /// The outcome counters.
@@ -41,12 +160,380 @@ impl Stage {
         &self.counters
     }
 
-    /// Gives every event of `events` (one warehouse's, in source order) an outcome; returns
-    /// only once each has one.
-    pub async fn handle(&self, events: &[Box<ChangeEvent>]) -> Vec<Outcome> {
-        self.counters
-            .skipped
-            .fetch_add(events.len() as u64, Ordering::Relaxed);
-        vec![Outcome::Skipped; events.len()]
+    /// The settings.
+    pub fn settings(&self) -> &ConsumerSettings {
+        &self.settings
     }
+
+    /// The central client, if one is configured.
+    pub fn client(&self) -> Option<&Arc<CentralClient>> {
+        self.client.as_ref()
+    }
+
+    /// Gives every item (one warehouse's, in source order) an outcome; returns once each has
+    /// one, or `Cancelled` (nothing may then be acknowledged).
+    pub async fn handle(&self, warehouse_id: &str, items: &[Incoming]) -> Result<(), Cancelled> {
+        let mut pending: Vec<Pending> = Vec::new();
+        let mut sizes: Vec<usize> = Vec::new();
+        for (i, item) in items.iter().enumerate() {
+            let table = item.table();
+            let Some(m) = self.settings.mappings.get(table.as_ref()) else {
+                self.counters.skipped.fetch_add(1, Ordering::Relaxed);
+                continue;
+            };
+            let value = item.value();
+            let view = match EventView::parse(&value) {
+                Ok(v) => v,
+                Err(v) => {
+                    self.refuse(warehouse_id, item, &table, None, None, v)
+                        .await?;
+                    continue;
+                }
+            };
+            match map_event(&view, m, &self.settings.rules) {
+                Ok(Mapped::Changes(changes)) => {
+                    for change in changes {
+                        sizes.push(value.len());
+                        pending.push(Pending { item: i, change });
+                    }
+                }
+                Ok(Mapped::Truncate) => {
+                    self.counters.truncates.fetch_add(1, Ordering::Relaxed);
+                    let conflict = NewConflict {
+                        warehouse_id: warehouse_id.to_string(),
+                        table_name: table.to_string(),
+                        entity: Some(m.entity.as_str().to_string()),
+                        entity_key: Value::Object(Default::default()),
+                        kind: "truncate",
+                        rule: None,
+                        reason: format!(
+                            "{table} was truncated at the warehouse; central cannot apply a truncate"
+                        ),
+                        source_version: view.version(),
+                        central_version: None,
+                        source_value: None,
+                        central_value: None,
+                        dead_lettered: false,
+                        hint: format!(
+                            "central still holds the table's entities: run a forced resync (POST /sync/warehouses/{warehouse_id}) to reconcile"
+                        ),
+                    };
+                    self.persist(|| self.state.record_conflict(&conflict))
+                        .await?;
+                }
+                Err(v) => {
+                    let key = view_key(&view, m);
+                    let value_json = view
+                        .after
+                        .clone()
+                        .or(view.before.clone())
+                        .map(Value::Object);
+                    self.refuse(
+                        warehouse_id,
+                        item,
+                        &table,
+                        Some((m.entity.as_str(), key, view.version())),
+                        value_json,
+                        v,
+                    )
+                    .await?;
+                }
+            }
+        }
+        if pending.is_empty() {
+            return Ok(());
+        }
+        let Some(client) = &self.client else {
+            // The caller refuses to start with mappings but no central endpoint.
+            return Err(Cancelled);
+        };
+        // Requests by count and bytes, in order.
+        let limits = self.settings.batch;
+        let mut start = 0;
+        while start < pending.len() {
+            let mut end = start;
+            let mut bytes = 0;
+            while end < pending.len()
+                && end - start < limits.max_changes
+                && (end == start || bytes + sizes[end] <= limits.max_bytes)
+            {
+                bytes += sizes[end];
+                end += 1;
+            }
+            let changes: Vec<Change> = pending[start..end]
+                .iter()
+                .map(|p| p.change.clone())
+                .collect();
+            let verdicts = client.deliver(warehouse_id, changes, &self.cancel).await?;
+            for (p, verdict) in pending[start..end].iter().zip(verdicts) {
+                self.settle(warehouse_id, &items[p.item], &p.change, verdict)
+                    .await?;
+            }
+            start = end;
+        }
+        Ok(())
+    }
+
+    /// Records the outcome of one delivered change.
+    async fn settle(
+        &self,
+        warehouse_id: &str,
+        item: &Incoming,
+        change: &Change,
+        verdict: Verdict,
+    ) -> Result<(), Cancelled> {
+        let result = match verdict {
+            Verdict::Result(r) => r,
+            Verdict::Invalid { status, message } => ChangeResult {
+                status: ResultStatus::Rejected,
+                reason: Some(format!(
+                    "central answered {status} for this change alone: {message}"
+                )),
+                current_version: None,
+                current: None,
+            },
+        };
+        let reason = result.reason.clone().unwrap_or_default();
+        match result.status {
+            ResultStatus::Applied => {
+                self.counters.applied.fetch_add(1, Ordering::Relaxed);
+            }
+            ResultStatus::Duplicate => {
+                self.counters.duplicate.fetch_add(1, Ordering::Relaxed);
+            }
+            ResultStatus::Stale => {
+                self.counters.stale.fetch_add(1, Ordering::Relaxed);
+                let central = result
+                    .current_version
+                    .clone()
+                    .unwrap_or_else(|| "unknown".into());
+                let conflict = NewConflict {
+                    warehouse_id: warehouse_id.to_string(),
+                    table_name: change.source.table.clone(),
+                    entity: Some(change.entity.as_str().to_string()),
+                    entity_key: Value::Object(change.key.clone()),
+                    kind: "stale_version",
+                    rule: None,
+                    reason: if reason.is_empty() {
+                        format!(
+                            "central holds version {central}, newer than {}",
+                            change.version
+                        )
+                    } else {
+                        reason
+                    },
+                    source_version: change.version.clone(),
+                    central_version: result.current_version.clone(),
+                    source_value: change.data.clone().map(Value::Object),
+                    central_value: result.current.clone(),
+                    dead_lettered: false,
+                    hint: format!(
+                        "central holds version {central} of {} {}, newer than the warehouse's {}. If the warehouse row is the truth, run a forced resync (POST /sync/warehouses/{warehouse_id}); if central is right, nothing to do — mark the row resolved.",
+                        change.entity.as_str(),
+                        Value::Object(change.key.clone()),
+                        change.version
+                    ),
+                };
+                self.persist(|| self.state.record_conflict(&conflict))
+                    .await?;
+            }
+            ResultStatus::Rejected => {
+                self.counters.rejected.fetch_add(1, Ordering::Relaxed);
+                let violation = Violation {
+                    rule: "central_rejected",
+                    field: None,
+                    reason: if reason.is_empty() {
+                        "central rejected the change".into()
+                    } else {
+                        reason
+                    },
+                };
+                self.dead_letter(
+                    warehouse_id,
+                    item,
+                    &change.source.table,
+                    &change.version,
+                    &violation,
+                )
+                .await?;
+                let conflict = NewConflict {
+                    warehouse_id: warehouse_id.to_string(),
+                    table_name: change.source.table.clone(),
+                    entity: Some(change.entity.as_str().to_string()),
+                    entity_key: Value::Object(change.key.clone()),
+                    kind: "rejected",
+                    rule: Some(violation.rule.to_string()),
+                    reason: violation.reason.clone(),
+                    source_version: change.version.clone(),
+                    central_version: result.current_version.clone(),
+                    source_value: change.data.clone().map(Value::Object),
+                    central_value: result.current.clone(),
+                    dead_lettered: true,
+                    hint: format!(
+                        "central refused {} {}: {}. Fix the row in {} at the warehouse (its next change is sent again) or central's rule, then run a forced resync (POST /sync/warehouses/{warehouse_id}); the event is kept in {}.",
+                        change.entity.as_str(),
+                        Value::Object(change.key.clone()),
+                        violation.reason,
+                        change.source.table,
+                        self.dead_letter_place()
+                    ),
+                };
+                self.persist(|| self.state.record_conflict(&conflict))
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// A change that broke a rule before sending: dead letter and conflict row.
+    async fn refuse(
+        &self,
+        warehouse_id: &str,
+        item: &Incoming,
+        table: &str,
+        mapped: Option<(&str, Value, String)>,
+        value: Option<Value>,
+        v: Violation,
+    ) -> Result<(), Cancelled> {
+        self.counters.invalid.fetch_add(1, Ordering::Relaxed);
+        let (entity, key, version) = match mapped {
+            Some((e, k, ver)) => (Some(e.to_string()), k, ver),
+            None => (
+                None,
+                Value::Object(Default::default()),
+                String::from("unknown"),
+            ),
+        };
+        tracing::warn!(warehouse = %warehouse_id, table, version = %version, rule = v.rule, field = ?v.field, reason = %v.reason, "change breaks a rule; dead-lettered");
+        self.dead_letter(warehouse_id, item, table, &version, &v)
+            .await?;
+        let reason = match &v.field {
+            Some(f) => format!("field {f}: {}", v.reason),
+            None => v.reason.clone(),
+        };
+        let conflict = NewConflict {
+            warehouse_id: warehouse_id.to_string(),
+            table_name: table.to_string(),
+            entity,
+            entity_key: key,
+            kind: "invalid",
+            rule: Some(v.rule.to_string()),
+            reason: reason.clone(),
+            source_version: version,
+            central_version: None,
+            // A 1 MB text is not copied into the conflict row: the dead letter keeps it.
+            source_value: value.filter(|v| v.to_string().len() <= 64 * 1024),
+            central_value: None,
+            dead_lettered: true,
+            hint: format!(
+                "the row breaks rule {} ({reason}); fix it in {table} at the warehouse — its next change is sent again — or relax [rules]; the event is kept in {}.",
+                v.rule,
+                self.dead_letter_place()
+            ),
+        };
+        self.persist(|| self.state.record_conflict(&conflict)).await
+    }
+
+    fn dead_letter_place(&self) -> String {
+        match &self.dead_letters {
+            DeadLetters::Kafka { topic, .. } => format!("the {topic} topic"),
+            DeadLetters::StateDb => "sync_dead_letters".into(),
+        }
+    }
+
+    async fn dead_letter(
+        &self,
+        warehouse_id: &str,
+        item: &Incoming,
+        table: &str,
+        version: &str,
+        v: &Violation,
+    ) -> Result<(), Cancelled> {
+        self.counters.dead_lettered.fetch_add(1, Ordering::Relaxed);
+        let value = item.value();
+        match &self.dead_letters {
+            DeadLetters::Kafka { bus, topic } => {
+                let key = item.key();
+                let op = EventView::parse(&value).map(|e| e.op).unwrap_or_default();
+                let field = v.field.clone().unwrap_or_default();
+                let headers = [
+                    ("warehouse_id", warehouse_id),
+                    ("table", table),
+                    ("op", op.as_str()),
+                    ("version", version),
+                    ("dlq_rule", v.rule),
+                    ("dlq_field", field.as_str()),
+                    ("dlq_reason", v.reason.as_str()),
+                ];
+                let mut backoff = Backoff::new();
+                loop {
+                    match bus.send_and_wait(topic, &key, &value, &headers).await {
+                        Ok(()) => return Ok(()),
+                        Err(e) => {
+                            let wait = backoff.next_delay(std::time::Duration::ZERO);
+                            tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "cannot write to the dead-letter topic; retrying");
+                            tokio::select! {
+                                _ = tokio::time::sleep(wait) => {}
+                                _ = self.cancel.cancelled() => return Err(Cancelled),
+                            }
+                        }
+                    }
+                }
+            }
+            DeadLetters::StateDb => {
+                let d = NewDeadLetter {
+                    warehouse_id: warehouse_id.to_string(),
+                    table_name: table.to_string(),
+                    source_version: version.to_string(),
+                    rule: v.rule.to_string(),
+                    reason: v.reason.clone(),
+                    raw_event: value.into_owned(),
+                };
+                self.persist(|| self.state.record_dead_letter(&d)).await
+            }
+        }
+    }
+
+    /// Runs a state DB write until it succeeds (or cancel): an outcome must be recorded
+    /// before it counts.
+    async fn persist<'a, F, Fut>(&'a self, write: F) -> Result<(), Cancelled>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<(), StoreError>> + 'a,
+    {
+        let mut backoff = Backoff::new();
+        loop {
+            match write().await {
+                Ok(()) => return Ok(()),
+                Err(e) => {
+                    let wait = backoff.next_delay(std::time::Duration::ZERO);
+                    tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "cannot record an outcome in the state DB; retrying");
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => {}
+                        _ = self.cancel.cancelled() => return Err(Cancelled),
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The central key of an event that failed validation, as far as it can be read.
+fn view_key(view: &EventView, m: &settings::TableMapping) -> Value {
+    let row = view.after.as_ref().or(view.before.as_ref());
+    let mut key = serde_json::Map::new();
+    if let Some(row) = row {
+        for (name, src) in &m.key {
+            if let Some(v) = row.get(&src.column) {
+                let v = match v {
+                    Value::String(s) if s.len() > 200 => {
+                        Value::String(format!("{}…", &s[..s.floor_char_boundary(200)]))
+                    }
+                    v => v.clone(),
+                };
+                key.insert(name.clone(), v);
+            }
+        }
+    }
+    Value::Object(key)
 }

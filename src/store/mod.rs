@@ -4,9 +4,11 @@
 //! `inventorysync migrate`. Table names are the ones ops type by hand (DESIGN §5).
 
 mod checkpoints;
+mod conflicts;
 mod lease;
 
 pub use checkpoints::Checkpoint;
+pub use conflicts::{NewConflict, NewDeadLetter};
 pub use lease::WarehouseLease;
 
 use std::time::Duration;

@@ -1,0 +1,133 @@
+//! The central inventory system's REST contract (DESIGN §3): the request and response
+//! bodies, the client the consumer stage pushes with, and the reference server that
+//! implements the contract for the demo and the tests.
+
+pub mod client;
+pub mod server;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+/// The central entity a warehouse table maps to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Entity {
+    /// Stock of one SKU at one location.
+    StockLevel,
+    /// A product.
+    Product,
+    /// A location.
+    Location,
+}
+
+impl Entity {
+    /// The contract's name for it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Entity::StockLevel => "stock_level",
+            Entity::Product => "product",
+            Entity::Location => "location",
+        }
+    }
+}
+
+/// What a change does to its entity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ChangeOp {
+    /// Create or replace.
+    Upsert,
+    /// Remove.
+    Delete,
+}
+
+/// Where a change came from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChangeSource {
+    /// `schema.table`.
+    pub table: String,
+    /// The change's LSN in `X/X` form.
+    pub lsn: String,
+    /// Commit time, RFC 3339 UTC with microseconds.
+    pub committed_at: String,
+    /// Whether it was read by a snapshot (initial load or resync) rather than streamed.
+    pub snapshot: bool,
+}
+
+/// One change in a batch.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Change {
+    /// Entity kind.
+    pub entity: Entity,
+    /// Upsert or delete.
+    pub op: ChangeOp,
+    /// Key fields.
+    pub key: Map<String, Value>,
+    /// Data fields; `None` for a delete.
+    pub data: Option<Map<String, Value>>,
+    /// The event's version (`{commit_lsn:016X}:{sequence:08X}`); grows per key.
+    pub version: String,
+    /// Origin.
+    pub source: ChangeSource,
+}
+
+/// The body of `POST {endpoint}/{warehouse_id}/changes`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChangeBatch {
+    /// Warehouse id.
+    pub warehouse_id: String,
+    /// `<warehouse>:<first version>-<last version>`.
+    pub batch_id: String,
+    /// Changes in source order.
+    pub changes: Vec<Change>,
+}
+
+impl ChangeBatch {
+    /// The batch for `changes` (not empty), with its id.
+    pub fn new(warehouse_id: &str, changes: Vec<Change>) -> Self {
+        let first = changes.first().map_or("", |c| c.version.as_str());
+        let last = changes.last().map_or("", |c| c.version.as_str());
+        Self {
+            warehouse_id: warehouse_id.to_string(),
+            batch_id: format!("{warehouse_id}:{first}-{last}"),
+            changes,
+        }
+    }
+}
+
+/// Central's verdict on one change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ResultStatus {
+    /// Applied now.
+    Applied,
+    /// This version was applied before.
+    Duplicate,
+    /// Central holds a newer version.
+    Stale,
+    /// Central refuses the change.
+    Rejected,
+}
+
+/// One entry of the response, in the batch's order.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChangeResult {
+    /// The verdict.
+    pub status: ResultStatus,
+    /// Why (for `stale` and `rejected`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// The version central holds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub current_version: Option<String>,
+    /// The value central holds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub current: Option<Value>,
+}
+
+/// The body of a `200` answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BatchResponse {
+    /// One per change, same order.
+    pub results: Vec<ChangeResult>,
+}

@@ -1,0 +1,531 @@
+//! `inventorysync central`: the reference central inventory server. It implements DESIGN §3
+//! (versions per key; `applied`, `duplicate`, `stale`, `rejected`), keeps its state in memory
+//! or in Postgres, and takes injected faults (error rate, status codes, latency,
+//! `Retry-After`, whole-batch 422s, rejections) so the demo and the tests can show how the
+//! engine copes. The real central system belongs to the user; this one is a yardstick.
+//!
+//! Routes (the engine's `WAREHOUSE_API_ENDPOINT` is `http://host:port/api/warehouse`):
+//! - `POST /api/warehouse/{id}/changes` — the contract.
+//! - `GET /api/warehouse/{id}/inventory` — the live entities of a warehouse.
+//! - `GET|PUT /admin/faults` — read or replace the injected faults.
+//! - `GET /admin/stats` — requests and results counted since start.
+//! - `GET /health`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use axum::Json;
+use axum::Router;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use sqlx::PgPool;
+use tokio::sync::Mutex;
+use tokio_util::sync::CancellationToken;
+
+use super::{BatchResponse, Change, ChangeBatch, ChangeOp, ChangeResult, Entity, ResultStatus};
+
+/// Faults the server injects; all off by default.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Faults {
+    /// Share of change requests answered with `error_status` (0.0 to 1.0).
+    pub error_rate: f64,
+    /// The next this-many change requests are answered with `error_status`.
+    pub fail_next: u64,
+    /// Status of injected errors (default 503).
+    pub error_status: Option<u16>,
+    /// `Retry-After` seconds sent with injected errors.
+    pub retry_after_secs: Option<u64>,
+    /// Delay before answering each change request, in milliseconds.
+    pub latency_ms: u64,
+    /// A change whose key (as JSON) contains this text is answered `rejected`.
+    pub reject_key_substring: Option<String>,
+    /// A batch holding a change whose key (as JSON) contains this text is answered 422 as a
+    /// whole.
+    pub invalid_key_substring: Option<String>,
+}
+
+/// One stored entity.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Item {
+    /// Entity kind.
+    pub entity: Entity,
+    /// Key fields.
+    pub key: Value,
+    /// The version applied last.
+    pub version: String,
+    /// The data; `None` once deleted (the version is kept, so an older upsert stays stale).
+    pub data: Option<Value>,
+}
+
+/// Where the server keeps its state.
+pub enum CentralStore {
+    /// In this process.
+    Memory(Mutex<HashMap<String, BTreeMap<String, Item>>>),
+    /// In a Postgres table `central_inventory`.
+    Postgres(PgPool),
+}
+
+impl CentralStore {
+    /// An empty in-memory store.
+    pub fn memory() -> Self {
+        CentralStore::Memory(Mutex::new(HashMap::new()))
+    }
+
+    /// A Postgres store; creates its table if missing.
+    pub async fn postgres(pool: PgPool) -> Result<Self, sqlx::Error> {
+        sqlx::query(
+            "CREATE TABLE IF NOT EXISTS central_inventory (
+                 warehouse_id text NOT NULL,
+                 item_key     text NOT NULL,
+                 entity       text NOT NULL,
+                 key          jsonb NOT NULL,
+                 version      text NOT NULL,
+                 data         jsonb,
+                 updated_at   timestamptz NOT NULL DEFAULT now(),
+                 PRIMARY KEY (warehouse_id, item_key))",
+        )
+        .execute(&pool)
+        .await?;
+        Ok(CentralStore::Postgres(pool))
+    }
+
+    async fn apply(
+        &self,
+        warehouse_id: &str,
+        changes: &[Change],
+        faults: &Faults,
+    ) -> Result<Vec<ChangeResult>, sqlx::Error> {
+        match self {
+            CentralStore::Memory(m) => {
+                let mut all = m.lock().await;
+                let items = all.entry(warehouse_id.to_string()).or_default();
+                Ok(changes
+                    .iter()
+                    .map(|c| {
+                        let k = item_key(c);
+                        let (result, next) = decide(c, items.get(&k), faults);
+                        if let Some(next) = next {
+                            items.insert(k, next);
+                        }
+                        result
+                    })
+                    .collect())
+            }
+            CentralStore::Postgres(pool) => {
+                let mut tx = pool.begin().await?;
+                let mut results = Vec::with_capacity(changes.len());
+                for c in changes {
+                    let k = item_key(c);
+                    let row: Option<(String, Option<Value>)> = sqlx::query_as(
+                        "SELECT version, data FROM central_inventory
+                         WHERE warehouse_id = $1 AND item_key = $2 FOR UPDATE",
+                    )
+                    .bind(warehouse_id)
+                    .bind(&k)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                    let current = row.map(|(version, data)| Item {
+                        entity: c.entity,
+                        key: Value::Object(c.key.clone()),
+                        version,
+                        data,
+                    });
+                    let (result, next) = decide(c, current.as_ref(), faults);
+                    if let Some(next) = next {
+                        sqlx::query(
+                            "INSERT INTO central_inventory (warehouse_id, item_key, entity, key, version, data)
+                             VALUES ($1, $2, $3, $4, $5, $6)
+                             ON CONFLICT (warehouse_id, item_key) DO UPDATE
+                             SET version = EXCLUDED.version, data = EXCLUDED.data, updated_at = now()",
+                        )
+                        .bind(warehouse_id)
+                        .bind(&k)
+                        .bind(next.entity.as_str())
+                        .bind(&next.key)
+                        .bind(&next.version)
+                        .bind(&next.data)
+                        .execute(&mut *tx)
+                        .await?;
+                    }
+                    results.push(result);
+                }
+                tx.commit().await?;
+                Ok(results)
+            }
+        }
+    }
+
+    async fn list(&self, warehouse_id: &str) -> Result<Vec<Item>, sqlx::Error> {
+        match self {
+            CentralStore::Memory(m) => Ok(m
+                .lock()
+                .await
+                .get(warehouse_id)
+                .map(|items| {
+                    items
+                        .values()
+                        .filter(|i| i.data.is_some())
+                        .cloned()
+                        .collect()
+                })
+                .unwrap_or_default()),
+            CentralStore::Postgres(pool) => {
+                let rows: Vec<(String, Value, String, Option<Value>)> = sqlx::query_as(
+                    "SELECT entity, key, version, data FROM central_inventory
+                     WHERE warehouse_id = $1 AND data IS NOT NULL ORDER BY item_key",
+                )
+                .bind(warehouse_id)
+                .fetch_all(pool)
+                .await?;
+                Ok(rows
+                    .into_iter()
+                    .filter_map(|(entity, key, version, data)| {
+                        let entity = serde_json::from_value(Value::String(entity)).ok()?;
+                        Some(Item {
+                            entity,
+                            key,
+                            version,
+                            data,
+                        })
+                    })
+                    .collect())
+            }
+        }
+    }
+}
+
+/// The store's key of a change's entity: entity and key fields, canonical (sorted) JSON.
+fn item_key(c: &Change) -> String {
+    let key: BTreeMap<&String, &Value> = c.key.iter().collect();
+    format!(
+        "{}:{}",
+        c.entity.as_str(),
+        serde_json::to_string(&key).unwrap_or_default()
+    )
+}
+
+/// The verdict on `c` given what is stored, and what to store afterwards.
+fn decide(c: &Change, current: Option<&Item>, faults: &Faults) -> (ChangeResult, Option<Item>) {
+    let verdict = |status, reason: Option<String>| ChangeResult {
+        status,
+        reason,
+        current_version: current.map(|i| i.version.clone()),
+        current: current.and_then(|i| i.data.clone()),
+    };
+    if let Some(reason) = reject_reason(c, faults) {
+        return (verdict(ResultStatus::Rejected, Some(reason)), None);
+    }
+    if let Some(cur) = current {
+        if c.version == cur.version {
+            return (verdict(ResultStatus::Duplicate, None), None);
+        }
+        if c.version < cur.version {
+            let reason = format!(
+                "central holds version {} (newer than {})",
+                cur.version, c.version
+            );
+            return (verdict(ResultStatus::Stale, Some(reason)), None);
+        }
+    }
+    let next = Item {
+        entity: c.entity,
+        key: Value::Object(c.key.clone()),
+        version: c.version.clone(),
+        data: match c.op {
+            ChangeOp::Upsert => c.data.clone().map(Value::Object),
+            ChangeOp::Delete => None,
+        },
+    };
+    let result = ChangeResult {
+        status: ResultStatus::Applied,
+        reason: None,
+        current_version: Some(c.version.clone()),
+        current: None,
+    };
+    (result, Some(next))
+}
+
+/// Central's own business rules, plus the injected rejection.
+fn reject_reason(c: &Change, faults: &Faults) -> Option<String> {
+    if c.key.is_empty() {
+        return Some("empty key".into());
+    }
+    if let Some(s) = &faults.reject_key_substring {
+        let key = serde_json::to_string(&c.key).unwrap_or_default();
+        if key.contains(s.as_str()) {
+            return Some(format!("key {key} is refused by central policy"));
+        }
+    }
+    if c.op == ChangeOp::Upsert {
+        let Some(data) = &c.data else {
+            return Some("upsert without data".into());
+        };
+        if c.entity == Entity::StockLevel {
+            let int = |f: &str| data.get(f).and_then(Value::as_i64);
+            match (int("on_hand"), int("reserved"), int("available")) {
+                (Some(o), Some(r), Some(a)) if o >= 0 && r >= 0 && a == o - r => {}
+                _ => {
+                    return Some(format!(
+                        "stock_level data must have integers on_hand >= 0, reserved >= 0 and available = on_hand - reserved, got {}",
+                        Value::Object(data.clone())
+                    ));
+                }
+            }
+        }
+    }
+    None
+}
+
+/// Counts since start.
+#[derive(Debug, Default)]
+struct Stats {
+    requests: AtomicU64,
+    injected_errors: AtomicU64,
+    unauthorized: AtomicU64,
+    invalid_batches: AtomicU64,
+    applied: AtomicU64,
+    duplicate: AtomicU64,
+    stale: AtomicU64,
+    rejected: AtomicU64,
+}
+
+struct ServerState {
+    store: CentralStore,
+    token: Option<String>,
+    faults: std::sync::Mutex<Faults>,
+    stats: Stats,
+}
+
+/// The server's settings.
+pub struct CentralServer {
+    /// Its state.
+    pub store: CentralStore,
+    /// Bearer token the server requires, if any.
+    pub token: Option<String>,
+    /// Faults to start with.
+    pub faults: Faults,
+}
+
+impl CentralServer {
+    /// The routes, ready to serve.
+    pub fn router(self) -> Router {
+        let state = Arc::new(ServerState {
+            store: self.store,
+            token: self.token,
+            faults: std::sync::Mutex::new(self.faults),
+            stats: Stats::default(),
+        });
+        Router::new()
+            .route("/api/warehouse/{id}/changes", post(post_changes))
+            .route("/api/warehouse/{id}/inventory", get(get_inventory))
+            .route("/admin/faults", get(get_faults).put(put_faults))
+            .route("/admin/stats", get(get_stats))
+            .route("/health", get(|| async { Json(json!({"status": "ok"})) }))
+            .with_state(state)
+    }
+
+    /// Serves on `listener` until `cancel`.
+    pub async fn serve(
+        self,
+        listener: tokio::net::TcpListener,
+        cancel: CancellationToken,
+    ) -> std::io::Result<()> {
+        axum::serve(listener, self.router())
+            .with_graceful_shutdown(async move { cancel.cancelled().await })
+            .await
+    }
+
+    /// Binds `addr` and serves in the background; returns the bound address.
+    pub async fn spawn(
+        self,
+        addr: SocketAddr,
+        cancel: CancellationToken,
+    ) -> std::io::Result<SocketAddr> {
+        let listener = tokio::net::TcpListener::bind(addr).await?;
+        let local = listener.local_addr()?;
+        tokio::spawn(async move {
+            if let Err(e) = self.serve(listener, cancel).await {
+                tracing::error!(error = %e, "central server stopped");
+            }
+        });
+        Ok(local)
+    }
+}
+
+fn error(status: StatusCode, error: &str, message: impl Into<String>) -> Response {
+    (
+        status,
+        Json(json!({"error": error, "message": message.into()})),
+    )
+        .into_response()
+}
+
+fn current_faults(state: &ServerState) -> Faults {
+    state
+        .faults
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone()
+}
+
+async fn post_changes(
+    State(state): State<Arc<ServerState>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    state.stats.requests.fetch_add(1, Ordering::Relaxed);
+    if let Some(token) = &state.token {
+        let given = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        if given != Some(token.as_str()) {
+            state.stats.unauthorized.fetch_add(1, Ordering::Relaxed);
+            let mut r = error(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "a valid bearer token is required",
+            );
+            r.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            return r;
+        }
+    }
+    let faults = current_faults(&state);
+    if faults.latency_ms > 0 {
+        tokio::time::sleep(Duration::from_millis(faults.latency_ms)).await;
+    }
+    let inject = {
+        let mut f = state.faults.lock().unwrap_or_else(|p| p.into_inner());
+        if f.fail_next > 0 {
+            f.fail_next -= 1;
+            true
+        } else {
+            f.error_rate > 0.0 && rand::random::<f64>() < f.error_rate
+        }
+    };
+    if inject {
+        state.stats.injected_errors.fetch_add(1, Ordering::Relaxed);
+        let status = StatusCode::from_u16(faults.error_status.unwrap_or(503))
+            .unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+        let mut r = error(status, "injected", "fault injected by the reference server");
+        if let Some(secs) = faults.retry_after_secs {
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        return r;
+    }
+    let batch: ChangeBatch = match serde_json::from_slice(&body) {
+        Ok(b) => b,
+        Err(e) => {
+            state.stats.invalid_batches.fetch_add(1, Ordering::Relaxed);
+            return error(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                format!("invalid change batch: {e}"),
+            );
+        }
+    };
+    if batch.warehouse_id != id {
+        state.stats.invalid_batches.fetch_add(1, Ordering::Relaxed);
+        return error(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "unprocessable",
+            format!(
+                "warehouse_id {:?} does not match the path's {id:?}",
+                batch.warehouse_id
+            ),
+        );
+    }
+    if let Some(s) = &faults.invalid_key_substring
+        && let Some(bad) = batch.changes.iter().find(|c| {
+            serde_json::to_string(&c.key)
+                .unwrap_or_default()
+                .contains(s.as_str())
+        })
+    {
+        state.stats.invalid_batches.fetch_add(1, Ordering::Relaxed);
+        return error(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "unprocessable",
+            format!(
+                "change {} has an invalid key {}",
+                bad.version,
+                Value::Object(bad.key.clone())
+            ),
+        );
+    }
+    let results = match state.store.apply(&id, &batch.changes, &faults).await {
+        Ok(r) => r,
+        Err(e) => {
+            return error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                format!("store: {e}"),
+            );
+        }
+    };
+    for r in &results {
+        let counter = match r.status {
+            ResultStatus::Applied => &state.stats.applied,
+            ResultStatus::Duplicate => &state.stats.duplicate,
+            ResultStatus::Stale => &state.stats.stale,
+            ResultStatus::Rejected => &state.stats.rejected,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+    Json(BatchResponse { results }).into_response()
+}
+
+async fn get_inventory(State(state): State<Arc<ServerState>>, Path(id): Path<String>) -> Response {
+    match state.store.list(&id).await {
+        Ok(items) => Json(json!({"warehouse_id": id, "items": items})).into_response(),
+        Err(e) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            format!("store: {e}"),
+        ),
+    }
+}
+
+async fn get_faults(State(state): State<Arc<ServerState>>) -> Json<Faults> {
+    Json(current_faults(&state))
+}
+
+async fn put_faults(State(state): State<Arc<ServerState>>, body: axum::body::Bytes) -> Response {
+    match serde_json::from_slice::<Faults>(&body) {
+        Ok(f) => {
+            *state.faults.lock().unwrap_or_else(|p| p.into_inner()) = f.clone();
+            Json(f).into_response()
+        }
+        Err(e) => error(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            format!("invalid faults: {e}"),
+        ),
+    }
+}
+
+async fn get_stats(State(state): State<Arc<ServerState>>) -> Json<Value> {
+    let s = &state.stats;
+    let n = |c: &AtomicU64| c.load(Ordering::Relaxed);
+    Json(json!({
+        "requests": n(&s.requests),
+        "injected_errors": n(&s.injected_errors),
+        "unauthorized": n(&s.unauthorized),
+        "invalid_batches": n(&s.invalid_batches),
+        "applied": n(&s.applied),
+        "duplicate": n(&s.duplicate),
+        "stale": n(&s.stale),
+        "rejected": n(&s.rejected),
+    }))
+}

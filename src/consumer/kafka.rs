@@ -1,0 +1,186 @@
+//! The consumer side of the Kafka bus: a consumer group on the change topic(s). Several
+//! `run` processes share the partitions; each change's offset is stored only once the stage
+//! has an outcome for it, and stored offsets are committed in the background (and at stop).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use futures_util::future::join_all;
+use rdkafka::Message;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::message::Headers;
+use secrecy::ExposeSecret;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::{Incoming, Stage};
+use crate::bus::BusError;
+use crate::bus::kafka::KafkaSettings;
+
+/// Where one consumed record sits.
+struct Position {
+    topic: String,
+    partition: i32,
+    offset: i64,
+}
+
+/// The subscription for a topic template: the name, or a regex when it has placeholders.
+fn subscription(template: &str) -> String {
+    if !template.contains('{') {
+        return template.to_string();
+    }
+    let mut re = String::from("^");
+    let mut rest = template;
+    while let Some(start) = rest.find('{') {
+        re.push_str(&regex::escape(&rest[..start]));
+        let end = rest[start..]
+            .find('}')
+            .map_or(rest.len(), |e| start + e + 1);
+        re.push_str(".+");
+        rest = &rest[end..];
+    }
+    re.push_str(&regex::escape(rest));
+    re.push('$');
+    re
+}
+
+/// Consumes the change topic(s) in group `kafka.group_id` until `cancel`, delivering the
+/// changes of `warehouses` (records of other warehouses are skipped).
+pub async fn run(
+    kafka: KafkaSettings,
+    warehouses: HashSet<String>,
+    stage: Arc<Stage>,
+    cancel: CancellationToken,
+) -> Result<(), BusError> {
+    let mut config = ClientConfig::new();
+    config
+        .set("bootstrap.servers", &kafka.brokers)
+        .set("group.id", &kafka.group_id)
+        .set("client.id", "inventorysync-consumer")
+        .set("enable.auto.commit", "true")
+        .set("auto.commit.interval.ms", "1000")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        // Per-table topics appear as tables change; find them soon.
+        .set("topic.metadata.refresh.interval.ms", "2000");
+    for (k, v) in &kafka.properties {
+        config.set(k, v.expose_secret());
+    }
+    let consumer: StreamConsumer = config.create().map_err(|e| BusError::Config {
+        key: "KAFKA_BROKERS / kafka properties".into(),
+        reason: e.to_string(),
+    })?;
+    let topic = subscription(kafka.topic.as_str());
+    consumer.subscribe(&[topic.as_str()])?;
+    tracing::info!(group = %kafka.group_id, topic = %topic, "consuming");
+    let limits = stage.settings().batch;
+    let mut batches: HashMap<String, Vec<Incoming>> = HashMap::new();
+    let mut positions: Vec<Position> = Vec::new();
+    let mut first_at: Option<Instant> = None;
+    let mut buffered = 0usize;
+    loop {
+        let flush_due = first_at.map(|t| t + limits.linger);
+        let msg = tokio::select! {
+            m = consumer.recv() => Some(m),
+            _ = sleep_until_opt(flush_due) => None,
+            _ = cancel.cancelled() => break,
+        };
+        if let Some(m) = msg {
+            let m = match m {
+                Ok(m) => m,
+                Err(e) => {
+                    tracing::debug!(error = %e, "consumer");
+                    continue;
+                }
+            };
+            positions.push(Position {
+                topic: m.topic().to_string(),
+                partition: m.partition(),
+                offset: m.offset(),
+            });
+            if m.topic() == kafka.dlq_topic {
+                continue;
+            }
+            let (mut warehouse, mut table) = (None, None);
+            if let Some(h) = m.headers() {
+                for header in h.iter() {
+                    let v = header.value.and_then(|v| std::str::from_utf8(v).ok());
+                    match header.key {
+                        "warehouse_id" => warehouse = v.map(str::to_string),
+                        "table" => table = v.map(str::to_string),
+                        _ => {}
+                    }
+                }
+            }
+            let (Some(warehouse), Some(table)) = (warehouse, table) else {
+                tracing::warn!(
+                    topic = m.topic(),
+                    partition = m.partition(),
+                    offset = m.offset(),
+                    "record without warehouse_id/table headers; not a change event of ours, skipped"
+                );
+                continue;
+            };
+            if !warehouses.contains(&warehouse) {
+                continue;
+            }
+            batches
+                .entry(warehouse)
+                .or_default()
+                .push(Incoming::Record {
+                    table,
+                    key: m.key().unwrap_or_default().to_vec(),
+                    value: m.payload().unwrap_or_default().to_vec(),
+                });
+            buffered += 1;
+            first_at.get_or_insert_with(Instant::now);
+            if buffered < limits.max_changes {
+                continue;
+            }
+        }
+        // Linger passed or the batch is full: deliver every warehouse's batch, then store the
+        // offsets of everything consumed so far.
+        let work = std::mem::take(&mut batches);
+        let results = join_all(work.iter().map(|(w, items)| stage.handle(w, items))).await;
+        if results.iter().any(Result::is_err) {
+            break;
+        }
+        for p in positions.drain(..) {
+            if let Err(e) = consumer.store_offset(&p.topic, p.partition, p.offset) {
+                // The partition moved to another consumer: it replays from the last commit.
+                tracing::debug!(error = %e, topic = %p.topic, partition = p.partition, "offset not stored");
+            }
+        }
+        first_at = None;
+        buffered = 0;
+    }
+    if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
+        tracing::debug!(error = %e, "final offset commit");
+    }
+    Ok(())
+}
+
+async fn sleep_until_opt(t: Option<Instant>) {
+    match t {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::subscription;
+
+    #[test]
+    fn a_template_subscribes_by_regex() {
+        assert_eq!(
+            subscription("inventorysync.changes"),
+            "inventorysync.changes"
+        );
+        assert_eq!(
+            subscription("cdc.{warehouse}.{schema}.{table}"),
+            r"^cdc\..+\..+\..+$"
+        );
+    }
+}

@@ -1,0 +1,475 @@
+//! From a change event (the JSON of DESIGN §2) to the central changes of DESIGN §3, and the
+//! business rules every change must pass before it is sent.
+//!
+//! Both buses go through the same JSON, so a change is mapped the same way whether it came
+//! from Kafka or from the embedded queue.
+
+use base64::Engine;
+use serde::Deserialize;
+use serde_json::{Map, Value};
+
+use super::settings::{Convert, FieldSource, Rules, TableMapping};
+use crate::Lsn;
+use crate::central::{Change, ChangeOp, ChangeSource, Entity};
+use crate::source::values::format_unix_micros;
+
+/// The parts of a change event the consumer stage reads.
+#[derive(Debug, Clone, Deserialize)]
+pub struct EventView {
+    /// Old row (key columns or the full row), if any.
+    pub before: Option<Map<String, Value>>,
+    /// New row, if any.
+    pub after: Option<Map<String, Value>>,
+    /// Origin.
+    pub source: SourceView,
+    /// `c`, `u`, `d`, `r` or `t`.
+    pub op: String,
+}
+
+/// The event's `source` block.
+#[derive(Debug, Clone, Deserialize)]
+pub struct SourceView {
+    /// Warehouse id.
+    pub warehouse_id: String,
+    /// Schema.
+    pub schema: String,
+    /// Table.
+    pub table: String,
+    /// Commit time in milliseconds.
+    #[serde(default)]
+    pub ts_ms: i64,
+    /// Commit time in microseconds (newer events).
+    #[serde(default)]
+    pub ts_us: Option<i64>,
+    /// `"false"`, `"true"`, `"last"` or `"incremental"`.
+    pub snapshot: String,
+    /// LSN of the change.
+    pub lsn: u64,
+    /// LSN of the commit.
+    pub commit_lsn: u64,
+    /// Index within the transaction.
+    pub sequence: u64,
+}
+
+impl EventView {
+    /// Parses an event; the error says what is missing or malformed.
+    pub fn parse(raw: &[u8]) -> Result<Self, Violation> {
+        serde_json::from_slice(raw).map_err(|e| Violation {
+            rule: "event_format",
+            field: None,
+            reason: format!("not a change event: {e}"),
+        })
+    }
+
+    /// `schema.table`.
+    pub fn table(&self) -> String {
+        format!("{}.{}", self.source.schema, self.source.table)
+    }
+
+    /// The version of DESIGN §2.
+    pub fn version(&self) -> String {
+        crate::event::format_version(Lsn(self.source.commit_lsn), self.source.sequence)
+    }
+}
+
+/// A rule a change broke.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Violation {
+    /// Rule name (`key_present`, `quantity_integer`, `quantity_non_negative`,
+    /// `reserved_le_on_hand`, `string_length`, `sku_pattern`, `utf8`, `event_format`).
+    pub rule: &'static str,
+    /// The central field concerned.
+    pub field: Option<String>,
+    /// What was found and what was expected.
+    pub reason: String,
+}
+
+fn violation(rule: &'static str, field: &str, reason: String) -> Violation {
+    Violation {
+        rule,
+        field: Some(field.to_string()),
+        reason,
+    }
+}
+
+/// What a mapped event becomes.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Mapped {
+    /// Central changes to send (two when an update moved the row to a new key).
+    Changes(Vec<Change>),
+    /// A truncate: central cannot express it; recorded for an operator.
+    Truncate,
+}
+
+/// Maps `ev` with `m` and checks `rules`.
+pub fn map_event(ev: &EventView, m: &TableMapping, rules: &Rules) -> Result<Mapped, Violation> {
+    let version = ev.version();
+    let micros = ev
+        .source
+        .ts_us
+        .unwrap_or(ev.source.ts_ms.saturating_mul(1000));
+    let source = ChangeSource {
+        table: ev.table(),
+        lsn: Lsn(ev.source.lsn).to_string(),
+        committed_at: format_unix_micros(micros),
+        snapshot: ev.source.snapshot != "false",
+    };
+    let change = |op, key, data| Change {
+        entity: m.entity,
+        op,
+        key,
+        data,
+        version: version.clone(),
+        source: source.clone(),
+    };
+    match ev.op.as_str() {
+        "t" => Ok(Mapped::Truncate),
+        "d" => {
+            let row = ev.before.as_ref().ok_or_else(|| {
+                violation(
+                    "key_present",
+                    "key",
+                    "a delete without the old row's key columns (check the replica identity)"
+                        .into(),
+                )
+            })?;
+            let key = fields(&m.key, row, rules, true)?;
+            Ok(Mapped::Changes(vec![change(ChangeOp::Delete, key, None)]))
+        }
+        "c" | "u" | "r" => {
+            let row = ev.after.as_ref().ok_or_else(|| {
+                violation(
+                    "key_present",
+                    "key",
+                    format!("op {:?} without a new row", ev.op),
+                )
+            })?;
+            let key = fields(&m.key, row, rules, true)?;
+            let mut data = fields(&m.data, row, rules, false)?;
+            check_data(m.entity, &mut data, rules)?;
+            if let Some(sku_pattern) = &rules.sku_pattern
+                && let Some(sku) = key.get("sku").or_else(|| data.get("sku"))
+            {
+                let text = sku.as_str().unwrap_or_default();
+                if !sku_pattern.is_match(text) {
+                    return Err(violation(
+                        "sku_pattern",
+                        "sku",
+                        format!("{sku} does not match {:?}", sku_pattern.as_str()),
+                    ));
+                }
+            }
+            let mut out = Vec::with_capacity(2);
+            // An update that changed the key columns moves the entity: the old key goes.
+            if ev.op == "u"
+                && let Some(before) = &ev.before
+                && let Ok(old_key) = fields(&m.key, before, rules, true)
+                && old_key != key
+            {
+                out.push(change(ChangeOp::Delete, old_key, None));
+            }
+            out.push(change(ChangeOp::Upsert, key, Some(data)));
+            Ok(Mapped::Changes(out))
+        }
+        other => Err(Violation {
+            rule: "event_format",
+            field: Some("op".into()),
+            reason: format!("unknown op {other:?}; expected c, u, d, r or t"),
+        }),
+    }
+}
+
+/// Reads the mapped fields from `row`; key fields must be present and non-empty.
+fn fields(
+    spec: &[(String, FieldSource)],
+    row: &Map<String, Value>,
+    rules: &Rules,
+    is_key: bool,
+) -> Result<Map<String, Value>, Violation> {
+    let mut out = Map::new();
+    for (name, src) in spec {
+        let value = match row.get(&src.column) {
+            Some(v) => v,
+            None if is_key => {
+                return Err(violation(
+                    "key_present",
+                    name,
+                    format!("key column {:?} is missing from the row", src.column),
+                ));
+            }
+            // Unchanged TOAST (listed in source.unchanged_toast) or not in the row.
+            None => continue,
+        };
+        let value = convert(name, &src.column, value, src.convert)?;
+        if is_key {
+            let empty = match &value {
+                Value::Null => true,
+                Value::String(s) => s.trim().is_empty(),
+                _ => false,
+            };
+            if empty {
+                return Err(violation(
+                    "key_present",
+                    name,
+                    format!(
+                        "key column {:?} is {value}; a key must not be empty",
+                        src.column
+                    ),
+                ));
+            }
+        }
+        if let Value::String(s) = &value {
+            let chars = s.chars().count();
+            if chars > rules.max_string_chars {
+                return Err(violation(
+                    "string_length",
+                    name,
+                    format!(
+                        "column {:?} holds {chars} characters; at most {} are allowed",
+                        src.column, rules.max_string_chars
+                    ),
+                ));
+            }
+        }
+        out.insert(name.clone(), value);
+    }
+    Ok(out)
+}
+
+fn convert(name: &str, column: &str, v: &Value, how: Convert) -> Result<Value, Violation> {
+    match how {
+        Convert::AsIs => Ok(v.clone()),
+        Convert::ByteaUtf8 => match v {
+            Value::Null => Ok(Value::Null),
+            Value::String(b64) => {
+                let bytes = base64::engine::general_purpose::STANDARD
+                    .decode(b64)
+                    .map_err(|e| {
+                        violation(
+                            "utf8",
+                            name,
+                            format!("column {column:?} is not bytea (base64): {e}"),
+                        )
+                    })?;
+                String::from_utf8(bytes).map(Value::String).map_err(|e| {
+                    violation(
+                        "utf8",
+                        name,
+                        format!(
+                            "column {column:?} is not valid UTF-8 text: invalid byte at offset {}",
+                            e.utf8_error().valid_up_to()
+                        ),
+                    )
+                })
+            }
+            other => Err(violation(
+                "utf8",
+                name,
+                format!("column {column:?} holds {other}, not bytea"),
+            )),
+        },
+    }
+}
+
+/// Quantities are integers ≥ 0; for stock levels `reserved ≤ on_hand` and
+/// `available = on_hand - reserved`.
+fn check_data(
+    entity: Entity,
+    data: &mut Map<String, Value>,
+    rules: &Rules,
+) -> Result<(), Violation> {
+    for q in &rules.quantity_fields {
+        let Some(v) = data.get(q) else { continue };
+        let n = integer(v)
+            .ok_or_else(|| violation("quantity_integer", q, format!("{v} is not an integer")))?;
+        if n < 0 {
+            return Err(violation(
+                "quantity_non_negative",
+                q,
+                format!("{n} is negative; quantities must be >= 0"),
+            ));
+        }
+        data.insert(q.clone(), Value::from(n));
+    }
+    if entity == Entity::StockLevel {
+        let on_hand = data
+            .get("on_hand")
+            .and_then(integer)
+            .ok_or_else(|| violation("quantity_integer", "on_hand", "on_hand is missing".into()))?;
+        let reserved = data.get("reserved").and_then(integer).unwrap_or(0);
+        if reserved > on_hand {
+            return Err(violation(
+                "reserved_le_on_hand",
+                "reserved",
+                format!("reserved {reserved} exceeds on_hand {on_hand}"),
+            ));
+        }
+        data.insert("reserved".into(), Value::from(reserved));
+        data.insert("available".into(), Value::from(on_hand - reserved));
+    }
+    Ok(())
+}
+
+/// An integer from a JSON number or an exact numeric string (`"12"`, `"12.00"`).
+fn integer(v: &Value) -> Option<i64> {
+    match v {
+        Value::Number(n) => n.as_i64().or_else(|| {
+            n.as_f64()
+                .filter(|f| f.fract() == 0.0 && f.abs() < 9.0e15)
+                .map(|f| f as i64)
+        }),
+        Value::String(s) => {
+            let (int, frac) = s.split_once('.').unwrap_or((s, ""));
+            if frac.bytes().all(|b| b == b'0') {
+                int.parse().ok()
+            } else {
+                None
+            }
+        }
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::consumer::settings::ConsumerSettings;
+
+    fn settings() -> ConsumerSettings {
+        let file = toml::from_str(
+            r#"
+            [[mappings]]
+            table = "public.stock_levels"
+            entity = "stock_level"
+            key = { sku = "sku", location = "location_code" }
+            data = { on_hand = "qty_on_hand", reserved = "qty_reserved", label = { column = "raw", from = "bytea_utf8" } }
+            [rules]
+            sku_pattern = "^SKU-[0-9]+$"
+            max_string_chars = 10
+            "#,
+        )
+        .expect("toml");
+        ConsumerSettings::from_file(file).expect("valid")
+    }
+
+    fn event(op: &str, before: Value, after: Value) -> EventView {
+        serde_json::from_value(json!({
+            "before": before, "after": after, "op": op,
+            "source": {"warehouse_id": "wh", "schema": "public", "table": "stock_levels",
+                       "ts_ms": 1795557622123i64, "ts_us": 1795557622123456i64, "snapshot": "false",
+                       "lsn": 100, "commit_lsn": 0x16B3748, "sequence": 3}
+        }))
+        .expect("event")
+    }
+
+    fn map(op: &str, before: Value, after: Value) -> Result<Mapped, Violation> {
+        let s = settings();
+        map_event(
+            &event(op, before, after),
+            &s.mappings["public.stock_levels"],
+            &s.rules,
+        )
+    }
+
+    #[test]
+    fn a_stock_level_maps_to_the_contract_with_available_computed() {
+        let Mapped::Changes(c) = map(
+            "u",
+            json!({"sku": "SKU-1", "location_code": "A-01"}),
+            json!({"sku": "SKU-1", "location_code": "A-01", "qty_on_hand": 5, "qty_reserved": "1", "raw": "b2s="}),
+        )
+        .expect("maps") else {
+            panic!("changes")
+        };
+        assert_eq!(c.len(), 1);
+        let got = serde_json::to_value(&c[0]).expect("json");
+        assert_eq!(
+            got,
+            json!({"entity": "stock_level", "op": "upsert",
+                   "key": {"sku": "SKU-1", "location": "A-01"},
+                   "data": {"on_hand": 5, "reserved": 1, "available": 4, "label": "ok"},
+                   "version": "00000000016B3748:00000003",
+                   "source": {"table": "public.stock_levels", "lsn": "0/64",
+                              "committed_at": "2026-11-24T22:00:22.123456Z", "snapshot": false}})
+        );
+    }
+
+    #[test]
+    fn a_delete_uses_the_old_key_and_a_key_change_deletes_the_old_entity() {
+        let Ok(Mapped::Changes(d)) = map(
+            "d",
+            json!({"sku": "SKU-1", "location_code": "A-01"}),
+            Value::Null,
+        ) else {
+            panic!("delete maps")
+        };
+        assert_eq!((d[0].op, d[0].data.is_none()), (ChangeOp::Delete, true));
+        let Ok(Mapped::Changes(moved)) = map(
+            "u",
+            json!({"sku": "SKU-1", "location_code": "A-01"}),
+            json!({"sku": "SKU-1", "location_code": "B-02", "qty_on_hand": 1}),
+        ) else {
+            panic!("update maps")
+        };
+        assert_eq!(moved.len(), 2);
+        assert_eq!(moved[0].op, ChangeOp::Delete);
+        assert_eq!(moved[0].key["location"], "A-01");
+        assert_eq!(moved[1].key["location"], "B-02");
+    }
+
+    #[test]
+    fn poison_rows_name_the_rule_the_field_and_the_value() {
+        let row = |extra: Value| {
+            let mut r = json!({"sku": "SKU-1", "location_code": "A-01", "qty_on_hand": 5});
+            for (k, v) in extra.as_object().expect("object") {
+                r[k] = v.clone();
+            }
+            r
+        };
+        let cases = [
+            (
+                row(json!({"qty_on_hand": -3})),
+                "quantity_non_negative",
+                "-3",
+            ),
+            (
+                row(json!({"qty_on_hand": 5, "qty_reserved": 7})),
+                "reserved_le_on_hand",
+                "reserved 7 exceeds on_hand 5",
+            ),
+            (
+                row(json!({"qty_on_hand": "2.5"})),
+                "quantity_integer",
+                "2.5",
+            ),
+            (row(json!({"sku": ""})), "key_present", "must not be empty"),
+            (row(json!({"sku": null})), "key_present", "null"),
+            (row(json!({"sku": "BAD-1"})), "sku_pattern", "BAD-1"),
+            (
+                row(json!({"location_code": "x".repeat(11)})),
+                "string_length",
+                "11 characters",
+            ),
+            // 0xC3 0x28: not UTF-8.
+            (row(json!({"raw": "wyg="})), "utf8", "not valid UTF-8"),
+        ];
+        for (after, rule, text) in cases {
+            let v = map("c", Value::Null, after.clone()).expect_err(&after.to_string());
+            assert_eq!(v.rule, rule, "{after}: {v:?}");
+            assert!(v.reason.contains(text), "{after}: {v:?}");
+        }
+        let missing = map("c", Value::Null, json!({"sku": "SKU-1", "qty_on_hand": 1}))
+            .expect_err("no location");
+        assert_eq!(
+            (missing.rule, missing.field.as_deref()),
+            ("key_present", Some("location"))
+        );
+    }
+
+    #[test]
+    fn a_truncate_is_reported_not_sent() {
+        assert_eq!(map("t", Value::Null, Value::Null), Ok(Mapped::Truncate));
+    }
+}

@@ -1,0 +1,101 @@
+//! `sync_conflicts` and `sync_dead_letters`: what the consumer stage could not simply apply.
+
+use serde_json::Value;
+
+use super::{StateDb, StoreError};
+
+/// One conflict row to record.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewConflict {
+    /// Warehouse id.
+    pub warehouse_id: String,
+    /// `schema.table`.
+    pub table_name: String,
+    /// Central entity, when the table is mapped.
+    pub entity: Option<String>,
+    /// Key fields (the central key, or the row's key columns).
+    pub entity_key: Value,
+    /// `stale_version`, `rejected`, `invalid` or `truncate`.
+    pub kind: &'static str,
+    /// The rule that failed (for `invalid` and central refusals).
+    pub rule: Option<String>,
+    /// What happened, in words.
+    pub reason: String,
+    /// The change's version.
+    pub source_version: String,
+    /// The version central holds, when known.
+    pub central_version: Option<String>,
+    /// The warehouse's value.
+    pub source_value: Option<Value>,
+    /// Central's value, when known.
+    pub central_value: Option<Value>,
+    /// Whether the change went to the dead-letter queue.
+    pub dead_lettered: bool,
+    /// What an operator can do.
+    pub hint: String,
+}
+
+/// One dead letter for the state DB (the embedded bus's dead-letter queue).
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewDeadLetter {
+    /// Warehouse id.
+    pub warehouse_id: String,
+    /// `schema.table`.
+    pub table_name: String,
+    /// The change's version.
+    pub source_version: String,
+    /// The rule that failed.
+    pub rule: String,
+    /// Why.
+    pub reason: String,
+    /// The original event, byte for byte.
+    pub raw_event: Vec<u8>,
+}
+
+impl StateDb {
+    /// Records `c` once (a replayed change finds its row already there).
+    pub async fn record_conflict(&self, c: &NewConflict) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO sync_conflicts (warehouse_id, table_name, entity, entity_key, kind, rule, reason,
+                 source_version, central_version, source_value, central_value, dead_lettered, hint)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
+             ON CONFLICT (warehouse_id, table_name, source_version, kind, entity_key) DO NOTHING",
+        )
+        .bind(&c.warehouse_id)
+        .bind(&c.table_name)
+        .bind(&c.entity)
+        .bind(&c.entity_key)
+        .bind(c.kind)
+        .bind(&c.rule)
+        .bind(&c.reason)
+        .bind(&c.source_version)
+        .bind(&c.central_version)
+        .bind(&c.source_value)
+        .bind(&c.central_value)
+        .bind(c.dead_lettered)
+        .bind(&c.hint)
+        .execute(self.pool())
+        .await?;
+        Ok(())
+    }
+
+    /// Stores a dead letter once.
+    pub async fn record_dead_letter(&self, d: &NewDeadLetter) -> Result<(), StoreError> {
+        let event: Option<Value> = serde_json::from_slice(&d.raw_event).ok();
+        sqlx::query(
+            "INSERT INTO sync_dead_letters (warehouse_id, table_name, source_version, rule, reason, event, raw_event)
+             VALUES ($1, $2, $3, $4, $5, $6, $7)
+             ON CONFLICT (warehouse_id, table_name, source_version, rule) DO NOTHING",
+        )
+        .bind(&d.warehouse_id)
+        .bind(&d.table_name)
+        .bind(&d.source_version)
+        .bind(&d.rule)
+        .bind(&d.reason)
+        .bind(&event)
+        .bind(&d.raw_event)
+        .execute(self.pool())
+        .await?;
+        Ok(())
+    }
+}
