@@ -40,3 +40,12 @@ CREATE TABLE IF NOT EXISTS sync_dead_letters (
     created_at     timestamptz NOT NULL DEFAULT now(),
     UNIQUE (warehouse_id, table_name, source_version, rule)
 );
+
+-- Per warehouse, the highest version the consumer stage has sent to central (written before
+-- the request). A `stale` answer naming a version at or below it is our own newer change,
+-- applied before a replay: superseded, not a conflict.
+CREATE TABLE IF NOT EXISTS consumer_progress (
+    warehouse_id text PRIMARY KEY,
+    sent_version text        NOT NULL,
+    updated_at   timestamptz NOT NULL DEFAULT now()
+);

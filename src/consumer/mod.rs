@@ -20,6 +20,7 @@ pub mod mapping;
 pub mod settings;
 
 use std::borrow::Cow;
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -113,6 +114,8 @@ pub struct StageCounters {
     pub rejected: AtomicU64,
     /// Changes that broke a business rule before sending.
     pub invalid: AtomicU64,
+    /// Stale answers naming a newer version of our own (a replay): not conflicts.
+    pub superseded: AtomicU64,
     /// Truncates recorded.
     pub truncates: AtomicU64,
     /// Changes sent to the dead-letter queue.
@@ -127,6 +130,8 @@ pub struct Stage {
     dead_letters: DeadLetters,
     counters: StageCounters,
     cancel: CancellationToken,
+    /// Per warehouse, the highest version sent (mirrors `consumer_progress`).
+    sent: tokio::sync::Mutex<HashMap<String, Option<String>>>,
 }
 
 /// A change on its way, with the event it came from.
@@ -152,6 +157,7 @@ impl Stage {
             dead_letters,
             counters: StageCounters::default(),
             cancel,
+            sent: tokio::sync::Mutex::new(HashMap::new()),
         }
     }
 
@@ -264,9 +270,16 @@ impl Stage {
                 .iter()
                 .map(|p| p.change.clone())
                 .collect();
+            let high = changes
+                .iter()
+                .map(|c| c.version.as_str())
+                .max()
+                .unwrap_or_default()
+                .to_string();
+            let sent_high = self.note_sent(warehouse_id, &high).await?;
             let verdicts = client.deliver(warehouse_id, changes, &self.cancel).await?;
             for (p, verdict) in pending[start..end].iter().zip(verdicts) {
-                self.settle(warehouse_id, &items[p.item], &p.change, verdict)
+                self.settle(warehouse_id, &items[p.item], &p.change, verdict, &sent_high)
                     .await?;
             }
             start = end;
@@ -274,13 +287,50 @@ impl Stage {
         Ok(())
     }
 
-    /// Records the outcome of one delivered change.
+    /// Records (before sending) that versions up to `high` may be at central; returns the
+    /// highest version sent before, which any of our own newer changes at central is at or
+    /// below.
+    async fn note_sent(&self, warehouse_id: &str, high: &str) -> Result<String, Cancelled> {
+        let mut sent = self.sent.lock().await;
+        if !sent.contains_key(warehouse_id) {
+            let mut backoff = Backoff::new();
+            let stored = loop {
+                match self.state.sent_version(warehouse_id).await {
+                    Ok(v) => break v,
+                    Err(e) => {
+                        let wait = backoff.next_delay(std::time::Duration::ZERO);
+                        tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "cannot read the consumer's progress; retrying");
+                        tokio::select! {
+                            _ = tokio::time::sleep(wait) => {}
+                            _ = self.cancel.cancelled() => return Err(Cancelled),
+                        }
+                    }
+                }
+            };
+            sent.insert(warehouse_id.to_string(), stored);
+        }
+        let known = sent
+            .get(warehouse_id)
+            .cloned()
+            .flatten()
+            .unwrap_or_default();
+        if high > known.as_str() {
+            self.persist(|| self.state.raise_sent_version(warehouse_id, high))
+                .await?;
+            sent.insert(warehouse_id.to_string(), Some(high.to_string()));
+        }
+        Ok(known.max(high.to_string()))
+    }
+
+    /// Records the outcome of one delivered change; `sent_high` is the highest version that
+    /// may be at central from us.
     async fn settle(
         &self,
         warehouse_id: &str,
         item: &Incoming,
         change: &Change,
         verdict: Verdict,
+        sent_high: &str,
     ) -> Result<(), Cancelled> {
         let result = match verdict {
             Verdict::Result(r) => r,
@@ -300,6 +350,15 @@ impl Stage {
             }
             ResultStatus::Duplicate => {
                 self.counters.duplicate.fetch_add(1, Ordering::Relaxed);
+            }
+            ResultStatus::Stale
+                if result
+                    .current_version
+                    .as_deref()
+                    .is_some_and(|v| v <= sent_high) =>
+            {
+                // Central holds a newer version we sent before (a replay after a restart).
+                self.counters.superseded.fetch_add(1, Ordering::Relaxed);
             }
             ResultStatus::Stale => {
                 self.counters.stale.fetch_add(1, Ordering::Relaxed);

@@ -399,3 +399,14 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod shipped {
+    #[test]
+    fn the_demo_mapping_in_sql_parses() {
+        let text = include_str!("../../sql/demo_mapping.toml");
+        let s = super::ConsumerSettings::from_file(toml::from_str(text).expect("toml"))
+            .expect("valid mapping");
+        assert_eq!(s.mappings.len(), 3);
+    }
+}

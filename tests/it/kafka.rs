@@ -55,9 +55,9 @@ fn service(cfg: &std::path::Path, state: &TestDb, topic: &str, brokers: &str) ->
     c
 }
 
-type Received = (String, HashMap<String, String>, serde_json::Value);
+pub type Received = (String, HashMap<String, String>, serde_json::Value);
 
-async fn consume(topic: &str, expected: usize) -> Vec<Received> {
+pub async fn consume(topic: &str, expected: usize) -> Vec<Received> {
     let all = consume_until(topic, Duration::from_secs(90), |all| all.len() >= expected).await;
     assert!(
         all.len() >= expected,

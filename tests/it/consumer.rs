@@ -1,0 +1,724 @@
+//! The consumer stage end to end: warehouse → `run` (embedded bus or Kafka) → the reference
+//! central server (in this process), with faults, conflicts and poison rows.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use inventorysync::central::server::{CentralServer, CentralStore, Faults};
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+use crate::harness::{TestDb, broker, pg};
+
+/// The reference central server, in memory, served by this test's runtime.
+pub struct Central {
+    addr: SocketAddr,
+    http: reqwest::Client,
+    _stop: tokio_util::sync::DropGuard,
+}
+
+impl Central {
+    pub async fn start(faults: Faults) -> Central {
+        // reqwest is built without a default crypto provider (the engine brings ring).
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let cancel = CancellationToken::new();
+        let server = CentralServer {
+            store: CentralStore::memory(),
+            token: None,
+            faults,
+        };
+        let addr = server
+            .spawn("127.0.0.1:0".parse().unwrap(), cancel.clone())
+            .await
+            .unwrap();
+        Central {
+            addr,
+            http: reqwest::Client::new(),
+            _stop: cancel.drop_guard(),
+        }
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://{}/api/warehouse", self.addr)
+    }
+
+    pub async fn set_faults(&self, f: Faults) {
+        let r = self
+            .http
+            .put(format!("http://{}/admin/faults", self.addr))
+            .json(&f)
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success());
+    }
+
+    pub async fn stats(&self) -> Value {
+        self.get(&format!("http://{}/admin/stats", self.addr)).await
+    }
+
+    async fn get(&self, url: &str) -> Value {
+        self.http
+            .get(url)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    /// Central's live entities of `warehouse`: "entity key" → data.
+    pub async fn state(&self, warehouse: &str) -> BTreeMap<String, Value> {
+        let v = self
+            .get(&format!("{}/{warehouse}/inventory", self.endpoint()))
+            .await;
+        v["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| {
+                (
+                    entry(i["entity"].as_str().unwrap(), &i["key"]),
+                    i["data"].clone(),
+                )
+            })
+            .collect()
+    }
+
+    /// Posts one change straight to central (as another writer would).
+    pub async fn post(&self, warehouse: &str, change: Value) -> Value {
+        self.http
+            .post(format!("{}/{warehouse}/changes", self.endpoint()))
+            .json(&json!({"warehouse_id": warehouse, "batch_id": "manual", "changes": [change]}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+}
+
+fn entry(entity: &str, key: &Value) -> String {
+    // serde_json's maps are sorted: the text is canonical.
+    format!("{entity} {key}")
+}
+
+/// The demo schema, its publication, and the demo mapping.
+pub async fn demo_warehouse(prefix: &str) -> TestDb {
+    let db = pg().new_db(prefix).await;
+    db.exec(include_str!("../../sql/demo_schema.sql")).await;
+    db.exec("CREATE PUBLICATION inventorysync FOR TABLE products, locations, stock_levels")
+        .await;
+    db
+}
+
+/// What central must hold for `db`'s demo tables: "entity key" → data.
+pub async fn expected_state(db: &TestDb) -> BTreeMap<String, Value> {
+    let rows = db
+        .client
+        .query(
+            "SELECT 'product', json_build_object('sku', sku)::text,
+                    json_build_object('name', name, 'unit_price', unit_price::text, 'attributes', attributes)::text
+               FROM products
+             UNION ALL
+             SELECT 'location', json_build_object('code', location_code)::text,
+                    json_build_object('zone', zone)::text
+               FROM locations
+             UNION ALL
+             SELECT 'stock_level', json_build_object('sku', sku, 'location', location_code)::text,
+                    json_build_object('on_hand', qty_on_hand, 'reserved', qty_reserved,
+                                      'available', qty_on_hand - qty_reserved)::text
+               FROM stock_levels",
+            &[],
+        )
+        .await
+        .unwrap();
+    rows.iter()
+        .map(|r| {
+            let key: Value = serde_json::from_str(r.get::<_, &str>(1)).unwrap();
+            let data: Value = serde_json::from_str(r.get::<_, &str>(2)).unwrap();
+            (entry(r.get(0), &key), data)
+        })
+        .collect()
+}
+
+/// Waits until central holds exactly the warehouse's state; panics with a diff otherwise.
+pub async fn assert_converges(central: &Central, db: &TestDb, warehouse: &str, log: &Path) {
+    let want = expected_state(db).await;
+    let mut got = BTreeMap::new();
+    for _ in 0..600 {
+        got = central.state(warehouse).await;
+        if got == want {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let missing: Vec<_> = want
+        .iter()
+        .filter(|(k, v)| got.get(*k) != Some(v))
+        .take(5)
+        .collect();
+    let extra: Vec<_> = got
+        .iter()
+        .filter(|(k, _)| !want.contains_key(*k))
+        .take(5)
+        .collect();
+    panic!(
+        "central differs from the warehouse ({} vs {} entities); missing or different: {missing:?}; extra: {extra:?}; run's log ends:\n{}",
+        got.len(),
+        want.len(),
+        log_tail(log)
+    );
+}
+
+pub fn log_tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(30)..].join("\n")
+}
+
+/// A deterministic workload: `txs` transactions of 1–8 random statements over 40 SKUs and 6
+/// locations (upserts, quantity changes, deletes, moves to another location).
+pub async fn workload(db: &tokio_postgres::Client, seed: u64, txs: usize) {
+    let mut x = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    let mut next = move |n: u64| {
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (x >> 33) % n
+    };
+    for _ in 0..txs {
+        let mut sql = String::from("BEGIN;");
+        for _ in 0..1 + next(8) {
+            let sku = format!("SKU-{}", next(40));
+            let loc = format!("L-{}", next(6));
+            let stmt = match next(10) {
+                0 | 1 => format!(
+                    "INSERT INTO products (sku, name, unit_price, attributes) VALUES ('{sku}', 'name {}', {}.{:02}, '{{\"v\": {}}}')
+                     ON CONFLICT (sku) DO UPDATE SET name = EXCLUDED.name, unit_price = EXCLUDED.unit_price, attributes = EXCLUDED.attributes;",
+                    next(1000), next(100), next(100), next(10)
+                ),
+                2 => format!(
+                    "INSERT INTO locations (location_code, zone) VALUES ('{loc}', 'zone {}')
+                     ON CONFLICT (location_code) DO UPDATE SET zone = EXCLUDED.zone;",
+                    next(5)
+                ),
+                3..=6 => {
+                    let on_hand = next(100);
+                    let reserved = next(on_hand + 1);
+                    format!(
+                        "INSERT INTO stock_levels (sku, location_code, qty_on_hand, qty_reserved)
+                         SELECT '{sku}', '{loc}', {on_hand}, {reserved}
+                         WHERE EXISTS (SELECT 1 FROM products WHERE sku = '{sku}')
+                           AND EXISTS (SELECT 1 FROM locations WHERE location_code = '{loc}')
+                         ON CONFLICT (sku, location_code) DO UPDATE
+                         SET qty_on_hand = EXCLUDED.qty_on_hand, qty_reserved = EXCLUDED.qty_reserved;"
+                    )
+                }
+                7 => format!("DELETE FROM stock_levels WHERE sku = '{sku}' AND location_code = '{loc}';"),
+                8 => {
+                    let to = format!("L-{}", next(6));
+                    format!(
+                        "UPDATE stock_levels SET location_code = '{to}' WHERE sku = '{sku}' AND location_code = '{loc}'
+                           AND EXISTS (SELECT 1 FROM locations WHERE location_code = '{to}')
+                           AND NOT EXISTS (SELECT 1 FROM stock_levels WHERE sku = '{sku}' AND location_code = '{to}');"
+                    )
+                }
+                _ => format!(
+                    "DELETE FROM stock_levels WHERE sku = '{sku}'; DELETE FROM products WHERE sku = '{sku}';"
+                ),
+            };
+            sql.push_str(&stmt);
+        }
+        sql.push_str("COMMIT;");
+        db.batch_execute(&sql).await.unwrap();
+    }
+}
+
+/// A running `inventorysync run`, killed when dropped.
+pub struct Run {
+    pub child: Child,
+}
+
+impl Drop for Run {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Writes a configuration for warehouse `id` on `db` with the demo mapping plus `extra` TOML.
+pub fn config(dir: &Path, db: &TestDb, id: &str, extra: &str) -> PathBuf {
+    let cfg = dir.join("inventorysync.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "{}\n{extra}\n[[warehouses]]\nid = '{id}'\nurl = '{}'\nslot = '{}'\n",
+            include_str!("../../sql/demo_mapping.toml"),
+            db.url_as("postgres"),
+            db.slot("run")
+        ),
+    )
+    .unwrap();
+    cfg
+}
+
+/// The `run` command for `cfg` with state DB `state` and central `central`; Kafka when
+/// `kafka` names a topic.
+pub fn run_command(cfg: &Path, state: &TestDb, central: &Central, kafka: Option<&str>) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_inventorysync"));
+    c.arg("--config")
+        .arg(cfg)
+        .arg("run")
+        .env("DB_URL", state.url_as("postgres"))
+        .env("WAREHOUSE_API_ENDPOINT", central.endpoint())
+        .env("INVENTORYSYNC_LOG", "inventorysync=debug")
+        .env_remove("KAFKA_BROKERS");
+    if let Some(topic) = kafka {
+        c.env("KAFKA_BROKERS", &broker().address)
+            .env("KAFKA_TOPIC", topic)
+            .env("KAFKA_DLQ_TOPIC", format!("{topic}.dlq"))
+            .env("KAFKA_GROUP_ID", format!("{topic}.group"))
+            .env("KAFKA_PARTITIONS", "3");
+    }
+    c
+}
+
+pub fn start(mut c: Command, log: PathBuf) -> Run {
+    let child = c
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    Run { child }
+}
+
+/// Waits until `run` delivered warehouse `id`'s initial load (its first checkpoint), so
+/// what is written next is streamed rather than read by the load.
+pub async fn wait_streaming(state: &TestDb, id: &str, log: &Path) {
+    for _ in 0..300 {
+        if crate::kafka::checkpoint(state, id).await.is_some() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!(
+        "{id} never checkpointed its initial load; log:\n{}",
+        log_tail(log)
+    );
+}
+
+/// Rows of `sync_conflicts` as JSON, oldest first (none before `run` created the table).
+pub async fn conflicts(state: &TestDb) -> Vec<Value> {
+    state
+        .client
+        .query(
+            "SELECT row_to_json(c)::text FROM sync_conflicts c ORDER BY id",
+            &[],
+        )
+        .await
+        .map(|rows| {
+            rows.iter()
+                .map(|r| serde_json::from_str(r.get::<_, &str>(0)).unwrap())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Rows of `sync_dead_letters` as JSON.
+pub async fn dead_letters(state: &TestDb) -> Vec<Value> {
+    state
+        .client
+        .query(
+            "SELECT row_to_json(d)::text FROM (SELECT warehouse_id, table_name, source_version, rule, reason, event FROM sync_dead_letters ORDER BY id) d",
+            &[],
+        )
+        .await
+        .map(|rows| {
+            rows.iter()
+                .map(|r| serde_json::from_str(r.get::<_, &str>(0)).unwrap())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_bus_end_to_end_central_equals_the_warehouse() {
+    let db = demo_warehouse("cemb").await;
+    workload(&db.client, 1, 30).await; // the initial load
+    let state = pg().new_db("cembstate").await;
+    let central = Central::start(Faults::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), &db, "wh-emb", "");
+    let _run = start(
+        run_command(&cfg, &state, &central, None),
+        dir.path().join("run.log"),
+    );
+    workload(&db.client, 2, 300).await;
+    assert_converges(&central, &db, "wh-emb", &dir.path().join("run.log")).await;
+    assert_eq!(conflicts(&state).await, Vec::<Value>::new());
+    assert_eq!(dead_letters(&state).await, Vec::<Value>::new());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_end_to_end_central_equals_the_warehouse_and_rejections_reach_the_dlq_topic() {
+    let db = demo_warehouse("ckafka").await;
+    db.exec(
+        "CREATE TABLE other (id int PRIMARY KEY); ALTER PUBLICATION inventorysync ADD TABLE other;",
+    )
+    .await;
+    workload(&db.client, 3, 30).await;
+    let state = pg().new_db("ckafkastate").await;
+    let central = Central::start(Faults {
+        reject_key_substring: Some("REJ".into()),
+        ..Faults::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), &db, "wh-kafka", "");
+    let topic = format!("it.{}", db.name);
+    let log = dir.path().join("run.log");
+    let _run = start(
+        run_command(&cfg, &state, &central, Some(&topic)),
+        log.clone(),
+    );
+    workload(&db.client, 4, 300).await;
+    db.exec("INSERT INTO products (sku, name) VALUES ('REJ-1', 'refused'); INSERT INTO other VALUES (1);")
+        .await;
+    // Central refuses REJ-1: it is not expected there.
+    db.exec("BEGIN; INSERT INTO products (sku, name) VALUES ('SKU-LAST', 'last'); COMMIT;")
+        .await;
+    let want = {
+        let mut w = expected_state(&db).await;
+        w.retain(|k, _| !k.contains("REJ-1"));
+        w
+    };
+    let mut got = BTreeMap::new();
+    for _ in 0..600 {
+        got = central.state("wh-kafka").await;
+        if got == want {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        got == want,
+        "central equals the warehouse (but REJ-1); log:\n{}",
+        log_tail(&log)
+    );
+    let c = conflicts(&state).await;
+    assert_eq!(c.len(), 1, "{c:?}");
+    assert_eq!(c[0]["kind"], "rejected");
+    assert_eq!(c[0]["entity_key"], json!({"sku": "REJ-1"}));
+    assert_eq!(c[0]["dead_lettered"], true);
+    assert!(
+        c[0]["hint"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("{topic}.dlq")),
+        "{c:?}"
+    );
+    // The dead letter: the original event, with the rule and reason in headers.
+    let dlq = crate::kafka::consume(&format!("{topic}.dlq"), 1).await;
+    let (key, headers, value) = &dlq[0];
+    assert!(key.contains("REJ-1"), "{key}");
+    assert_eq!(value["after"]["sku"], "REJ-1");
+    assert_eq!(headers["dlq_rule"], "central_rejected");
+    assert!(headers["dlq_reason"].contains("refused"), "{headers:?}");
+    assert_eq!(headers["warehouse_id"], "wh-kafka");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn central_errors_429s_and_timeouts_are_retried_and_nothing_is_dead_lettered() {
+    let db = demo_warehouse("cfault").await;
+    let state = pg().new_db("cfaultstate").await;
+    let central = Central::start(Faults {
+        error_rate: 0.3,
+        error_status: Some(500),
+        ..Faults::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    // Short timeouts and backoff so the test is quick; a low breaker threshold so it opens.
+    let cfg = config(dir.path(), &db, "wh-fault", "");
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("request_timeout_ms = 10000", "request_timeout_ms = 300")
+        .replace("max_backoff_ms = 30000", "max_backoff_ms = 500")
+        .replace("breaker_threshold = 5", "breaker_threshold = 3")
+        .replace("breaker_cooldown_ms = 10000", "breaker_cooldown_ms = 500")
+        .replace("max_changes = 500", "max_changes = 20");
+    std::fs::write(&cfg, text).unwrap();
+    let log = dir.path().join("run.log");
+    let _run = start(run_command(&cfg, &state, &central, None), log.clone());
+    wait_streaming(&state, "wh-fault", &log).await;
+    // 500s at random.
+    workload(&db.client, 5, 100).await;
+    wait_for(&log, "HTTP 500").await;
+    // 429 with Retry-After for the next requests.
+    central
+        .set_faults(Faults {
+            fail_next: 3,
+            error_status: Some(429),
+            retry_after_secs: Some(1),
+            ..Faults::default()
+        })
+        .await;
+    workload(&db.client, 6, 50).await;
+    wait_for(&log, "HTTP 429").await;
+    // Answers slower than the request timeout: timeouts, and the breaker opens.
+    central
+        .set_faults(Faults {
+            latency_ms: 600,
+            ..Faults::default()
+        })
+        .await;
+    workload(&db.client, 7, 50).await;
+    wait_for(&log, "circuit breaker open").await;
+    // Slow but in time.
+    central
+        .set_faults(Faults {
+            latency_ms: 100,
+            ..Faults::default()
+        })
+        .await;
+    workload(&db.client, 8, 50).await;
+    assert_converges(&central, &db, "wh-fault", &log).await;
+    let stats = central.stats().await;
+    assert!(stats["injected_errors"].as_u64().unwrap() >= 2, "{stats}");
+    let text = std::fs::read_to_string(&log).unwrap();
+    for needle in [
+        "HTTP 500",
+        "HTTP 429",
+        "retry_in_ms=1000",
+        "timeout",
+        "circuit breaker open",
+    ] {
+        assert!(
+            text.contains(needle),
+            "the log shows {needle:?}:\n{}",
+            log_tail(&log)
+        );
+    }
+    assert_eq!(dead_letters(&state).await, Vec::<Value>::new());
+    assert_eq!(conflicts(&state).await, Vec::<Value>::new());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_answers_and_rejections_become_conflicts_with_hints() {
+    let db = demo_warehouse("cstale").await;
+    db.exec(
+        "INSERT INTO products (sku, name) VALUES ('SKU-1', 'one'), ('SKU-2', 'two');
+         INSERT INTO locations VALUES ('A-01', 'north');
+         INSERT INTO stock_levels (sku, location_code, qty_on_hand, qty_reserved) VALUES ('SKU-1', 'A-01', 10, 2);",
+    )
+    .await;
+    let state = pg().new_db("cstalestate").await;
+    let central = Central::start(Faults {
+        reject_key_substring: Some("SKU-2".into()),
+        ..Faults::default()
+    })
+    .await;
+    // Another writer put a newer version of SKU-1 at A-01 into central.
+    let answer = central
+        .post(
+            "wh-stale",
+            json!({"entity": "stock_level", "op": "upsert", "key": {"sku": "SKU-1", "location": "A-01"},
+                   "data": {"on_hand": 99, "reserved": 0, "available": 99},
+                   "version": "FFFFFFFF00000000:00000000",
+                   "source": {"table": "manual", "lsn": "0/0", "committed_at": "2026-11-25T00:00:00.000000Z", "snapshot": false}}),
+        )
+        .await;
+    assert_eq!(answer["results"][0]["status"], "applied");
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), &db, "wh-stale", "");
+    let log = dir.path().join("run.log");
+    let _run = start(run_command(&cfg, &state, &central, None), log.clone());
+    wait_streaming(&state, "wh-stale", &log).await;
+    db.exec("UPDATE stock_levels SET qty_on_hand = 11 WHERE sku = 'SKU-1'")
+        .await;
+    let mut c = Vec::new();
+    for _ in 0..300 {
+        c = conflicts(&state).await;
+        if c.len() >= 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let stale: Vec<&Value> = c.iter().filter(|r| r["kind"] == "stale_version").collect();
+    // The initial load's row and the update: both older than central's version.
+    assert_eq!(stale.len(), 2, "{c:?}\n{}", log_tail(&log));
+    for s in &stale {
+        assert_eq!(s["entity_key"], json!({"sku": "SKU-1", "location": "A-01"}));
+        assert_eq!(s["central_version"], "FFFFFFFF00000000:00000000");
+        assert_eq!(s["central_value"]["on_hand"], 99);
+        assert!(s["source_value"]["on_hand"].is_number(), "{s}");
+        assert_eq!(s["dead_lettered"], false);
+        let hint = s["hint"].as_str().unwrap();
+        assert!(hint.contains("POST /sync/warehouses/wh-stale"), "{hint}");
+        assert_eq!(s["status"], "open");
+    }
+    let rejected: Vec<&Value> = c.iter().filter(|r| r["kind"] == "rejected").collect();
+    assert_eq!(rejected.len(), 1, "{c:?}");
+    assert_eq!(rejected[0]["entity_key"], json!({"sku": "SKU-2"}));
+    assert_eq!(rejected[0]["dead_lettered"], true);
+    let d = dead_letters(&state).await;
+    assert_eq!(d.len(), 1, "{d:?}");
+    assert_eq!(d[0]["rule"], "central_rejected");
+    assert_eq!(d[0]["event"]["after"]["sku"], "SKU-2");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poison_rows_are_dead_lettered_with_their_reason_and_other_keys_keep_flowing() {
+    let db = demo_warehouse("cpoison").await;
+    db.exec(
+        "CREATE TABLE labels (sku text PRIMARY KEY, raw bytea);
+         ALTER PUBLICATION inventorysync ADD TABLE labels;
+         INSERT INTO locations VALUES ('A-01', 'north');",
+    )
+    .await;
+    let state = pg().new_db("cpoisonstate").await;
+    let central = Central::start(Faults::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(
+        dir.path(),
+        &db,
+        "wh-poison",
+        "[[mappings]]\ntable = 'public.labels'\nentity = 'product'\nkey = { sku = 'sku' }\ndata = { name = { column = 'raw', from = 'bytea_utf8' } }\n",
+    );
+    let log = dir.path().join("run.log");
+    let _run = start(run_command(&cfg, &state, &central, None), log.clone());
+    wait_streaming(&state, "wh-poison", &log).await;
+    db.exec(
+        "INSERT INTO products (sku, name) VALUES ('SKU-1', 'one'), ('SKU-2', 'two'), ('SKU-3', repeat('x', 1000000));
+         INSERT INTO stock_levels (sku, location_code, qty_on_hand, qty_reserved) VALUES ('SKU-1', 'A-01', -5, 0);
+         INSERT INTO stock_levels (sku, location_code, qty_on_hand, qty_reserved) VALUES ('SKU-2', 'A-01', 3, 7);
+         INSERT INTO labels VALUES ('LBL-1', '\\xc328'), ('LBL-2', convert_to('fine', 'UTF8'));",
+    )
+    .await;
+    // A later good change of a poisoned key, and other keys, still flow.
+    db.exec("UPDATE stock_levels SET qty_on_hand = 5 WHERE sku = 'SKU-1'; INSERT INTO products (sku, name) VALUES ('SKU-4', 'four');")
+        .await;
+    let mut d = Vec::new();
+    for _ in 0..300 {
+        d = dead_letters(&state).await;
+        if d.len() >= 4
+            && central
+                .state("wh-poison")
+                .await
+                .contains_key("product {\"sku\":\"SKU-4\"}")
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let rules: Vec<(&str, &str)> = d
+        .iter()
+        .map(|r| (r["rule"].as_str().unwrap(), r["reason"].as_str().unwrap()))
+        .collect();
+    assert_eq!(rules.len(), 4, "{rules:?}\n{}", log_tail(&log));
+    let has = |rule: &str, text: &str| {
+        rules
+            .iter()
+            .any(|(r, why)| *r == rule && why.contains(text))
+    };
+    assert!(has("string_length", "1000000 characters"), "{rules:?}");
+    assert!(has("quantity_non_negative", "-5"), "{rules:?}");
+    assert!(
+        has("reserved_le_on_hand", "reserved 7 exceeds on_hand 3"),
+        "{rules:?}"
+    );
+    assert!(has("utf8", "not valid UTF-8"), "{rules:?}");
+    let c = conflicts(&state).await;
+    assert_eq!(c.len(), 4, "{c:?}");
+    assert!(
+        c.iter()
+            .all(|r| r["kind"] == "invalid" && r["dead_lettered"] == true)
+    );
+    let got = central.state("wh-poison").await;
+    for key in [
+        "product {\"sku\":\"SKU-1\"}",
+        "product {\"sku\":\"SKU-2\"}",
+        "product {\"sku\":\"SKU-4\"}",
+        "product {\"sku\":\"LBL-2\"}",
+        "location {\"code\":\"A-01\"}",
+        "stock_level {\"location\":\"A-01\",\"sku\":\"SKU-1\"}",
+    ] {
+        assert!(
+            got.contains_key(key),
+            "{key} reached central: {:?}",
+            got.keys().collect::<Vec<_>>()
+        );
+    }
+    assert_eq!(
+        got["stock_level {\"location\":\"A-01\",\"sku\":\"SKU-1\"}"]["on_hand"],
+        5
+    );
+    assert_eq!(got["product {\"sku\":\"LBL-2\"}"]["name"], "fine");
+    for key in ["SKU-3", "LBL-1"] {
+        assert!(!got.keys().any(|k| k.contains(key)), "{key} was not sent");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_run_mid_batch_still_converges_and_replays_are_duplicates() {
+    let db = demo_warehouse("ckill").await;
+    let state = pg().new_db("ckillstate").await;
+    // Slow answers keep batches in flight when the process dies.
+    let central = Central::start(Faults {
+        latency_ms: 30,
+        ..Faults::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), &db, "wh-kill", "");
+    let url = db.url_as("postgres");
+    let writer = tokio::spawn(async move {
+        let c = crate::harness::connect(&url).await;
+        workload(&c, 9, 600).await;
+    });
+    for (i, ms) in [900u64, 1500, 600].into_iter().enumerate() {
+        let mut run = start(
+            run_command(&cfg, &state, &central, None),
+            dir.path().join(format!("run{i}.log")),
+        );
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+        run.child.kill().unwrap(); // SIGKILL
+        run.child.wait().unwrap();
+    }
+    writer.await.unwrap();
+    let log = dir.path().join("run.log");
+    let _run = start(run_command(&cfg, &state, &central, None), log.clone());
+    assert_converges(&central, &db, "wh-kill", &log).await;
+    let stats = central.stats().await;
+    assert!(
+        stats["duplicate"].as_u64().unwrap() > 0,
+        "replays are answered duplicate: {stats}"
+    );
+    assert_eq!(
+        conflicts(&state).await,
+        Vec::<Value>::new(),
+        "a replay is no conflict"
+    );
+}
+
+/// Waits until `log` contains `needle`.
+async fn wait_for(log: &Path, needle: &str) {
+    for _ in 0..300 {
+        if std::fs::read_to_string(log)
+            .unwrap_or_default()
+            .contains(needle)
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("the log never showed {needle:?}:\n{}", log_tail(log));
+}
