@@ -79,6 +79,7 @@ pub async fn run(
     let mut positions: Vec<Position> = Vec::new();
     let mut first_at: Option<Instant> = None;
     let mut buffered = 0usize;
+    let mut seen_partitions: HashSet<(String, i32)> = HashSet::new();
     loop {
         let flush_due = first_at.map(|t| t + limits.linger);
         let msg = tokio::select! {
@@ -94,6 +95,14 @@ pub async fn run(
                     continue;
                 }
             };
+            if seen_partitions.insert((m.topic().to_string(), m.partition())) {
+                tracing::info!(
+                    topic = m.topic(),
+                    partition = m.partition(),
+                    offset = m.offset(),
+                    "consuming partition"
+                );
+            }
             positions.push(Position {
                 topic: m.topic().to_string(),
                 partition: m.partition(),

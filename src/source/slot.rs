@@ -121,10 +121,12 @@ pub async fn inspect_slot(
 pub async fn create_slot(
     conn: &mut ReplicationConnection,
     slot: &str,
+    temporary: bool,
 ) -> Result<CreatedSlot, SourceError> {
+    let temporary = if temporary { " TEMPORARY" } else { "" };
     let rows = conn
         .simple_query(&format!(
-            "CREATE_REPLICATION_SLOT {slot} LOGICAL pgoutput EXPORT_SNAPSHOT"
+            "CREATE_REPLICATION_SLOT {slot}{temporary} LOGICAL pgoutput EXPORT_SNAPSHOT"
         ))
         .await
         .map_err(|e| match e {

@@ -135,6 +135,9 @@ pub async fn primary_key(
 pub struct SnapshotTarget<'a> {
     /// The slot's consistent point: `lsn` and `commit_lsn` of every snapshot row.
     pub consistent_point: Lsn,
+    /// The position the load's commit mark makes durable: the consistent point, or for a
+    /// reload the stream's start (what streams next must not be skipped).
+    pub durable_at: Lsn,
     /// Downstream.
     pub out: &'a mpsc::Sender<Vec<StreamItem>>,
 }
@@ -244,8 +247,8 @@ pub async fn initial_load(
         last.push(StreamItem::Change(Box::new(ev)));
     }
     last.push(StreamItem::Commit {
-        commit_lsn: target.consistent_point,
-        end_lsn: target.consistent_point,
+        commit_lsn: target.durable_at,
+        end_lsn: target.durable_at,
     });
     target.out.send(last).await.map_err(|_| closed())?;
     Ok(sequence)

@@ -142,18 +142,43 @@ async fn run_once(
         warehouse_id: Arc::from(opts.warehouse_id.as_str()),
         db: Arc::from(opts.conn.dbname.as_str()),
     };
-    let mut existing = slot::inspect_slot(&sql, &opts.slot, opts.slot_busy_wait).await?;
-    if existing.is_some() && opts.create_slot && opts.initial_load_pending {
-        // A crash between creating the slot and delivering its initial load leaves a slot
-        // whose snapshot rows were never delivered; only a fresh slot and load repair that.
-        tracing::warn!(slot = %opts.slot, "the slot's initial load was never confirmed delivered; dropping the slot and loading again");
-        slot::drop_slot(&mut conn, &opts.slot).await?;
-        existing = None;
-    }
+    let existing = slot::inspect_slot(&sql, &opts.slot, opts.slot_busy_wait).await?;
     let start = match existing {
+        Some(state) if opts.create_slot && opts.initial_load_pending => {
+            // A crash between creating the slot and delivering its initial load: the
+            // load's snapshot is gone, and rows it delivered may have been deleted since.
+            // Load again from a fresh snapshot (a temporary slot's), then stream the slot
+            // from where it starts: its older changes (deletes included) are replayed, and
+            // versions let the newer snapshot rows win where both touch a key.
+            let base: String = opts.slot.chars().take(56).collect();
+            let temp = format!("{base}_reload");
+            let created = slot::create_slot(&mut conn, &temp, true).await?;
+            tracing::warn!(slot = %opts.slot, start = %state.confirmed_flush, snapshot_at = %created.consistent_point, "the slot's initial load was never confirmed delivered; loading again, then replaying the slot from its start");
+            let tables = published_tables(&sql, &opts.publication, &identity).await?;
+            // Only a position reported after the load was sent counts (see below).
+            durable.mark_unchanged();
+            let rows = initial_load(
+                &mut sql,
+                &created.snapshot_name,
+                &tables,
+                SnapshotTarget {
+                    consistent_point: created.consistent_point,
+                    durable_at: state.confirmed_flush,
+                    out,
+                },
+            )
+            .await?;
+            tracing::info!(rows, tables = tables.len(), "initial load read again");
+            slot::drop_slot(&mut conn, &temp).await?;
+            wait_durable_change(durable, state.confirmed_flush, cancel).await;
+            if cancel.is_cancelled() {
+                return Ok(());
+            }
+            state.confirmed_flush
+        }
         Some(state) => state.confirmed_flush.max(*durable.borrow()),
         None if opts.create_slot => {
-            let created = slot::create_slot(&mut conn, &opts.slot).await?;
+            let created = slot::create_slot(&mut conn, &opts.slot, false).await?;
             tracing::info!(slot = %opts.slot, consistent_point = %created.consistent_point, "slot created; reading the initial load");
             let tables = published_tables(&sql, &opts.publication, &identity).await?;
             let rows = initial_load(
@@ -162,6 +187,7 @@ async fn run_once(
                 &tables,
                 SnapshotTarget {
                     consistent_point: created.consistent_point,
+                    durable_at: created.consistent_point,
                     out,
                 },
             )
@@ -239,6 +265,26 @@ async fn wait_durable(durable: &mut watch::Receiver<Lsn>, target: Lsn, cancel: &
     while *durable.borrow_and_update() < target {
         tokio::select! {
             r = durable.changed() => if r.is_err() { return },
+            _ = cancel.cancelled() => return,
+        }
+    }
+}
+
+/// Waits until downstream reports, after the receiver was last marked unchanged, a durable
+/// position at or past `target` (the value before may belong to another slot's checkpoint,
+/// so only a new report counts).
+async fn wait_durable_change(
+    durable: &mut watch::Receiver<Lsn>,
+    target: Lsn,
+    cancel: &CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            r = durable.changed() => {
+                if r.is_err() || *durable.borrow_and_update() >= target {
+                    return;
+                }
+            }
             _ = cancel.cancelled() => return,
         }
     }

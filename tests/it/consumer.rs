@@ -684,14 +684,26 @@ async fn kill_9_of_run_mid_batch_still_converges_and_replays_are_duplicates() {
         let c = crate::harness::connect(&url).await;
         workload(&c, 9, 600).await;
     });
-    for (i, ms) in [900u64, 1500, 600].into_iter().enumerate() {
-        let mut run = start(
-            run_command(&cfg, &state, &central, None),
-            dir.path().join(format!("run{i}.log")),
-        );
-        tokio::time::sleep(Duration::from_millis(ms)).await;
+    // Kill while batches are being applied, at several points, until a replay was seen.
+    for (i, extra_ms) in [0u64, 150, 40, 260, 90, 10, 200, 60]
+        .into_iter()
+        .enumerate()
+    {
+        let applied = central.stats().await["applied"].as_u64().unwrap();
+        let log = dir.path().join(format!("run{i}.log"));
+        let mut run = start(run_command(&cfg, &state, &central, None), log.clone());
+        for _ in 0..200 {
+            if central.stats().await["applied"].as_u64().unwrap() > applied {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(extra_ms)).await;
         run.child.kill().unwrap(); // SIGKILL
         run.child.wait().unwrap();
+        if i >= 2 && central.stats().await["duplicate"].as_u64().unwrap() > 0 {
+            break;
+        }
     }
     writer.await.unwrap();
     let log = dir.path().join("run.log");
@@ -721,4 +733,178 @@ async fn wait_for(log: &Path, needle: &str) {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     panic!("the log never showed {needle:?}:\n{}", log_tail(log));
+}
+
+/// Sum of central's results of every kind.
+async fn results(central: &Central) -> u64 {
+    let s = central.stats().await;
+    ["applied", "duplicate", "stale", "rejected"]
+        .iter()
+        .map(|k| s[k].as_u64().unwrap_or(0))
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replaying_the_topic_from_offset_zero_leaves_central_unchanged() {
+    let db = demo_warehouse("creplay").await;
+    workload(&db.client, 10, 20).await;
+    let state = pg().new_db("creplaystate").await;
+    let central = Central::start(Faults::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), &db, "wh-replay", "");
+    let topic = format!("it.{}", db.name);
+    let log = dir.path().join("run.log");
+    let _run = start(
+        run_command(&cfg, &state, &central, Some(&topic)),
+        log.clone(),
+    );
+    workload(&db.client, 11, 200).await;
+    assert_converges(&central, &db, "wh-replay", &log).await;
+    let before = central.state("wh-replay").await;
+    let first = results(&central).await;
+    // A second process in a new group reads the topic from offset 0 (it stands by for the
+    // warehouse itself: the first one owns it).
+    let replay_log = dir.path().join("replay.log");
+    let mut c = run_command(&cfg, &state, &central, Some(&topic));
+    c.env("KAFKA_GROUP_ID", format!("{topic}.replay"));
+    let _replay = start(c, replay_log.clone());
+    let mut now = first;
+    for _ in 0..600 {
+        now = results(&central).await;
+        if now >= 2 * first {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        now >= 2 * first,
+        "the replay sent every change again ({now} results, {first} before):\n{}",
+        log_tail(&replay_log)
+    );
+    assert_eq!(
+        central.state("wh-replay").await,
+        before,
+        "central unchanged"
+    );
+    let stats = central.stats().await;
+    assert!(stats["duplicate"].as_u64().unwrap() > 0, "{stats}");
+    assert_eq!(
+        conflicts(&state).await,
+        Vec::<Value>::new(),
+        "replayed older versions are not conflicts"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_consumers_in_one_group_share_the_partitions() {
+    let db = demo_warehouse("cgroup").await;
+    let state = pg().new_db("cgroupstate").await;
+    let central = Central::start(Faults::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), &db, "wh-group", "");
+    let topic = format!("it.{}", db.name);
+    let (log_a, log_b) = (dir.path().join("a.log"), dir.path().join("b.log"));
+    let _a = start(
+        run_command(&cfg, &state, &central, Some(&topic)),
+        log_a.clone(),
+    );
+    let _b = start(
+        run_command(&cfg, &state, &central, Some(&topic)),
+        log_b.clone(),
+    );
+    for seed in 12..20 {
+        workload(&db.client, seed, 50).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert_converges(&central, &db, "wh-group", &log_a).await;
+    let partitions = |log: &Path| {
+        std::fs::read_to_string(log)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains("consuming partition"))
+            .count()
+    };
+    let (a, b) = (partitions(&log_a), partitions(&log_b));
+    assert!(
+        a > 0 && b > 0,
+        "both consumers took partitions (a: {a}, b: {b})\na:\n{}\nb:\n{}",
+        log_tail(&log_a),
+        log_tail(&log_b)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_credential_stops_pushing_without_dead_letters_and_a_422_batch_is_bisected() {
+    let db = demo_warehouse("cauth").await;
+    let state = pg().new_db("cauthstate").await;
+    let cancel = CancellationToken::new();
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let server = CentralServer {
+        store: CentralStore::memory(),
+        token: Some("right-token".into()),
+        faults: Faults {
+            invalid_key_substring: Some("BAD".into()),
+            ..Faults::default()
+        },
+    };
+    let addr = server
+        .spawn("127.0.0.1:0".parse().unwrap(), cancel.clone())
+        .await
+        .unwrap();
+    let _stop = cancel.drop_guard();
+    let central = Central {
+        addr,
+        http: reqwest::Client::new(),
+        _stop: CancellationToken::new().drop_guard(),
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), &db, "wh-auth", "");
+    let log = dir.path().join("wrong.log");
+    let mut c = run_command(&cfg, &state, &central, None);
+    c.env("WAREHOUSE_API_TOKEN", "wrong-token");
+    let wrong = start(c, log.clone());
+    db.exec("INSERT INTO products (sku, name) VALUES ('SKU-1', 'one')")
+        .await;
+    wait_for(&log, "central refuses our credentials").await;
+    drop(wrong);
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(!text.contains("wrong-token"), "the token is never logged");
+    assert_eq!(
+        dead_letters(&state).await,
+        Vec::<Value>::new(),
+        "no dead letters for a credential problem"
+    );
+    assert_eq!(conflicts(&state).await, Vec::<Value>::new());
+    // With the right token everything arrives; a batch holding BAD-1 is answered 422 as a
+    // whole and bisected down to that change.
+    db.exec(
+        "INSERT INTO products (sku, name) SELECT 'SKU-' || g, 'n' FROM generate_series(2, 40) g;
+         INSERT INTO products (sku, name) VALUES ('BAD-1', 'refused as a request');
+         INSERT INTO products (sku, name) SELECT 'SKU-' || g, 'n' FROM generate_series(41, 80) g;",
+    )
+    .await;
+    let log = dir.path().join("right.log");
+    let mut c = run_command(&cfg, &state, &central, None);
+    c.env("WAREHOUSE_API_TOKEN", "right-token");
+    let _right = start(c, log.clone());
+    let mut got = BTreeMap::new();
+    for _ in 0..300 {
+        got = central.state("wh-auth").await;
+        if got.len() >= 80 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        got.len(),
+        80,
+        "every product but BAD-1 reached central:\n{}",
+        log_tail(&log)
+    );
+    let d = dead_letters(&state).await;
+    assert_eq!(d.len(), 1, "{d:?}");
+    assert_eq!(d[0]["event"]["after"]["sku"], "BAD-1");
+    assert!(d[0]["reason"].as_str().unwrap().contains("422"), "{d:?}");
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("bisecting"), "{}", log_tail(&log));
 }
