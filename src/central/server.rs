@@ -8,7 +8,8 @@
 //! - `POST /api/warehouse/{id}/changes` — the contract.
 //! - `GET /api/warehouse/{id}/inventory` — the live entities of a warehouse.
 //! - `GET|PUT /admin/faults` — read or replace the injected faults.
-//! - `GET /admin/stats` — requests and results counted since start.
+//! - `GET /admin/stats` — requests and results counted since start, and the latency from
+//!   warehouse commit to applied here (p50/p90/p99; `DELETE` clears the samples).
 //! - `GET /health`.
 
 use std::collections::{BTreeMap, HashMap};
@@ -28,6 +29,8 @@ use serde_json::{Value, json};
 use sqlx::PgPool;
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
+
+use crate::source::values::parse_rfc3339_utc_micros;
 
 use super::{BatchResponse, Change, ChangeBatch, ChangeOp, ChangeResult, Entity, ResultStatus};
 
@@ -297,7 +300,28 @@ struct Stats {
     rejected: AtomicU64,
 }
 
+/// Commit-to-applied latencies of applied changes, in microseconds (bounded).
+#[derive(Debug, Default)]
+struct Latencies {
+    samples: Vec<i64>,
+}
+
+const MAX_LATENCY_SAMPLES: usize = 1_000_000;
+
+impl Latencies {
+    fn summary(&self) -> Value {
+        if self.samples.is_empty() {
+            return json!({"count": 0});
+        }
+        let mut s = self.samples.clone();
+        s.sort_unstable();
+        let pct = |p: f64| s[((s.len() - 1) as f64 * p).round() as usize] as f64 / 1000.0;
+        json!({"count": s.len(), "p50_ms": pct(0.5), "p90_ms": pct(0.9), "p99_ms": pct(0.99), "max_ms": pct(1.0)})
+    }
+}
+
 struct ServerState {
+    latencies: std::sync::Mutex<Latencies>,
     store: CentralStore,
     token: Option<String>,
     faults: std::sync::Mutex<Faults>,
@@ -318,6 +342,7 @@ impl CentralServer {
     /// The routes, ready to serve.
     pub fn router(self) -> Router {
         let state = Arc::new(ServerState {
+            latencies: std::sync::Mutex::new(Latencies::default()),
             store: self.store,
             token: self.token,
             faults: std::sync::Mutex::new(self.faults),
@@ -327,7 +352,7 @@ impl CentralServer {
             .route("/api/warehouse/{id}/changes", post(post_changes))
             .route("/api/warehouse/{id}/inventory", get(get_inventory))
             .route("/admin/faults", get(get_faults).put(put_faults))
-            .route("/admin/stats", get(get_stats))
+            .route("/admin/stats", get(get_stats).delete(reset_stats))
             .route("/health", get(|| async { Json(json!({"status": "ok"})) }))
             .with_state(state)
     }
@@ -338,6 +363,11 @@ impl CentralServer {
         listener: tokio::net::TcpListener,
         cancel: CancellationToken,
     ) -> std::io::Result<()> {
+        use axum::serve::ListenerExt;
+        // Answers go out at once (no Nagle delay against the client's delayed ACK).
+        let listener = listener.tap_io(|tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
         axum::serve(listener, self.router())
             .with_graceful_shutdown(async move { cancel.cancelled().await })
             .await
@@ -474,6 +504,21 @@ async fn post_changes(
             );
         }
     };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as i64);
+    {
+        let mut l = state.latencies.lock().unwrap_or_else(|p| p.into_inner());
+        for (c, r) in batch.changes.iter().zip(&results) {
+            if r.status == ResultStatus::Applied
+                && !c.source.snapshot
+                && l.samples.len() < MAX_LATENCY_SAMPLES
+                && let Some(at) = parse_rfc3339_utc_micros(&c.source.committed_at)
+            {
+                l.samples.push(now - at);
+            }
+        }
+    }
     for r in &results {
         let counter = match r.status {
             ResultStatus::Applied => &state.stats.applied,
@@ -527,5 +572,17 @@ async fn get_stats(State(state): State<Arc<ServerState>>) -> Json<Value> {
         "duplicate": n(&s.duplicate),
         "stale": n(&s.stale),
         "rejected": n(&s.rejected),
+        "latency": state.latencies.lock().unwrap_or_else(|p| p.into_inner()).summary(),
     }))
+}
+
+/// Clears the latency samples (between benchmark phases).
+async fn reset_stats(State(state): State<Arc<ServerState>>) -> StatusCode {
+    state
+        .latencies
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .samples
+        .clear();
+    StatusCode::NO_CONTENT
 }

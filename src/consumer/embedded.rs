@@ -17,7 +17,9 @@ pub async fn run(
     cancel: CancellationToken,
 ) {
     let limits = stage.settings().batch;
-    let mut batch = Vec::with_capacity(limits.max_changes);
+    // Enough for a full request in each lane.
+    let max_items = limits.max_changes * super::LANES;
+    let mut batch = Vec::with_capacity(max_items);
     let mut last_seq = 0;
     loop {
         let first = tokio::select! {
@@ -34,7 +36,7 @@ pub async fn run(
                     batch.push(Incoming::Event(d.event));
                 }
             }
-            if batch.len() >= limits.max_changes {
+            if batch.len() >= max_items {
                 break;
             }
             chunk = match rx.try_recv() {

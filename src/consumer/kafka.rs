@@ -62,6 +62,8 @@ pub async fn run(
         .set("auto.commit.interval.ms", "1000")
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
+        // Changes are small and latency matters: a fetch returns after at most 20 ms.
+        .set("fetch.wait.max.ms", "20")
         // Per-table topics appear as tables change; find them soon.
         .set("topic.metadata.refresh.interval.ms", "2000");
     for (k, v) in &kafka.properties {
@@ -144,7 +146,7 @@ pub async fn run(
                 });
             buffered += 1;
             first_at.get_or_insert_with(Instant::now);
-            if buffered < limits.max_changes {
+            if buffered < limits.max_changes * super::LANES {
                 continue;
             }
         }

@@ -253,33 +253,69 @@ impl Stage {
             // The caller refuses to start with mappings but no central endpoint.
             return Err(Cancelled);
         };
-        // Requests by count and bytes, in order.
+        let high = pending
+            .iter()
+            .map(|p| p.change.version.as_str())
+            .max()
+            .unwrap_or_default()
+            .to_string();
+        let sent_high = self.note_sent(warehouse_id, &high).await?;
+        // Lanes by key: one key's changes stay in one lane, in source order, so they are
+        // never reordered; the lanes' requests are in flight together.
+        let mut lanes: Vec<Vec<usize>> = vec![Vec::new(); LANES];
+        for (i, p) in pending.iter().enumerate() {
+            lanes[lane_of(p.change.entity.as_str(), &p.change.key)].push(i);
+        }
+        let deliveries = lanes.iter().filter(|l| !l.is_empty()).map(|lane| {
+            self.deliver_lane(
+                warehouse_id,
+                client,
+                items,
+                &pending,
+                &sizes,
+                lane,
+                &sent_high,
+            )
+        });
+        for r in futures_util::future::join_all(deliveries).await {
+            r?;
+        }
+        Ok(())
+    }
+
+    /// Delivers one lane's changes (indexes into `pending`), in order, in requests bounded by
+    /// count and bytes, and records each outcome.
+    #[allow(clippy::too_many_arguments)]
+    async fn deliver_lane(
+        &self,
+        warehouse_id: &str,
+        client: &CentralClient,
+        items: &[Incoming],
+        pending: &[Pending],
+        sizes: &[usize],
+        lane: &[usize],
+        sent_high: &str,
+    ) -> Result<(), Cancelled> {
         let limits = self.settings.batch;
         let mut start = 0;
-        while start < pending.len() {
+        while start < lane.len() {
             let mut end = start;
             let mut bytes = 0;
-            while end < pending.len()
+            while end < lane.len()
                 && end - start < limits.max_changes
-                && (end == start || bytes + sizes[end] <= limits.max_bytes)
+                && (end == start || bytes + sizes[lane[end]] <= limits.max_bytes)
             {
-                bytes += sizes[end];
+                bytes += sizes[lane[end]];
                 end += 1;
             }
-            let changes: Vec<Change> = pending[start..end]
+            let changes: Vec<Change> = lane[start..end]
                 .iter()
-                .map(|p| p.change.clone())
+                .map(|&i| pending[i].change.clone())
                 .collect();
-            let high = changes
-                .iter()
-                .map(|c| c.version.as_str())
-                .max()
-                .unwrap_or_default()
-                .to_string();
-            let sent_high = self.note_sent(warehouse_id, &high).await?;
             let verdicts = client.deliver(warehouse_id, changes, &self.cancel).await?;
-            for (p, verdict) in pending[start..end].iter().zip(verdicts) {
-                self.settle(warehouse_id, &items[p.item], &p.change, verdict, &sent_high)
+            for (&i, verdict) in lane[start..end].iter().zip(verdicts) {
+                let p = &pending[i];
+                self.settle(warehouse_id, &items[p.item], &p.change, verdict, sent_high)
                     .await?;
             }
             start = end;
@@ -575,6 +611,24 @@ impl Stage {
             }
         }
     }
+}
+
+/// Requests in flight together per warehouse (each a lane of keys).
+pub const LANES: usize = 4;
+
+/// The lane of an entity's key.
+fn lane_of(entity: &str, key: &serde_json::Map<String, Value>) -> usize {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    entity.hash(&mut h);
+    for (k, v) in key {
+        k.hash(&mut h);
+        match v {
+            Value::String(s) => s.hash(&mut h),
+            other => other.to_string().hash(&mut h),
+        }
+    }
+    (h.finish() % LANES as u64) as usize
 }
 
 /// The central key of an event that failed validation, as far as it can be read.

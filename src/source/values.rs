@@ -374,6 +374,35 @@ pub fn format_unix_micros(micros: i64) -> String {
     rfc3339(y, mo, d, s / 3600, s % 3600 / 60, s % 60, frac)
 }
 
+/// Parses RFC 3339 UTC text as written by [`format_unix_micros`] (`…T…[.ffffff]Z`) into
+/// microseconds since the Unix epoch.
+pub fn parse_rfc3339_utc_micros(text: &str) -> Option<i64> {
+    let t = text.strip_suffix('Z')?;
+    let (date, time) = t.split_once('T')?;
+    let mut d = date.splitn(3, '-');
+    let (y, mo, day): (i64, i64, i64) = (
+        d.next()?.parse().ok()?,
+        d.next()?.parse().ok()?,
+        d.next()?.parse().ok()?,
+    );
+    let (hms, frac) = time.split_once('.').unwrap_or((time, ""));
+    let mut h = hms.splitn(3, ':');
+    let (hh, mm, ss): (i64, i64, i64) = (
+        h.next()?.parse().ok()?,
+        h.next()?.parse().ok()?,
+        h.next()?.parse().ok()?,
+    );
+    let mut micros = 0i64;
+    for (i, c) in frac.bytes().take(6).enumerate() {
+        if !c.is_ascii_digit() {
+            return None;
+        }
+        micros += i64::from(c - b'0') * 10i64.pow(5 - i as u32);
+    }
+    let days = days_from_civil(y, mo, day);
+    Some(((days * 86_400 + hh * 3600 + mm * 60 + ss) * 1_000_000) + micros)
+}
+
 /// Decodes bytea's hex output form `\x0a0b…`.
 fn decode_bytea_hex(text: &str) -> Option<Vec<u8>> {
     let hex = text.strip_prefix("\\x")?.as_bytes();
@@ -486,6 +515,14 @@ mod tests {
         assert_eq!(convert_str(oid::FLOAT4, "-Infinity"), s("-Infinity"));
         assert_eq!(convert_str(oid::NUMERIC, "12.3400"), s("12.3400"));
         assert_eq!(convert_str(oid::BOOL, "t"), Value::Bool(true));
+    }
+
+    #[test]
+    fn rfc3339_round_trips_through_micros() {
+        for m in [0i64, 1_795_557_622_123_456, 951_782_400_000_001] {
+            assert_eq!(parse_rfc3339_utc_micros(&format_unix_micros(m)), Some(m));
+        }
+        assert_eq!(parse_rfc3339_utc_micros("2026-11-24 21:00:00"), None);
     }
 
     #[test]
