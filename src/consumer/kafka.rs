@@ -64,6 +64,8 @@ pub async fn run(
         .set("auto.offset.reset", "earliest")
         // Changes are small and latency matters: a fetch returns after at most 20 ms.
         .set("fetch.wait.max.ms", "20")
+        // Prefetch at most 16 MiB (default 64 MiB per partition set): memory stays bounded.
+        .set("queued.max.messages.kbytes", "16384")
         // Per-table topics appear as tables change; find them soon.
         .set("topic.metadata.refresh.interval.ms", "2000");
     for (k, v) in &kafka.properties {
