@@ -77,8 +77,9 @@ impl KafkaSettings {
             .set("message.timeout.ms", self.message_timeout_ms.to_string())
             .set("allow.auto.create.topics", "false")
             // The producer's queue is the bus's buffer: bounded, so a stopped broker holds
-            // the source back instead of growing memory (default 1 GiB).
-            .set("queue.buffering.max.kbytes", "65536");
+            // the source back instead of growing memory (default 1 GiB, 100,000 messages).
+            .set("queue.buffering.max.kbytes", "32768")
+            .set("queue.buffering.max.messages", "50000");
         for (k, v) in &self.properties {
             c.set(k, v.expose_secret());
         }

@@ -19,15 +19,26 @@ pub async fn run(
     let limits = stage.settings().batch;
     // Enough for a full request in each lane.
     let max_items = limits.max_changes * super::LANES;
-    let mut batch = Vec::with_capacity(max_items);
-    let mut last_seq = 0;
+    // The batch being delivered and its last sequence number: the next batch is gathered
+    // and prepared meanwhile, and delivered once this one is done (keys stay in order).
+    let mut inflight: Option<Inflight> = None;
     loop {
-        let first = tokio::select! {
-            c = rx.recv() => c,
-            _ = cancel.cancelled() => return,
+        let first = loop {
+            tokio::select! {
+                c = rx.recv() => break c,
+                (r, seq) = wait(&mut inflight) => {
+                    if !matches!(r, Ok(Ok(()))) {
+                        return;
+                    }
+                    rx.outcome_through(seq);
+                }
+                _ = cancel.cancelled() => return,
+            }
         };
         let Some(first) = first else { return };
         let deadline = Instant::now() + limits.linger;
+        let mut batch = Vec::with_capacity(max_items);
+        let mut last_seq = 0;
         let mut chunk = Some(first);
         loop {
             if let Some(c) = chunk.take() {
@@ -48,11 +59,44 @@ pub async fn run(
                 },
             };
         }
-        if stage.handle(&warehouse_id, &batch).await.is_err() {
+        let Ok(prepared) = stage.prepare(&warehouse_id, batch).await else {
             // Cancelled: these events have no outcome; the source replays them.
             return;
+        };
+        if inflight.is_some() {
+            let (r, seq) = wait(&mut inflight).await;
+            if !matches!(r, Ok(Ok(()))) {
+                return;
+            }
+            rx.outcome_through(seq);
         }
-        rx.outcome_through(last_seq);
-        batch.clear();
+        let stage = stage.clone();
+        inflight = Some((
+            tokio::spawn(async move { stage.deliver(prepared).await }),
+            last_seq,
+        ));
+    }
+}
+
+type Inflight = (
+    tokio::task::JoinHandle<Result<(), crate::central::client::Cancelled>>,
+    u64,
+);
+
+/// The in-flight delivery's result and last sequence number; never resolves without one.
+async fn wait(
+    inflight: &mut Option<Inflight>,
+) -> (
+    Result<Result<(), crate::central::client::Cancelled>, tokio::task::JoinError>,
+    u64,
+) {
+    match inflight {
+        Some((handle, seq)) => {
+            let seq = *seq;
+            let r = handle.await;
+            *inflight = None;
+            (r, seq)
+        }
+        None => std::future::pending().await,
     }
 }

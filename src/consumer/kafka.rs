@@ -66,6 +66,8 @@ pub async fn run(
         .set("fetch.wait.max.ms", "20")
         // Prefetch at most 16 MiB (default 64 MiB per partition set): memory stays bounded.
         .set("queued.max.messages.kbytes", "16384")
+        .set("fetch.max.bytes", "8388608")
+        .set("queued.min.messages", "10000")
         // Per-table topics appear as tables change; find them soon.
         .set("topic.metadata.refresh.interval.ms", "2000");
     for (k, v) in &kafka.properties {
@@ -84,11 +86,19 @@ pub async fn run(
     let mut first_at: Option<Instant> = None;
     let mut buffered = 0usize;
     let mut seen_partitions: HashSet<(String, i32)> = HashSet::new();
+    let mut inflight: Option<Inflight> = None;
     loop {
         let flush_due = first_at.map(|t| t + limits.linger);
         let msg = tokio::select! {
             m = consumer.recv() => Some(m),
             _ = sleep_until_opt(flush_due) => None,
+            (ok, done) = wait(&mut inflight) => {
+                if !ok {
+                    break;
+                }
+                store(&consumer, done);
+                continue;
+            }
             _ = cancel.cancelled() => break,
         };
         if let Some(m) = msg {
@@ -152,26 +162,74 @@ pub async fn run(
                 continue;
             }
         }
-        // Linger passed or the batch is full: deliver every warehouse's batch, then store the
-        // offsets of everything consumed so far.
+        // Linger passed or the batch is full: prepare every warehouse's batch, then (once the
+        // previous delivery is done, so keys stay in order) deliver them while the next
+        // records are read; offsets are stored once their delivery is done.
         let work = std::mem::take(&mut batches);
-        let results = join_all(work.iter().map(|(w, items)| stage.handle(w, items))).await;
-        if results.iter().any(Result::is_err) {
+        let prepared = join_all(work.into_iter().map(|(w, items)| {
+            let stage = &stage;
+            async move { stage.prepare(&w, items).await }
+        }))
+        .await;
+        let Ok(prepared) = prepared.into_iter().collect::<Result<Vec<_>, _>>() else {
             break;
-        }
-        for p in positions.drain(..) {
-            if let Err(e) = consumer.store_offset(&p.topic, p.partition, p.offset) {
-                // The partition moved to another consumer: it replays from the last commit.
-                tracing::debug!(error = %e, topic = %p.topic, partition = p.partition, "offset not stored");
+        };
+        if inflight.is_some() {
+            let (ok, done) = wait(&mut inflight).await;
+            if !ok {
+                break;
             }
+            store(&consumer, done);
         }
+        let stage = stage.clone();
+        let done = std::mem::take(&mut positions);
+        inflight = Some((
+            tokio::spawn(async move {
+                join_all(prepared.into_iter().map(|p| stage.deliver(p)))
+                    .await
+                    .into_iter()
+                    .all(|r| r.is_ok())
+            }),
+            done,
+        ));
         first_at = None;
         buffered = 0;
+    }
+    if inflight.is_some() && !cancel.is_cancelled() {
+        let (ok, done) = wait(&mut inflight).await;
+        if ok {
+            store(&consumer, done);
+        }
     }
     if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
         tracing::debug!(error = %e, "final offset commit");
     }
     Ok(())
+}
+
+/// A delivery in flight and the positions it covers.
+type Inflight = (tokio::task::JoinHandle<bool>, Vec<Position>);
+
+/// Whether the in-flight delivery succeeded, and its positions; never resolves without one.
+async fn wait(inflight: &mut Option<Inflight>) -> (bool, Vec<Position>) {
+    match inflight {
+        Some((handle, _)) => {
+            let ok = matches!(handle.await, Ok(true));
+            let done = inflight.take().map(|(_, p)| p).unwrap_or_default();
+            (ok, done)
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// Stores the offsets of delivered records (committed in the background).
+fn store(consumer: &StreamConsumer, done: Vec<Position>) {
+    for p in done {
+        if let Err(e) = consumer.store_offset(&p.topic, p.partition, p.offset) {
+            // The partition moved to another consumer: it replays from the last commit.
+            tracing::debug!(error = %e, topic = %p.topic, partition = p.partition, "offset not stored");
+        }
+    }
 }
 
 async fn sleep_until_opt(t: Option<Instant>) {

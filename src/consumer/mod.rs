@@ -134,6 +134,14 @@ pub struct Stage {
     sent: tokio::sync::Mutex<HashMap<String, Option<String>>>,
 }
 
+/// A batch mapped and validated by [`Stage::prepare`], ready for [`Stage::deliver`].
+pub struct Prepared {
+    warehouse_id: String,
+    items: Vec<Incoming>,
+    pending: Vec<Pending>,
+    sizes: Vec<usize>,
+}
+
 /// A change on its way, with the event it came from.
 struct Pending {
     item: usize,
@@ -178,7 +186,20 @@ impl Stage {
 
     /// Gives every item (one warehouse's, in source order) an outcome; returns once each has
     /// one, or `Cancelled` (nothing may then be acknowledged).
-    pub async fn handle(&self, warehouse_id: &str, items: &[Incoming]) -> Result<(), Cancelled> {
+    pub async fn handle(&self, warehouse_id: &str, items: Vec<Incoming>) -> Result<(), Cancelled> {
+        let prepared = self.prepare(warehouse_id, items).await?;
+        self.deliver(prepared).await
+    }
+
+    /// Maps and validates `items` (one warehouse's, in source order): skipped and refused
+    /// changes get their outcome here, the rest is ready for [`Stage::deliver`]. Preparing the
+    /// next batch while the previous one is delivered keeps the CPU busy; delivering batches
+    /// one after the other keeps each key's changes in order.
+    pub async fn prepare(
+        &self,
+        warehouse_id: &str,
+        items: Vec<Incoming>,
+    ) -> Result<Prepared, Cancelled> {
         let mut pending: Vec<Pending> = Vec::new();
         let mut sizes: Vec<usize> = Vec::new();
         for (i, item) in items.iter().enumerate() {
@@ -246,6 +267,23 @@ impl Stage {
                 }
             }
         }
+        Ok(Prepared {
+            warehouse_id: warehouse_id.to_string(),
+            items,
+            pending,
+            sizes,
+        })
+    }
+
+    /// Delivers a prepared batch and records each outcome; returns once each change has one.
+    pub async fn deliver(&self, prepared: Prepared) -> Result<(), Cancelled> {
+        let Prepared {
+            warehouse_id,
+            items,
+            pending,
+            sizes,
+        } = prepared;
+        let (warehouse_id, items) = (warehouse_id.as_str(), items.as_slice());
         if pending.is_empty() {
             return Ok(());
         }
