@@ -20,7 +20,9 @@ use secrecy::{ExposeSecret, SecretString};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::{BatchResponse, Change, ChangeBatch, ChangeResult};
+#[cfg(doc)]
+use super::ChangeBatch;
+use super::{BatchResponse, Change, ChangeResult};
 use crate::consumer::settings::CentralSettings;
 
 /// Central's answer for one change.
@@ -146,17 +148,14 @@ impl CentralClient {
     pub async fn deliver(
         &self,
         warehouse_id: &str,
-        changes: Vec<Change>,
+        changes: &[&Change],
         cancel: &CancellationToken,
     ) -> Result<Vec<Verdict>, Cancelled> {
         // Bisection, depth first and left to right, keeps source order.
         let mut out = Vec::with_capacity(changes.len());
         let mut stack = vec![changes];
         while let Some(part) = stack.pop() {
-            match self
-                .send_until_answered(warehouse_id, &part, cancel)
-                .await?
-            {
+            match self.send_until_answered(warehouse_id, part, cancel).await? {
                 Answer::Results(r) => out.extend(r.into_iter().map(Verdict::Result)),
                 Answer::Invalid { status, message } if part.len() == 1 => {
                     tracing::warn!(warehouse = %warehouse_id, status, version = %part[0].version, message = %message, "central refuses this change");
@@ -164,8 +163,7 @@ impl CentralClient {
                 }
                 Answer::Invalid { status, message } => {
                     tracing::info!(warehouse = %warehouse_id, status, changes = part.len(), message = %message, "central refused the batch; bisecting");
-                    let mut left = part;
-                    let right = left.split_off(left.len() / 2);
+                    let (left, right) = part.split_at(part.len() / 2);
                     stack.push(right);
                     stack.push(left);
                 }
@@ -177,12 +175,18 @@ impl CentralClient {
     async fn send_until_answered(
         &self,
         warehouse_id: &str,
-        changes: &[Change],
+        changes: &[&Change],
         cancel: &CancellationToken,
     ) -> Result<Answer, Cancelled> {
-        let batch = ChangeBatch::new(warehouse_id, changes.to_vec());
+        let first = changes.first().map_or("", |c| c.version.as_str());
+        let last = changes.last().map_or("", |c| c.version.as_str());
+        let batch = BatchRef {
+            warehouse_id,
+            batch_id: format!("{warehouse_id}:{first}-{last}"),
+            changes,
+        };
         let body = serde_json::to_vec(&batch).unwrap_or_default();
-        let idempotency_key = batch.batch_id.clone();
+        let idempotency_key = batch.batch_id;
         let mut attempt: u32 = 0;
         loop {
             self.wait_for_breaker(cancel).await?;
@@ -374,6 +378,14 @@ impl CentralClient {
             self.healthy.store(false, Ordering::Relaxed);
         }
     }
+}
+
+/// [`ChangeBatch`] borrowing its changes (the request body).
+#[derive(serde::Serialize)]
+struct BatchRef<'a> {
+    warehouse_id: &'a str,
+    batch_id: String,
+    changes: &'a [&'a Change],
 }
 
 /// A settled answer for one request.

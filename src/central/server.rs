@@ -103,7 +103,7 @@ impl CentralStore {
     async fn apply(
         &self,
         warehouse_id: &str,
-        changes: &[Change],
+        changes: Vec<Change>,
         faults: &Faults,
     ) -> Result<Vec<ChangeResult>, sqlx::Error> {
         match self {
@@ -111,9 +111,9 @@ impl CentralStore {
                 let mut all = m.lock().await;
                 let items = all.entry(warehouse_id.to_string()).or_default();
                 Ok(changes
-                    .iter()
+                    .into_iter()
                     .map(|c| {
-                        let k = item_key(c);
+                        let k = item_key(&c);
                         let (result, next) = decide(c, items.get(&k), faults);
                         if let Some(next) = next {
                             items.insert(k, next);
@@ -126,7 +126,7 @@ impl CentralStore {
                 let mut tx = pool.begin().await?;
                 let mut results = Vec::with_capacity(changes.len());
                 for c in changes {
-                    let k = item_key(c);
+                    let k = item_key(&c);
                     let row: Option<(String, Option<Value>)> = sqlx::query_as(
                         "SELECT version, data FROM central_inventory
                          WHERE warehouse_id = $1 AND item_key = $2 FOR UPDATE",
@@ -216,14 +216,14 @@ fn item_key(c: &Change) -> String {
 }
 
 /// The verdict on `c` given what is stored, and what to store afterwards.
-fn decide(c: &Change, current: Option<&Item>, faults: &Faults) -> (ChangeResult, Option<Item>) {
+fn decide(c: Change, current: Option<&Item>, faults: &Faults) -> (ChangeResult, Option<Item>) {
     let verdict = |status, reason: Option<String>| ChangeResult {
         status,
         reason,
         current_version: current.map(|i| i.version.clone()),
         current: current.and_then(|i| i.data.clone()),
     };
-    if let Some(reason) = reject_reason(c, faults) {
+    if let Some(reason) = reject_reason(&c, faults) {
         return (verdict(ResultStatus::Rejected, Some(reason)), None);
     }
     if let Some(cur) = current {
@@ -238,20 +238,20 @@ fn decide(c: &Change, current: Option<&Item>, faults: &Faults) -> (ChangeResult,
             return (verdict(ResultStatus::Stale, Some(reason)), None);
         }
     }
-    let next = Item {
-        entity: c.entity,
-        key: Value::Object(c.key.clone()),
-        version: c.version.clone(),
-        data: match c.op {
-            ChangeOp::Upsert => c.data.clone().map(Value::Object),
-            ChangeOp::Delete => None,
-        },
-    };
     let result = ChangeResult {
         status: ResultStatus::Applied,
         reason: None,
         current_version: Some(c.version.clone()),
         current: None,
+    };
+    let next = Item {
+        entity: c.entity,
+        key: Value::Object(c.key),
+        version: c.version,
+        data: match c.op {
+            ChangeOp::Upsert => c.data.map(Value::Object),
+            ChangeOp::Delete => None,
+        },
     };
     (result, Some(next))
 }
@@ -494,7 +494,17 @@ async fn post_changes(
             ),
         );
     }
-    let results = match state.store.apply(&id, &batch.changes, &faults).await {
+    // Commit times of streamed changes, for the latency of those that apply.
+    let committed: Vec<Option<i64>> = batch
+        .changes
+        .iter()
+        .map(|c| {
+            (!c.source.snapshot)
+                .then(|| parse_rfc3339_utc_micros(&c.source.committed_at))
+                .flatten()
+        })
+        .collect();
+    let results = match state.store.apply(&id, batch.changes, &faults).await {
         Ok(r) => r,
         Err(e) => {
             return error(
@@ -509,11 +519,10 @@ async fn post_changes(
         .map_or(0, |d| d.as_micros() as i64);
     {
         let mut l = state.latencies.lock().unwrap_or_else(|p| p.into_inner());
-        for (c, r) in batch.changes.iter().zip(&results) {
+        for (at, r) in committed.iter().zip(&results) {
             if r.status == ResultStatus::Applied
-                && !c.source.snapshot
                 && l.samples.len() < MAX_LATENCY_SAMPLES
-                && let Some(at) = parse_rfc3339_utc_micros(&c.source.committed_at)
+                && let Some(at) = at
             {
                 l.samples.push(now - at);
             }

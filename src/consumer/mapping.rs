@@ -11,6 +11,7 @@ use serde_json::{Map, Value};
 use super::settings::{Convert, FieldSource, Rules, TableMapping};
 use crate::Lsn;
 use crate::central::{Change, ChangeOp, ChangeSource, Entity};
+use crate::event::{ChangeEvent, Row, Value as EventValue};
 use crate::source::values::format_unix_micros;
 
 /// The parts of a change event the consumer stage reads.
@@ -61,6 +62,37 @@ impl EventView {
         })
     }
 
+    /// The view of an in-process event, with only the columns `m` reads (no JSON text in
+    /// between: values convert as the JSON envelope would parse).
+    pub fn from_event(ev: &ChangeEvent, m: &TableMapping) -> Self {
+        let row = |r: &Row| {
+            let mut out = Map::new();
+            for (name, v) in r.iter() {
+                if m.key.iter().chain(&m.data).any(|(_, f)| f.column == name) {
+                    out.insert(name.to_string(), json_value(v));
+                }
+            }
+            out
+        };
+        let t = &ev.source.table;
+        EventView {
+            before: ev.before.as_ref().map(row),
+            after: ev.after.as_ref().map(row),
+            source: SourceView {
+                warehouse_id: t.warehouse_id().to_string(),
+                schema: t.schema().to_string(),
+                table: t.table().to_string(),
+                ts_ms: ev.source.ts_ms,
+                ts_us: Some(ev.source.ts_us),
+                snapshot: ev.source.snapshot.as_str().to_string(),
+                lsn: ev.source.lsn.0,
+                commit_lsn: ev.source.commit_lsn.0,
+                sequence: ev.source.sequence,
+            },
+            op: ev.op.code().to_string(),
+        }
+    }
+
     /// `schema.table`.
     pub fn table(&self) -> String {
         format!("{}.{}", self.source.schema, self.source.table)
@@ -69,6 +101,19 @@ impl EventView {
     /// The version of DESIGN §2.
     pub fn version(&self) -> String {
         crate::event::format_version(Lsn(self.source.commit_lsn), self.source.sequence)
+    }
+}
+
+/// An event value as JSON, exactly as parsing the envelope would give it.
+fn json_value(v: &EventValue) -> Value {
+    match v {
+        EventValue::Null => Value::Null,
+        EventValue::Bool(b) => Value::Bool(*b),
+        EventValue::String(s) => Value::String(s.to_string()),
+        EventValue::Number(t) | EventValue::Json(t) => {
+            serde_json::from_str(t).unwrap_or_else(|_| Value::String(t.to_string()))
+        }
+        EventValue::Array(items) => Value::Array(items.iter().map(json_value).collect()),
     }
 }
 
@@ -466,6 +511,54 @@ mod tests {
             (missing.rule, missing.field.as_deref()),
             ("key_present", Some("location"))
         );
+    }
+
+    #[test]
+    fn an_in_process_event_maps_as_its_json_envelope_does() {
+        use crate::event::{Op, Row, SnapshotMarker, SourceInfo, TableSource, Value as V};
+        let s = settings();
+        let m = &s.mappings["public.stock_levels"];
+        let ev = ChangeEvent {
+            before: Some(Row::from_pairs([
+                ("sku", V::String("SKU-1".into())),
+                ("location_code", V::String("A-01".into())),
+            ])),
+            after: Some(Row::from_pairs([
+                ("sku", V::String("SKU-1".into())),
+                ("location_code", V::String("B-02".into())),
+                ("qty_on_hand", V::Number("12".into())),
+                ("qty_reserved", V::Number("2.00".into())),
+                ("raw", V::String("b2s=".into())),
+                ("notes", V::Json("{\"a\":[1,2]}".into())),
+            ])),
+            source: SourceInfo {
+                table: TableSource::new("wh", "inv", "public", "stock_levels"),
+                ts_ms: 1_795_557_622_123,
+                ts_us: 1_795_557_622_123_456,
+                snapshot: SnapshotMarker::False,
+                tx_id: Some(7),
+                lsn: Lsn(100),
+                commit_lsn: Lsn(200),
+                sequence: 4,
+                unchanged_toast: vec![],
+            },
+            op: Op::Update,
+            ts_ms: 0,
+            transaction: None,
+            key: None,
+        };
+        let direct = map_event(&EventView::from_event(&ev, m), m, &s.rules);
+        let via_json = map_event(
+            &EventView::parse(ev.to_json().as_bytes()).expect("json"),
+            m,
+            &s.rules,
+        );
+        assert_eq!(direct, via_json);
+        let Ok(Mapped::Changes(c)) = direct else {
+            panic!("maps")
+        };
+        assert_eq!(c.len(), 2, "a key move: delete and upsert");
+        assert_eq!(c[1].data.as_ref().expect("data")["available"], 10);
     }
 
     #[test]

@@ -208,8 +208,11 @@ impl Stage {
                 self.counters.skipped.fetch_add(1, Ordering::Relaxed);
                 continue;
             };
-            let value = item.value();
-            let view = match EventView::parse(&value) {
+            let parsed = match item {
+                Incoming::Event(ev) => Ok(EventView::from_event(ev, m)),
+                Incoming::Record { value, .. } => EventView::parse(value),
+            };
+            let view = match parsed {
                 Ok(v) => v,
                 Err(v) => {
                     self.refuse(warehouse_id, item, &table, None, None, v)
@@ -220,7 +223,7 @@ impl Stage {
             match map_event(&view, m, &self.settings.rules) {
                 Ok(Mapped::Changes(changes)) => {
                     for change in changes {
-                        sizes.push(value.len());
+                        sizes.push(estimated_size(&change));
                         pending.push(Pending { item: i, change });
                     }
                 }
@@ -346,11 +349,11 @@ impl Stage {
                 bytes += sizes[lane[end]];
                 end += 1;
             }
-            let changes: Vec<Change> = lane[start..end]
+            let changes: Vec<&Change> = lane[start..end]
                 .iter()
-                .map(|&i| pending[i].change.clone())
+                .map(|&i| &pending[i].change)
                 .collect();
-            let verdicts = client.deliver(warehouse_id, changes, &self.cancel).await?;
+            let verdicts = client.deliver(warehouse_id, &changes, &self.cancel).await?;
             for (&i, verdict) in lane[start..end].iter().zip(verdicts) {
                 let p = &pending[i];
                 self.settle(warehouse_id, &items[p.item], &p.change, verdict, sent_high)
@@ -649,6 +652,22 @@ impl Stage {
             }
         }
     }
+}
+
+/// About how many bytes `c` takes in a request body (for the batch byte limit).
+fn estimated_size(c: &Change) -> usize {
+    fn value(v: &Value) -> usize {
+        match v {
+            Value::String(s) => s.len() + 2,
+            Value::Array(a) => a.iter().map(value).sum::<usize>() + 2,
+            Value::Object(o) => o.iter().map(|(k, v)| k.len() + 4 + value(v)).sum::<usize>() + 2,
+            _ => 8,
+        }
+    }
+    let fields = |m: &serde_json::Map<String, Value>| {
+        m.iter().map(|(k, v)| k.len() + 4 + value(v)).sum::<usize>()
+    };
+    200 + fields(&c.key) + c.data.as_ref().map_or(0, fields)
 }
 
 /// Requests in flight together per warehouse (each a lane of keys).
