@@ -46,8 +46,11 @@ pub struct Faults {
     pub error_status: Option<u16>,
     /// `Retry-After` seconds sent with injected errors.
     pub retry_after_secs: Option<u64>,
-    /// Delay before answering each change request, in milliseconds.
+    /// Delay before handling each change request, in milliseconds.
     pub latency_ms: u64,
+    /// Delay between applying a request's changes and answering, in milliseconds (a client
+    /// that gives up or dies meanwhile will send them again: duplicates).
+    pub answer_delay_ms: u64,
     /// A change whose key (as JSON) contains this text is answered `rejected`.
     pub reject_key_substring: Option<String>,
     /// A batch holding a change whose key (as JSON) contains this text is answered 422 as a
@@ -536,6 +539,9 @@ async fn post_changes(
             ResultStatus::Rejected => &state.stats.rejected,
         };
         counter.fetch_add(1, Ordering::Relaxed);
+    }
+    if faults.answer_delay_ms > 0 {
+        tokio::time::sleep(Duration::from_millis(faults.answer_delay_ms)).await;
     }
     Json(BatchResponse { results }).into_response()
 }

@@ -154,21 +154,17 @@ async fn run_once(
             let temp = format!("{base}_reload");
             let created = slot::create_slot(&mut conn, &temp, true).await?;
             tracing::warn!(slot = %opts.slot, start = %state.confirmed_flush, snapshot_at = %created.consistent_point, "the slot's initial load was never confirmed delivered; loading again, then replaying the slot from its start");
-            let tables = published_tables(&sql, &opts.publication, &identity).await?;
             // Only a position reported after the load was sent counts (see below).
             durable.mark_unchanged();
-            let rows = initial_load(
+            load_published(
                 &mut sql,
-                &created.snapshot_name,
-                &tables,
-                SnapshotTarget {
-                    consistent_point: created.consistent_point,
-                    durable_at: state.confirmed_flush,
-                    out,
-                },
+                opts,
+                &identity,
+                &created,
+                state.confirmed_flush,
+                out,
             )
             .await?;
-            tracing::info!(rows, tables = tables.len(), "initial load read again");
             slot::drop_slot(&mut conn, &temp).await?;
             wait_durable_change(durable, state.confirmed_flush, cancel).await;
             if cancel.is_cancelled() {
@@ -180,19 +176,15 @@ async fn run_once(
         None if opts.create_slot => {
             let created = slot::create_slot(&mut conn, &opts.slot, false).await?;
             tracing::info!(slot = %opts.slot, consistent_point = %created.consistent_point, "slot created; reading the initial load");
-            let tables = published_tables(&sql, &opts.publication, &identity).await?;
-            let rows = initial_load(
+            load_published(
                 &mut sql,
-                &created.snapshot_name,
-                &tables,
-                SnapshotTarget {
-                    consistent_point: created.consistent_point,
-                    durable_at: created.consistent_point,
-                    out,
-                },
+                opts,
+                &identity,
+                &created,
+                created.consistent_point,
+                out,
             )
             .await?;
-            tracing::info!(rows, tables = tables.len(), "initial load read");
             // Stream only once the load is durable downstream, so that nothing confirmed to
             // the slot can run ahead of snapshot rows still in flight.
             wait_durable(durable, created.consistent_point, cancel).await;
@@ -268,6 +260,32 @@ async fn wait_durable(durable: &mut watch::Receiver<Lsn>, target: Lsn, cancel: &
             _ = cancel.cancelled() => return,
         }
     }
+}
+
+/// Reads the published tables in `created`'s exported snapshot and hands them downstream,
+/// the load's commit mark making `durable_at` durable.
+async fn load_published(
+    sql: &mut tokio_postgres::Client,
+    opts: &SourceOptions,
+    identity: &SourceIdentity,
+    created: &slot::CreatedSlot,
+    durable_at: Lsn,
+    out: &mpsc::Sender<Vec<StreamItem>>,
+) -> Result<(), SourceError> {
+    let tables = published_tables(sql, &opts.publication, identity).await?;
+    let rows = initial_load(
+        sql,
+        &created.snapshot_name,
+        &tables,
+        SnapshotTarget {
+            consistent_point: created.consistent_point,
+            durable_at,
+            out,
+        },
+    )
+    .await?;
+    tracing::info!(rows, tables = tables.len(), "initial load read");
+    Ok(())
 }
 
 /// Waits until downstream reports, after the receiver was last marked unchanged, a durable

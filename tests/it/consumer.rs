@@ -22,12 +22,16 @@ pub struct Central {
 
 impl Central {
     pub async fn start(faults: Faults) -> Central {
+        Self::start_with(CentralStore::memory(), None, faults).await
+    }
+
+    pub async fn start_with(store: CentralStore, token: Option<&str>, faults: Faults) -> Central {
         // reqwest is built without a default crypto provider (the engine brings ring).
         let _ = rustls::crypto::ring::default_provider().install_default();
         let cancel = CancellationToken::new();
         let server = CentralServer {
-            store: CentralStore::memory(),
-            token: None,
+            store,
+            token: token.map(str::to_string),
             faults,
         };
         let addr = server
@@ -317,27 +321,24 @@ pub async fn wait_streaming(state: &TestDb, id: &str, log: &Path) {
 
 /// Rows of `sync_conflicts` as JSON, oldest first (none before `run` created the table).
 pub async fn conflicts(state: &TestDb) -> Vec<Value> {
-    state
-        .client
-        .query(
-            "SELECT row_to_json(c)::text FROM sync_conflicts c ORDER BY id",
-            &[],
-        )
-        .await
-        .map(|rows| {
-            rows.iter()
-                .map(|r| serde_json::from_str(r.get::<_, &str>(0)).unwrap())
-                .collect()
-        })
-        .unwrap_or_default()
+    json_rows(state, "SELECT * FROM sync_conflicts ORDER BY id").await
 }
 
-/// Rows of `sync_dead_letters` as JSON.
+/// Rows of `sync_dead_letters` as JSON (without the raw bytes).
 pub async fn dead_letters(state: &TestDb) -> Vec<Value> {
+    json_rows(
+        state,
+        "SELECT warehouse_id, table_name, source_version, rule, reason, event FROM sync_dead_letters ORDER BY id",
+    )
+    .await
+}
+
+/// The rows of `query` as JSON objects (none when the table does not exist yet).
+async fn json_rows(state: &TestDb, query: &str) -> Vec<Value> {
     state
         .client
         .query(
-            "SELECT row_to_json(d)::text FROM (SELECT warehouse_id, table_name, source_version, rule, reason, event FROM sync_dead_letters ORDER BY id) d",
+            &format!("SELECT row_to_json(r)::text FROM ({query}) r"),
             &[],
         )
         .await
@@ -675,21 +676,28 @@ async fn poison_rows_are_dead_lettered_with_their_reason_and_other_keys_keep_flo
 async fn kill_9_of_run_mid_batch_still_converges_and_replays_are_duplicates() {
     let db = demo_warehouse("ckill").await;
     let state = pg().new_db("ckillstate").await;
-    // Slow answers keep batches in flight when the process dies.
+    // Answers come 300 ms after the changes were applied: a process killed meanwhile has
+    // applied changes without their outcome, and sends them again.
     let central = Central::start(Faults {
-        latency_ms: 30,
+        answer_delay_ms: 300,
         ..Faults::default()
     })
     .await;
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(dir.path(), &db, "wh-kill", "");
+    // The initial load is delivered first; then the process is killed while a stream of
+    // transactions is being applied, at several points, until a replay was seen.
+    {
+        let log = dir.path().join("first.log");
+        let _first = start(run_command(&cfg, &state, &central, None), log.clone());
+        wait_streaming(&state, "wh-kill", &log).await;
+    }
     let url = db.url_as("postgres");
     let writer = tokio::spawn(async move {
         let c = crate::harness::connect(&url).await;
         workload(&c, 9, 600).await;
     });
-    // Kill while batches are being applied, at several points, until a replay was seen.
-    for (i, extra_ms) in [0u64, 150, 40, 260, 90, 10, 200, 60]
+    for (i, extra_ms) in [100u64, 150, 40, 260, 90, 10, 200, 60]
         .into_iter()
         .enumerate()
     {
@@ -851,26 +859,15 @@ async fn two_consumers_in_one_group_share_the_partitions() {
 async fn a_refused_credential_stops_pushing_without_dead_letters_and_a_422_batch_is_bisected() {
     let db = demo_warehouse("cauth").await;
     let state = pg().new_db("cauthstate").await;
-    let cancel = CancellationToken::new();
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let server = CentralServer {
-        store: CentralStore::memory(),
-        token: Some("right-token".into()),
-        faults: Faults {
+    let central = Central::start_with(
+        CentralStore::memory(),
+        Some("right-token"),
+        Faults {
             invalid_key_substring: Some("BAD".into()),
             ..Faults::default()
         },
-    };
-    let addr = server
-        .spawn("127.0.0.1:0".parse().unwrap(), cancel.clone())
-        .await
-        .unwrap();
-    let _stop = cancel.drop_guard();
-    let central = Central {
-        addr,
-        http: reqwest::Client::new(),
-        _stop: CancellationToken::new().drop_guard(),
-    };
+    )
+    .await;
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(dir.path(), &db, "wh-auth", "");
     let log = dir.path().join("wrong.log");
@@ -938,4 +935,59 @@ where
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     got
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_reference_server_keeps_versions_in_postgres_too() {
+    let db = pg().new_db("central").await;
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(2)
+        .connect(&db.url_as("postgres"))
+        .await
+        .unwrap();
+    let store = CentralStore::postgres(pool).await.unwrap();
+    let central = Central::start_with(store, None, Faults::default()).await;
+    let change = |op: &str, version: &str, on_hand: i64, available: i64| {
+        json!({"entity": "stock_level", "op": op, "key": {"sku": "SKU-1", "location": "A-01"},
+               "data": if op == "delete" { Value::Null } else { json!({"on_hand": on_hand, "reserved": 1, "available": available}) },
+               "version": version,
+               "source": {"table": "public.stock_levels", "lsn": "0/1", "committed_at": "2026-11-25T00:00:00.000000Z", "snapshot": false}})
+    };
+    let status = |r: &Value| r["results"][0]["status"].as_str().unwrap().to_string();
+    let v2 = "0000000000000002:00000000";
+    assert_eq!(
+        status(&central.post("wh", change("upsert", v2, 5, 4)).await),
+        "applied"
+    );
+    assert_eq!(
+        status(&central.post("wh", change("upsert", v2, 5, 4)).await),
+        "duplicate"
+    );
+    let stale = central
+        .post("wh", change("upsert", "0000000000000001:00000000", 9, 8))
+        .await;
+    assert_eq!(status(&stale), "stale");
+    assert_eq!(stale["results"][0]["current_version"], v2);
+    assert_eq!(stale["results"][0]["current"]["on_hand"], 5);
+    let wrong = central
+        .post("wh", change("upsert", "0000000000000003:00000000", 5, 3))
+        .await;
+    assert_eq!(
+        status(&wrong),
+        "rejected",
+        "available must be on_hand - reserved"
+    );
+    assert_eq!(central.state("wh").await.len(), 1);
+    let v4 = "0000000000000004:00000000";
+    assert_eq!(
+        status(&central.post("wh", change("delete", v4, 0, 0)).await),
+        "applied"
+    );
+    assert!(central.state("wh").await.is_empty(), "deleted");
+    // The delete's version is kept: an older upsert cannot bring the row back.
+    assert_eq!(
+        status(&central.post("wh", change("upsert", v2, 5, 4)).await),
+        "stale"
+    );
+    assert!(central.state("wh").await.is_empty());
 }

@@ -442,6 +442,20 @@ pub async fn checkpoint(state: &TestDb, warehouse_id: &str) -> Option<u64> {
         .map(|r| r.get::<_, i64>(0) as u64)
 }
 
+/// Polls the warehouse's checkpoint until it reaches `target` (or 30 s pass); returns the
+/// last one read.
+pub async fn checkpoint_reaching(state: &TestDb, warehouse_id: &str, target: u64) -> u64 {
+    let mut at = 0;
+    for _ in 0..300 {
+        at = checkpoint(state, warehouse_id).await.unwrap_or(0);
+        if at >= target {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    at
+}
+
 /// The slot's `confirmed_flush_lsn` and whether a walsender is attached to it.
 pub async fn slot_state(db: &TestDb, slot: &str) -> (u64, bool) {
     let row = db
@@ -494,14 +508,7 @@ async fn a_stopped_broker_holds_the_flush_position_and_everything_arrives_after_
         ids_until(|s| s.len() == 100),
     )
     .await;
-    let mut held = 0;
-    for _ in 0..100 {
-        held = checkpoint(&state, id).await.unwrap_or(0);
-        if held >= before_stop {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let held = checkpoint_reaching(&state, id, before_stop).await;
     assert!(
         held >= before_stop,
         "checkpoint {held} reaches {before_stop} before the stop"
@@ -571,14 +578,7 @@ async fn a_stopped_broker_holds_the_flush_position_and_everything_arrives_after_
         .max()
         .unwrap()
         + 1;
-    let mut moved = 0;
-    for _ in 0..200 {
-        moved = checkpoint(&state, id).await.unwrap_or(0);
-        if moved >= end {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let moved = checkpoint_reaching(&state, id, end).await;
     assert!(
         moved >= end,
         "checkpoint {moved} passes the last commit {end} after the broker resumed"
@@ -625,14 +625,7 @@ async fn run_without_kafka_uses_the_embedded_bus_and_checkpoints_after_the_consu
     }
     // Checkpoints are commit end LSNs of this database: only the last insert's is past
     // `before_last` (other tests write WAL to the same server).
-    let mut reached = 0;
-    for _ in 0..300 {
-        reached = checkpoint(&state, id).await.unwrap_or(0);
-        if reached > before_last {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let reached = checkpoint_reaching(&state, id, before_last + 1).await;
     assert!(
         reached > before_last,
         "checkpoint {reached} passes {before_last}; run's log ends:\n{}",
