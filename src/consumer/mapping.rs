@@ -383,19 +383,7 @@ mod tests {
     use crate::consumer::settings::ConsumerSettings;
 
     fn settings() -> ConsumerSettings {
-        let file = toml::from_str(
-            r#"
-            [[mappings]]
-            table = "public.stock_levels"
-            entity = "stock_level"
-            key = { sku = "sku", location = "location_code" }
-            data = { on_hand = "qty_on_hand", reserved = "qty_reserved", label = { column = "raw", from = "bytea_utf8" } }
-            [rules]
-            sku_pattern = "^SKU-[0-9]+$"
-            max_string_chars = 10
-            "#,
-        )
-        .expect("toml");
+        let file = toml::from_str(crate::consumer::settings::TEST_MAPPING).expect("toml");
         ConsumerSettings::from_file(file).expect("valid")
     }
 

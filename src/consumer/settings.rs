@@ -334,6 +334,19 @@ impl ConsumerSettings {
     }
 }
 
+/// A stock-level mapping with a bytea conversion and an SKU pattern, for unit tests.
+#[cfg(test)]
+pub(crate) const TEST_MAPPING: &str = r#"
+    [[mappings]]
+    table = "public.stock_levels"
+    entity = "stock_level"
+    key = { sku = "sku", location = "location_code" }
+    data = { on_hand = "qty_on_hand", reserved = "qty_reserved", label = { column = "raw", from = "bytea_utf8" } }
+    [rules]
+    sku_pattern = "^SKU-[0-9]+$"
+    max_string_chars = 10
+"#;
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -344,20 +357,7 @@ mod tests {
 
     #[test]
     fn a_mapping_reads_columns_and_conversions() {
-        let s = parse(
-            r#"
-            [[mappings]]
-            table = "public.stock_levels"
-            entity = "stock_level"
-            key = { sku = "sku", location = "location_code" }
-            data = { on_hand = "qty_on_hand", reserved = "qty_reserved", label = { column = "raw", from = "bytea_utf8" } }
-            [rules]
-            sku_pattern = "^SKU-"
-            [batch]
-            max_changes = 10
-            "#,
-        )
-        .expect("valid");
+        let s = parse(&format!("{TEST_MAPPING}\n[batch]\nmax_changes = 10\n")).expect("valid");
         let m = &s.mappings["public.stock_levels"];
         assert_eq!(m.entity, Entity::StockLevel);
         assert_eq!(m.key.len(), 2);

@@ -304,6 +304,22 @@ pub fn start(mut c: Command, log: PathBuf) -> Run {
     Run { child }
 }
 
+/// Starts `run` on Kafka for warehouse `id` of `db` (topic `it.<db>`): its directory,
+/// configuration, topic, log and process.
+pub fn start_kafka_run(
+    db: &TestDb,
+    state: &TestDb,
+    central: &Central,
+    id: &str,
+) -> (tempfile::TempDir, PathBuf, String, PathBuf, Run) {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), db, id, "");
+    let topic = format!("it.{}", db.name);
+    let log = dir.path().join("run.log");
+    let run = start(run_command(&cfg, state, central, Some(&topic)), log.clone());
+    (dir, cfg, topic, log, run)
+}
+
 /// Waits until `run` delivered warehouse `id`'s initial load (its first checkpoint), so
 /// what is written next is streamed rather than read by the load.
 pub async fn wait_streaming(state: &TestDb, id: &str, log: &Path) {
@@ -382,14 +398,7 @@ async fn kafka_end_to_end_central_equals_the_warehouse_and_rejections_reach_the_
         ..Faults::default()
     })
     .await;
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = config(dir.path(), &db, "wh-kafka", "");
-    let topic = format!("it.{}", db.name);
-    let log = dir.path().join("run.log");
-    let _run = start(
-        run_command(&cfg, &state, &central, Some(&topic)),
-        log.clone(),
-    );
+    let (_dir, _cfg, topic, log, _run) = start_kafka_run(&db, &state, &central, "wh-kafka");
     workload(&db.client, 4, 300).await;
     db.exec("INSERT INTO products (sku, name) VALUES ('REJ-1', 'refused'); INSERT INTO other VALUES (1);")
         .await;
@@ -774,14 +783,7 @@ async fn replaying_the_topic_from_offset_zero_leaves_central_unchanged() {
     workload(&db.client, 10, 20).await;
     let state = pg().new_db("creplaystate").await;
     let central = Central::start(Faults::default()).await;
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = config(dir.path(), &db, "wh-replay", "");
-    let topic = format!("it.{}", db.name);
-    let log = dir.path().join("run.log");
-    let _run = start(
-        run_command(&cfg, &state, &central, Some(&topic)),
-        log.clone(),
-    );
+    let (dir, cfg, topic, log, _run) = start_kafka_run(&db, &state, &central, "wh-replay");
     workload(&db.client, 11, 200).await;
     assert_converges(&central, &db, "wh-replay", &log).await;
     let before = central.state("wh-replay").await;
