@@ -12,7 +12,7 @@
 //!   warehouse commit to applied here (p50/p90/p99; `DELETE` clears the samples).
 //! - `GET /health`.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -74,7 +74,7 @@ pub struct Item {
 /// Where the server keeps its state.
 pub enum CentralStore {
     /// In this process.
-    Memory(Mutex<HashMap<String, BTreeMap<String, Item>>>),
+    Memory(Mutex<HashMap<String, HashMap<String, Item>>>),
     /// In a Postgres table `central_inventory`.
     Postgres(PgPool),
 }
@@ -171,18 +171,15 @@ impl CentralStore {
 
     async fn list(&self, warehouse_id: &str) -> Result<Vec<Item>, sqlx::Error> {
         match self {
-            CentralStore::Memory(m) => Ok(m
-                .lock()
-                .await
-                .get(warehouse_id)
-                .map(|items| {
-                    items
-                        .values()
-                        .filter(|i| i.data.is_some())
-                        .cloned()
-                        .collect()
-                })
-                .unwrap_or_default()),
+            CentralStore::Memory(m) => {
+                let all = m.lock().await;
+                let mut live: Vec<(&String, &Item)> = all
+                    .get(warehouse_id)
+                    .map(|items| items.iter().filter(|(_, i)| i.data.is_some()).collect())
+                    .unwrap_or_default();
+                live.sort_by(|a, b| a.0.cmp(b.0));
+                Ok(live.into_iter().map(|(_, i)| i.clone()).collect())
+            }
             CentralStore::Postgres(pool) => {
                 let rows: Vec<(String, Value, String, Option<Value>)> = sqlx::query_as(
                     "SELECT entity, key, version, data FROM central_inventory
@@ -210,12 +207,12 @@ impl CentralStore {
 
 /// The store's key of a change's entity: entity and key fields, canonical (sorted) JSON.
 fn item_key(c: &Change) -> String {
-    let key: BTreeMap<&String, &Value> = c.key.iter().collect();
-    format!(
-        "{}:{}",
-        c.entity.as_str(),
-        serde_json::to_string(&key).unwrap_or_default()
-    )
+    // serde_json's maps are ordered by key: the text is canonical.
+    let mut out = String::with_capacity(64);
+    out.push_str(c.entity.as_str());
+    out.push(':');
+    out.push_str(&serde_json::to_string(&c.key).unwrap_or_default());
+    out
 }
 
 /// The verdict on `c` given what is stored, and what to store afterwards.
@@ -244,7 +241,7 @@ fn decide(c: Change, current: Option<&Item>, faults: &Faults) -> (ChangeResult, 
     let result = ChangeResult {
         status: ResultStatus::Applied,
         reason: None,
-        current_version: Some(c.version.clone()),
+        current_version: None,
         current: None,
     };
     let next = Item {
