@@ -133,7 +133,8 @@ pub async fn primary_key(
 
 /// Where snapshot events go.
 pub struct SnapshotTarget<'a> {
-    /// The slot's consistent point: `lsn` and `commit_lsn` of every snapshot row.
+    /// The slot's consistent point: `lsn` of every snapshot row (their `commit_lsn` is the
+    /// position just before it, below any streamed commit).
     pub consistent_point: Lsn,
     /// The position the load's commit mark makes durable: the consistent point, or for a
     /// reload the stream's start (what streams next must not be skipped).
@@ -216,7 +217,10 @@ pub async fn initial_load(
                         snapshot: SnapshotMarker::True,
                         tx_id: None,
                         lsn: target.consistent_point,
-                        commit_lsn: target.consistent_point,
+                        // Just before the consistent point: a transaction whose commit
+                        // record starts exactly there is streamed, and its changes must
+                        // version above every snapshot row (or central would drop them).
+                        commit_lsn: Lsn(target.consistent_point.0.saturating_sub(1)),
                         sequence,
                         unchanged_toast: vec![],
                     },

@@ -787,6 +787,12 @@ async fn a_reload_after_an_undelivered_initial_load_replays_the_slot_from_its_st
         .max()
         .unwrap();
     assert!(stream_max < load_min, "{stream_max:?} < {load_min:?}");
+    // Snapshot rows version just below the consistent point (their `lsn`), so a transaction
+    // committing exactly there versions above them.
+    for e in events.iter().filter(|e| e["op"] == "r") {
+        let lsn = e["source"]["lsn"].as_u64().unwrap();
+        assert_eq!(e["source"]["commit_lsn"].as_u64().unwrap(), lsn - 1, "{e}");
+    }
     let slots: i64 = db
         .client
         .query_one(
