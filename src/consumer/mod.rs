@@ -671,7 +671,7 @@ fn estimated_size(c: &Change) -> usize {
 }
 
 /// Requests in flight together per warehouse (each a lane of keys).
-pub const LANES: usize = 4;
+pub const LANES: usize = 8;
 
 /// The lane of an entity's key.
 fn lane_of(entity: &str, key: &serde_json::Map<String, Value>) -> usize {
