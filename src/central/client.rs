@@ -178,11 +178,9 @@ impl CentralClient {
         changes: &[&Change],
         cancel: &CancellationToken,
     ) -> Result<Answer, Cancelled> {
-        let first = changes.first().map_or("", |c| c.version.as_str());
-        let last = changes.last().map_or("", |c| c.version.as_str());
         let batch = BatchRef {
             warehouse_id,
-            batch_id: format!("{warehouse_id}:{first}-{last}"),
+            batch_id: super::batch_id(warehouse_id, changes),
             changes,
         };
         let body = serde_json::to_vec(&batch).unwrap_or_default();

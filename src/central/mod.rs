@@ -82,17 +82,11 @@ pub struct ChangeBatch {
     pub changes: Vec<Change>,
 }
 
-impl ChangeBatch {
-    /// The batch for `changes` (not empty), with its id.
-    pub fn new(warehouse_id: &str, changes: Vec<Change>) -> Self {
-        let first = changes.first().map_or("", |c| c.version.as_str());
-        let last = changes.last().map_or("", |c| c.version.as_str());
-        Self {
-            warehouse_id: warehouse_id.to_string(),
-            batch_id: format!("{warehouse_id}:{first}-{last}"),
-            changes,
-        }
-    }
+/// The `batch_id` (and `Idempotency-Key`) of a request: `<warehouse>:<first version>-<last version>`.
+pub fn batch_id(warehouse_id: &str, changes: &[&Change]) -> String {
+    let first = changes.first().map_or("", |c| c.version.as_str());
+    let last = changes.last().map_or("", |c| c.version.as_str());
+    format!("{warehouse_id}:{first}-{last}")
 }
 
 /// Central's verdict on one change.
@@ -130,4 +124,34 @@ pub struct ChangeResult {
 pub struct BatchResponse {
     /// One per change, same order.
     pub results: Vec<ChangeResult>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_batch_id_names_the_warehouse_and_the_first_and_last_versions() {
+        let change = |version: &str| Change {
+            entity: Entity::Product,
+            op: ChangeOp::Upsert,
+            key: Map::new(),
+            data: None,
+            version: version.into(),
+            source: ChangeSource {
+                table: "public.products".into(),
+                lsn: "0/1".into(),
+                committed_at: "2026-11-25T00:00:00.000000Z".into(),
+                snapshot: false,
+            },
+        };
+        let (a, b) = (
+            change("00000000016B3748:00000000"),
+            change("00000000016B9000:00000004"),
+        );
+        assert_eq!(
+            batch_id("wh-east", &[&a, &b]),
+            "wh-east:00000000016B3748:00000000-00000000016B9000:00000004"
+        );
+    }
 }
