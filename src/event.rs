@@ -159,6 +159,7 @@ pub struct TableSource {
     db: Arc<str>,
     schema: Arc<str>,
     table: Arc<str>,
+    qualified: String,
     header: String,
 }
 
@@ -183,6 +184,7 @@ impl TableSource {
             db: db.into(),
             schema: schema.into(),
             table: table.into(),
+            qualified: format!("{schema}.{table}"),
             header: String::from_utf8(out).unwrap_or_default(),
         })
     }
@@ -207,9 +209,9 @@ impl TableSource {
         &self.table
     }
 
-    /// `schema.table`.
-    pub fn qualified_name(&self) -> String {
-        format!("{}.{}", self.schema, self.table)
+    /// `schema.table` (rendered once per relation: it is read for every event).
+    pub fn qualified_name(&self) -> &str {
+        &self.qualified
     }
 }
 

@@ -341,7 +341,7 @@ impl super::Publisher for KafkaPublisher {
         let rec = Record::new(&ev, topic);
         let table = ev.source.table.qualified_name();
         let fut = self
-            .send_record(&rec, ev.source.table.warehouse_id(), &table)
+            .send_record(&rec, ev.source.table.warehouse_id(), table)
             .await?;
         self.current.push((rec.topic, fut));
         Ok(())

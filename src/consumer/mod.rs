@@ -58,7 +58,7 @@ pub enum Incoming {
 impl Incoming {
     fn table(&self) -> Cow<'_, str> {
         match self {
-            Incoming::Event(ev) => Cow::Owned(ev.source.table.qualified_name()),
+            Incoming::Event(ev) => Cow::Borrowed(ev.source.table.qualified_name()),
             Incoming::Record { table, .. } => Cow::Borrowed(table),
         }
     }
@@ -673,19 +673,27 @@ fn estimated_size(c: &Change) -> usize {
 /// Requests in flight together per warehouse (each a lane of keys).
 pub const LANES: usize = 8;
 
-/// The lane of an entity's key.
+/// The lane of an entity's key (FNV-1a over the entity and the key's fields: cheap, and
+/// stable for one key).
 fn lane_of(entity: &str, key: &serde_json::Map<String, Value>) -> usize {
-    use std::hash::{Hash, Hasher};
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    entity.hash(&mut h);
+    fn eat(h: &mut u64, bytes: &[u8]) {
+        for &b in bytes {
+            *h ^= u64::from(b);
+            *h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+        *h ^= 0xff;
+        *h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    eat(&mut h, entity.as_bytes());
     for (k, v) in key {
-        k.hash(&mut h);
+        eat(&mut h, k.as_bytes());
         match v {
-            Value::String(s) => s.hash(&mut h),
-            other => other.to_string().hash(&mut h),
+            Value::String(s) => eat(&mut h, s.as_bytes()),
+            other => eat(&mut h, other.to_string().as_bytes()),
         }
     }
-    (h.finish() % LANES as u64) as usize
+    (h % LANES as u64) as usize
 }
 
 /// The central key of an event that failed validation, as far as it can be read.

@@ -387,7 +387,7 @@ fn convert(rel: &RelationInfo, col: usize, t: &TupleData, at: Lsn) -> Result<Val
         Some(TupleValue::Text(_)) => {
             let raw = t.value_bytes(col).unwrap_or_default();
             convert_text(c.type_oid, raw).map_err(|source| SourceError::Value {
-                table: rel.table.qualified_name(),
+                table: rel.table.qualified_name().to_string(),
                 column: c.name.to_string(),
                 lsn: at,
                 source,

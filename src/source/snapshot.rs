@@ -197,7 +197,7 @@ pub async fn initial_load(
                         Some(text) => {
                             convert_text(c.type_oid, bytes::Bytes::copy_from_slice(text.as_bytes()))
                                 .map_err(|source| SourceError::Value {
-                                    table: rel.table.qualified_name(),
+                                    table: rel.table.qualified_name().to_string(),
                                     column: c.name.to_string(),
                                     lsn: target.consistent_point,
                                     source,
