@@ -370,20 +370,11 @@ impl Stage {
     async fn note_sent(&self, warehouse_id: &str, high: &str) -> Result<String, Cancelled> {
         let mut sent = self.sent.lock().await;
         if !sent.contains_key(warehouse_id) {
-            let mut backoff = Backoff::new();
-            let stored = loop {
-                match self.state.sent_version(warehouse_id).await {
-                    Ok(v) => break v,
-                    Err(e) => {
-                        let wait = backoff.next_delay(std::time::Duration::ZERO);
-                        tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "cannot read the consumer's progress; retrying");
-                        tokio::select! {
-                            _ = tokio::time::sleep(wait) => {}
-                            _ = self.cancel.cancelled() => return Err(Cancelled),
-                        }
-                    }
-                }
-            };
+            let stored = self
+                .retry("cannot read the consumer's progress", || {
+                    self.state.sent_version(warehouse_id)
+                })
+                .await?;
             sent.insert(warehouse_id.to_string(), stored);
         }
         let known = sent
@@ -590,7 +581,12 @@ impl Stage {
         match &self.dead_letters {
             DeadLetters::Kafka { bus, topic } => {
                 let key = item.key();
-                let op = EventView::parse(&value).map(|e| e.op).unwrap_or_default();
+                let op = match item {
+                    Incoming::Event(ev) => ev.op.code().to_string(),
+                    Incoming::Record { .. } => {
+                        EventView::parse(&value).map(|e| e.op).unwrap_or_default()
+                    }
+                };
                 let field = v.field.clone().unwrap_or_default();
                 let headers = [
                     ("warehouse_id", warehouse_id),
@@ -601,20 +597,10 @@ impl Stage {
                     ("dlq_field", field.as_str()),
                     ("dlq_reason", v.reason.as_str()),
                 ];
-                let mut backoff = Backoff::new();
-                loop {
-                    match bus.send_and_wait(topic, &key, &value, &headers).await {
-                        Ok(()) => return Ok(()),
-                        Err(e) => {
-                            let wait = backoff.next_delay(std::time::Duration::ZERO);
-                            tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "cannot write to the dead-letter topic; retrying");
-                            tokio::select! {
-                                _ = tokio::time::sleep(wait) => {}
-                                _ = self.cancel.cancelled() => return Err(Cancelled),
-                            }
-                        }
-                    }
-                }
+                self.retry("cannot write to the dead-letter topic", || {
+                    bus.send_and_wait(topic, &key, &value, &headers)
+                })
+                .await
             }
             DeadLetters::StateDb => {
                 let d = NewDeadLetter {
@@ -637,13 +623,25 @@ impl Stage {
         F: Fn() -> Fut,
         Fut: std::future::Future<Output = Result<(), StoreError>> + 'a,
     {
+        self.retry("cannot record an outcome in the state DB", write)
+            .await
+    }
+
+    /// Runs `attempt` until it succeeds, waiting with backoff between failures (logged with
+    /// `what`); only `cancel` ends it early.
+    async fn retry<'a, T, E, F, Fut>(&'a self, what: &str, attempt: F) -> Result<T, Cancelled>
+    where
+        E: std::fmt::Display,
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<T, E>> + 'a,
+    {
         let mut backoff = Backoff::new();
         loop {
-            match write().await {
-                Ok(()) => return Ok(()),
+            match attempt().await {
+                Ok(v) => return Ok(v),
                 Err(e) => {
                     let wait = backoff.next_delay(std::time::Duration::ZERO);
-                    tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "cannot record an outcome in the state DB; retrying");
+                    tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "{what}; retrying");
                     tokio::select! {
                         _ = tokio::time::sleep(wait) => {}
                         _ = self.cancel.cancelled() => return Err(Cancelled),
