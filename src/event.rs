@@ -353,7 +353,12 @@ impl ChangeEvent {
 
 /// The fixed-width text form of a position: `{commit_lsn:016X}:{sequence:08X}`.
 pub fn format_version(commit_lsn: Lsn, sequence: u64) -> String {
-    format!("{:016X}:{:08X}", commit_lsn.0, sequence)
+    let mut buf = [0u8; 33];
+    let n = crate::lsn::push_upper_hex(&mut buf, 0, commit_lsn.0, 16);
+    buf[n] = b':';
+    let n = crate::lsn::push_upper_hex(&mut buf, n + 1, sequence, 8);
+    // Only ASCII hex digits and ':' were written.
+    String::from_utf8_lossy(&buf[..n]).into_owned()
 }
 
 fn write_int(out: &mut Vec<u8>, v: impl itoa::Integer) {

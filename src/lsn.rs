@@ -23,8 +23,25 @@ impl Lsn {
 
 impl fmt::Display for Lsn {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:X}/{:X}", self.0 >> 32, self.0 & 0xFFFF_FFFF)
+        // Every change is versioned with one: rendered without the formatting machinery.
+        let mut buf = [0u8; 17];
+        let mut n = push_upper_hex(&mut buf, 0, self.0 >> 32, 1);
+        buf[n] = b'/';
+        n = push_upper_hex(&mut buf, n + 1, self.0 & 0xFFFF_FFFF, 1);
+        // Only ASCII hex digits and '/' were written.
+        f.write_str(std::str::from_utf8(&buf[..n]).map_err(|_| fmt::Error)?)
     }
+}
+
+/// Writes `v` in upper-case hexadecimal into `buf` at `at`, zero-padded to at least `width`
+/// digits; returns the position after the last digit. `buf` must have room (16 digits at most).
+pub(crate) fn push_upper_hex(buf: &mut [u8], at: usize, v: u64, width: usize) -> usize {
+    const DIGITS: &[u8; 16] = b"0123456789ABCDEF";
+    let digits = (16 - v.leading_zeros() as usize / 4).max(width).max(1);
+    for i in 0..digits {
+        buf[at + digits - 1 - i] = DIGITS[((v >> (4 * i)) & 0xF) as usize];
+    }
+    at + digits
 }
 
 /// Why a string is not an LSN.
@@ -68,6 +85,22 @@ mod tests {
         assert_eq!(lsn.0, 0x16_B374_D848);
         assert_eq!(lsn.to_string(), "16/B374D848");
         assert_eq!(Lsn(0).to_string(), "0/0");
+        assert_eq!(Lsn(u64::MAX).to_string(), "FFFFFFFF/FFFFFFFF");
+        assert_eq!(Lsn(0xA_0000_0000).to_string(), "A/0");
+    }
+
+    #[test]
+    fn versions_are_fixed_width_hex_and_widen_only_past_their_width() {
+        use crate::event::format_version;
+        assert_eq!(format_version(Lsn(0), 0), "0000000000000000:00000000");
+        assert_eq!(
+            format_version(Lsn(0x16B3748), 0xAB),
+            "00000000016B3748:000000AB"
+        );
+        assert_eq!(
+            format_version(Lsn(u64::MAX), 0x1_0000_0000),
+            "FFFFFFFFFFFFFFFF:100000000"
+        );
     }
 
     #[test]

@@ -11,7 +11,7 @@
 //!   one request probes whether central is back.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use reqwest::StatusCode;
@@ -96,6 +96,9 @@ pub struct CentralClient {
     breaker: Breaker,
     healthy: AtomicBool,
     counters: Arc<ClientCounters>,
+    /// Bytes per change of the last request body: the next body is allocated at its size once
+    /// rather than grown (and copied) step by step.
+    body_bytes_per_change: AtomicUsize,
 }
 
 impl CentralClient {
@@ -130,6 +133,7 @@ impl CentralClient {
             },
             healthy: AtomicBool::new(true),
             counters: Arc::new(ClientCounters::default()),
+            body_bytes_per_change: AtomicUsize::new(320),
         })
     }
 
@@ -183,7 +187,15 @@ impl CentralClient {
             batch_id: super::batch_id(warehouse_id, changes),
             changes,
         };
-        let body = serde_json::to_vec(&batch).unwrap_or_default();
+        let per_change = self.body_bytes_per_change.load(Ordering::Relaxed);
+        let mut body = Vec::with_capacity(256 + changes.len() * (per_change + per_change / 8));
+        // Serializing plain structs and JSON maps into a Vec cannot fail.
+        let _ = serde_json::to_writer(&mut body, &batch);
+        if !changes.is_empty() {
+            self.body_bytes_per_change
+                .store(body.len() / changes.len(), Ordering::Relaxed);
+        }
+        let body = bytes::Bytes::from(body);
         let idempotency_key = batch.batch_id;
         let mut attempt: u32 = 0;
         loop {
@@ -232,7 +244,7 @@ impl CentralClient {
         &self,
         warehouse_id: &str,
         idempotency_key: &str,
-        body: Vec<u8>,
+        body: bytes::Bytes,
         expected: usize,
     ) -> Attempt {
         self.counters.requests.fetch_add(1, Ordering::Relaxed);

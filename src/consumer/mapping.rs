@@ -1,8 +1,11 @@
 //! From a change event (the JSON of DESIGN §2) to the central changes of DESIGN §3, and the
 //! business rules every change must pass before it is sent.
 //!
-//! Both buses go through the same JSON, so a change is mapped the same way whether it came
-//! from Kafka or from the embedded queue.
+//! A change from Kafka is read from its JSON envelope; an in-process change from the embedded
+//! queue is read column by column from the event itself, each value converted exactly as the
+//! envelope would carry it, so both map the same way (a unit test holds the two together).
+
+use std::borrow::Cow;
 
 use base64::Engine;
 use serde::Deserialize;
@@ -148,29 +151,96 @@ pub enum Mapped {
 
 /// Maps `ev` with `m` and checks `rules`.
 pub fn map_event(ev: &EventView, m: &TableMapping, rules: &Rules) -> Result<Mapped, Violation> {
-    let version = ev.version();
-    let micros = ev
-        .source
-        .ts_us
-        .unwrap_or(ev.source.ts_ms.saturating_mul(1000));
-    let source = ChangeSource {
-        table: ev.table(),
-        lsn: Lsn(ev.source.lsn).to_string(),
-        committed_at: format_unix_micros(micros),
+    let table = ev.table();
+    let origin = Origin {
+        op: &ev.op,
+        table: &table,
+        lsn: ev.source.lsn,
+        commit_lsn: ev.source.commit_lsn,
+        sequence: ev.source.sequence,
+        micros: ev
+            .source
+            .ts_us
+            .unwrap_or(ev.source.ts_ms.saturating_mul(1000)),
         snapshot: ev.source.snapshot != "false",
     };
-    let change = |op, key, data| Change {
+    map_rows(&origin, ev.before.as_ref(), ev.after.as_ref(), m, rules)
+}
+
+/// Maps an in-process event the way [`map_event`] maps its JSON envelope, reading only the
+/// mapped columns (no view of the whole event is built).
+pub fn map_change_event(
+    ev: &ChangeEvent,
+    m: &TableMapping,
+    rules: &Rules,
+) -> Result<Mapped, Violation> {
+    let origin = Origin {
+        op: ev.op.code(),
+        table: ev.source.table.qualified_name(),
+        lsn: ev.source.lsn.0,
+        commit_lsn: ev.source.commit_lsn.0,
+        sequence: ev.source.sequence,
+        micros: ev.source.ts_us,
+        snapshot: ev.source.snapshot.as_str() != "false",
+    };
+    map_rows(&origin, ev.before.as_ref(), ev.after.as_ref(), m, rules)
+}
+
+/// What the mapping reads of an event besides its rows.
+struct Origin<'a> {
+    op: &'a str,
+    table: &'a str,
+    lsn: u64,
+    commit_lsn: u64,
+    sequence: u64,
+    micros: i64,
+    snapshot: bool,
+}
+
+/// A row the mapping reads columns from: a parsed JSON row or an in-process row.
+trait Columns {
+    /// The column's value as the JSON envelope carries it.
+    fn column(&self, name: &str) -> Option<Cow<'_, Value>>;
+}
+
+impl Columns for Map<String, Value> {
+    fn column(&self, name: &str) -> Option<Cow<'_, Value>> {
+        self.get(name).map(Cow::Borrowed)
+    }
+}
+
+impl Columns for Row {
+    fn column(&self, name: &str) -> Option<Cow<'_, Value>> {
+        self.get(name).map(|v| Cow::Owned(json_value(v)))
+    }
+}
+
+fn map_rows<R: Columns>(
+    ev: &Origin<'_>,
+    before: Option<&R>,
+    after: Option<&R>,
+    m: &TableMapping,
+    rules: &Rules,
+) -> Result<Mapped, Violation> {
+    let version = crate::event::format_version(Lsn(ev.commit_lsn), ev.sequence);
+    let source = ChangeSource {
+        table: ev.table.to_string(),
+        lsn: Lsn(ev.lsn).to_string(),
+        committed_at: format_unix_micros(ev.micros),
+        snapshot: ev.snapshot,
+    };
+    let change = |op, key, data, version, source| Change {
         entity: m.entity,
         op,
         key,
         data,
-        version: version.clone(),
-        source: source.clone(),
+        version,
+        source,
     };
-    match ev.op.as_str() {
+    match ev.op {
         "t" => Ok(Mapped::Truncate),
         "d" => {
-            let row = ev.before.as_ref().ok_or_else(|| {
+            let row = before.ok_or_else(|| {
                 violation(
                     "key_present",
                     "key",
@@ -179,10 +249,16 @@ pub fn map_event(ev: &EventView, m: &TableMapping, rules: &Rules) -> Result<Mapp
                 )
             })?;
             let key = fields(&m.key, row, rules, true)?;
-            Ok(Mapped::Changes(vec![change(ChangeOp::Delete, key, None)]))
+            Ok(Mapped::Changes(vec![change(
+                ChangeOp::Delete,
+                key,
+                None,
+                version,
+                source,
+            )]))
         }
         "c" | "u" | "r" => {
-            let row = ev.after.as_ref().ok_or_else(|| {
+            let row = after.ok_or_else(|| {
                 violation(
                     "key_present",
                     "key",
@@ -204,17 +280,30 @@ pub fn map_event(ev: &EventView, m: &TableMapping, rules: &Rules) -> Result<Mapp
                     ));
                 }
             }
-            let mut out = Vec::with_capacity(2);
             // An update that changed the key columns moves the entity: the old key goes.
             if ev.op == "u"
-                && let Some(before) = &ev.before
+                && let Some(before) = before
                 && let Ok(old_key) = fields(&m.key, before, rules, true)
                 && old_key != key
             {
-                out.push(change(ChangeOp::Delete, old_key, None));
+                return Ok(Mapped::Changes(vec![
+                    change(
+                        ChangeOp::Delete,
+                        old_key,
+                        None,
+                        version.clone(),
+                        source.clone(),
+                    ),
+                    change(ChangeOp::Upsert, key, Some(data), version, source),
+                ]));
             }
-            out.push(change(ChangeOp::Upsert, key, Some(data)));
-            Ok(Mapped::Changes(out))
+            Ok(Mapped::Changes(vec![change(
+                ChangeOp::Upsert,
+                key,
+                Some(data),
+                version,
+                source,
+            )]))
         }
         other => Err(Violation {
             rule: "event_format",
@@ -225,15 +314,15 @@ pub fn map_event(ev: &EventView, m: &TableMapping, rules: &Rules) -> Result<Mapp
 }
 
 /// Reads the mapped fields from `row`; key fields must be present and non-empty.
-fn fields(
+fn fields<R: Columns>(
     spec: &[(String, FieldSource)],
-    row: &Map<String, Value>,
+    row: &R,
     rules: &Rules,
     is_key: bool,
 ) -> Result<Map<String, Value>, Violation> {
     let mut out = Map::new();
     for (name, src) in spec {
-        let value = match row.get(&src.column) {
+        let value = match row.column(&src.column) {
             Some(v) => v,
             None if is_key => {
                 return Err(violation(
@@ -281,10 +370,15 @@ fn fields(
     Ok(out)
 }
 
-fn convert(name: &str, column: &str, v: &Value, how: Convert) -> Result<Value, Violation> {
+fn convert(
+    name: &str,
+    column: &str,
+    v: Cow<'_, Value>,
+    how: Convert,
+) -> Result<Value, Violation> {
     match how {
-        Convert::AsIs => Ok(v.clone()),
-        Convert::ByteaUtf8 => match v {
+        Convert::AsIs => Ok(v.into_owned()),
+        Convert::ByteaUtf8 => match v.as_ref() {
             Value::Null => Ok(Value::Null),
             Value::String(b64) => {
                 let bytes = base64::engine::general_purpose::STANDARD
@@ -535,18 +629,32 @@ mod tests {
             transaction: None,
             key: None,
         };
-        let direct = map_event(&EventView::from_event(&ev, m), m, &s.rules);
-        let via_json = map_event(
-            &EventView::parse(ev.to_json().as_bytes()).expect("json"),
-            m,
-            &s.rules,
-        );
-        assert_eq!(direct, via_json);
-        let Ok(Mapped::Changes(c)) = direct else {
+        let all_ways = |ev: &ChangeEvent| {
+            let direct = map_change_event(ev, m, &s.rules);
+            let via_view = map_event(&EventView::from_event(ev, m), m, &s.rules);
+            let via_json = map_event(
+                &EventView::parse(ev.to_json().as_bytes()).expect("json"),
+                m,
+                &s.rules,
+            );
+            assert_eq!(direct, via_view);
+            assert_eq!(direct, via_json);
+            direct
+        };
+        let Ok(Mapped::Changes(c)) = all_ways(&ev) else {
             panic!("maps")
         };
         assert_eq!(c.len(), 2, "a key move: delete and upsert");
         assert_eq!(c[1].data.as_ref().expect("data")["available"], 10);
+        // A poison row is refused the same way on both paths.
+        let mut poison = ev.clone();
+        poison.after = Some(Row::from_pairs([
+            ("sku", V::String("SKU-1".into())),
+            ("location_code", V::String("B-02".into())),
+            ("qty_on_hand", V::Number("-4".into())),
+        ]));
+        let refused = all_ways(&poison).expect_err("negative quantity");
+        assert_eq!(refused.rule, "quantity_non_negative");
     }
 
     #[test]

@@ -33,7 +33,7 @@ use crate::central::client::{Cancelled, CentralClient, Verdict};
 use crate::central::{Change, ChangeResult, ResultStatus};
 use crate::event::ChangeEvent;
 use crate::store::{NewConflict, NewDeadLetter, StateDb, StoreError};
-use mapping::{EventView, Mapped, Violation, map_event};
+use mapping::{EventView, Mapped, Violation, map_change_event, map_event};
 use settings::ConsumerSettings;
 
 /// The default dead-letter topic.
@@ -56,6 +56,15 @@ pub enum Incoming {
 }
 
 impl Incoming {
+    /// The event's view (for conflict rows and dead letters; none if it does not parse, which
+    /// was refused already).
+    fn view(&self, m: &settings::TableMapping) -> Option<EventView> {
+        match self {
+            Incoming::Event(ev) => Some(EventView::from_event(ev, m)),
+            Incoming::Record { value, .. } => EventView::parse(value).ok(),
+        }
+    }
+
     fn table(&self) -> Cow<'_, str> {
         match self {
             Incoming::Event(ev) => Cow::Borrowed(ev.source.table.qualified_name()),
@@ -208,19 +217,19 @@ impl Stage {
                 self.counters.skipped.fetch_add(1, Ordering::Relaxed);
                 continue;
             };
-            let parsed = match item {
-                Incoming::Event(ev) => Ok(EventView::from_event(ev, m)),
-                Incoming::Record { value, .. } => EventView::parse(value),
+            let rules = &self.settings.rules;
+            let mapped = match item {
+                Incoming::Event(ev) => map_change_event(ev, m, rules),
+                Incoming::Record { value, .. } => match EventView::parse(value) {
+                    Ok(view) => map_event(&view, m, rules),
+                    Err(v) => {
+                        self.refuse(warehouse_id, item, &table, None, None, v)
+                            .await?;
+                        continue;
+                    }
+                },
             };
-            let view = match parsed {
-                Ok(v) => v,
-                Err(v) => {
-                    self.refuse(warehouse_id, item, &table, None, None, v)
-                        .await?;
-                    continue;
-                }
-            };
-            match map_event(&view, m, &self.settings.rules) {
+            match mapped {
                 Ok(Mapped::Changes(changes)) => {
                     for change in changes {
                         sizes.push(estimated_size(&change));
@@ -228,6 +237,7 @@ impl Stage {
                     }
                 }
                 Ok(Mapped::Truncate) => {
+                    let Some(view) = item.view(m) else { continue };
                     self.counters.truncates.fetch_add(1, Ordering::Relaxed);
                     let conflict = NewConflict {
                         warehouse_id: warehouse_id.to_string(),
@@ -252,6 +262,7 @@ impl Stage {
                         .await?;
                 }
                 Err(v) => {
+                    let Some(view) = item.view(m) else { continue };
                     let key = view_key(&view, m);
                     let value_json = view
                         .after

@@ -138,6 +138,16 @@ pub struct ConsumerSettings {
     pub central: CentralSettings,
 }
 
+impl ConsumerSettings {
+    /// The consumer's sections (`[[mappings]]`, `[rules]`, `[batch]`, `[central]`) of a TOML
+    /// document; other sections are ignored.
+    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
+        let file: FileConsumer =
+            toml::from_str(text).map_err(|e| invalid("consumer settings", e.to_string()))?;
+        Self::from_file(file)
+    }
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
 pub(crate) enum FileField {
