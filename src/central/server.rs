@@ -71,10 +71,18 @@ pub struct Item {
     pub data: Option<Value>,
 }
 
+/// What the memory store keeps per entity: the version applied last and the data as JSON
+/// text (`None` once deleted — the version stays, so an older upsert stays stale). Compact on
+/// purpose: a benchmark run holds hundreds of thousands of entities.
+pub struct Stored {
+    version: Box<str>,
+    data: Option<Box<str>>,
+}
+
 /// Where the server keeps its state.
 pub enum CentralStore {
-    /// In this process.
-    Memory(Mutex<HashMap<String, HashMap<String, Item>>>),
+    /// In this process: entities by warehouse and [`item_key`].
+    Memory(Mutex<HashMap<String, HashMap<String, Stored>>>),
     /// In a Postgres table `central_inventory`.
     Postgres(PgPool),
 }
@@ -115,11 +123,20 @@ impl CentralStore {
                 let items = all.entry(warehouse_id.to_string()).or_default();
                 Ok(changes
                     .into_iter()
-                    .map(|c| {
+                    .map(|mut c| {
                         let k = item_key(&c);
-                        let (result, next) = decide(c, items.get(&k), faults);
-                        if let Some(next) = next {
-                            items.insert(k, next);
+                        let current = items.get(&k);
+                        let (status, reason) =
+                            decide(&c, current.map(|s| s.version.as_ref()), faults);
+                        let mut result = verdict(status, reason);
+                        if status == ResultStatus::Applied {
+                            let version = std::mem::take(&mut c.version).into_boxed_str();
+                            let data = stored_data(c).map(|d| d.to_string().into_boxed_str());
+                            items.insert(k, Stored { version, data });
+                        } else if let Some(cur) = current {
+                            result.current_version = Some(cur.version.to_string());
+                            result.current =
+                                cur.data.as_deref().and_then(|t| serde_json::from_str(t).ok());
                         }
                         result
                     })
@@ -130,7 +147,7 @@ impl CentralStore {
                 let mut results = Vec::with_capacity(changes.len());
                 for c in changes {
                     let k = item_key(&c);
-                    let row: Option<(String, Option<Value>)> = sqlx::query_as(
+                    let current: Option<(String, Option<Value>)> = sqlx::query_as(
                         "SELECT version, data FROM central_inventory
                          WHERE warehouse_id = $1 AND item_key = $2 FOR UPDATE",
                     )
@@ -138,14 +155,13 @@ impl CentralStore {
                     .bind(&k)
                     .fetch_optional(&mut *tx)
                     .await?;
-                    let current = row.map(|(version, data)| Item {
-                        entity: c.entity,
-                        key: Value::Object(c.key.clone()),
-                        version,
-                        data,
-                    });
-                    let (result, next) = decide(c, current.as_ref(), faults);
-                    if let Some(next) = next {
+                    let (status, reason) =
+                        decide(&c, current.as_ref().map(|(v, _)| v.as_str()), faults);
+                    let mut result = verdict(status, reason);
+                    if status == ResultStatus::Applied {
+                        let entity = c.entity;
+                        let key = Value::Object(c.key.clone());
+                        let version = c.version.clone();
                         sqlx::query(
                             "INSERT INTO central_inventory (warehouse_id, item_key, entity, key, version, data)
                              VALUES ($1, $2, $3, $4, $5, $6)
@@ -154,12 +170,15 @@ impl CentralStore {
                         )
                         .bind(warehouse_id)
                         .bind(&k)
-                        .bind(next.entity.as_str())
-                        .bind(&next.key)
-                        .bind(&next.version)
-                        .bind(&next.data)
+                        .bind(entity.as_str())
+                        .bind(&key)
+                        .bind(&version)
+                        .bind(stored_data(c))
                         .execute(&mut *tx)
                         .await?;
+                    } else if let Some((version, data)) = current {
+                        result.current_version = Some(version);
+                        result.current = data;
                     }
                     results.push(result);
                 }
@@ -173,12 +192,27 @@ impl CentralStore {
         match self {
             CentralStore::Memory(m) => {
                 let all = m.lock().await;
-                let mut live: Vec<(&String, &Item)> = all
+                let mut live: Vec<(&String, Item)> = all
                     .get(warehouse_id)
-                    .map(|items| items.iter().filter(|(_, i)| i.data.is_some()).collect())
+                    .map(|items| {
+                        items
+                            .iter()
+                            .filter_map(|(k, s)| {
+                                let (entity, key) = k.split_once(':')?;
+                                let item = Item {
+                                    entity: serde_json::from_value(Value::String(entity.into()))
+                                        .ok()?,
+                                    key: serde_json::from_str(key).ok()?,
+                                    version: s.version.to_string(),
+                                    data: Some(serde_json::from_str(s.data.as_deref()?).ok()?),
+                                };
+                                Some((k, item))
+                            })
+                            .collect()
+                    })
                     .unwrap_or_default();
                 live.sort_by(|a, b| a.0.cmp(b.0));
-                Ok(live.into_iter().map(|(_, i)| i.clone()).collect())
+                Ok(live.into_iter().map(|(_, i)| i).collect())
             }
             CentralStore::Postgres(pool) => {
                 let rows: Vec<(String, Value, String, Option<Value>)> = sqlx::query_as(
@@ -215,45 +249,44 @@ fn item_key(c: &Change) -> String {
     out
 }
 
-/// The verdict on `c` given what is stored, and what to store afterwards.
-fn decide(c: Change, current: Option<&Item>, faults: &Faults) -> (ChangeResult, Option<Item>) {
-    let verdict = |status, reason: Option<String>| ChangeResult {
+/// The verdict on `c` given the version stored for its entity, with the reason for `stale`
+/// and `rejected`.
+fn decide(
+    c: &Change,
+    current_version: Option<&str>,
+    faults: &Faults,
+) -> (ResultStatus, Option<String>) {
+    if let Some(reason) = reject_reason(c, faults) {
+        return (ResultStatus::Rejected, Some(reason));
+    }
+    match current_version {
+        Some(cur) if c.version == cur => (ResultStatus::Duplicate, None),
+        Some(cur) if c.version.as_str() < cur => (
+            ResultStatus::Stale,
+            Some(format!(
+                "central holds version {cur} (newer than {})",
+                c.version
+            )),
+        ),
+        _ => (ResultStatus::Applied, None),
+    }
+}
+
+fn verdict(status: ResultStatus, reason: Option<String>) -> ChangeResult {
+    ChangeResult {
         status,
         reason,
-        current_version: current.map(|i| i.version.clone()),
-        current: current.and_then(|i| i.data.clone()),
-    };
-    if let Some(reason) = reject_reason(&c, faults) {
-        return (verdict(ResultStatus::Rejected, Some(reason)), None);
-    }
-    if let Some(cur) = current {
-        if c.version == cur.version {
-            return (verdict(ResultStatus::Duplicate, None), None);
-        }
-        if c.version < cur.version {
-            let reason = format!(
-                "central holds version {} (newer than {})",
-                cur.version, c.version
-            );
-            return (verdict(ResultStatus::Stale, Some(reason)), None);
-        }
-    }
-    let result = ChangeResult {
-        status: ResultStatus::Applied,
-        reason: None,
         current_version: None,
         current: None,
-    };
-    let next = Item {
-        entity: c.entity,
-        key: Value::Object(c.key),
-        version: c.version,
-        data: match c.op {
-            ChangeOp::Upsert => c.data.map(Value::Object),
-            ChangeOp::Delete => None,
-        },
-    };
-    (result, Some(next))
+    }
+}
+
+/// What an applied change leaves stored: its data, or nothing for a delete (a tombstone).
+fn stored_data(c: Change) -> Option<Value> {
+    match c.op {
+        ChangeOp::Upsert => c.data.map(Value::Object),
+        ChangeOp::Delete => None,
+    }
 }
 
 /// Central's own business rules, plus the injected rejection.
