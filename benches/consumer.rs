@@ -1,6 +1,6 @@
 //! The consumer stage's CPU per change, without the network: mapping an in-process event of
-//! the demo `stock_levels` table to a central change (with every rule checked), encoding a
-//! request of 500 changes, and the reference server decoding that request.
+//! the demo `stock_levels` table to a central change (with every rule checked), rendering the
+//! changes' JSON, assembling a request of 500 from it, and the reference server decoding it.
 //!
 //! `scripts/bench-consumer` measures the whole path against a real PostgreSQL; this one shows
 //! where the time of one change goes. Throughput is reported in changes per second on one core.
@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use criterion::{Criterion, Throughput, criterion_group};
 use inventorysync::Lsn;
-use inventorysync::central::{ChangeBatch, batch_id};
+use inventorysync::central::{ChangeBatch, Outgoing, batch_id, request_body};
 use inventorysync::consumer::mapping::{Mapped, map_change_event};
 use inventorysync::consumer::settings::ConsumerSettings;
 use inventorysync::event::{
@@ -27,7 +27,10 @@ const BATCH: usize = 500;
 fn event(table: &Arc<TableSource>, n: u64) -> ChangeEvent {
     let after = Row::from_pairs([
         ("sku", Value::String(format!("SKU-{}", n % 2000).into())),
-        ("location_code", Value::String(format!("L-{}", n / 2000).into())),
+        (
+            "location_code",
+            Value::String(format!("L-{}", n / 2000).into()),
+        ),
         ("qty_on_hand", Value::Number((n % 50).to_string().into())),
         ("qty_reserved", Value::Number((n % 5).to_string().into())),
         (
@@ -77,11 +80,9 @@ fn bench(c: &mut Criterion) {
     let map_all = || -> Vec<inventorysync::central::Change> {
         events
             .iter()
-            .flat_map(|ev| {
-                match map_change_event(ev, m, &settings.rules) {
-                    Ok(Mapped::Changes(c)) => c,
-                    other => panic!("the bench event maps to changes: {other:?}"),
-                }
+            .flat_map(|ev| match map_change_event(ev, m, &settings.rules) {
+                Ok(Mapped::Changes(c)) => c,
+                other => panic!("the bench event maps to changes: {other:?}"),
             })
             .collect()
     };
@@ -94,14 +95,44 @@ fn bench(c: &mut Criterion) {
     };
     let body = serde_json::to_vec(&batch).expect("encodes");
 
+    let rendered: Vec<Vec<u8>> = changes
+        .iter()
+        .map(|c| serde_json::to_vec(c).expect("encodes"))
+        .collect();
+    let outgoing: Vec<Outgoing<'_>> = changes
+        .iter()
+        .zip(&rendered)
+        .map(|(change, json)| Outgoing { change, json })
+        .collect();
+
     let mut g = c.benchmark_group("consumer");
     g.throughput(Throughput::Elements(BATCH as u64));
-    g.bench_function("map 500 stock-level events", |b| b.iter(|| black_box(map_all())));
-    g.bench_function("encode a request of 500", |b| {
-        b.iter(|| black_box(serde_json::to_vec(black_box(&batch)).expect("encodes")))
+    g.bench_function("map 500 stock-level events", |b| {
+        b.iter(|| black_box(map_all()))
+    });
+    g.bench_function("render 500 changes", |b| {
+        let mut out = Vec::with_capacity(BATCH * 320);
+        b.iter(|| {
+            out.clear();
+            for c in &changes {
+                serde_json::to_writer(&mut out, c).expect("encodes");
+            }
+            black_box(out.len())
+        })
+    });
+    g.bench_function("assemble a request of 500", |b| {
+        b.iter(|| {
+            black_box(request_body(
+                "wh-east",
+                &batch.batch_id,
+                black_box(&outgoing),
+            ))
+        })
     });
     g.bench_function("central decodes a request of 500", |b| {
-        b.iter(|| black_box(serde_json::from_slice::<ChangeBatch>(black_box(&body)).expect("decodes")))
+        b.iter(|| {
+            black_box(serde_json::from_slice::<ChangeBatch>(black_box(&body)).expect("decodes"))
+        })
     });
     g.finish();
 }

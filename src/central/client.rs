@@ -11,7 +11,7 @@
 //!   one request probes whether central is back.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use reqwest::StatusCode;
@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 #[cfg(doc)]
 use super::ChangeBatch;
-use super::{BatchResponse, Change, ChangeResult};
+use super::{BatchResponse, ChangeResult, Outgoing};
 use crate::consumer::settings::CentralSettings;
 
 /// Central's answer for one change.
@@ -96,9 +96,6 @@ pub struct CentralClient {
     breaker: Breaker,
     healthy: AtomicBool,
     counters: Arc<ClientCounters>,
-    /// Bytes per change of the last request body: the next body is allocated at its size once
-    /// rather than grown (and copied) step by step.
-    body_bytes_per_change: AtomicUsize,
 }
 
 impl CentralClient {
@@ -133,7 +130,6 @@ impl CentralClient {
             },
             healthy: AtomicBool::new(true),
             counters: Arc::new(ClientCounters::default()),
-            body_bytes_per_change: AtomicUsize::new(320),
         })
     }
 
@@ -152,7 +148,7 @@ impl CentralClient {
     pub async fn deliver(
         &self,
         warehouse_id: &str,
-        changes: &[&Change],
+        changes: &[Outgoing<'_>],
         cancel: &CancellationToken,
     ) -> Result<Vec<Verdict>, Cancelled> {
         // Bisection, depth first and left to right, keeps source order.
@@ -162,7 +158,7 @@ impl CentralClient {
             match self.send_until_answered(warehouse_id, part, cancel).await? {
                 Answer::Results(r) => out.extend(r.into_iter().map(Verdict::Result)),
                 Answer::Invalid { status, message } if part.len() == 1 => {
-                    tracing::warn!(warehouse = %warehouse_id, status, version = %part[0].version, message = %message, "central refuses this change");
+                    tracing::warn!(warehouse = %warehouse_id, status, version = %part[0].change.version, message = %message, "central refuses this change");
                     out.push(Verdict::Invalid { status, message });
                 }
                 Answer::Invalid { status, message } => {
@@ -179,24 +175,16 @@ impl CentralClient {
     async fn send_until_answered(
         &self,
         warehouse_id: &str,
-        changes: &[&Change],
+        changes: &[Outgoing<'_>],
         cancel: &CancellationToken,
     ) -> Result<Answer, Cancelled> {
-        let batch = BatchRef {
-            warehouse_id,
-            batch_id: super::batch_id(warehouse_id, changes),
-            changes,
+        let idempotency_key = match (changes.first(), changes.last()) {
+            (Some(first), Some(last)) => {
+                super::batch_id(warehouse_id, &[first.change, last.change])
+            }
+            _ => super::batch_id(warehouse_id, &[]),
         };
-        let per_change = self.body_bytes_per_change.load(Ordering::Relaxed);
-        let mut body = Vec::with_capacity(256 + changes.len() * (per_change + per_change / 8));
-        // Serializing plain structs and JSON maps into a Vec cannot fail.
-        let _ = serde_json::to_writer(&mut body, &batch);
-        if !changes.is_empty() {
-            self.body_bytes_per_change
-                .store(body.len() / changes.len(), Ordering::Relaxed);
-        }
-        let body = bytes::Bytes::from(body);
-        let idempotency_key = batch.batch_id;
+        let body = bytes::Bytes::from(super::request_body(warehouse_id, &idempotency_key, changes));
         let mut attempt: u32 = 0;
         loop {
             self.wait_for_breaker(cancel).await?;
@@ -388,14 +376,6 @@ impl CentralClient {
             self.healthy.store(false, Ordering::Relaxed);
         }
     }
-}
-
-/// [`ChangeBatch`] borrowing its changes (the request body).
-#[derive(serde::Serialize)]
-struct BatchRef<'a> {
-    warehouse_id: &'a str,
-    batch_id: String,
-    changes: &'a [&'a Change],
 }
 
 /// A settled answer for one request.

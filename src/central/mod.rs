@@ -89,6 +89,36 @@ pub fn batch_id(warehouse_id: &str, changes: &[&Change]) -> String {
     format!("{warehouse_id}:{first}-{last}")
 }
 
+/// A change ready to send: the change, and its JSON as serde renders it (rendered once, when
+/// it was mapped; requests copy it as it is).
+#[derive(Debug, Clone, Copy)]
+pub struct Outgoing<'a> {
+    /// The change.
+    pub change: &'a Change,
+    /// `serde_json::to_vec(change)`.
+    pub json: &'a [u8],
+}
+
+/// The JSON body of a [`ChangeBatch`] made of `changes`, written from their rendered JSON.
+pub fn request_body(warehouse_id: &str, batch_id: &str, changes: &[Outgoing<'_>]) -> Vec<u8> {
+    let size: usize = changes.iter().map(|c| c.json.len() + 1).sum();
+    let mut out = Vec::with_capacity(64 + warehouse_id.len() + batch_id.len() + size);
+    out.extend_from_slice(b"{\"warehouse_id\":");
+    // Writing a string into a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut out, warehouse_id);
+    out.extend_from_slice(b",\"batch_id\":");
+    let _ = serde_json::to_writer(&mut out, batch_id);
+    out.extend_from_slice(b",\"changes\":[");
+    for (i, c) in changes.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(c.json);
+    }
+    out.extend_from_slice(b"]}");
+    out
+}
+
 /// Central's verdict on one change.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -153,5 +183,50 @@ mod tests {
             batch_id("wh-east", &[&a, &b]),
             "wh-east:00000000016B3748:00000000-00000000016B9000:00000004"
         );
+    }
+
+    #[test]
+    fn a_body_from_rendered_changes_is_the_batch_serde_would_write() {
+        let mut a = Change {
+            entity: Entity::StockLevel,
+            op: ChangeOp::Upsert,
+            key: serde_json::from_str(r#"{"sku":"SKU-\"1\"","location":"A-01"}"#).expect("key"),
+            data: Some(
+                serde_json::from_str(r#"{"on_hand":5,"reserved":1,"available":4}"#).expect("data"),
+            ),
+            version: "00000000016B3748:00000000".into(),
+            source: ChangeSource {
+                table: "public.stock_levels".into(),
+                lsn: "0/16B3748".into(),
+                committed_at: "2026-11-25T00:00:00.000000Z".into(),
+                snapshot: false,
+            },
+        };
+        let b = Change {
+            op: ChangeOp::Delete,
+            data: None,
+            version: "00000000016B9000:00000004".into(),
+            ..a.clone()
+        };
+        a.key.insert("note".into(), "ünïcode \u{1}".into());
+        let json: Vec<Vec<u8>> = [&a, &b]
+            .iter()
+            .map(|c| serde_json::to_vec(c).expect("json"))
+            .collect();
+        let out: Vec<Outgoing<'_>> = [&a, &b]
+            .iter()
+            .zip(&json)
+            .map(|(c, j)| Outgoing { change: c, json: j })
+            .collect();
+        let id = batch_id("wh-\"east", &[&a, &b]);
+        let body = request_body("wh-\"east", &id, &out);
+        let expected = ChangeBatch {
+            warehouse_id: "wh-\"east".into(),
+            batch_id: id,
+            changes: vec![a, b],
+        };
+        assert_eq!(body, serde_json::to_vec(&expected).expect("json"));
+        let parsed: ChangeBatch = serde_json::from_slice(&body).expect("valid JSON");
+        assert_eq!(parsed, expected);
     }
 }

@@ -135,8 +135,10 @@ impl CentralStore {
                             items.insert(k, Stored { version, data });
                         } else if let Some(cur) = current {
                             result.current_version = Some(cur.version.to_string());
-                            result.current =
-                                cur.data.as_deref().and_then(|t| serde_json::from_str(t).ok());
+                            result.current = cur
+                                .data
+                                .as_deref()
+                                .and_then(|t| serde_json::from_str(t).ok());
                         }
                         result
                     })

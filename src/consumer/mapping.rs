@@ -370,12 +370,7 @@ fn fields<R: Columns>(
     Ok(out)
 }
 
-fn convert(
-    name: &str,
-    column: &str,
-    v: Cow<'_, Value>,
-    how: Convert,
-) -> Result<Value, Violation> {
+fn convert(name: &str, column: &str, v: Cow<'_, Value>, how: Convert) -> Result<Value, Violation> {
     match how {
         Convert::AsIs => Ok(v.into_owned()),
         Convert::ByteaUtf8 => match v.as_ref() {

@@ -30,7 +30,7 @@ use tokio_util::sync::CancellationToken;
 use crate::backoff::Backoff;
 use crate::bus::kafka::KafkaBus;
 use crate::central::client::{Cancelled, CentralClient, Verdict};
-use crate::central::{Change, ChangeResult, ResultStatus};
+use crate::central::{Change, ChangeResult, Outgoing, ResultStatus};
 use crate::event::ChangeEvent;
 use crate::store::{NewConflict, NewDeadLetter, StateDb, StoreError};
 use mapping::{EventView, Mapped, Violation, map_change_event, map_event};
@@ -148,13 +148,16 @@ pub struct Prepared {
     warehouse_id: String,
     items: Vec<Incoming>,
     pending: Vec<Pending>,
-    sizes: Vec<usize>,
+    /// Every pending change's JSON, back to back: rendered once while the change is fresh in
+    /// the cache, copied into requests as it is.
+    rendered: Vec<u8>,
 }
 
-/// A change on its way, with the event it came from.
+/// A change on its way, with the event it came from and where its JSON is in `rendered`.
 struct Pending {
     item: usize,
     change: Change,
+    json: std::ops::Range<usize>,
 }
 
 impl Stage {
@@ -210,7 +213,7 @@ impl Stage {
         items: Vec<Incoming>,
     ) -> Result<Prepared, Cancelled> {
         let mut pending: Vec<Pending> = Vec::new();
-        let mut sizes: Vec<usize> = Vec::new();
+        let mut rendered: Vec<u8> = Vec::with_capacity(items.len() * 320);
         for (i, item) in items.iter().enumerate() {
             let table = item.table();
             let Some(m) = self.settings.mappings.get(table.as_ref()) else {
@@ -232,8 +235,14 @@ impl Stage {
             match mapped {
                 Ok(Mapped::Changes(changes)) => {
                     for change in changes {
-                        sizes.push(estimated_size(&change));
-                        pending.push(Pending { item: i, change });
+                        let start = rendered.len();
+                        // Serializing plain structs and JSON maps into a Vec cannot fail.
+                        let _ = serde_json::to_writer(&mut rendered, &change);
+                        pending.push(Pending {
+                            item: i,
+                            change,
+                            json: start..rendered.len(),
+                        });
                     }
                 }
                 Ok(Mapped::Truncate) => {
@@ -285,7 +294,7 @@ impl Stage {
             warehouse_id: warehouse_id.to_string(),
             items,
             pending,
-            sizes,
+            rendered,
         })
     }
 
@@ -295,7 +304,7 @@ impl Stage {
             warehouse_id,
             items,
             pending,
-            sizes,
+            rendered,
         } = prepared;
         let (warehouse_id, items) = (warehouse_id.as_str(), items.as_slice());
         if pending.is_empty() {
@@ -324,7 +333,7 @@ impl Stage {
                 client,
                 items,
                 &pending,
-                &sizes,
+                &rendered,
                 lane,
                 &sent_high,
             )
@@ -344,7 +353,7 @@ impl Stage {
         client: &CentralClient,
         items: &[Incoming],
         pending: &[Pending],
-        sizes: &[usize],
+        rendered: &[u8],
         lane: &[usize],
         sent_high: &str,
     ) -> Result<(), Cancelled> {
@@ -353,16 +362,20 @@ impl Stage {
         while start < lane.len() {
             let mut end = start;
             let mut bytes = 0;
+            let size = |i: usize| pending[lane[i]].json.len() + 1;
             while end < lane.len()
                 && end - start < limits.max_changes
-                && (end == start || bytes + sizes[lane[end]] <= limits.max_bytes)
+                && (end == start || bytes + size(end) <= limits.max_bytes)
             {
-                bytes += sizes[lane[end]];
+                bytes += size(end);
                 end += 1;
             }
-            let changes: Vec<&Change> = lane[start..end]
+            let changes: Vec<Outgoing<'_>> = lane[start..end]
                 .iter()
-                .map(|&i| &pending[i].change)
+                .map(|&i| Outgoing {
+                    change: &pending[i].change,
+                    json: &rendered[pending[i].json.clone()],
+                })
                 .collect();
             let verdicts = client.deliver(warehouse_id, &changes, &self.cancel).await?;
             for (&i, verdict) in lane[start..end].iter().zip(verdicts) {
@@ -661,22 +674,6 @@ impl Stage {
             }
         }
     }
-}
-
-/// About how many bytes `c` takes in a request body (for the batch byte limit).
-fn estimated_size(c: &Change) -> usize {
-    fn value(v: &Value) -> usize {
-        match v {
-            Value::String(s) => s.len() + 2,
-            Value::Array(a) => a.iter().map(value).sum::<usize>() + 2,
-            Value::Object(o) => o.iter().map(|(k, v)| k.len() + 4 + value(v)).sum::<usize>() + 2,
-            _ => 8,
-        }
-    }
-    let fields = |m: &serde_json::Map<String, Value>| {
-        m.iter().map(|(k, v)| k.len() + 4 + value(v)).sum::<usize>()
-    };
-    200 + fields(&c.key) + c.data.as_ref().map_or(0, fields)
 }
 
 /// Requests in flight together per warehouse (each a lane of keys).
