@@ -60,26 +60,70 @@ impl PipelineError {
     }
 }
 
+/// Where one warehouse's pipeline is, as this process sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StreamState {
+    /// Not started yet.
+    Starting,
+    /// Another process holds the warehouse's lease; this one stands by.
+    Standby,
+    /// This process owns the warehouse and streams it.
+    Streaming,
+    /// The pipeline failed and restarts after a backoff.
+    Retrying(String),
+    /// The pipeline stopped on an error a restart cannot fix.
+    Failed(String),
+}
+
 /// What the service knows about one warehouse's stream, for logs, metrics and readiness.
 pub struct WarehouseStatus {
     /// Warehouse id.
     pub id: String,
     /// The latest slot health read while streaming.
     pub slot_health: Arc<watch::Sender<Option<SlotHealth>>>,
+    /// The pipeline's state.
+    pub state: watch::Sender<StreamState>,
 }
 
 impl WarehouseStatus {
-    fn new(id: &str) -> Arc<Self> {
+    /// A status for warehouse `id`, starting.
+    pub fn new(id: &str) -> Arc<Self> {
         Arc::new(Self {
             id: id.to_string(),
             slot_health: Arc::new(watch::Sender::new(None)),
+            state: watch::Sender::new(StreamState::Starting),
         })
+    }
+
+    /// Whether the warehouse is served (streamed here or by the lease holder), and if not,
+    /// why.
+    pub fn readiness(&self) -> (bool, Option<String>) {
+        let lost = self
+            .slot_health
+            .borrow()
+            .as_ref()
+            .is_some_and(|h| h.wal_status == "lost");
+        match &*self.state.borrow() {
+            _ if lost => (
+                false,
+                Some(
+                    "the replication slot is lost (wal_status = lost): run a forced resync".into(),
+                ),
+            ),
+            StreamState::Streaming => (true, None),
+            StreamState::Standby => (true, None),
+            StreamState::Starting => (false, Some("starting".into())),
+            StreamState::Retrying(e) => (false, Some(format!("restarting after: {e}"))),
+            StreamState::Failed(e) => (false, Some(format!("stopped: {e}"))),
+        }
     }
 }
 
 /// Runs every warehouse until `cancel`; returns when all pipelines have stopped.
+/// `statuses` holds one status per warehouse (by id); missing ones are created.
 pub async fn run<B: Bus + Clone>(
     warehouses: Vec<WarehouseConfig>,
+    statuses: &[Arc<WarehouseStatus>],
     state: StateDb,
     bus: B,
     cancel: CancellationToken,
@@ -87,11 +131,16 @@ pub async fn run<B: Bus + Clone>(
     let mut tasks = tokio::task::JoinSet::new();
     for w in warehouses {
         let (state, bus, cancel) = (state.clone(), bus.clone(), cancel.clone());
-        let status = WarehouseStatus::new(&w.id);
+        let status = statuses
+            .iter()
+            .find(|s| s.id == w.id)
+            .cloned()
+            .unwrap_or_else(|| WarehouseStatus::new(&w.id));
         tasks.spawn(async move {
             let id = w.id.clone();
-            if let Err(e) = supervise(w, state, bus, status, cancel).await {
+            if let Err(e) = supervise(w, state, bus, status.clone(), cancel).await {
                 tracing::error!(warehouse = %id, error = %e, "warehouse stopped; fix the cause and restart");
+                status.state.send_replace(StreamState::Failed(e.to_string()));
             }
         });
     }
@@ -112,6 +161,7 @@ async fn supervise<B: Bus>(
             match WarehouseLease::try_acquire(&state, &w.id).await {
                 Ok(Some(l)) => break l,
                 Ok(None) => {
+                    status.state.send_replace(StreamState::Standby);
                     tracing::debug!(warehouse = %w.id, "owned by another process; standing by")
                 }
                 Err(e) => {
@@ -124,10 +174,14 @@ async fn supervise<B: Bus>(
             }
         };
         tracing::info!(warehouse = %w.id, "owning warehouse");
+        status.state.send_replace(StreamState::Streaming);
         let started = Instant::now();
         match run_pipeline(&w, &state, &bus, &status, lease, &cancel).await {
             Ok(()) => return Ok(()),
             Err(e) if e.is_transient() => {
+                status
+                    .state
+                    .send_replace(StreamState::Retrying(e.to_string()));
                 let wait = backoff.next_delay(started.elapsed());
                 tracing::warn!(warehouse = %w.id, error = %e, retry_in_ms = wait.as_millis() as u64, "pipeline failed; restarting from the checkpoint");
                 tokio::select! {

@@ -335,7 +335,14 @@ pub struct Config {
     pub warehouses: Vec<WarehouseConfig>,
     /// Mappings, rules, batching and central client knobs from the TOML file.
     pub consumer: crate::consumer::settings::ConsumerSettings,
+    /// Address of the HTTP API (`API_LISTEN`, default `0.0.0.0:8080`).
+    pub api_listen: std::net::SocketAddr,
+    /// Bearer keys of the `/sync` routes (`API_KEYS`: plain or `sha256:<hex>`, comma-separated).
+    pub api_keys: crate::api::ApiKeys,
 }
+
+/// The HTTP API's default address.
+pub const DEFAULT_API_LISTEN: &str = "0.0.0.0:8080";
 
 impl Config {
     /// Loads `.env` (when present), the environment, and the TOML file at `path` (a missing
@@ -368,6 +375,14 @@ impl Config {
             }
         };
         let (warehouses, consumer) = parse_file(path, &text)?;
+        let listen = env("API_LISTEN").unwrap_or_else(|| DEFAULT_API_LISTEN.into());
+        let api_listen = listen.trim().parse().map_err(|e| {
+            invalid(
+                "API_LISTEN",
+                format!("{listen:?}: {e}; expected host:port such as {DEFAULT_API_LISTEN}"),
+            )
+        })?;
+        let api_keys = crate::api::ApiKeys::parse(&env("API_KEYS").unwrap_or_default())?;
         Ok(Self {
             db_url,
             kafka_brokers,
@@ -375,6 +390,8 @@ impl Config {
             warehouse_api_token: env("WAREHOUSE_API_TOKEN").map(SecretString::from),
             warehouses,
             consumer,
+            api_listen,
+            api_keys,
         })
     }
 }

@@ -235,6 +235,29 @@ async fn run_service(config_path: &Path) -> ExitCode {
     }
     let cancel = shutdown_token();
     let warehouses = config.warehouses;
+    let statuses: Vec<_> = warehouses
+        .iter()
+        .map(|w| inventorysync::app::WarehouseStatus::new(&w.id))
+        .collect();
+    if config.api_keys.is_empty() {
+        tracing::warn!("API_KEYS is not set: the /sync routes answer 401 until it is");
+    }
+    let api_state = Arc::new(inventorysync::api::ApiState {
+        state: state.clone(),
+        keys: config.api_keys.clone(),
+        warehouses: statuses.clone(),
+    });
+    let listener = match tokio::net::TcpListener::bind(config.api_listen).await {
+        Ok(l) => l,
+        Err(e) => return fail(format!("API_LISTEN {}: {e}", config.api_listen), 1),
+    };
+    let api_cancel = cancel.clone();
+    let api = tokio::spawn(async move {
+        if let Err(e) = inventorysync::api::serve(listener, api_state, api_cancel.clone()).await {
+            tracing::error!(error = %e, "the HTTP API stopped");
+            api_cancel.cancel();
+        }
+    });
     let ids: HashSet<String> = warehouses.iter().map(|w| w.id.clone()).collect();
     let mut consumers = tokio::task::JoinSet::new();
     match kafka {
@@ -269,7 +292,7 @@ async fn run_service(config_path: &Path) -> ExitCode {
                 });
             }
             tracing::info!(warehouses = warehouses.len(), bus = "kafka", "running");
-            inventorysync::app::run(warehouses, state, bus, cancel.clone()).await;
+            inventorysync::app::run(warehouses, &statuses, state, bus, cancel.clone()).await;
         }
         None => {
             let bus = EmbeddedBus::new(EMBEDDED_QUEUE_EVENTS);
@@ -292,11 +315,12 @@ async fn run_service(config_path: &Path) -> ExitCode {
                 ));
             }
             tracing::info!(warehouses = warehouses.len(), bus = "embedded", "running");
-            inventorysync::app::run(warehouses, state, bus, cancel.clone()).await;
+            inventorysync::app::run(warehouses, &statuses, state, bus, cancel.clone()).await;
         }
     }
     cancel.cancel();
     while consumers.join_next().await.is_some() {}
+    let _ = api.await;
     ExitCode::SUCCESS
 }
 

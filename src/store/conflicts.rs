@@ -52,6 +52,61 @@ pub struct NewDeadLetter {
     pub raw_event: Vec<u8>,
 }
 
+/// Which conflicts to list (`GET /sync/conflicts`), newest first.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ConflictQuery {
+    /// Only this warehouse's.
+    pub warehouse: Option<String>,
+    /// Only with this status (`open`, `resolved`).
+    pub status: Option<String>,
+    /// Only of this kind (`stale_version`, `rejected`, `invalid`, `truncate`).
+    pub kind: Option<String>,
+    /// Only with an id below this one (the previous page's `next`).
+    pub before_id: Option<i64>,
+    /// At most this many.
+    pub limit: i64,
+}
+
+/// One `sync_conflicts` row as the API shows it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, sqlx::FromRow)]
+#[serde(rename_all = "camelCase")]
+pub struct ConflictRow {
+    /// Row id.
+    pub id: i64,
+    /// Warehouse id.
+    pub warehouse_id: String,
+    /// `schema.table`.
+    pub table_name: String,
+    /// Central entity.
+    pub entity: Option<String>,
+    /// Key fields.
+    pub entity_key: Value,
+    /// `stale_version`, `rejected`, `invalid` or `truncate`.
+    pub kind: String,
+    /// The rule that failed.
+    pub rule: Option<String>,
+    /// What happened.
+    pub reason: String,
+    /// The change's version.
+    pub source_version: String,
+    /// The version central holds.
+    pub central_version: Option<String>,
+    /// The warehouse's value.
+    pub source_value: Option<Value>,
+    /// Central's value.
+    pub central_value: Option<Value>,
+    /// Whether the change was dead-lettered.
+    pub dead_lettered: bool,
+    /// What an operator can do.
+    pub hint: String,
+    /// `open` or `resolved`.
+    pub status: String,
+    /// When it was recorded (RFC 3339, UTC).
+    pub created_at: String,
+    /// When it was resolved.
+    pub resolved_at: Option<String>,
+}
+
 impl StateDb {
     /// Records `c` once (a replayed change finds its row already there).
     pub async fn record_conflict(&self, c: &NewConflict) -> Result<(), StoreError> {
@@ -127,5 +182,32 @@ impl StateDb {
         .execute(self.pool())
         .await?;
         Ok(())
+    }
+}
+
+impl StateDb {
+    /// Conflicts matching `q`, newest first.
+    pub async fn list_conflicts(&self, q: &ConflictQuery) -> Result<Vec<ConflictRow>, StoreError> {
+        Ok(sqlx::query_as(
+            r#"SELECT id, warehouse_id, table_name, entity, entity_key, kind, rule, reason,
+                      source_version, central_version, source_value, central_value, dead_lettered,
+                      hint, status,
+                      to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"') AS created_at,
+                      to_char(resolved_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"') AS resolved_at
+                 FROM sync_conflicts
+                WHERE ($1::text IS NULL OR warehouse_id = $1)
+                  AND ($2::text IS NULL OR status = $2)
+                  AND ($3::text IS NULL OR kind = $3)
+                  AND ($4::bigint IS NULL OR id < $4)
+                ORDER BY id DESC
+                LIMIT $5"#,
+        )
+        .bind(&q.warehouse)
+        .bind(&q.status)
+        .bind(&q.kind)
+        .bind(q.before_id)
+        .bind(q.limit)
+        .fetch_all(self.pool())
+        .await?)
     }
 }

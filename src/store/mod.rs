@@ -8,7 +8,7 @@ mod conflicts;
 mod lease;
 
 pub use checkpoints::Checkpoint;
-pub use conflicts::{NewConflict, NewDeadLetter};
+pub use conflicts::{ConflictQuery, ConflictRow, NewConflict, NewDeadLetter};
 pub use lease::WarehouseLease;
 
 use std::time::Duration;

@@ -62,7 +62,7 @@ fn give_to_postgres(path: &Path) {
     }
 }
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
@@ -125,12 +125,14 @@ impl Pg {
             "pg_ctl start failed: {}",
             std::fs::read_to_string(dir.join("log")).unwrap_or_default()
         );
-        // Stop the server when this process goes away, however it ends.
+        // Stop the server and remove its files when this process goes away, however it ends
+        // (each run's clusters take over a gigabyte).
         let watchdog = format!(
-            "while [ -d /proc/{pid} ]; do sleep 1; done; {ctl} -D {data} -m immediate stop >/dev/null 2>&1",
+            "while [ -d /proc/{pid} ]; do sleep 1; done; {ctl} -D {data} -m immediate stop >/dev/null 2>&1; rm -rf {dir}",
             pid = std::process::id(),
             ctl = pg_bin().join("pg_ctl").display(),
             data = data.display(),
+            dir = dir.display(),
         );
         let mut w = if is_root() {
             let mut c = Command::new("runuser");

@@ -1,5 +1,6 @@
 //! Integration tests against real PostgreSQL servers started by the harness.
 
+mod api;
 mod cli;
 mod consumer;
 mod errors;
