@@ -339,6 +339,8 @@ pub struct Config {
     pub api_listen: std::net::SocketAddr,
     /// Bearer keys of the `/sync` routes (`API_KEYS`: plain or `sha256:<hex>`, comma-separated).
     pub api_keys: crate::api::ApiKeys,
+    /// How long a sync cycle may take before it fails (`SYNC_JOB_TIMEOUT_SECS`, default 600).
+    pub job_timeout: std::time::Duration,
 }
 
 /// The HTTP API's default address.
@@ -383,6 +385,18 @@ impl Config {
             )
         })?;
         let api_keys = crate::api::ApiKeys::parse(&env("API_KEYS").unwrap_or_default())?;
+        let job_timeout = match env("SYNC_JOB_TIMEOUT_SECS") {
+            None => crate::jobs::DEFAULT_TIMEOUT,
+            Some(v) => match v.trim().parse::<u64>() {
+                Ok(secs) if secs > 0 => std::time::Duration::from_secs(secs),
+                _ => {
+                    return Err(invalid(
+                        "SYNC_JOB_TIMEOUT_SECS",
+                        format!("{v:?} is not a positive number of seconds"),
+                    ));
+                }
+            },
+        };
         Ok(Self {
             db_url,
             kafka_brokers,
@@ -392,6 +406,7 @@ impl Config {
             consumer,
             api_listen,
             api_keys,
+            job_timeout,
         })
     }
 }

@@ -12,6 +12,7 @@ pub mod central;
 pub mod config;
 pub mod consumer;
 pub mod event;
+pub mod jobs;
 pub mod lsn;
 pub mod source;
 pub mod store;

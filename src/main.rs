@@ -246,7 +246,29 @@ async fn run_service(config_path: &Path) -> ExitCode {
         state: state.clone(),
         keys: config.api_keys.clone(),
         warehouses: statuses.clone(),
+        job_timeout: config.job_timeout,
     });
+    let job_warehouses: Vec<inventorysync::jobs::Warehouse> = warehouses
+        .iter()
+        .zip(&statuses)
+        .map(|(w, s)| inventorysync::jobs::Warehouse {
+            config: w.clone(),
+            status: s.clone(),
+        })
+        .collect();
+    let delivery = match &kafka {
+        None => inventorysync::jobs::Delivery::Embedded,
+        Some(k) => match inventorysync::consumer::kafka::GroupProgress::new(k) {
+            Ok(p) => inventorysync::jobs::Delivery::Kafka(Arc::new(p)),
+            Err(e) => return fail(e, 2),
+        },
+    };
+    let jobs = tokio::spawn(inventorysync::jobs::run(
+        state.clone(),
+        job_warehouses,
+        delivery,
+        cancel.clone(),
+    ));
     let listener = match tokio::net::TcpListener::bind(config.api_listen).await {
         Ok(l) => l,
         Err(e) => return fail(format!("API_LISTEN {}: {e}", config.api_listen), 1),
@@ -321,6 +343,7 @@ async fn run_service(config_path: &Path) -> ExitCode {
     cancel.cancel();
     while consumers.join_next().await.is_some() {}
     let _ = api.await;
+    let _ = jobs.await;
     ExitCode::SUCCESS
 }
 

@@ -15,7 +15,7 @@ use axum::extract::{FromRequestParts, Query, Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::json;
@@ -24,8 +24,8 @@ use tokio_util::sync::CancellationToken;
 pub use auth::ApiKeys;
 
 use crate::app::WarehouseStatus;
-use crate::store::ConflictQuery;
 use crate::store::StateDb;
+use crate::store::{ConflictQuery, JobQuery};
 
 /// Largest request body accepted (JSON bodies of the `/sync` routes are small).
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
@@ -42,6 +42,8 @@ pub struct ApiState {
     pub keys: ApiKeys,
     /// Every configured warehouse's stream status.
     pub warehouses: Vec<Arc<WarehouseStatus>>,
+    /// How long a sync cycle may take before it fails.
+    pub job_timeout: Duration,
 }
 
 /// An error answer: status, a stable code and a message naming what was wrong.
@@ -90,6 +92,9 @@ impl IntoResponse for ApiError {
 /// The API's routes over `state`.
 pub fn router(state: Arc<ApiState>) -> Router {
     let sync = Router::new()
+        .route("/sync/trigger", post(trigger))
+        .route("/sync/status/{job_id}", get(job_status))
+        .route("/sync/jobs", get(list_jobs))
         .route("/sync/conflicts", get(list_conflicts))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_key));
     Router::new()
@@ -238,29 +243,9 @@ async fn list_conflicts(
 ) -> Result<Json<serde_json::Value>, ApiError> {
     const STATUSES: [&str; 2] = ["open", "resolved"];
     const KINDS: [&str; 4] = ["stale_version", "rejected", "invalid", "truncate"];
-    let bad = |m: String| ApiError::new(StatusCode::BAD_REQUEST, "bad_request", m);
-    if let Some(s) = &p.status
-        && !STATUSES.contains(&s.as_str())
-    {
-        return Err(bad(format!(
-            "status {s:?} is not one of {}",
-            STATUSES.join(", ")
-        )));
-    }
-    if let Some(k) = &p.kind
-        && !KINDS.contains(&k.as_str())
-    {
-        return Err(bad(format!(
-            "kind {k:?} is not one of {}",
-            KINDS.join(", ")
-        )));
-    }
-    let limit = p.limit.unwrap_or(DEFAULT_LIMIT);
-    if !(1..=MAX_LIMIT).contains(&limit) {
-        return Err(bad(format!(
-            "limit {limit} is out of range: expected 1 to {MAX_LIMIT}"
-        )));
-    }
+    one_of("status", p.status.as_deref(), &STATUSES)?;
+    one_of("kind", p.kind.as_deref(), &KINDS)?;
+    let limit = page_limit(p.limit)?;
     if let Some(w) = &p.warehouse
         && !state.warehouses.iter().any(|s| &s.id == w)
     {
@@ -289,4 +274,179 @@ async fn list_conflicts(
         None
     };
     Ok(Json(json!({"items": items, "next": next})))
+}
+
+/// A JSON body (possibly empty) of at most [`MAX_BODY_BYTES`]: 413 beyond, 400 when it is
+/// not the expected JSON, naming the problem.
+struct Body<T>(Option<T>);
+
+impl<S, T> axum::extract::FromRequest<S> for Body<T>
+where
+    S: Send + Sync,
+    T: serde::de::DeserializeOwned,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        let bytes = axum::body::Bytes::from_request(req, state)
+            .await
+            .map_err(|e| {
+                if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                    ApiError::new(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        "payload_too_large",
+                        format!("the body exceeds {MAX_BODY_BYTES} bytes"),
+                    )
+                } else {
+                    ApiError::new(StatusCode::BAD_REQUEST, "bad_request", e.body_text())
+                }
+            })?;
+        if bytes.iter().all(u8::is_ascii_whitespace) {
+            return Ok(Body(None));
+        }
+        serde_json::from_slice(&bytes)
+            .map(|t| Body(Some(t)))
+            .map_err(|e| {
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "bad_request",
+                    format!("the body is not valid JSON for this route: {e}"),
+                )
+            })
+    }
+}
+
+/// Body of `POST /sync/trigger`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TriggerBody {
+    warehouses: Option<Vec<String>>,
+}
+
+/// A new job id: `sync-` and 16 random hex digits.
+fn new_job_id() -> String {
+    format!("sync-{:016x}", rand::random::<u64>())
+}
+
+async fn trigger(
+    State(state): State<Arc<ApiState>>,
+    Body(body): Body<TriggerBody>,
+) -> Result<Response, ApiError> {
+    let configured: Vec<String> = state.warehouses.iter().map(|w| w.id.clone()).collect();
+    let mut chosen = match body.and_then(|b| b.warehouses) {
+        None => configured.clone(),
+        Some(list) if list.is_empty() => {
+            return Err(ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "unprocessable",
+                "warehouses must name at least one warehouse (or leave it out for all)",
+            ));
+        }
+        Some(list) => {
+            if let Some(unknown) = list.iter().find(|w| !configured.contains(w)) {
+                return Err(ApiError::new(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "unprocessable",
+                    format!(
+                        "warehouse {unknown:?} is not configured; configured: {}",
+                        configured.join(", ")
+                    ),
+                ));
+            }
+            list
+        }
+    };
+    chosen.sort();
+    chosen.dedup();
+    let id = new_job_id();
+    state
+        .state
+        .create_job(&id, "cycle", &chosen, state.job_timeout)
+        .await
+        .map_err(ApiError::internal)?;
+    tracing::info!(job = %id, warehouses = ?chosen, "sync cycle queued");
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({"jobId": id, "status": "queued"})),
+    )
+        .into_response())
+}
+
+async fn job_status(
+    State(state): State<Arc<ApiState>>,
+    axum::extract::Path(job_id): axum::extract::Path<String>,
+) -> Result<Json<crate::store::Job>, ApiError> {
+    match state.state.job(&job_id).await.map_err(ApiError::internal)? {
+        Some(job) => Ok(Json(job)),
+        None => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no job {job_id:?}"),
+        )),
+    }
+}
+
+/// Query string of `GET /sync/jobs`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JobParams {
+    status: Option<String>,
+    kind: Option<String>,
+    limit: Option<i64>,
+    before: Option<String>,
+}
+
+async fn list_jobs(
+    State(state): State<Arc<ApiState>>,
+    Params(p): Params<JobParams>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    const STATUSES: [&str; 4] = ["queued", "running", "succeeded", "failed"];
+    const KINDS: [&str; 2] = ["cycle", "resync"];
+    one_of("status", p.status.as_deref(), &STATUSES)?;
+    one_of("kind", p.kind.as_deref(), &KINDS)?;
+    let limit = page_limit(p.limit)?;
+    let jobs = state
+        .state
+        .list_jobs(&JobQuery {
+            status: p.status,
+            kind: p.kind,
+            before: p.before,
+            limit: limit + 1,
+        })
+        .await
+        .map_err(ApiError::internal)?;
+    let more = jobs.len() as i64 > limit;
+    let items: Vec<_> = jobs.into_iter().take(limit as usize).collect();
+    let next = if more {
+        items.last().map(|j| j.job_id.clone())
+    } else {
+        None
+    };
+    Ok(Json(json!({"items": items, "next": next})))
+}
+
+/// 400 unless `value` is absent or one of `allowed`.
+fn one_of(name: &str, value: Option<&str>, allowed: &[&str]) -> Result<(), ApiError> {
+    match value {
+        Some(v) if !allowed.contains(&v) => Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            format!("{name} {v:?} is not one of {}", allowed.join(", ")),
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// The page size: default 50, 1 to 500.
+fn page_limit(limit: Option<i64>) -> Result<i64, ApiError> {
+    let limit = limit.unwrap_or(DEFAULT_LIMIT);
+    if (1..=MAX_LIMIT).contains(&limit) {
+        Ok(limit)
+    } else {
+        Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            format!("limit {limit} is out of range: expected 1 to {MAX_LIMIT}"),
+        ))
+    }
 }

@@ -255,3 +255,112 @@ mod tests {
         );
     }
 }
+
+/// One partition's end: the offset the next record will get.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartitionEnd {
+    /// Topic.
+    pub topic: String,
+    /// Partition.
+    pub partition: i32,
+    /// High watermark.
+    pub high: i64,
+}
+
+/// Reads how far the consumer group got, for sync cycles: a job records the change topics'
+/// ends once every change it waits for is published, and is done once the group's committed
+/// offsets reach them (every record before has an outcome).
+pub struct GroupProgress {
+    consumer: rdkafka::consumer::BaseConsumer,
+    subscription: regex::Regex,
+}
+
+/// How long one metadata or offsets request may take.
+const PROGRESS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+impl GroupProgress {
+    /// A reader for `kafka`'s group and change topics (it never joins the group).
+    pub fn new(kafka: &KafkaSettings) -> Result<Self, BusError> {
+        let mut config = ClientConfig::new();
+        config
+            .set("bootstrap.servers", &kafka.brokers)
+            .set("group.id", &kafka.group_id)
+            .set("client.id", "inventorysync-progress")
+            .set("enable.auto.commit", "false");
+        for (k, v) in &kafka.properties {
+            config.set(k, v.expose_secret());
+        }
+        let consumer = config.create().map_err(|e| BusError::Config {
+            key: "KAFKA_BROKERS / kafka properties".into(),
+            reason: e.to_string(),
+        })?;
+        let pattern = subscription(kafka.topic.as_str());
+        let pattern = if pattern.starts_with('^') {
+            pattern
+        } else {
+            format!("^{}$", regex::escape(&pattern))
+        };
+        let subscription = regex::Regex::new(&pattern).map_err(|e| BusError::Config {
+            key: "KAFKA_TOPIC".into(),
+            reason: e.to_string(),
+        })?;
+        Ok(Self {
+            consumer,
+            subscription,
+        })
+    }
+
+    /// The ends of every partition of the change topics (blocking: call from a blocking
+    /// task).
+    pub fn ends(&self) -> Result<Vec<PartitionEnd>, String> {
+        let meta = self
+            .consumer
+            .fetch_metadata(None, PROGRESS_TIMEOUT)
+            .map_err(|e| format!("Kafka metadata: {e}"))?;
+        let mut out = Vec::new();
+        for t in meta.topics() {
+            if !self.subscription.is_match(t.name()) {
+                continue;
+            }
+            for p in t.partitions() {
+                let (_, high) = self
+                    .consumer
+                    .fetch_watermarks(t.name(), p.id(), PROGRESS_TIMEOUT)
+                    .map_err(|e| format!("watermarks of {}[{}]: {e}", t.name(), p.id()))?;
+                out.push(PartitionEnd {
+                    topic: t.name().to_string(),
+                    partition: p.id(),
+                    high,
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// The partitions whose committed offset is still below `ends` (blocking).
+    pub fn behind(&self, ends: &[PartitionEnd]) -> Result<Vec<PartitionEnd>, String> {
+        let mut tpl = rdkafka::TopicPartitionList::new();
+        for e in ends.iter().filter(|e| e.high > 0) {
+            tpl.add_partition(&e.topic, e.partition);
+        }
+        if tpl.count() == 0 {
+            return Ok(Vec::new());
+        }
+        let committed = self
+            .consumer
+            .committed_offsets(tpl, PROGRESS_TIMEOUT)
+            .map_err(|e| format!("committed offsets of group: {e}"))?;
+        Ok(ends
+            .iter()
+            .filter(|e| e.high > 0)
+            .filter(|e| {
+                let at = committed
+                    .find_partition(&e.topic, e.partition)
+                    .and_then(|p| p.offset().to_raw())
+                    .unwrap_or(-1);
+                at < e.high
+            })
+            .cloned()
+            .collect())
+    }
+}

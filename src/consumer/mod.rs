@@ -383,6 +383,9 @@ impl Stage {
                 self.settle(warehouse_id, &items[p.item], &p.change, verdict, sent_high)
                     .await?;
             }
+            let n = (end - start) as i64;
+            self.persist(|| self.state.add_delivered(warehouse_id, n))
+                .await?;
             start = end;
         }
         Ok(())

@@ -5,10 +5,12 @@
 
 mod checkpoints;
 mod conflicts;
+mod jobs;
 mod lease;
 
 pub use checkpoints::Checkpoint;
 pub use conflicts::{ConflictQuery, ConflictRow, NewConflict, NewDeadLetter};
+pub use jobs::{ActiveWarehouse, Job, JobQuery, JobWarehouse};
 pub use lease::WarehouseLease;
 
 use std::time::Duration;

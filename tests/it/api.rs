@@ -8,9 +8,10 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 use crate::consumer::{
-    Central, config, conflicts, demo_warehouse, log_tail, run_command, start, wait_streaming,
+    Central, Run, config, conflicts, demo_warehouse, expected_state, log_tail, run_command, start,
+    wait_streaming, workload,
 };
-use crate::harness::{free_port, pg};
+use crate::harness::{TestDb, free_port, pg};
 
 const KEY: &str = "it-api-key-0123456789";
 const HASHED_KEY: &str = "it-hashed-key-abcdefghij";
@@ -21,6 +22,49 @@ struct Api {
 }
 
 impl Api {
+    fn new(port: u16) -> Api {
+        Api {
+            base: format!("http://127.0.0.1:{port}"),
+            http: reqwest::Client::new(),
+        }
+    }
+
+    async fn post(&self, path: &str, body: &str) -> (u16, Value) {
+        let r = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .bearer_auth(KEY)
+            .header("content-type", "application/json")
+            .body(body.to_string())
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    /// Triggers a cycle and returns its id.
+    async fn trigger(&self, body: &str) -> String {
+        let (status, v) = self.post("/sync/trigger", body).await;
+        assert_eq!(status, 202, "{v}");
+        assert_eq!(v["status"], "queued");
+        let id = v["jobId"].as_str().unwrap().to_string();
+        assert!(id.starts_with("sync-"), "{id}");
+        id
+    }
+
+    /// Waits until job `id` has finished; returns it.
+    async fn finished(&self, id: &str, log: &std::path::Path) -> Value {
+        for _ in 0..600 {
+            let (status, _, job) = self.get(&format!("/sync/status/{id}"), Some(KEY)).await;
+            assert_eq!(status, 200, "{job}");
+            if job["status"] == "succeeded" || job["status"] == "failed" {
+                return job;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("job {id} never finished; log:\n{}", log_tail(log));
+    }
     async fn get(&self, path: &str, key: Option<&str>) -> (u16, Option<String>, Value) {
         let mut req = self.http.get(format!("{}{path}", self.base));
         if let Some(k) = key {
@@ -194,4 +238,219 @@ async fn the_api_authenticates_answers_json_errors_and_lists_conflicts_page_by_p
         !std::fs::read_to_string(&log).unwrap().contains(KEY),
         "the key is never logged"
     );
+}
+
+/// Starts `run` for warehouse `id` of `db` with the API on a free port (and Kafka topic
+/// `kafka` when given).
+fn start_with_api(
+    db: &TestDb,
+    state: &TestDb,
+    central: &Central,
+    id: &str,
+    kafka: Option<&str>,
+) -> (
+    tempfile::TempDir,
+    std::path::PathBuf,
+    Run,
+    Api,
+    std::process::Command,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), db, id, "");
+    let log = dir.path().join("run.log");
+    let port = free_port();
+    let command = || {
+        let mut cmd = run_command(&cfg, state, central, kafka);
+        cmd.env("API_LISTEN", format!("127.0.0.1:{port}"))
+            .env("API_KEYS", KEY)
+            .env("SYNC_JOB_TIMEOUT_SECS", "120");
+        cmd
+    };
+    let run = start(command(), log.clone());
+    (dir, log, run, Api::new(port), command())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sync_cycle_succeeds_only_once_central_has_every_change_committed_before_it() {
+    let db = demo_warehouse("apicycle").await;
+    let state = pg().new_db("apicyclestate").await;
+    // A slow central: the cycle cannot be done before the changes are.
+    let central = Central::start(Faults::default()).await;
+    let (_dir, log, _run, api, _) = start_with_api(&db, &state, &central, "wh-cycle", None);
+    wait_streaming(&state, "wh-cycle", &log).await;
+    central
+        .set_faults(Faults {
+            latency_ms: 1000,
+            ..Faults::default()
+        })
+        .await;
+    workload(&db.client, 7, 40).await;
+    let want = expected_state(&db).await;
+    let id = api.trigger("").await;
+    assert_ne!(
+        central.state("wh-cycle").await,
+        want,
+        "central is still behind when the cycle starts"
+    );
+    let job = api.finished(&id, &log).await;
+    assert_eq!(job["status"], "succeeded", "{job}\n{}", log_tail(&log));
+    // Everything committed before the trigger is at central the moment the job succeeds.
+    let got = central.state("wh-cycle").await;
+    assert_eq!(got, want, "central lags behind a succeeded cycle");
+    central.set_faults(Faults::default()).await;
+    let w = &job["warehouses"][0];
+    assert_eq!(w["warehouseId"], "wh-cycle");
+    assert_eq!(w["done"], true);
+    let target: inventorysync::Lsn = w["targetLsn"].as_str().unwrap().parse().unwrap();
+    let delivered: inventorysync::Lsn = w["deliveredLsn"].as_str().unwrap().parse().unwrap();
+    assert!(delivered >= target, "{job}");
+    assert!(w["changesDelivered"].as_i64().unwrap() > 0, "{job}");
+    assert_eq!(w["conflicts"], 0);
+    for field in ["createdAt", "startedAt", "finishedAt"] {
+        assert!(job[field].as_str().unwrap().ends_with('Z'), "{job}");
+    }
+    // An idle warehouse: a second cycle still finishes (the logical message moves it).
+    let again = api
+        .finished(&api.trigger(r#"{"warehouses": ["wh-cycle"]}"#).await, &log)
+        .await;
+    assert_eq!(again["status"], "succeeded", "{again}");
+    let (status, _, list) = api
+        .get("/sync/jobs?status=succeeded&kind=cycle&limit=1", Some(KEY))
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(list["items"][0]["jobId"], again["jobId"], "newest first");
+    let older = list["next"].as_str().expect("a second page");
+    let (_, _, page2) = api
+        .get(&format!("/sync/jobs?limit=1&before={older}"), Some(KEY))
+        .await;
+    assert_eq!(page2["items"][0]["jobId"], Value::from(id));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sync_cycle_survives_a_restart_of_the_service() {
+    let db = demo_warehouse("apirestart").await;
+    let state = pg().new_db("apirestartstate").await;
+    let central = Central::start(Faults {
+        latency_ms: 400,
+        ..Faults::default()
+    })
+    .await;
+    let (_dir, log, mut run, api, mut again) =
+        start_with_api(&db, &state, &central, "wh-restart", None);
+    wait_streaming(&state, "wh-restart", &log).await;
+    workload(&db.client, 11, 60).await;
+    let want = expected_state(&db).await;
+    let id = api.trigger("").await;
+    // Killed while the job runs (central answers slowly).
+    for _ in 0..100 {
+        let (_, _, job) = api.get(&format!("/sync/status/{id}"), Some(KEY)).await;
+        if job["status"] == "running" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    run.child.kill().unwrap();
+    run.child.wait().unwrap();
+    let (_restarted, (_, _, job)) = api_after_restart(&api, &mut again, &log, &id).await;
+    assert_eq!(job["status"], "running", "{job}");
+    let job = api.finished(&id, &log).await;
+    assert_eq!(job["status"], "succeeded", "{job}\n{}", log_tail(&log));
+    assert_eq!(central.state("wh-restart").await, want);
+}
+
+/// Restarts `run` with `command` and returns job `id` as the new process reports it.
+async fn api_after_restart(
+    api: &Api,
+    command: &mut std::process::Command,
+    log: &std::path::Path,
+    id: &str,
+) -> (Run, (u16, Option<String>, Value)) {
+    let child = command
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::OpenOptions::new().append(true).open(log).unwrap())
+        .spawn()
+        .unwrap();
+    let run = Run { child };
+    for _ in 0..100 {
+        if let Ok(r) = api.http.get(format!("{}/health", api.base)).send().await
+            && r.status().is_success()
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    (run, api.get(&format!("/sync/status/{id}"), Some(KEY)).await)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sync_routes_refuse_bad_input_with_the_exact_status() {
+    let db = demo_warehouse("apibad").await;
+    let state = pg().new_db("apibadstate").await;
+    let central = Central::start(Faults::default()).await;
+    let (_dir, log, _run, api, _) = start_with_api(&db, &state, &central, "wh-bad", None);
+    wait_streaming(&state, "wh-bad", &log).await;
+    let err = |got: (u16, Value), status: u16, code: &str, text: &str| {
+        assert_error(&(got.0, None, got.1), status, code, text)
+    };
+    err(
+        api.post("/sync/trigger", "{\"warehouses\": [").await,
+        400,
+        "bad_request",
+        "not valid JSON",
+    );
+    err(
+        api.post("/sync/trigger", "[1]").await,
+        400,
+        "bad_request",
+        "not valid JSON",
+    );
+    err(
+        api.post("/sync/trigger", r#"{"warehouse": ["wh-bad"]}"#)
+            .await,
+        400,
+        "bad_request",
+        "unknown field `warehouse`",
+    );
+    err(
+        api.post("/sync/trigger", r#"{"warehouses": ["wh-nowhere"]}"#)
+            .await,
+        422,
+        "unprocessable",
+        "warehouse \"wh-nowhere\" is not configured; configured: wh-bad",
+    );
+    err(
+        api.post("/sync/trigger", r#"{"warehouses": []}"#).await,
+        422,
+        "unprocessable",
+        "at least one warehouse",
+    );
+    let big = format!(r#"{{"warehouses": ["{}"]}}"#, "x".repeat(70_000));
+    err(
+        api.post("/sync/trigger", &big).await,
+        413,
+        "payload_too_large",
+        "65536 bytes",
+    );
+    let unknown = api
+        .get("/sync/status/sync-0000000000000000", Some(KEY))
+        .await;
+    assert_error(
+        &unknown,
+        404,
+        "not_found",
+        "no job \"sync-0000000000000000\"",
+    );
+    assert_error(
+        &api.get("/sync/status/sync-1", None).await,
+        401,
+        "unauthorized",
+        "API key is required",
+    );
+    for query in ["status=done", "kind=other", "limit=501"] {
+        let got = api.get(&format!("/sync/jobs?{query}"), Some(KEY)).await;
+        assert_error(&got, 400, "bad_request", "");
+    }
+    // Nothing was queued by the refused requests.
+    let (_, _, jobs) = api.get("/sync/jobs", Some(KEY)).await;
+    assert_eq!(jobs["items"], Value::Array(vec![]));
 }

@@ -1,0 +1,210 @@
+//! Sync cycles (`POST /sync/trigger`): proof that everything committed at the warehouses
+//! before a moment has an outcome at the central system.
+//!
+//! A cycle captures each warehouse's `pg_current_wal_lsn()` and writes a logical message
+//! right after it, so a commit past the target reaches the stream even when the warehouse is
+//! otherwise idle. A warehouse is done once its checkpoint passes the target: with the
+//! embedded bus a commit is checkpointed only after each of its changes has an outcome; with
+//! Kafka the checkpoint means "published", so the job then records the change topics' ends
+//! and waits for the consumer group's committed offsets to reach them. Jobs live in the state
+//! DB; every `run` process works on them, so they survive restarts.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::Lsn;
+use crate::app::{StreamState, WarehouseStatus};
+use crate::config::WarehouseConfig;
+use crate::consumer::kafka::{GroupProgress, PartitionEnd};
+use crate::store::{ActiveWarehouse, StateDb, StoreError};
+
+/// How often running jobs are checked.
+const TICK: Duration = Duration::from_millis(250);
+/// A cycle fails unless done within this long (`SYNC_JOB_TIMEOUT_SECS`).
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// How the runner learns that published changes have outcomes.
+pub enum Delivery {
+    /// The embedded bus: a checkpoint is written only after the outcomes.
+    Embedded,
+    /// Kafka: the consumer group's committed offsets.
+    Kafka(Arc<GroupProgress>),
+}
+
+/// One configured warehouse, as the runner needs it.
+pub struct Warehouse {
+    /// Its connection settings.
+    pub config: WarehouseConfig,
+    /// Its pipeline's status in this process.
+    pub status: Arc<WarehouseStatus>,
+}
+
+/// Works on sync cycles until `cancel`.
+pub async fn run(
+    state: StateDb,
+    warehouses: Vec<Warehouse>,
+    delivery: Delivery,
+    cancel: CancellationToken,
+) {
+    let mut runner = Runner {
+        state,
+        warehouses: warehouses
+            .into_iter()
+            .map(|w| (w.config.id.clone(), w))
+            .collect(),
+        delivery,
+        ends: HashMap::new(),
+    };
+    loop {
+        if let Err(e) = runner.tick().await {
+            tracing::warn!(error = %e, "sync jobs: cannot reach the state DB; retrying");
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(TICK) => {}
+            _ = cancel.cancelled() => return,
+        }
+    }
+}
+
+struct Runner {
+    state: StateDb,
+    warehouses: HashMap<String, Warehouse>,
+    delivery: Delivery,
+    /// Kafka: the topics' ends recorded per (job, warehouse) once its changes were published.
+    ends: HashMap<(String, String), Vec<PartitionEnd>>,
+}
+
+impl Runner {
+    async fn tick(&mut self) -> Result<(), StoreError> {
+        let active = self.state.active_warehouses("cycle").await?;
+        for w in &active {
+            if let Some(reason) = self.step(w).await? {
+                tracing::warn!(job = %w.job_id, warehouse = %w.warehouse_id, reason = %reason, "sync cycle failed");
+                self.state
+                    .update_job_warehouse(w, None, false, Some(&reason))
+                    .await?;
+                self.state.settle_jobs(Some((&w.job_id, &reason))).await?;
+            }
+        }
+        self.ends
+            .retain(|(job, _), _| active.iter().any(|w| &w.job_id == job));
+        self.state.settle_jobs(None).await
+    }
+
+    /// Advances one warehouse of a job; `Some(reason)` fails the job.
+    async fn step(&mut self, w: &ActiveWarehouse) -> Result<Option<String>, StoreError> {
+        let Some(wh) = self.warehouses.get(&w.warehouse_id) else {
+            return Ok(Some(format!(
+                "warehouse {} is not configured in this process",
+                w.warehouse_id
+            )));
+        };
+        if let StreamState::Failed(e) = &*wh.status.state.borrow() {
+            return Ok(Some(format!(
+                "warehouse {} stopped streaming: {e}",
+                w.warehouse_id
+            )));
+        }
+        let Some(target) = w.target else {
+            if w.overdue {
+                return Ok(Some(format!(
+                    "timed out before the WAL position of warehouse {} could be read",
+                    w.warehouse_id
+                )));
+            }
+            match capture(&wh.config).await {
+                Ok(target) => {
+                    tracing::info!(job = %w.job_id, warehouse = %w.warehouse_id, %target, "sync cycle target");
+                    self.state
+                        .set_job_target(&w.job_id, &w.warehouse_id, target)
+                        .await?;
+                }
+                Err(e) => {
+                    self.state
+                        .update_job_warehouse(w, None, false, Some(&e))
+                        .await?;
+                }
+            }
+            return Ok(None);
+        };
+        let delivered = self
+            .state
+            .checkpoint(&w.warehouse_id)
+            .await?
+            .map(|c| c.flush_lsn);
+        let published = delivered.is_some_and(|d| d >= target);
+        let (done, error) = if !published {
+            (false, None)
+        } else {
+            match &self.delivery {
+                Delivery::Embedded => (true, None),
+                Delivery::Kafka(progress) => {
+                    let key = (w.job_id.clone(), w.warehouse_id.clone());
+                    self.kafka_caught_up(progress.clone(), key).await
+                }
+            }
+        };
+        if !done && w.overdue {
+            let at = delivered.map_or("nothing".to_string(), |d| d.to_string());
+            return Ok(Some(format!(
+                "timed out: warehouse {} has outcomes up to {at} of target {target}{}",
+                w.warehouse_id,
+                error.map(|e| format!(" ({e})")).unwrap_or_default()
+            )));
+        }
+        let shown = if done { Some(target) } else { delivered };
+        self.state
+            .update_job_warehouse(w, shown, done, error.as_deref())
+            .await?;
+        Ok(None)
+    }
+
+    /// Kafka: records the topics' ends the first time, then whether the group reached them.
+    async fn kafka_caught_up(
+        &mut self,
+        progress: Arc<GroupProgress>,
+        key: (String, String),
+    ) -> (bool, Option<String>) {
+        let recorded = self.ends.get(&key).cloned();
+        let result = tokio::task::spawn_blocking(move || match recorded {
+            Some(ends) => progress.behind(&ends).map(|b| (ends, b)),
+            None => progress.ends().map(|ends| (ends, vec![])),
+        })
+        .await;
+        match result {
+            Ok(Ok((ends, behind))) => {
+                let first = !self.ends.contains_key(&key);
+                self.ends.insert(key, ends);
+                // The ends just recorded have not been compared yet.
+                (!first && behind.is_empty(), None)
+            }
+            Ok(Err(e)) => (false, Some(e)),
+            Err(e) => (false, Some(e.to_string())),
+        }
+    }
+}
+
+/// Reads the warehouse's current WAL position and writes a logical message after it.
+async fn capture(w: &WarehouseConfig) -> Result<Lsn, String> {
+    let sql = crate::source::tls::connect_sql(&w.conn)
+        .await
+        .map_err(|e| format!("cannot connect to warehouse {}: {e}", w.id))?;
+    let row = sql
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .map_err(|e| format!("cannot read the WAL position of warehouse {}: {e}", w.id))?;
+    let text: String = row.get(0);
+    let lsn: Lsn = text.parse().map_err(|e| format!("{e}"))?;
+    // A commit after the target: the stream reaches the target even if nothing else is
+    // written (pgoutput sends the message's transaction: the slot asks for messages).
+    sql.execute(
+        "SELECT pg_logical_emit_message(true, 'inventorysync', 'sync cycle')",
+        &[],
+    )
+    .await
+    .map_err(|e| format!("cannot write to warehouse {}: {e}", w.id))?;
+    Ok(lsn)
+}

@@ -1,0 +1,374 @@
+//! `sync_jobs` and `sync_job_warehouses`: sync cycles and resyncs, kept in the state DB so
+//! they survive restarts and any `run` process can report or finish them.
+
+use serde::Serialize;
+
+use super::{StateDb, StoreError};
+use crate::Lsn;
+
+/// A job as the API shows it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Job {
+    /// `sync-…`.
+    pub job_id: String,
+    /// `cycle` or `resync`.
+    pub kind: String,
+    /// `queued`, `running`, `succeeded` or `failed`.
+    pub status: String,
+    /// Why it failed.
+    pub error: Option<String>,
+    /// RFC 3339 UTC.
+    pub created_at: String,
+    /// When a process started working on it.
+    pub started_at: Option<String>,
+    /// When it succeeded or failed.
+    pub finished_at: Option<String>,
+    /// When it fails unless done.
+    pub deadline: String,
+    /// Per warehouse.
+    pub warehouses: Vec<JobWarehouse>,
+}
+
+/// One warehouse of a job.
+#[derive(Debug, Clone, PartialEq, Serialize, sqlx::FromRow)]
+#[serde(rename_all = "camelCase")]
+pub struct JobWarehouse {
+    /// Warehouse id.
+    pub warehouse_id: String,
+    /// The WAL position captured when the job started (`pg_current_wal_lsn()`).
+    pub target_lsn: Option<String>,
+    /// Everything committed before this position has an outcome at central.
+    pub delivered_lsn: Option<String>,
+    /// Changes with an outcome at central since the job started.
+    pub changes_delivered: i64,
+    /// Conflicts recorded since the job started.
+    pub conflicts: i64,
+    /// Of those, changes dead-lettered.
+    pub dead_letters: i64,
+    /// Whether this warehouse reached its target.
+    pub done: bool,
+    /// What went wrong, if anything.
+    pub error: Option<String>,
+}
+
+/// Which jobs to list, newest first.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct JobQuery {
+    /// Only with this status.
+    pub status: Option<String>,
+    /// Only of this kind.
+    pub kind: Option<String>,
+    /// Only older than this job (the previous page's `next`).
+    pub before: Option<String>,
+    /// At most this many.
+    pub limit: i64,
+}
+
+/// A running job's warehouse, as the job runner needs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ActiveWarehouse {
+    /// Job id.
+    pub job_id: String,
+    /// Warehouse id.
+    pub warehouse_id: String,
+    /// The target, once captured.
+    pub target: Option<Lsn>,
+    /// The progress counter's value when the job started.
+    pub baseline: Option<i64>,
+    /// When the job started (for counting conflicts), RFC 3339.
+    pub since: String,
+    /// Whether the job is past its deadline.
+    pub overdue: bool,
+}
+
+/// SQL rendering a timestamptz column as RFC 3339 UTC text.
+macro_rules! utc {
+    ($column:literal) => {
+        concat!(
+            "to_char(",
+            $column,
+            " AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')"
+        )
+    };
+}
+
+/// The columns of a [`JobRow`].
+macro_rules! job_columns {
+    () => {
+        concat!(
+            "id, kind, status, error, ",
+            utc!("created_at"),
+            ", ",
+            utc!("started_at"),
+            ", ",
+            utc!("finished_at"),
+            ", ",
+            utc!("deadline")
+        )
+    };
+}
+
+fn lsn(text: Option<String>) -> Result<Option<Lsn>, StoreError> {
+    text.map(|t| {
+        t.parse().map_err(|_| StoreError::Corrupt {
+            what: "target_lsn",
+            value: t.clone(),
+        })
+    })
+    .transpose()
+}
+
+type JobRow = (
+    String,
+    String,
+    String,
+    Option<String>,
+    String,
+    Option<String>,
+    Option<String>,
+    String,
+);
+
+/// job id, warehouse, target, baseline, started, overdue.
+type ActiveRow = (String, String, Option<String>, Option<i64>, String, bool);
+
+impl StateDb {
+    /// Creates a queued job of `kind` for `warehouses`, failing after `timeout`.
+    pub async fn create_job(
+        &self,
+        id: &str,
+        kind: &str,
+        warehouses: &[String],
+        timeout: std::time::Duration,
+    ) -> Result<(), StoreError> {
+        let mut tx = self.pool().begin().await?;
+        sqlx::query(
+            "INSERT INTO sync_jobs (id, kind, deadline)
+             VALUES ($1, $2, now() + make_interval(secs => $3))",
+        )
+        .bind(id)
+        .bind(kind)
+        .bind(timeout.as_secs_f64())
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "INSERT INTO sync_job_warehouses (job_id, warehouse_id) SELECT $1, unnest($2::text[])",
+        )
+        .bind(id)
+        .bind(warehouses)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// The job `id`, if it exists.
+    pub async fn job(&self, id: &str) -> Result<Option<Job>, StoreError> {
+        let row: Option<JobRow> = sqlx::query_as(concat!(
+            "SELECT ",
+            job_columns!(),
+            " FROM sync_jobs WHERE id = $1"
+        ))
+        .bind(id)
+        .fetch_optional(self.pool())
+        .await?;
+        match row {
+            Some(r) => Ok(Some(self.with_warehouses(r).await?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Jobs matching `q`, newest first.
+    pub async fn list_jobs(&self, q: &JobQuery) -> Result<Vec<Job>, StoreError> {
+        let rows: Vec<JobRow> = sqlx::query_as(concat!(
+            "SELECT ",
+            job_columns!(),
+            " FROM sync_jobs
+              WHERE ($1::text IS NULL OR status = $1)
+                AND ($2::text IS NULL OR kind = $2)
+                AND ($3::text IS NULL OR seq < (SELECT seq FROM sync_jobs WHERE id = $3))
+              ORDER BY seq DESC LIMIT $4"
+        ))
+        .bind(&q.status)
+        .bind(&q.kind)
+        .bind(&q.before)
+        .bind(q.limit)
+        .fetch_all(self.pool())
+        .await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for r in rows {
+            out.push(self.with_warehouses(r).await?);
+        }
+        Ok(out)
+    }
+
+    async fn with_warehouses(&self, r: JobRow) -> Result<Job, StoreError> {
+        let warehouses: Vec<JobWarehouse> = sqlx::query_as(
+            "SELECT warehouse_id, target_lsn::text AS target_lsn, delivered_lsn::text AS delivered_lsn,
+                    changes_delivered, conflicts, dead_letters, done, error
+               FROM sync_job_warehouses WHERE job_id = $1 ORDER BY warehouse_id",
+        )
+        .bind(&r.0)
+        .fetch_all(self.pool())
+        .await?;
+        Ok(Job {
+            job_id: r.0,
+            kind: r.1,
+            status: r.2,
+            error: r.3,
+            created_at: r.4,
+            started_at: r.5,
+            finished_at: r.6,
+            deadline: r.7,
+            warehouses,
+        })
+    }
+
+    /// Whether a job of `kind` for `warehouse_id` is queued or running; its id.
+    pub async fn active_job_for(
+        &self,
+        kind: &str,
+        warehouse_id: &str,
+    ) -> Result<Option<String>, StoreError> {
+        let row: Option<(String,)> = sqlx::query_as(
+            "SELECT j.id FROM sync_jobs j JOIN sync_job_warehouses w ON w.job_id = j.id
+              WHERE j.kind = $1 AND w.warehouse_id = $2 AND j.status IN ('queued', 'running')
+              ORDER BY j.seq LIMIT 1",
+        )
+        .bind(kind)
+        .bind(warehouse_id)
+        .fetch_optional(self.pool())
+        .await?;
+        Ok(row.map(|r| r.0))
+    }
+
+    /// Marks queued jobs of `kind` running, and returns the unfinished warehouses of every
+    /// running job of that kind.
+    pub async fn active_warehouses(&self, kind: &str) -> Result<Vec<ActiveWarehouse>, StoreError> {
+        sqlx::query(
+            "UPDATE sync_jobs SET status = 'running', started_at = now()
+              WHERE kind = $1 AND status = 'queued'",
+        )
+        .bind(kind)
+        .execute(self.pool())
+        .await?;
+        let rows: Vec<ActiveRow> = sqlx::query_as(concat!(
+            "SELECT j.id, w.warehouse_id, w.target_lsn::text, w.delivered_baseline, ",
+            utc!("j.started_at"),
+            ", j.deadline < now()
+                   FROM sync_jobs j JOIN sync_job_warehouses w ON w.job_id = j.id
+                  WHERE j.kind = $1 AND j.status = 'running' AND NOT w.done
+                  ORDER BY j.seq, w.warehouse_id"
+        ))
+        .bind(kind)
+        .fetch_all(self.pool())
+        .await?;
+        rows.into_iter()
+            .map(|(job_id, warehouse_id, target, baseline, since, overdue)| {
+                Ok(ActiveWarehouse {
+                    job_id,
+                    warehouse_id,
+                    target: lsn(target)?,
+                    baseline,
+                    since,
+                    overdue,
+                })
+            })
+            .collect()
+    }
+
+    /// Sets a job warehouse's target and progress baseline, once (a second capture by another
+    /// process keeps the first).
+    pub async fn set_job_target(
+        &self,
+        job_id: &str,
+        warehouse_id: &str,
+        target: Lsn,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE sync_job_warehouses
+                SET target_lsn = $3::text::pg_lsn,
+                    delivered_baseline = coalesce(
+                        (SELECT delivered FROM consumer_progress WHERE warehouse_id = $2), 0),
+                    error = NULL
+              WHERE job_id = $1 AND warehouse_id = $2 AND target_lsn IS NULL",
+        )
+        .bind(job_id)
+        .bind(warehouse_id)
+        .bind(target.to_string())
+        .execute(self.pool())
+        .await?;
+        Ok(())
+    }
+
+    /// Records a job warehouse's progress: how far it is delivered, the counters since the
+    /// job started, whether it is done and the last error.
+    pub async fn update_job_warehouse(
+        &self,
+        w: &ActiveWarehouse,
+        delivered: Option<Lsn>,
+        done: bool,
+        error: Option<&str>,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE sync_job_warehouses jw
+                SET delivered_lsn = coalesce($3::text::pg_lsn, jw.delivered_lsn),
+                    changes_delivered = greatest(0, coalesce(
+                        (SELECT delivered FROM consumer_progress WHERE warehouse_id = $2), 0)
+                        - coalesce(jw.delivered_baseline, 0)),
+                    conflicts = (SELECT count(*) FROM sync_conflicts c
+                                  WHERE c.warehouse_id = $2 AND c.created_at >= $4::timestamptz),
+                    dead_letters = (SELECT count(*) FROM sync_conflicts c
+                                     WHERE c.warehouse_id = $2 AND c.created_at >= $4::timestamptz
+                                       AND c.dead_lettered),
+                    done = $5,
+                    error = $6
+              WHERE job_id = $1 AND warehouse_id = $2",
+        )
+        .bind(&w.job_id)
+        .bind(&w.warehouse_id)
+        .bind(delivered.map(|l| l.to_string()))
+        .bind(&w.since)
+        .bind(done)
+        .bind(error)
+        .execute(self.pool())
+        .await?;
+        Ok(())
+    }
+
+    /// Finishes running jobs whose warehouses are all done (succeeded), and fails `job_id`
+    /// with `error` when given.
+    pub async fn settle_jobs(&self, failed: Option<(&str, &str)>) -> Result<(), StoreError> {
+        if let Some((job_id, error)) = failed {
+            sqlx::query(
+                "UPDATE sync_jobs SET status = 'failed', error = $2, finished_at = now()
+                  WHERE id = $1 AND status IN ('queued', 'running')",
+            )
+            .bind(job_id)
+            .bind(error)
+            .execute(self.pool())
+            .await?;
+        }
+        sqlx::query(
+            "UPDATE sync_jobs j SET status = 'succeeded', finished_at = now()
+              WHERE status = 'running'
+                AND NOT EXISTS (SELECT 1 FROM sync_job_warehouses w WHERE w.job_id = j.id AND NOT w.done)",
+        )
+        .execute(self.pool())
+        .await?;
+        Ok(())
+    }
+
+    /// Counts `n` more changes with an outcome at central for `warehouse_id`.
+    pub async fn add_delivered(&self, warehouse_id: &str, n: i64) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE consumer_progress SET delivered = delivered + $2 WHERE warehouse_id = $1",
+        )
+        .bind(warehouse_id)
+        .bind(n)
+        .execute(self.pool())
+        .await?;
+        Ok(())
+    }
+}
