@@ -454,3 +454,32 @@ async fn the_sync_routes_refuse_bad_input_with_the_exact_status() {
     let (_, _, jobs) = api.get("/sync/jobs", Some(KEY)).await;
     assert_eq!(jobs["items"], Value::Array(vec![]));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sync_cycle_through_kafka_waits_for_the_consumer_group() {
+    let db = demo_warehouse("apikafka").await;
+    let state = pg().new_db("apikafkastate").await;
+    let central = Central::start(Faults::default()).await;
+    let topic = format!("it.{}", db.name);
+    let (_dir, log, _run, api, _) =
+        start_with_api(&db, &state, &central, "wh-kcycle", Some(&topic));
+    wait_streaming(&state, "wh-kcycle", &log).await;
+    central
+        .set_faults(Faults {
+            latency_ms: 1000,
+            ..Faults::default()
+        })
+        .await;
+    workload(&db.client, 5, 40).await;
+    let want = expected_state(&db).await;
+    let id = api.trigger("").await;
+    assert_ne!(central.state("wh-kcycle").await, want, "central is still behind");
+    let job = api.finished(&id, &log).await;
+    assert_eq!(job["status"], "succeeded", "{job}\n{}", log_tail(&log));
+    assert_eq!(
+        central.state("wh-kcycle").await,
+        want,
+        "central lags behind a succeeded cycle"
+    );
+    assert!(job["warehouses"][0]["changesDelivered"].as_i64().unwrap() > 0, "{job}");
+}
