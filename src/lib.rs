@@ -14,6 +14,7 @@ pub mod consumer;
 pub mod event;
 pub mod jobs;
 pub mod lsn;
+pub mod metrics;
 pub mod source;
 pub mod store;
 pub mod tail;

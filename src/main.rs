@@ -242,11 +242,28 @@ async fn run_service(config_path: &Path) -> ExitCode {
     if config.api_keys.is_empty() {
         tracing::warn!("API_KEYS is not set: the /sync routes answer 401 until it is");
     }
+    // The embedded bus (no Kafka) or the reader of the consumer group's progress (Kafka).
+    let embedded_bus = kafka
+        .is_none()
+        .then(|| EmbeddedBus::new(EMBEDDED_QUEUE_EVENTS));
+    let progress = match &kafka {
+        None => None,
+        Some(k) => match inventorysync::consumer::kafka::GroupProgress::new(k) {
+            Ok(p) => Some(Arc::new(p)),
+            Err(e) => return fail(e, 2),
+        },
+    };
+    let consumer_lag = match (&progress, &embedded_bus) {
+        (Some(p), _) => inventorysync::api::ConsumerLag::Kafka(p.clone()),
+        (None, Some(bus)) => inventorysync::api::ConsumerLag::Embedded(bus.clone()),
+        (None, None) => return fail("no bus: neither KAFKA_BROKERS nor the embedded bus", 1),
+    };
     let api_state = Arc::new(inventorysync::api::ApiState {
         state: state.clone(),
         keys: config.api_keys.clone(),
         warehouses: statuses.clone(),
         job_timeout: config.job_timeout,
+        consumer_lag,
     });
     let job_warehouses: Vec<inventorysync::jobs::Warehouse> = warehouses
         .iter()
@@ -256,12 +273,9 @@ async fn run_service(config_path: &Path) -> ExitCode {
             status: s.clone(),
         })
         .collect();
-    let delivery = match &kafka {
+    let delivery = match &progress {
         None => inventorysync::jobs::Delivery::Embedded,
-        Some(k) => match inventorysync::consumer::kafka::GroupProgress::new(k) {
-            Ok(p) => inventorysync::jobs::Delivery::Kafka(Arc::new(p)),
-            Err(e) => return fail(e, 2),
-        },
+        Some(p) => inventorysync::jobs::Delivery::Kafka(p.clone()),
     };
     let jobs = tokio::spawn(inventorysync::jobs::run(
         state.clone(),
@@ -317,7 +331,9 @@ async fn run_service(config_path: &Path) -> ExitCode {
             inventorysync::app::run(warehouses, &statuses, state, bus, cancel.clone()).await;
         }
         None => {
-            let bus = EmbeddedBus::new(EMBEDDED_QUEUE_EVENTS);
+            let Some(bus) = embedded_bus else {
+                return fail("no bus: neither KAFKA_BROKERS nor the embedded bus", 1);
+            };
             let stage = Arc::new(Stage::new(
                 config.consumer,
                 client,

@@ -44,6 +44,16 @@ pub struct ApiState {
     pub warehouses: Vec<Arc<WarehouseStatus>>,
     /// How long a sync cycle may take before it fails.
     pub job_timeout: Duration,
+    /// Where the consumer's lag is read.
+    pub consumer_lag: ConsumerLag,
+}
+
+/// Where `/metrics` reads the consumer stage's lag.
+pub enum ConsumerLag {
+    /// The embedded bus: events published without an outcome yet.
+    Embedded(Arc<crate::bus::embedded::EmbeddedBus>),
+    /// Kafka: records between the group's committed offsets and the topics' ends.
+    Kafka(Arc<crate::consumer::kafka::GroupProgress>),
 }
 
 /// An error answer: status, a stable code and a message naming what was wrong.
@@ -100,6 +110,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
     Router::new()
         .route("/health", get(health))
         .route("/ready", get(ready))
+        .route("/metrics", get(metrics))
         .merge(sync)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
@@ -449,4 +460,81 @@ fn page_limit(limit: Option<i64>) -> Result<i64, ApiError> {
             format!("limit {limit} is out of range: expected 1 to {MAX_LIMIT}"),
         ))
     }
+}
+
+/// Prometheus text: the counters and histograms as they stand, and the gauges read now.
+async fn metrics(State(state): State<Arc<ApiState>>) -> Response {
+    let m = crate::metrics::metrics();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    for w in &state.warehouses {
+        let id = w.id.as_str();
+        if let Some(h) = &*w.slot_health.borrow() {
+            m.replication_lag_bytes
+                .with_label_values(&[id])
+                .set(h.lag_bytes);
+            m.retained_wal_bytes
+                .with_label_values(&[id])
+                .set(h.retained_wal_bytes);
+            for status in ["reserved", "extended", "unreserved", "lost", "unknown"] {
+                m.wal_status
+                    .with_label_values(&[id, status])
+                    .set(i64::from(h.wal_status == status));
+            }
+            let delivered = m.delivered_commit_time.with_label_values(&[id]).get();
+            let seconds = if h.lag_bytes > 0 && delivered > 0 {
+                (now - delivered).max(0)
+            } else {
+                0
+            };
+            m.replication_lag_seconds
+                .with_label_values(&[id])
+                .set(seconds);
+        }
+    }
+    match &state.consumer_lag {
+        ConsumerLag::Embedded(bus) => {
+            for (w, n) in bus.pending() {
+                m.consumer_lag
+                    .with_label_values(&[w.as_str()])
+                    .set(n as i64);
+            }
+        }
+        ConsumerLag::Kafka(progress) => {
+            let progress = progress.clone();
+            let lag = tokio::task::spawn_blocking(move || progress.lag()).await;
+            match lag {
+                Ok(Ok(per_topic)) => {
+                    for (topic, n) in per_topic {
+                        m.consumer_lag.with_label_values(&[topic.as_str()]).set(n);
+                    }
+                }
+                Ok(Err(e)) => tracing::debug!(error = %e, "consumer lag unavailable"),
+                Err(e) => tracing::debug!(error = %e, "consumer lag unavailable"),
+            }
+        }
+    }
+    match state.state.job_counts().await {
+        Ok(counts) => {
+            for kind in ["cycle", "resync"] {
+                for status in ["queued", "running", "succeeded", "failed"] {
+                    let n = counts
+                        .iter()
+                        .find(|(k, s, _)| k == kind && s == status)
+                        .map_or(0, |c| c.2);
+                    m.jobs.with_label_values(&[kind, status]).set(n);
+                }
+            }
+        }
+        Err(e) => tracing::debug!(error = %e, "job counts unavailable"),
+    }
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+        )],
+        m.render(),
+    )
+        .into_response()
 }

@@ -69,6 +69,18 @@ impl EmbeddedBus {
             .clone()
     }
 
+    /// Per warehouse, events published but without an outcome yet (the consumer's lag).
+    pub fn pending(&self) -> Vec<(String, u64)> {
+        let queues = self.queues.lock().unwrap_or_else(|p| p.into_inner());
+        queues
+            .iter()
+            .map(|(w, q)| {
+                let sent = q.sent.load(Ordering::Relaxed);
+                (w.clone(), sent.saturating_sub(*q.done.borrow()))
+            })
+            .collect()
+    }
+
     /// The consumer side of `warehouse_id`'s queue; there is one consumer per queue, so a
     /// second call returns `None`.
     pub fn subscribe(&self, warehouse_id: &str) -> Option<EmbeddedReceiver> {
@@ -110,6 +122,10 @@ impl EmbeddedPublisher {
 }
 
 impl super::Publisher for EmbeddedPublisher {
+    fn bus_name(&self) -> &'static str {
+        "embedded"
+    }
+
     async fn send(&mut self, ev: Box<ChangeEvent>) -> Result<(), BusError> {
         let seq = self.queue.sent.fetch_add(1, Ordering::Relaxed) + 1;
         self.chunk.push(Delivery { seq, event: ev });

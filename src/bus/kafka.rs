@@ -335,6 +335,10 @@ impl KafkaPublisher {
 }
 
 impl super::Publisher for KafkaPublisher {
+    fn bus_name(&self) -> &'static str {
+        "kafka"
+    }
+
     async fn send(&mut self, ev: Box<ChangeEvent>) -> Result<(), BusError> {
         let topic = self.bus.topics().topic_for(&ev.source.table);
         self.bus.ensure_topic(&topic).await?;

@@ -46,6 +46,8 @@ pub trait Publisher: Send + 'static {
     /// Closes the commit ending at `end_lsn`: every event sent since the previous commit
     /// belongs to it.
     fn commit(&mut self, end_lsn: Lsn) -> impl Future<Output = Result<CommitAck, BusError>> + Send;
+    /// The bus's name for metrics (`kafka`, `embedded`).
+    fn bus_name(&self) -> &'static str;
 }
 
 /// Sends every event from `items` through `publisher`, handing each commit's acknowledgement
@@ -55,12 +57,44 @@ pub async fn publish<P: Publisher>(
     mut items: mpsc::Receiver<Vec<StreamItem>>,
     acks: mpsc::Sender<CommitAck>,
 ) -> Result<(), BusError> {
+    let m = crate::metrics::metrics();
+    // Events of the open transaction, and the labels of its warehouse.
+    let mut in_commit: u64 = 0;
+    let mut labels: Option<(String, &'static str)> = None;
     while let Some(batch) = items.recv().await {
         for item in batch {
             match item {
-                StreamItem::Change(ev) => publisher.send(ev).await?,
+                StreamItem::Change(ev) => {
+                    if labels.is_none() {
+                        let w = ev.source.table.warehouse_id().to_string();
+                        labels = Some((w, publisher.bus_name()));
+                    }
+                    in_commit += 1;
+                    publisher.send(ev).await?
+                }
                 StreamItem::Commit { end_lsn, .. } => {
                     let ack = publisher.commit(end_lsn).await?;
+                    let ack: CommitAck = match &labels {
+                        Some((warehouse, bus)) if in_commit > 0 => {
+                            let published = m.events_published.with_label_values(&[warehouse]);
+                            m.events_decoded
+                                .with_label_values(&[warehouse])
+                                .inc_by(in_commit);
+                            let timer = m
+                                .produce_seconds
+                                .with_label_values(&[warehouse.as_str(), bus])
+                                .start_timer();
+                            let n = in_commit;
+                            Box::pin(async move {
+                                let end = ack.await?;
+                                timer.observe_duration();
+                                published.inc_by(n);
+                                Ok(end)
+                            })
+                        }
+                        _ => ack,
+                    };
+                    in_commit = 0;
                     if acks.send(ack).await.is_err() {
                         return Ok(());
                     }

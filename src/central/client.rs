@@ -11,7 +11,7 @@
 //!   one request probes whether central is back.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use reqwest::StatusCode;
@@ -43,23 +43,6 @@ pub enum Verdict {
 #[derive(Debug, thiserror::Error)]
 #[error("cancelled while delivering to central")]
 pub struct Cancelled;
-
-/// Counts for logs and metrics.
-#[derive(Debug, Default)]
-pub struct ClientCounters {
-    /// Requests sent.
-    pub requests: AtomicU64,
-    /// Requests answered 2xx.
-    pub ok: AtomicU64,
-    /// Requests that will be retried (408/429/5xx/timeout/connection).
-    pub retries: AtomicU64,
-    /// Requests answered 400/422.
-    pub invalid: AtomicU64,
-    /// Requests answered 401/403.
-    pub credential_errors: AtomicU64,
-    /// Times the breaker opened.
-    pub breaker_opened: AtomicU64,
-}
 
 /// What one request came to.
 enum Attempt {
@@ -95,7 +78,6 @@ pub struct CentralClient {
     settings: CentralSettings,
     breaker: Breaker,
     healthy: AtomicBool,
-    counters: Arc<ClientCounters>,
 }
 
 impl CentralClient {
@@ -129,13 +111,7 @@ impl CentralClient {
                 state: std::sync::Mutex::new(BreakerState::default()),
             },
             healthy: AtomicBool::new(true),
-            counters: Arc::new(ClientCounters::default()),
         })
-    }
-
-    /// The counters.
-    pub fn counters(&self) -> &Arc<ClientCounters> {
-        &self.counters
     }
 
     /// False while central refuses our credentials or the breaker is open.
@@ -235,7 +211,20 @@ impl CentralClient {
         body: bytes::Bytes,
         expected: usize,
     ) -> Attempt {
-        self.counters.requests.fetch_add(1, Ordering::Relaxed);
+        let m = crate::metrics::metrics();
+        m.batch_changes
+            .with_label_values(&[warehouse_id])
+            .observe(expected as f64);
+        let _timer = m
+            .central_request_seconds
+            .with_label_values(&[warehouse_id])
+            .start_timer();
+        let retry = || m.central_retries.with_label_values(&[warehouse_id]).inc();
+        let answered = |label: &str| {
+            m.central_responses
+                .with_label_values(&[warehouse_id, label])
+                .inc()
+        };
         let url = format!("{}/{}/changes", self.endpoint, warehouse_id);
         let mut req = self
             .http
@@ -252,14 +241,15 @@ impl CentralClient {
         let resp = match req.send().await {
             Ok(r) => r,
             Err(e) => {
-                self.counters.retries.fetch_add(1, Ordering::Relaxed);
-                let kind = if e.is_timeout() {
-                    "timeout"
+                retry();
+                let (kind, label) = if e.is_timeout() {
+                    ("timeout", "timeout")
                 } else if e.is_connect() {
-                    "connection failed"
+                    ("connection failed", "connect")
                 } else {
-                    "request failed"
+                    ("request failed", "error")
                 };
+                answered(label);
                 return Attempt::Retry {
                     reason: format!("{kind}: {}", e.without_url()),
                     after: None,
@@ -267,6 +257,7 @@ impl CentralClient {
             }
         };
         let status = resp.status();
+        answered(status.as_str());
         let retry_after = resp
             .headers()
             .get(RETRY_AFTER)
@@ -277,7 +268,7 @@ impl CentralClient {
                 let bytes = match resp.bytes().await {
                     Ok(b) => b,
                     Err(e) => {
-                        self.counters.retries.fetch_add(1, Ordering::Relaxed);
+                        retry();
                         return Attempt::Retry {
                             reason: format!("reading the answer: {}", e.without_url()),
                             after: None,
@@ -285,12 +276,9 @@ impl CentralClient {
                     }
                 };
                 match serde_json::from_slice::<BatchResponse>(&bytes) {
-                    Ok(r) if r.results.len() == expected => {
-                        self.counters.ok.fetch_add(1, Ordering::Relaxed);
-                        Attempt::Results(r.results)
-                    }
+                    Ok(r) if r.results.len() == expected => Attempt::Results(r.results),
                     Ok(r) => {
-                        self.counters.retries.fetch_add(1, Ordering::Relaxed);
+                        retry();
                         Attempt::Retry {
                             reason: format!(
                                 "central answered {} results for {expected} changes",
@@ -300,7 +288,7 @@ impl CentralClient {
                         }
                     }
                     Err(e) => {
-                        self.counters.retries.fetch_add(1, Ordering::Relaxed);
+                        retry();
                         Attempt::Retry {
                             reason: format!("central's answer is not a result list: {e}"),
                             after: None,
@@ -309,23 +297,17 @@ impl CentralClient {
                 }
             }
             StatusCode::BAD_REQUEST | StatusCode::UNPROCESSABLE_ENTITY => {
-                self.counters.invalid.fetch_add(1, Ordering::Relaxed);
                 let message = resp.text().await.unwrap_or_default();
                 Attempt::Invalid {
                     status: status.as_u16(),
                     message: truncate(&message, 500),
                 }
             }
-            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
-                self.counters
-                    .credential_errors
-                    .fetch_add(1, Ordering::Relaxed);
-                Attempt::Credentials {
-                    status: status.as_u16(),
-                }
-            }
+            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => Attempt::Credentials {
+                status: status.as_u16(),
+            },
             s => {
-                self.counters.retries.fetch_add(1, Ordering::Relaxed);
+                retry();
                 let message = resp.text().await.unwrap_or_default();
                 Attempt::Retry {
                     reason: format!("HTTP {}: {}", s.as_u16(), truncate(&message, 200)),
@@ -365,7 +347,10 @@ impl CentralClient {
         s.failures += 1;
         if s.failures >= self.settings.breaker_threshold {
             if s.open_until.is_none_or(|t| t <= Instant::now()) {
-                self.counters.breaker_opened.fetch_add(1, Ordering::Relaxed);
+                crate::metrics::metrics()
+                    .breaker_opened
+                    .with_label_values(&[] as &[&str])
+                    .inc();
                 tracing::warn!(
                     failures = s.failures,
                     pause_s = self.settings.breaker_cooldown.as_secs(),

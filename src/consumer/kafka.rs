@@ -363,4 +363,28 @@ impl GroupProgress {
             .cloned()
             .collect())
     }
+
+    /// Per change topic, records between the group's committed offsets and the ends
+    /// (blocking).
+    pub fn lag(&self) -> Result<Vec<(String, i64)>, String> {
+        let ends = self.ends()?;
+        let mut tpl = rdkafka::TopicPartitionList::new();
+        for e in &ends {
+            tpl.add_partition(&e.topic, e.partition);
+        }
+        let committed = self
+            .consumer
+            .committed_offsets(tpl, PROGRESS_TIMEOUT)
+            .map_err(|e| format!("committed offsets of group: {e}"))?;
+        let mut out: std::collections::BTreeMap<String, i64> = Default::default();
+        for e in &ends {
+            let at = committed
+                .find_partition(&e.topic, e.partition)
+                .and_then(|p| p.offset().to_raw())
+                .filter(|o| *o >= 0)
+                .unwrap_or(0);
+            *out.entry(e.topic.clone()).or_default() += (e.high - at).max(0);
+        }
+        Ok(out.into_iter().collect())
+    }
 }

@@ -22,7 +22,6 @@ pub mod settings;
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
@@ -108,36 +107,12 @@ pub enum DeadLetters {
     StateDb,
 }
 
-/// Counts of outcomes since start, for logs and metrics.
-#[derive(Debug, Default)]
-pub struct StageCounters {
-    /// Changes of unmapped tables.
-    pub skipped: AtomicU64,
-    /// Changes applied at central.
-    pub applied: AtomicU64,
-    /// Changes central had applied before.
-    pub duplicate: AtomicU64,
-    /// Changes central holds a newer version of.
-    pub stale: AtomicU64,
-    /// Changes central rejected (answer `rejected`, or 400/422 alone).
-    pub rejected: AtomicU64,
-    /// Changes that broke a business rule before sending.
-    pub invalid: AtomicU64,
-    /// Stale answers naming a newer version of our own (a replay): not conflicts.
-    pub superseded: AtomicU64,
-    /// Truncates recorded.
-    pub truncates: AtomicU64,
-    /// Changes sent to the dead-letter queue.
-    pub dead_lettered: AtomicU64,
-}
-
 /// Maps, validates and delivers changes; shared by every warehouse's consumer.
 pub struct Stage {
     settings: ConsumerSettings,
     client: Option<Arc<CentralClient>>,
     state: StateDb,
     dead_letters: DeadLetters,
-    counters: StageCounters,
     cancel: CancellationToken,
     /// Per warehouse, the highest version sent (mirrors `consumer_progress`).
     sent: tokio::sync::Mutex<HashMap<String, Option<String>>>,
@@ -175,15 +150,9 @@ impl Stage {
             client,
             state,
             dead_letters,
-            counters: StageCounters::default(),
             cancel,
             sent: tokio::sync::Mutex::new(HashMap::new()),
         }
-    }
-
-    /// The outcome counters.
-    pub fn counters(&self) -> &StageCounters {
-        &self.counters
     }
 
     /// The settings.
@@ -217,7 +186,10 @@ impl Stage {
         for (i, item) in items.iter().enumerate() {
             let table = item.table();
             let Some(m) = self.settings.mappings.get(table.as_ref()) else {
-                self.counters.skipped.fetch_add(1, Ordering::Relaxed);
+                crate::metrics::metrics()
+                    .changes_delivered
+                    .with_label_values(&[warehouse_id, "skipped"])
+                    .inc();
                 continue;
             };
             let rules = &self.settings.rules;
@@ -247,7 +219,6 @@ impl Stage {
                 }
                 Ok(Mapped::Truncate) => {
                     let Some(view) = item.view(m) else { continue };
-                    self.counters.truncates.fetch_add(1, Ordering::Relaxed);
                     let conflict = NewConflict {
                         warehouse_id: warehouse_id.to_string(),
                         table_name: table.to_string(),
@@ -267,8 +238,7 @@ impl Stage {
                             "central still holds the table's entities: run a forced resync (POST /sync/warehouses/{warehouse_id}) to reconcile"
                         ),
                     };
-                    self.persist(|| self.state.record_conflict(&conflict))
-                        .await?;
+                    self.conflict(&conflict).await?;
                 }
                 Err(v) => {
                     let Some(view) = item.view(m) else { continue };
@@ -386,6 +356,18 @@ impl Stage {
             let n = (end - start) as i64;
             self.persist(|| self.state.add_delivered(warehouse_id, n))
                 .await?;
+            if let Some(last) = changes.last()
+                && let Some(micros) = crate::source::values::parse_rfc3339_utc_micros(
+                    &last.change.source.committed_at,
+                )
+            {
+                let g = crate::metrics::metrics()
+                    .delivered_commit_time
+                    .with_label_values(&[warehouse_id]);
+                if micros / 1_000_000 > g.get() {
+                    g.set(micros / 1_000_000);
+                }
+            }
             start = end;
         }
         Ok(())
@@ -441,10 +423,16 @@ impl Stage {
         let reason = result.reason.clone().unwrap_or_default();
         match result.status {
             ResultStatus::Applied => {
-                self.counters.applied.fetch_add(1, Ordering::Relaxed);
+                crate::metrics::metrics()
+                    .changes_delivered
+                    .with_label_values(&[warehouse_id, "applied"])
+                    .inc();
             }
             ResultStatus::Duplicate => {
-                self.counters.duplicate.fetch_add(1, Ordering::Relaxed);
+                crate::metrics::metrics()
+                    .changes_delivered
+                    .with_label_values(&[warehouse_id, "duplicate"])
+                    .inc();
             }
             ResultStatus::Stale
                 if result
@@ -453,10 +441,16 @@ impl Stage {
                     .is_some_and(|v| v <= sent_high) =>
             {
                 // Central holds a newer version we sent before (a replay after a restart).
-                self.counters.superseded.fetch_add(1, Ordering::Relaxed);
+                crate::metrics::metrics()
+                    .changes_delivered
+                    .with_label_values(&[warehouse_id, "superseded"])
+                    .inc();
             }
             ResultStatus::Stale => {
-                self.counters.stale.fetch_add(1, Ordering::Relaxed);
+                crate::metrics::metrics()
+                    .changes_delivered
+                    .with_label_values(&[warehouse_id, "stale"])
+                    .inc();
                 let central = result
                     .current_version
                     .clone()
@@ -488,11 +482,13 @@ impl Stage {
                         change.version
                     ),
                 };
-                self.persist(|| self.state.record_conflict(&conflict))
-                    .await?;
+                self.conflict(&conflict).await?;
             }
             ResultStatus::Rejected => {
-                self.counters.rejected.fetch_add(1, Ordering::Relaxed);
+                crate::metrics::metrics()
+                    .changes_delivered
+                    .with_label_values(&[warehouse_id, "rejected"])
+                    .inc();
                 let violation = Violation {
                     rule: "central_rejected",
                     field: None,
@@ -532,8 +528,7 @@ impl Stage {
                         self.dead_letter_place()
                     ),
                 };
-                self.persist(|| self.state.record_conflict(&conflict))
-                    .await?;
+                self.conflict(&conflict).await?;
             }
         }
         Ok(())
@@ -549,7 +544,10 @@ impl Stage {
         value: Option<Value>,
         v: Violation,
     ) -> Result<(), Cancelled> {
-        self.counters.invalid.fetch_add(1, Ordering::Relaxed);
+        crate::metrics::metrics()
+            .changes_delivered
+            .with_label_values(&[warehouse_id, "invalid"])
+            .inc();
         let (entity, key, version) = match mapped {
             Some((e, k, ver)) => (Some(e.to_string()), k, ver),
             None => (
@@ -585,7 +583,7 @@ impl Stage {
                 self.dead_letter_place()
             ),
         };
-        self.persist(|| self.state.record_conflict(&conflict)).await
+        self.conflict(&conflict).await
     }
 
     fn dead_letter_place(&self) -> String {
@@ -603,7 +601,10 @@ impl Stage {
         version: &str,
         v: &Violation,
     ) -> Result<(), Cancelled> {
-        self.counters.dead_lettered.fetch_add(1, Ordering::Relaxed);
+        crate::metrics::metrics()
+            .dead_letters
+            .with_label_values(&[warehouse_id, v.rule])
+            .inc();
         let value = item.value();
         match &self.dead_letters {
             DeadLetters::Kafka { bus, topic } => {
@@ -641,6 +642,15 @@ impl Stage {
                 self.persist(|| self.state.record_dead_letter(&d)).await
             }
         }
+    }
+
+    /// Records a conflict (counted in the metrics) until it is stored.
+    async fn conflict(&self, c: &NewConflict) -> Result<(), Cancelled> {
+        crate::metrics::metrics()
+            .conflicts
+            .with_label_values(&[c.warehouse_id.as_str(), c.kind])
+            .inc();
+        self.persist(|| self.state.record_conflict(c)).await
     }
 
     /// Runs a state DB write until it succeeds (or cancel): an outcome must be recorded

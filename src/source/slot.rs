@@ -167,6 +167,9 @@ pub struct SlotHealth {
     /// `safe_wal_size`: bytes that can still be written before the slot is in danger
     /// (none when `max_slot_wal_keep_size` is unlimited).
     pub safe_wal_size: Option<i64>,
+    /// WAL between the current position and the slot's `confirmed_flush_lsn`: what is not
+    /// yet confirmed as delivered.
+    pub lag_bytes: i64,
 }
 
 /// Reads the slot's health; `None` when the slot does not exist.
@@ -178,7 +181,8 @@ pub async fn slot_health(
         .query_opt(
             "SELECT coalesce(wal_status, 'unknown'), \
                     coalesce(pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn), 0)::bigint, \
-                    safe_wal_size \
+                    safe_wal_size, \
+                    coalesce(pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn), 0)::bigint \
              FROM pg_replication_slots WHERE slot_name = $1",
             &[&slot],
         )
@@ -187,6 +191,7 @@ pub async fn slot_health(
         wal_status: r.get(0),
         retained_wal_bytes: r.get(1),
         safe_wal_size: r.get(2),
+        lag_bytes: r.get(3),
     }))
 }
 

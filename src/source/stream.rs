@@ -85,7 +85,7 @@ impl SourceOptions {
             slot_busy_wait: Duration::from_secs(10),
             max_reconnects: None,
             heartbeat_interval: None,
-            health_interval: Duration::from_secs(30),
+            health_interval: Duration::from_secs(10),
             health: None,
             initial_load_pending: false,
         }

@@ -371,4 +371,13 @@ impl StateDb {
         .await?;
         Ok(())
     }
+
+    /// Jobs by kind and status: `(kind, status, count)`.
+    pub async fn job_counts(&self) -> Result<Vec<(String, String, i64)>, StoreError> {
+        Ok(
+            sqlx::query_as("SELECT kind, status, count(*) FROM sync_jobs GROUP BY kind, status")
+                .fetch_all(self.pool())
+                .await?,
+        )
+    }
 }

@@ -473,7 +473,11 @@ async fn a_sync_cycle_through_kafka_waits_for_the_consumer_group() {
     workload(&db.client, 5, 40).await;
     let want = expected_state(&db).await;
     let id = api.trigger("").await;
-    assert_ne!(central.state("wh-kcycle").await, want, "central is still behind");
+    assert_ne!(
+        central.state("wh-kcycle").await,
+        want,
+        "central is still behind"
+    );
     let job = api.finished(&id, &log).await;
     assert_eq!(job["status"], "succeeded", "{job}\n{}", log_tail(&log));
     assert_eq!(
@@ -481,5 +485,158 @@ async fn a_sync_cycle_through_kafka_waits_for_the_consumer_group() {
         want,
         "central lags behind a succeeded cycle"
     );
-    assert!(job["warehouses"][0]["changesDelivered"].as_i64().unwrap() > 0, "{job}");
+    assert!(
+        job["warehouses"][0]["changesDelivered"].as_i64().unwrap() > 0,
+        "{job}"
+    );
+}
+
+type Samples = Vec<(String, std::collections::BTreeMap<String, String>, f64)>;
+
+/// `/metrics` parsed as Prometheus text: (name, labels, value) of every sample.
+async fn scrape(api: &Api) -> Samples {
+    let r = api
+        .http
+        .get(format!("{}/metrics", api.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    assert!(
+        r.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/plain; version=0.0.4")
+    );
+    let text = r.text().await.unwrap();
+    let lines = text.lines().map(|l| Ok(l.to_string()));
+    let scrape = prometheus_parse::Scrape::parse(lines).expect("Prometheus text");
+    scrape
+        .samples
+        .into_iter()
+        .map(|s| {
+            let value = match s.value {
+                prometheus_parse::Value::Counter(v)
+                | prometheus_parse::Value::Gauge(v)
+                | prometheus_parse::Value::Untyped(v) => v,
+                prometheus_parse::Value::Histogram(h) => h.last().map_or(0.0, |b| b.count),
+                prometheus_parse::Value::Summary(_) => 0.0,
+            };
+            let labels = s
+                .labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            (s.metric, labels, value)
+        })
+        .collect()
+}
+
+/// The sum of `name`'s samples carrying `labels`.
+fn sample(samples: &Samples, name: &str, labels: &[(&str, &str)]) -> f64 {
+    samples
+        .iter()
+        .filter(|(n, l, _)| {
+            n == name
+                && labels
+                    .iter()
+                    .all(|(k, v)| l.get(*k).map(String::as_str) == Some(*v))
+        })
+        .map(|s| s.2)
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_parse_as_prometheus_text_and_move_when_changes_flow() {
+    let db = demo_warehouse("apimetrics").await;
+    let state = pg().new_db("apimetricsstate").await;
+    let central = Central::start(Faults::default()).await;
+    let (_dir, log, _run, api, _) = start_with_api(&db, &state, &central, "wh-metrics", None);
+    wait_streaming(&state, "wh-metrics", &log).await;
+    let before = scrape(&api).await;
+    let w = [("warehouse", "wh-metrics")];
+    let applied = [("warehouse", "wh-metrics"), ("outcome", "applied")];
+    workload(&db.client, 3, 30).await;
+    db.exec(
+        "INSERT INTO locations VALUES ('Z-99', 'z');
+         INSERT INTO products (sku, name) VALUES ('SKU-M', 'm');
+         INSERT INTO stock_levels (sku, location_code, qty_on_hand) VALUES ('SKU-M', 'Z-99', -1);",
+    )
+    .await;
+    let mut after = scrape(&api).await;
+    for _ in 0..200 {
+        if sample(&after, "inventorysync_conflicts_total", &w) >= 1.0
+            && sample(
+                &after,
+                "inventorysync_consumer_lag_events",
+                &[("source", "wh-metrics")],
+            ) == 0.0
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        after = scrape(&api).await;
+    }
+    for name in [
+        "inventorysync_events_decoded_total",
+        "inventorysync_events_published_total",
+    ] {
+        assert!(
+            sample(&after, name, &w) > sample(&before, name, &w),
+            "{name} did not move"
+        );
+    }
+    assert!(
+        sample(&after, "inventorysync_changes_delivered_total", &applied)
+            > sample(&before, "inventorysync_changes_delivered_total", &applied)
+    );
+    assert!(
+        sample(
+            &after,
+            "inventorysync_central_request_duration_seconds_count",
+            &w
+        ) > 0.0
+    );
+    let ok = [("warehouse", "wh-metrics"), ("status", "200")];
+    assert!(sample(&after, "inventorysync_central_responses_total", &ok) > 0.0);
+    let invalid = [("warehouse", "wh-metrics"), ("kind", "invalid")];
+    assert_eq!(
+        sample(&after, "inventorysync_conflicts_total", &invalid),
+        1.0
+    );
+    let rule = [
+        ("warehouse", "wh-metrics"),
+        ("rule", "quantity_non_negative"),
+    ];
+    assert_eq!(
+        sample(&after, "inventorysync_dead_letters_total", &rule),
+        1.0
+    );
+    assert!(sample(&after, "inventorysync_batch_changes_count", &w) > 0.0);
+    assert!(sample(&after, "inventorysync_produce_duration_seconds_count", &w) > 0.0);
+    assert!(
+        sample(
+            &after,
+            "inventorysync_delivered_commit_timestamp_seconds",
+            &w
+        ) > 1.7e9,
+        "a commit time"
+    );
+    // Gauges read at scrape time: the slot's health (read by the stream at start and every
+    // 10 s), the consumer's lag and the jobs.
+    let reserved = [("warehouse", "wh-metrics"), ("status", "reserved")];
+    assert_eq!(
+        sample(&after, "inventorysync_slot_wal_status", &reserved),
+        1.0
+    );
+    assert!(sample(&after, "inventorysync_retained_wal_bytes", &w) > 0.0);
+    let lag = [("source", "wh-metrics")];
+    assert_eq!(
+        sample(&after, "inventorysync_consumer_lag_events", &lag),
+        0.0
+    );
+    api.finished(&api.trigger("").await, &log).await;
+    let jobs = scrape(&api).await;
+    let succeeded = [("kind", "cycle"), ("status", "succeeded")];
+    assert_eq!(sample(&jobs, "inventorysync_jobs", &succeeded), 1.0);
 }

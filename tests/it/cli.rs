@@ -7,6 +7,8 @@ use crate::harness::{pg, pg_replica_level};
 
 fn bin() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_inventorysync"));
+    // Each process its own API port (the default 8080 would collide between tests).
+    c.env("API_LISTEN", "127.0.0.1:0");
     c.env("INVENTORYSYNC_LOG", "info");
     c
 }

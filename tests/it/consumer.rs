@@ -278,6 +278,8 @@ pub fn config(dir: &Path, db: &TestDb, id: &str, extra: &str) -> PathBuf {
 /// `kafka` names a topic.
 pub fn run_command(cfg: &Path, state: &TestDb, central: &Central, kafka: Option<&str>) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_inventorysync"));
+    // Each process its own API port (the default 8080 would collide between tests).
+    c.env("API_LISTEN", "127.0.0.1:0");
     c.arg("--config")
         .arg(cfg)
         .arg("run")

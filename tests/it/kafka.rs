@@ -44,6 +44,8 @@ fn write_config(dir: &std::path::Path, db: &TestDb, id: &str) -> std::path::Path
 
 fn service(cfg: &std::path::Path, state: &TestDb, topic: &str, brokers: &str) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_inventorysync"));
+    // Each process its own API port (the default 8080 would collide between tests).
+    c.env("API_LISTEN", "127.0.0.1:0");
     c.arg("--config")
         .arg(cfg)
         .arg("run")

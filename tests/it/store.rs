@@ -92,6 +92,8 @@ async fn one_process_owns_a_warehouse_and_a_standby_takes_over_when_it_goes() {
 
 fn migrate(db_url: Option<&str>) -> (i32, String, String) {
     let mut c = Command::new(env!("CARGO_BIN_EXE_inventorysync"));
+    // Each process its own API port (the default 8080 would collide between tests).
+    c.env("API_LISTEN", "127.0.0.1:0");
     c.args(["--config", "/nonexistent/inventorysync.toml", "migrate"]);
     match db_url {
         Some(u) => c.env("DB_URL", u),

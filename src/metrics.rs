@@ -1,0 +1,222 @@
+//! Every Prometheus metric of the engine, declared in one place (`inventorysync_*`), so the
+//! names an operator alerts on are listed, documented and never duplicated.
+//!
+//! Counters and histograms are updated where things happen; gauges that describe state
+//! (lag, retained WAL, jobs by status) are read from their sources when `/metrics` is
+//! scraped, so they are never stale.
+
+use std::sync::LazyLock;
+
+use prometheus::{
+    HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+/// The engine's metrics and the registry that holds them.
+pub struct Metrics {
+    /// The registry `/metrics` renders.
+    pub registry: Registry,
+    /// Row changes decoded from each warehouse's slot.
+    pub events_decoded: IntCounterVec,
+    /// Row changes acknowledged by the bus.
+    pub events_published: IntCounterVec,
+    /// Changes with an outcome, by warehouse and outcome (`applied`, `duplicate`,
+    /// `superseded`, `stale`, `rejected`, `invalid`, `skipped`).
+    pub changes_delivered: IntCounterVec,
+    /// Conflicts recorded, by warehouse and kind.
+    pub conflicts: IntCounterVec,
+    /// Changes dead-lettered, by warehouse and rule.
+    pub dead_letters: IntCounterVec,
+    /// Requests to central by answer (`200`, `429`, `503`, …, `timeout`, `connect`).
+    pub central_responses: IntCounterVec,
+    /// Requests to central that will be retried.
+    pub central_retries: IntCounterVec,
+    /// Central request durations.
+    pub central_request_seconds: HistogramVec,
+    /// Changes per central request.
+    pub batch_changes: HistogramVec,
+    /// Bus acknowledgement latency per transaction, from its commit being queued to every
+    /// event acknowledged (Kafka: the broker's acks; embedded: the consumer stage's outcomes).
+    pub produce_seconds: HistogramVec,
+    /// Times the circuit breaker opened.
+    pub breaker_opened: IntCounterVec,
+    /// Commit time (Unix seconds) of the newest change with an outcome, per warehouse.
+    pub delivered_commit_time: IntGaugeVec,
+    /// Bytes of WAL between the warehouse's current position and the slot's confirmed flush.
+    pub replication_lag_bytes: IntGaugeVec,
+    /// Seconds between now and the commit time of the newest change with an outcome (0 when
+    /// nothing is pending).
+    pub replication_lag_seconds: IntGaugeVec,
+    /// WAL the slot keeps.
+    pub retained_wal_bytes: IntGaugeVec,
+    /// 1 for the slot's current `wal_status`.
+    pub wal_status: IntGaugeVec,
+    /// Events waiting for the consumer stage (embedded queue length, or Kafka records
+    /// between the group's committed offsets and the topics' ends).
+    pub consumer_lag: IntGaugeVec,
+    /// Sync jobs by kind and status.
+    pub jobs: IntGaugeVec,
+}
+
+fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+    r.register(Box::new(c.clone())).expect("registered once");
+    c
+}
+
+fn gauge(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
+    r.register(Box::new(g.clone())).expect("registered once");
+    g
+}
+
+fn histogram(
+    r: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+    buckets: Vec<f64>,
+) -> HistogramVec {
+    let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), labels)
+        .expect("valid metric");
+    r.register(Box::new(h.clone())).expect("registered once");
+    h
+}
+
+const SECONDS: [f64; 12] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
+];
+
+impl Metrics {
+    fn new() -> Self {
+        let r = Registry::new();
+        Self {
+            events_decoded: counter(
+                &r,
+                "inventorysync_events_decoded_total",
+                "Row changes decoded from the warehouse's replication slot.",
+                &["warehouse"],
+            ),
+            events_published: counter(
+                &r,
+                "inventorysync_events_published_total",
+                "Row changes acknowledged by the bus.",
+                &["warehouse"],
+            ),
+            changes_delivered: counter(
+                &r,
+                "inventorysync_changes_delivered_total",
+                "Changes with an outcome, by outcome.",
+                &["warehouse", "outcome"],
+            ),
+            conflicts: counter(
+                &r,
+                "inventorysync_conflicts_total",
+                "Conflicts recorded in sync_conflicts, by kind.",
+                &["warehouse", "kind"],
+            ),
+            dead_letters: counter(
+                &r,
+                "inventorysync_dead_letters_total",
+                "Changes sent to the dead-letter queue, by rule.",
+                &["warehouse", "rule"],
+            ),
+            central_responses: counter(
+                &r,
+                "inventorysync_central_responses_total",
+                "Requests to the central API by answer (HTTP status, timeout or connect).",
+                &["warehouse", "status"],
+            ),
+            central_retries: counter(
+                &r,
+                "inventorysync_central_retries_total",
+                "Requests to the central API that will be retried.",
+                &["warehouse"],
+            ),
+            central_request_seconds: histogram(
+                &r,
+                "inventorysync_central_request_duration_seconds",
+                "Duration of requests to the central API.",
+                &["warehouse"],
+                SECONDS.to_vec(),
+            ),
+            batch_changes: histogram(
+                &r,
+                "inventorysync_batch_changes",
+                "Changes per request to the central API.",
+                &["warehouse"],
+                vec![1.0, 5.0, 10.0, 50.0, 100.0, 250.0, 500.0, 1000.0],
+            ),
+            produce_seconds: histogram(
+                &r,
+                "inventorysync_produce_duration_seconds",
+                "Per transaction, from its commit being queued on the bus to every event acknowledged (Kafka: broker acks; embedded: consumer outcomes).",
+                &["warehouse", "bus"],
+                SECONDS.to_vec(),
+            ),
+            breaker_opened: counter(
+                &r,
+                "inventorysync_central_breaker_opened_total",
+                "Times the circuit breaker opened (consumption paused).",
+                &[],
+            ),
+            delivered_commit_time: gauge(
+                &r,
+                "inventorysync_delivered_commit_timestamp_seconds",
+                "Commit time of the newest change with an outcome.",
+                &["warehouse"],
+            ),
+            replication_lag_bytes: gauge(
+                &r,
+                "inventorysync_replication_lag_bytes",
+                "WAL between the warehouse's current position and the slot's confirmed flush.",
+                &["warehouse"],
+            ),
+            replication_lag_seconds: gauge(
+                &r,
+                "inventorysync_replication_lag_seconds",
+                "Age of the newest change with an outcome while WAL is pending (0 when caught up).",
+                &["warehouse"],
+            ),
+            retained_wal_bytes: gauge(
+                &r,
+                "inventorysync_retained_wal_bytes",
+                "WAL the replication slot keeps from being removed.",
+                &["warehouse"],
+            ),
+            wal_status: gauge(
+                &r,
+                "inventorysync_slot_wal_status",
+                "1 for the replication slot's current wal_status.",
+                &["warehouse", "status"],
+            ),
+            consumer_lag: gauge(
+                &r,
+                "inventorysync_consumer_lag_events",
+                "Events waiting for the consumer stage.",
+                &["source"],
+            ),
+            jobs: gauge(
+                &r,
+                "inventorysync_jobs",
+                "Sync jobs by kind and status.",
+                &["kind", "status"],
+            ),
+            registry: r,
+        }
+    }
+
+    /// Prometheus text of every metric.
+    pub fn render(&self) -> String {
+        TextEncoder::new()
+            .encode_to_string(&self.registry.gather())
+            .unwrap_or_else(|e| format!("# encoding failed: {e}\n"))
+    }
+}
+
+/// The process's metrics.
+pub static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
+
+/// The process's metrics (shorthand for instrumentation).
+pub fn metrics() -> &'static Metrics {
+    &METRICS
+}
