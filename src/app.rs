@@ -83,15 +83,22 @@ pub struct WarehouseStatus {
     pub slot_health: Arc<watch::Sender<Option<SlotHealth>>>,
     /// The pipeline's state.
     pub state: watch::Sender<StreamState>,
+    /// Forced-resync chunk requests for this warehouse's stream.
+    pub chunks: mpsc::Sender<crate::source::resync::ChunkRequest>,
+    /// The stream's end of `chunks` (each stream session holds it while it runs).
+    pub chunk_inbox: crate::source::resync::ChunkInbox,
 }
 
 impl WarehouseStatus {
     /// A status for warehouse `id`, starting.
     pub fn new(id: &str) -> Arc<Self> {
+        let (chunks, inbox) = mpsc::channel(1);
         Arc::new(Self {
             id: id.to_string(),
             slot_health: Arc::new(watch::Sender::new(None)),
             state: watch::Sender::new(StreamState::Starting),
+            chunks,
+            chunk_inbox: Arc::new(tokio::sync::Mutex::new(inbox)),
         })
     }
 
@@ -216,6 +223,7 @@ async fn run_pipeline<B: Bus>(
     opts.streaming = w.streaming == Streaming::On;
     opts.heartbeat_interval = w.heartbeat_interval;
     opts.health = Some(status.slot_health.clone());
+    opts.chunks = Some(status.chunk_inbox.clone());
     let source_cancel = child.clone();
     let mut source =
         tokio::spawn(async move { stream::run(&opts, items_tx, durable_rx, source_cancel).await });

@@ -208,3 +208,169 @@ async fn capture(w: &WarehouseConfig) -> Result<Lsn, String> {
     .map_err(|e| format!("cannot write to warehouse {}: {e}", w.id))?;
     Ok(lsn)
 }
+
+/// A resync fails unless done within this long.
+pub const RESYNC_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+
+/// Rows per resync chunk.
+pub const CHUNK_ROWS: usize = 1000;
+/// How long a chunk may stay unanswered (the stream restarted meanwhile) before it is asked
+/// for again.
+const CHUNK_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Works on forced resyncs (`POST /sync/warehouses/{id}`) of the warehouses this process
+/// streams, until `cancel`: each mapped table is read in primary-key chunks by the stream
+/// (see [`crate::source::resync`]), and each chunk's position is saved once it is durable,
+/// so a restarted resync continues where it stopped.
+pub async fn run_resyncs(
+    state: StateDb,
+    warehouses: Vec<Warehouse>,
+    tables: Vec<String>,
+    cancel: CancellationToken,
+) {
+    let warehouses: HashMap<String, Warehouse> = warehouses
+        .into_iter()
+        .map(|w| (w.config.id.clone(), w))
+        .collect();
+    loop {
+        match state.active_warehouses("resync").await {
+            Ok(active) => {
+                for w in &active {
+                    let Some(wh) = warehouses.get(&w.warehouse_id) else {
+                        continue;
+                    };
+                    // Only the process that streams the warehouse can read its chunks.
+                    if *wh.status.state.borrow() != StreamState::Streaming {
+                        continue;
+                    }
+                    match resync(&state, wh, w, &tables, &cancel).await {
+                        Ok(()) => {}
+                        Err(Stop::Cancelled) => return,
+                        Err(Stop::Failed(reason)) => {
+                            tracing::warn!(job = %w.job_id, warehouse = %w.warehouse_id, reason = %reason, "resync failed");
+                            let failed = async {
+                                state
+                                    .update_job_warehouse(w, None, false, Some(&reason))
+                                    .await?;
+                                state.settle_jobs(Some((&w.job_id, &reason))).await
+                            };
+                            if let Err(e) = failed.await {
+                                tracing::warn!(error = %e, "cannot record the resync's failure");
+                            }
+                        }
+                        Err(Stop::Store(e)) => {
+                            tracing::warn!(error = %e, "resync: state DB unavailable; retrying")
+                        }
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "resync: cannot read jobs; retrying"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(TICK * 2) => {}
+            _ = cancel.cancelled() => return,
+        }
+    }
+}
+
+/// Why a resync stopped before it was done.
+enum Stop {
+    Cancelled,
+    Failed(String),
+    Store(StoreError),
+}
+
+impl From<StoreError> for Stop {
+    fn from(e: StoreError) -> Self {
+        Stop::Store(e)
+    }
+}
+
+/// Runs one warehouse's resync to its end.
+async fn resync(
+    state: &StateDb,
+    wh: &Warehouse,
+    w: &ActiveWarehouse,
+    tables: &[String],
+    cancel: &CancellationToken,
+) -> Result<(), Stop> {
+    if tables.is_empty() {
+        return Err(Stop::Failed(
+            "no table is mapped ([[mappings]]): there is nothing to resync".into(),
+        ));
+    }
+    let mut last_end: Option<Lsn> = None;
+    for table in tables {
+        let mut progress = state
+            .resync_progress(&w.job_id, &w.warehouse_id, table)
+            .await?;
+        while !progress.done {
+            if w.overdue {
+                return Err(Stop::Failed(format!(
+                    "timed out while resyncing {table} after {} chunk(s)",
+                    progress.chunks
+                )));
+            }
+            let (reply, answer) = tokio::sync::oneshot::channel();
+            let req = crate::source::resync::ChunkRequest {
+                id: format!("{}:{}:{}", w.job_id, table, progress.chunks),
+                table: table.clone(),
+                after: progress.last_key.clone(),
+                limit: CHUNK_ROWS,
+                reply,
+            };
+            if wh.status.chunks.send(req).await.is_err() {
+                return Err(Stop::Cancelled);
+            }
+            let done = tokio::select! {
+                r = tokio::time::timeout(CHUNK_TIMEOUT, answer) => match r {
+                    Ok(Ok(Ok(done))) => done,
+                    Ok(Ok(Err(reason))) => return Err(Stop::Failed(reason)),
+                    // The stream restarted (or stalled): ask again from the saved position.
+                    Ok(Err(_)) | Err(_) => {
+                        tracing::info!(job = %w.job_id, %table, "resync chunk unanswered; asking again");
+                        continue;
+                    }
+                },
+                _ = cancel.cancelled() => return Err(Stop::Cancelled),
+            };
+            // Saved only once durable: a restart before that reads the chunk again.
+            loop {
+                let at = state
+                    .checkpoint(&w.warehouse_id)
+                    .await?
+                    .map(|c| c.flush_lsn);
+                if at.is_some_and(|a| a >= done.end_lsn) {
+                    break;
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+                    _ = cancel.cancelled() => return Err(Stop::Cancelled),
+                }
+            }
+            state
+                .save_resync_chunk(
+                    &w.job_id,
+                    &w.warehouse_id,
+                    table,
+                    done.last_key.as_deref(),
+                    done.read,
+                    done.emitted,
+                    done.exhausted,
+                )
+                .await?;
+            tracing::debug!(job = %w.job_id, %table, read = done.read, emitted = done.emitted, "resync chunk delivered");
+            state
+                .update_job_warehouse(w, Some(done.end_lsn), false, None)
+                .await?;
+            last_end = Some(done.end_lsn);
+            progress = state
+                .resync_progress(&w.job_id, &w.warehouse_id, table)
+                .await?;
+        }
+    }
+    tracing::info!(job = %w.job_id, warehouse = %w.warehouse_id, "resync done");
+    state.update_job_warehouse(w, last_end, true, None).await?;
+    state.settle_jobs(None).await?;
+    Ok(())
+}

@@ -277,10 +277,26 @@ async fn run_service(config_path: &Path) -> ExitCode {
         None => inventorysync::jobs::Delivery::Embedded,
         Some(p) => inventorysync::jobs::Delivery::Kafka(p.clone()),
     };
+    let resync_warehouses: Vec<inventorysync::jobs::Warehouse> = warehouses
+        .iter()
+        .zip(&statuses)
+        .map(|(w, s)| inventorysync::jobs::Warehouse {
+            config: w.clone(),
+            status: s.clone(),
+        })
+        .collect();
+    let mut mapped_tables: Vec<String> = config.consumer.mappings.keys().cloned().collect();
+    mapped_tables.sort();
     let jobs = tokio::spawn(inventorysync::jobs::run(
         state.clone(),
         job_warehouses,
         delivery,
+        cancel.clone(),
+    ));
+    let resyncs = tokio::spawn(inventorysync::jobs::run_resyncs(
+        state.clone(),
+        resync_warehouses,
+        mapped_tables,
         cancel.clone(),
     ));
     let listener = match tokio::net::TcpListener::bind(config.api_listen).await {
@@ -360,6 +376,7 @@ async fn run_service(config_path: &Path) -> ExitCode {
     while consumers.join_next().await.is_some() {}
     let _ = api.await;
     let _ = jobs.await;
+    let _ = resyncs.await;
     ExitCode::SUCCESS
 }
 

@@ -62,15 +62,23 @@ pub struct ApiError {
     status: StatusCode,
     code: &'static str,
     message: String,
+    job_id: Option<String>,
 }
 
 impl ApiError {
+    /// Adds the id of the job this error is about (409 for a running resync).
+    fn with_job(mut self, job_id: String) -> Self {
+        self.job_id = Some(job_id);
+        self
+    }
+
     /// An error with `status`, machine-readable `code` and a human `message`.
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
         Self {
             status,
             code,
             message: message.into(),
+            job_id: None,
         }
     }
 
@@ -86,11 +94,11 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let mut r = (
-            self.status,
-            Json(json!({"error": self.code, "message": self.message})),
-        )
-            .into_response();
+        let mut body = json!({"error": self.code, "message": self.message});
+        if let Some(id) = self.job_id {
+            body["jobId"] = id.into();
+        }
+        let mut r = (self.status, Json(body)).into_response();
         if self.status == StatusCode::UNAUTHORIZED {
             r.headers_mut()
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
@@ -104,6 +112,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
     let sync = Router::new()
         .route("/sync/trigger", post(trigger))
         .route("/sync/status/{job_id}", get(job_status))
+        .route("/sync/warehouses/{warehouse_id}", post(resync))
         .route("/sync/jobs", get(list_jobs))
         .route("/sync/conflicts", get(list_conflicts))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_key));
@@ -537,4 +546,49 @@ async fn metrics(State(state): State<Arc<ApiState>>) -> Response {
         m.render(),
     )
         .into_response()
+}
+
+/// `POST /sync/warehouses/{warehouseId}`: queues a forced resync of the warehouse's mapped
+/// tables; 404 for an unknown warehouse, 409 (with its id) while one is queued or running.
+async fn resync(
+    State(state): State<Arc<ApiState>>,
+    axum::extract::Path(warehouse_id): axum::extract::Path<String>,
+) -> Result<Response, ApiError> {
+    if !state.warehouses.iter().any(|w| w.id == warehouse_id) {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no warehouse {warehouse_id:?} is configured"),
+        ));
+    }
+    if let Some(running) = state
+        .state
+        .active_job_for("resync", &warehouse_id)
+        .await
+        .map_err(ApiError::internal)?
+    {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "conflict",
+            format!("a resync of {warehouse_id} is already queued or running: {running}"),
+        )
+        .with_job(running));
+    }
+    let id = new_job_id();
+    state
+        .state
+        .create_job(
+            &id,
+            "resync",
+            std::slice::from_ref(&warehouse_id),
+            crate::jobs::RESYNC_TIMEOUT,
+        )
+        .await
+        .map_err(ApiError::internal)?;
+    tracing::info!(job = %id, warehouse = %warehouse_id, "resync queued");
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({"jobId": id, "status": "queued"})),
+    )
+        .into_response())
 }

@@ -388,6 +388,11 @@ impl CentralServer {
             .route("/api/warehouse/{id}/inventory", get(get_inventory))
             .route("/admin/faults", get(get_faults).put(put_faults))
             .route("/admin/stats", get(get_stats).delete(reset_stats))
+            .route(
+                "/admin/inventory/{id}",
+                axum::routing::delete(wipe_inventory),
+            )
+            .route("/admin/inventory/{id}/tamper", post(tamper_inventory))
             .route("/health", get(|| async { Json(json!({"status": "ok"})) }))
             .with_state(state)
     }
@@ -632,4 +637,70 @@ async fn reset_stats(State(state): State<Arc<ServerState>>) -> StatusCode {
         .samples
         .clear();
     StatusCode::NO_CONTENT
+}
+
+/// `DELETE /admin/inventory/{id}`: forgets everything of a warehouse (an operator's mistake
+/// or a restore from an old backup, for resync demos and tests).
+async fn wipe_inventory(State(state): State<Arc<ServerState>>, Path(id): Path<String>) -> Response {
+    match state.store.edit(&id, Edit::Wipe).await {
+        Ok(n) => Json(json!({"wiped": n})).into_response(),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()),
+    }
+}
+
+/// `POST /admin/inventory/{id}/tamper`: replaces the data of every live entity of a
+/// warehouse with `{"tampered": true}`, keeping versions (a manual edit at central).
+async fn tamper_inventory(
+    State(state): State<Arc<ServerState>>,
+    Path(id): Path<String>,
+) -> Response {
+    match state.store.edit(&id, Edit::Tamper).await {
+        Ok(n) => Json(json!({"tampered": n})).into_response(),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()),
+    }
+}
+
+/// An out-of-band edit of a warehouse's entities.
+#[derive(Debug, Clone, Copy)]
+enum Edit {
+    Wipe,
+    Tamper,
+}
+
+impl CentralStore {
+    /// Applies `edit` to every entity of `warehouse_id`; returns how many it touched.
+    async fn edit(&self, warehouse_id: &str, edit: Edit) -> Result<u64, sqlx::Error> {
+        match self {
+            CentralStore::Memory(m) => {
+                let mut all = m.lock().await;
+                let Some(items) = all.get_mut(warehouse_id) else {
+                    return Ok(0);
+                };
+                let n = items.len() as u64;
+                match edit {
+                    Edit::Wipe => items.clear(),
+                    Edit::Tamper => {
+                        for s in items.values_mut().filter(|s| s.data.is_some()) {
+                            s.data = Some(r#"{"tampered":true}"#.into());
+                        }
+                    }
+                }
+                Ok(n)
+            }
+            CentralStore::Postgres(pool) => {
+                let q = match edit {
+                    Edit::Wipe => "DELETE FROM central_inventory WHERE warehouse_id = $1",
+                    Edit::Tamper => {
+                        "UPDATE central_inventory SET data = '{\"tampered\": true}'
+                          WHERE warehouse_id = $1 AND data IS NOT NULL"
+                    }
+                };
+                Ok(sqlx::query(q)
+                    .bind(warehouse_id)
+                    .execute(pool)
+                    .await?
+                    .rows_affected())
+            }
+        }
+    }
 }

@@ -348,10 +348,32 @@ impl Stage {
                 })
                 .collect();
             let verdicts = client.deliver(warehouse_id, &changes, &self.cancel).await?;
+            // Snapshot rows (initial load, resync) central now holds: their open conflicts
+            // are resolved.
+            let mut landed = Vec::new();
             for (&i, verdict) in lane[start..end].iter().zip(verdicts) {
                 let p = &pending[i];
+                if p.change.source.snapshot
+                    && let Verdict::Result(r) = &verdict
+                    && matches!(r.status, ResultStatus::Applied | ResultStatus::Duplicate)
+                {
+                    landed.push((
+                        p.change.entity.as_str().to_string(),
+                        Value::Object(p.change.key.clone()),
+                    ));
+                }
                 self.settle(warehouse_id, &items[p.item], &p.change, verdict, sent_high)
                     .await?;
+            }
+            if !landed.is_empty() {
+                let resolved = self
+                    .retry("cannot resolve conflicts in the state DB", || {
+                        self.state.resolve_conflicts(warehouse_id, &landed)
+                    })
+                    .await?;
+                if resolved > 0 {
+                    tracing::info!(warehouse = %warehouse_id, resolved, "conflicts resolved: central now holds the warehouse's values");
+                }
             }
             let n = (end - start) as i64;
             self.persist(|| self.state.add_delivered(warehouse_id, n))

@@ -9,6 +9,7 @@ pub mod conn;
 mod error;
 pub mod pgoutput;
 pub mod relation;
+pub mod resync;
 pub mod slot;
 pub mod snapshot;
 pub mod stream;

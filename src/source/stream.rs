@@ -68,6 +68,8 @@ pub struct SourceOptions {
     /// Write a heartbeat into the warehouse's WAL this often (none: never; `tail` writes
     /// nothing to the database).
     pub heartbeat_interval: Option<Duration>,
+    /// Where forced-resync chunk requests come from (none: `tail`, which never resyncs).
+    pub chunks: Option<super::resync::ChunkInbox>,
 }
 
 impl SourceOptions {
@@ -88,6 +90,7 @@ impl SourceOptions {
             health_interval: Duration::from_secs(10),
             health: None,
             initial_load_pending: false,
+            chunks: None,
         }
     }
 }
@@ -249,6 +252,17 @@ async fn run_once(
             i.set_missed_tick_behavior(MissedTickBehavior::Delay);
             i
         }),
+        chunks: match &opts.chunks {
+            Some(inbox) => Some(inbox.clone().lock_owned().await),
+            None => None,
+        },
+        chunk: None,
+        current_tx: None,
+        publication: opts.publication.clone(),
+        identity: SourceIdentity {
+            warehouse_id: Arc::from(opts.warehouse_id.as_str()),
+            db: Arc::from(opts.conn.dbname.as_str()),
+        },
     };
     session.run(cancel).await
 }
@@ -363,6 +377,27 @@ struct Session {
     health_tick: Interval,
     slot: String,
     health: Option<Arc<watch::Sender<Option<slot::SlotHealth>>>>,
+    /// Resync chunk requests, held for this session's life.
+    chunks: Option<tokio::sync::OwnedMutexGuard<mpsc::Receiver<super::resync::ChunkRequest>>>,
+    /// The chunk between its watermarks, if any.
+    chunk: Option<super::resync::OpenChunk>,
+    /// The open transaction's commit LSN and xid (from its Begin).
+    current_tx: Option<(Lsn, u32)>,
+    publication: String,
+    identity: SourceIdentity,
+}
+
+/// The next chunk request, when there is an inbox; never completes otherwise.
+async fn next_chunk(
+    chunks: &mut Option<tokio::sync::OwnedMutexGuard<mpsc::Receiver<super::resync::ChunkRequest>>>,
+) -> super::resync::ChunkRequest {
+    match chunks {
+        Some(rx) => match rx.recv().await {
+            Some(req) => req,
+            None => std::future::pending().await,
+        },
+        None => std::future::pending().await,
+    }
 }
 
 /// Writes a heartbeat into the warehouse's WAL: a transactional logical message that makes
@@ -419,6 +454,10 @@ impl Session {
                 }
                 _ = tick_opt(&mut self.heartbeat) => {
                     heartbeat(&self.sql).await?;
+                    continue;
+                }
+                req = next_chunk(&mut self.chunks), if self.chunk.is_none() => {
+                    self.begin_chunk(req).await?;
                     continue;
                 }
                 f = self.reader.next() => f?,
@@ -553,28 +592,103 @@ impl Session {
                 self.assembler.relation(r, &pk);
                 return Ok(false);
             }
-            LogicalMessage::Begin(_) => self.in_transaction = true,
+            LogicalMessage::Begin(b) => {
+                self.in_transaction = true;
+                self.current_tx = Some((b.final_lsn, b.xid));
+            }
             LogicalMessage::Commit(c) => {
                 self.in_transaction = false;
                 self.last_commit_end = c.end_lsn;
             }
             LogicalMessage::StreamCommit(c) => self.last_commit_end = c.end_lsn,
+            LogicalMessage::Message(m) if m.prefix == super::resync::WATERMARK_PREFIX => {
+                self.watermark(m);
+            }
             _ => {}
         }
+        let committed = match &msg {
+            LogicalMessage::Commit(c) => Some(c.end_lsn),
+            _ => None,
+        };
+        let seen = self.pending.len();
         if let Next::Replay(mut tx) =
             self.assembler
                 .handle(msg, wal_start, &data, &mut self.pending)?
         {
+            self.chunk_saw(seen);
             let aborted = tx.aborted_set();
             while let Some((lsn, raw)) = tx.next_message()? {
+                let seen = self.pending.len();
                 self.replay_one(lsn, &raw, &aborted).await?;
+                self.chunk_saw(seen);
                 if self.pending.len() >= MAX_BATCH_ITEMS {
                     self.deliver().await?;
                 }
             }
             self.assembler.finish_replay(&mut self.pending)?;
+        } else {
+            self.chunk_saw(seen);
+        }
+        if let Some(end_lsn) = committed
+            && self.chunk.as_ref().is_some_and(|c| c.emitted())
+            && let Some(chunk) = self.chunk.take()
+        {
+            chunk.finish(end_lsn);
         }
         Ok(false)
+    }
+
+    /// A streamed change inside an open chunk's window removes its key from the chunk.
+    fn chunk_saw(&mut self, from: usize) {
+        let Some(chunk) = self.chunk.as_mut() else {
+            return;
+        };
+        for item in self.pending.iter().skip(from) {
+            if let StreamItem::Change(ev) = item {
+                chunk.saw(ev);
+            }
+        }
+    }
+
+    /// A resync watermark: the low one opens the chunk's window, the high one emits its rows
+    /// inside the watermark's transaction.
+    fn watermark(&mut self, m: &crate::source::pgoutput::Message) {
+        let Some((which, id)) = super::resync::parse_watermark(&m.content) else {
+            return;
+        };
+        let Some(chunk) = self.chunk.as_mut().filter(|c| c.is(id)) else {
+            // A watermark of a chunk this session does not hold (replayed after a restart).
+            return;
+        };
+        match which {
+            "low" => chunk.open_window(),
+            "high" if self.in_transaction && !self.decoder.in_stream_block() => {
+                let Some((commit_lsn, xid)) = self.current_tx else {
+                    return;
+                };
+                for ev in chunk.emit(m.lsn, commit_lsn, Some(xid)) {
+                    self.pending.push(StreamItem::Change(Box::new(ev)));
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Starts a resync chunk: watermarks and the read, on this session's SQL connection.
+    async fn begin_chunk(&mut self, req: super::resync::ChunkRequest) -> Result<(), SourceError> {
+        let tables = published_tables(&self.sql, &self.publication, &self.identity).await?;
+        let Some(table) = tables
+            .iter()
+            .find(|t| t.info.table.qualified_name() == req.table)
+        else {
+            let _ = req.reply.send(Err(format!(
+                "{} is not in publication {}",
+                req.table, self.publication
+            )));
+            return Ok(());
+        };
+        self.chunk = super::resync::start_chunk(&self.sql, table, req).await?;
+        Ok(())
     }
 
     async fn replay_one(

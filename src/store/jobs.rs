@@ -381,3 +381,104 @@ impl StateDb {
         )
     }
 }
+
+/// A resync's saved position in one table.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ResyncProgress {
+    /// The primary key of the last row delivered.
+    pub last_key: Option<Vec<String>>,
+    /// Chunks delivered.
+    pub chunks: i64,
+    /// Whether the table is done.
+    pub done: bool,
+}
+
+impl StateDb {
+    /// The saved position of `job_id`'s resync of `table` (the start when none).
+    pub async fn resync_progress(
+        &self,
+        job_id: &str,
+        warehouse_id: &str,
+        table: &str,
+    ) -> Result<ResyncProgress, StoreError> {
+        let row: Option<(Option<serde_json::Value>, i64, bool)> = sqlx::query_as(
+            "SELECT last_key, chunks, done FROM sync_resync_progress
+              WHERE job_id = $1 AND warehouse_id = $2 AND table_name = $3",
+        )
+        .bind(job_id)
+        .bind(warehouse_id)
+        .bind(table)
+        .fetch_optional(self.pool())
+        .await?;
+        Ok(match row {
+            None => ResyncProgress::default(),
+            Some((key, chunks, done)) => ResyncProgress {
+                last_key: key.and_then(|k| serde_json::from_value(k).ok()),
+                chunks,
+                done,
+            },
+        })
+    }
+
+    /// Saves a delivered chunk of `job_id`'s resync of `table`.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn save_resync_chunk(
+        &self,
+        job_id: &str,
+        warehouse_id: &str,
+        table: &str,
+        last_key: Option<&[String]>,
+        read: u64,
+        emitted: u64,
+        done: bool,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO sync_resync_progress
+                 (job_id, warehouse_id, table_name, last_key, chunks, rows_read, rows_emitted, done)
+             VALUES ($1, $2, $3, $4, 1, $5, $6, $7)
+             ON CONFLICT (job_id, warehouse_id, table_name) DO UPDATE
+             SET last_key = EXCLUDED.last_key,
+                 chunks = sync_resync_progress.chunks + 1,
+                 rows_read = sync_resync_progress.rows_read + EXCLUDED.rows_read,
+                 rows_emitted = sync_resync_progress.rows_emitted + EXCLUDED.rows_emitted,
+                 done = EXCLUDED.done",
+        )
+        .bind(job_id)
+        .bind(warehouse_id)
+        .bind(table)
+        .bind(last_key.map(|k| serde_json::json!(k)))
+        .bind(read as i64)
+        .bind(emitted as i64)
+        .bind(done)
+        .execute(self.pool())
+        .await?;
+        Ok(())
+    }
+
+    /// Marks the open conflicts of these entities resolved: central now holds the
+    /// warehouse's current value for them (a resync or load delivered it). `keys` are
+    /// `(entity, key JSON)`.
+    pub async fn resolve_conflicts(
+        &self,
+        warehouse_id: &str,
+        keys: &[(String, serde_json::Value)],
+    ) -> Result<u64, StoreError> {
+        if keys.is_empty() {
+            return Ok(0);
+        }
+        let entities: Vec<&str> = keys.iter().map(|k| k.0.as_str()).collect();
+        let values: Vec<&serde_json::Value> = keys.iter().map(|k| &k.1).collect();
+        let r = sqlx::query(
+            "UPDATE sync_conflicts c SET status = 'resolved', resolved_at = now()
+               FROM unnest($2::text[], $3::jsonb[]) AS k(entity, key)
+              WHERE c.warehouse_id = $1 AND c.status = 'open'
+                AND c.entity = k.entity AND c.entity_key = k.key",
+        )
+        .bind(warehouse_id)
+        .bind(&entities)
+        .bind(&values)
+        .execute(self.pool())
+        .await?;
+        Ok(r.rows_affected())
+    }
+}

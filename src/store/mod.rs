@@ -10,7 +10,7 @@ mod lease;
 
 pub use checkpoints::Checkpoint;
 pub use conflicts::{ConflictQuery, ConflictRow, NewConflict, NewDeadLetter};
-pub use jobs::{ActiveWarehouse, Job, JobQuery, JobWarehouse};
+pub use jobs::{ActiveWarehouse, Job, JobQuery, JobWarehouse, ResyncProgress};
 pub use lease::WarehouseLease;
 
 use std::time::Duration;

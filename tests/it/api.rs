@@ -640,3 +640,189 @@ async fn metrics_parse_as_prometheus_text_and_move_when_changes_flow() {
     let succeeded = [("kind", "cycle"), ("status", "succeeded")];
     assert_eq!(sample(&jobs, "inventorysync_jobs", &succeeded), 1.0);
 }
+
+/// Stock levels enough for several resync chunks (1,000 rows each).
+async fn seed_stock(db: &TestDb, skus: usize, locations: usize) {
+    db.exec(&format!(
+        "INSERT INTO products (sku, name) SELECT 'SKU-' || g, 'product ' || g FROM generate_series(1, {skus}) g;
+         INSERT INTO locations SELECT 'L-' || g, 'zone ' || g FROM generate_series(1, {locations}) g;
+         INSERT INTO stock_levels (sku, location_code, qty_on_hand, qty_reserved)
+           SELECT 'SKU-' || s, 'L-' || l, (s * l) % 50, 0
+             FROM generate_series(1, {skus}) s, generate_series(1, {locations}) l;"
+    ))
+    .await;
+}
+
+/// Keeps changing stock levels until `stop`.
+fn keep_writing(
+    db: &TestDb,
+    stop: tokio_util::sync::CancellationToken,
+) -> tokio::task::JoinHandle<u64> {
+    let url = db.url_as("postgres");
+    tokio::spawn(async move {
+        let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let mut n = 0u64;
+        while !stop.is_cancelled() {
+            n += 1;
+            client
+                .batch_execute(&format!(
+                    "UPDATE stock_levels SET qty_on_hand = qty_on_hand + 1
+                      WHERE sku = 'SKU-{}' AND location_code = 'L-{}';
+                     DELETE FROM stock_levels WHERE sku = 'SKU-{}' AND location_code = 'L-{}';",
+                    1 + n % 300,
+                    1 + n % 10,
+                    1 + (n * 7) % 300,
+                    1 + (n * 3) % 10
+                ))
+                .await
+                .unwrap();
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        n
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resync_repairs_a_wiped_or_tampered_central_while_writes_go_on() {
+    let db = demo_warehouse("apiresync").await;
+    seed_stock(&db, 300, 10).await;
+    let state = pg().new_db("apiresyncstate").await;
+    let central = Central::start(Faults::default()).await;
+    let (_dir, log, _run, api, _) = start_with_api(&db, &state, &central, "wh-resync", None);
+    crate::consumer::assert_converges(&central, &db, "wh-resync", &log).await;
+    // Bad inputs first.
+    assert_error(
+        &{
+            let (s, v) = api.post("/sync/warehouses/wh-nowhere", "").await;
+            (s, None, v)
+        },
+        404,
+        "not_found",
+        "no warehouse \"wh-nowhere\" is configured",
+    );
+    // An open conflict: a poison row, fixed at the warehouse afterwards.
+    db.exec(
+        "UPDATE stock_levels SET qty_on_hand = -1 WHERE sku = 'SKU-299' AND location_code = 'L-9'",
+    )
+    .await;
+    for _ in 0..300 {
+        if !conflicts(&state).await.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    db.exec(
+        "UPDATE stock_levels SET qty_on_hand = 4 WHERE sku = 'SKU-299' AND location_code = 'L-9'",
+    )
+    .await;
+    for (round, tamper) in [(0, false), (1, true)] {
+        central.damage("wh-resync", tamper).await;
+        let stop = tokio_util::sync::CancellationToken::new();
+        let writer = keep_writing(&db, stop.clone());
+        let (status, v) = api.post("/sync/warehouses/wh-resync", "").await;
+        assert_eq!(status, 202, "{v}");
+        let id = v["jobId"].as_str().unwrap().to_string();
+        // A second resync of the same warehouse while this one runs: 409 naming it.
+        let (status, again) = api.post("/sync/warehouses/wh-resync", "").await;
+        assert_eq!(status, 409, "{again}");
+        assert_eq!(again["error"], "conflict");
+        assert_eq!(again["jobId"], Value::from(id.clone()));
+        let job = api.finished(&id, &log).await;
+        stop.cancel();
+        let writes = writer.await.unwrap();
+        assert!(writes > 0);
+        assert_eq!(
+            job["status"],
+            "succeeded",
+            "round {round}: {job}\n{}",
+            log_tail(&log)
+        );
+        assert_eq!(job["kind"], "resync");
+        // Every row the resync read went through: central equals the warehouse, with the
+        // writes made during the resync (none of them undone by an older chunk row).
+        crate::consumer::assert_converges(&central, &db, "wh-resync", &log).await;
+        let chunks: i64 = state
+            .client
+            .query_one(
+                "SELECT sum(chunks)::bigint FROM sync_resync_progress WHERE job_id = $1",
+                &[&id],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        // stock_levels (about 3,000 rows) takes several chunks; products and locations one.
+        assert!(chunks >= 5, "round {round}: {chunks} chunks");
+    }
+    // The resync delivered the fixed row: its conflict is resolved.
+    let c = conflicts(&state).await;
+    assert_eq!(c.len(), 1, "{c:?}");
+    assert_eq!(c[0]["kind"], "invalid");
+    assert_eq!(c[0]["status"], "resolved", "{c:?}");
+    assert!(c[0]["resolved_at"].is_string());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resync_restarted_in_the_middle_resumes_from_the_saved_chunk() {
+    let db = demo_warehouse("apiresume").await;
+    seed_stock(&db, 300, 10).await;
+    let state = pg().new_db("apiresumestate").await;
+    let central = Central::start(Faults::default()).await;
+    let (_dir, log, mut run, api, mut again) =
+        start_with_api(&db, &state, &central, "wh-resume", None);
+    crate::consumer::assert_converges(&central, &db, "wh-resume", &log).await;
+    central.damage("wh-resume", false).await;
+    // Slow answers: the resync takes several seconds, so it is stopped mid-way.
+    central
+        .set_faults(Faults {
+            latency_ms: 300,
+            ..Faults::default()
+        })
+        .await;
+    let (status, v) = api.post("/sync/warehouses/wh-resume", "").await;
+    assert_eq!(status, 202, "{v}");
+    let id = v["jobId"].as_str().unwrap().to_string();
+    let mut chunks_before = 0i64;
+    for _ in 0..300 {
+        chunks_before = saved(&state, &id).await.get(0);
+        if chunks_before >= 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(chunks_before >= 1, "no chunk saved\n{}", log_tail(&log));
+    run.child.kill().unwrap();
+    run.child.wait().unwrap();
+    central.set_faults(Faults::default()).await;
+    let (_restarted, _) = api_after_restart(&api, &mut again, &log, &id).await;
+    let job = api.finished(&id, &log).await;
+    assert_eq!(job["status"], "succeeded", "{job}\n{}", log_tail(&log));
+    crate::consumer::assert_converges(&central, &db, "wh-resume", &log).await;
+    let row = saved(&state, &id).await;
+    let (chunks, read): (i64, i64) = (row.get(0), row.get(1));
+    let rows: i64 = db
+        .client
+        .query_one("SELECT count(*) FROM stock_levels", &[])
+        .await
+        .unwrap()
+        .get(0);
+    // Resumed, not restarted: every row read once (a restart from the start would read the
+    // saved chunks again).
+    assert_eq!(read, rows, "{chunks} chunks");
+    assert!(chunks > chunks_before);
+}
+
+/// Chunks saved and rows read of job `id`'s resync of stock_levels.
+async fn saved(state: &TestDb, id: &str) -> tokio_postgres::Row {
+    state
+        .client
+        .query_one(
+            "SELECT coalesce(sum(chunks), 0)::bigint, coalesce(sum(rows_read), 0)::bigint
+               FROM sync_resync_progress WHERE job_id = $1 AND table_name = 'public.stock_levels'",
+            &[&id],
+        )
+        .await
+        .unwrap()
+}

@@ -49,6 +49,18 @@ impl Central {
         format!("http://{}/api/warehouse", self.addr)
     }
 
+    /// Wipes (`tamper == false`) or tampers with every entity central holds for `warehouse`.
+    pub async fn damage(&self, warehouse: &str, tamper: bool) {
+        let url = format!("http://{}/admin/inventory/{warehouse}", self.addr);
+        let r = if tamper {
+            self.http.post(format!("{url}/tamper")).send().await
+        } else {
+            self.http.delete(url).send().await
+        }
+        .unwrap();
+        assert!(r.status().is_success());
+    }
+
     pub async fn set_faults(&self, f: Faults) {
         let r = self
             .http
