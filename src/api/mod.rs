@@ -15,7 +15,6 @@ use axum::extract::{FromRequestParts, Query, Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::json;
@@ -98,6 +97,7 @@ impl IntoResponse for ApiError {
         if let Some(id) = self.job_id {
             body["jobId"] = id.into();
         }
+        // (Shaped as [`ErrorBody`], whose `job_id` is `jobId` in JSON.)
         let mut r = (self.status, Json(body)).into_response();
         if self.status == StatusCode::UNAUTHORIZED {
             r.headers_mut()
@@ -107,24 +107,87 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// The API's routes over `state`.
-pub fn router(state: Arc<ApiState>) -> Router {
-    let sync = Router::new()
-        .route("/sync/trigger", post(trigger))
-        .route("/sync/status/{job_id}", get(job_status))
-        .route("/sync/warehouses/{warehouse_id}", post(resync))
-        .route("/sync/jobs", get(list_jobs))
-        .route("/sync/conflicts", get(list_conflicts))
+/// The OpenAPI document's frame; the paths come from the handlers' annotations.
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    info(
+        title = "InventorySync",
+        description = "Sync cycles, forced resyncs, jobs, conflicts, health and metrics of an InventorySync engine."
+    ),
+    modifiers(&BearerAuth),
+    components(schemas(ErrorBody))
+)]
+struct ApiDoc;
+
+/// Declares the Bearer scheme the `/sync` routes require.
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+}
+
+/// Every error's body.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ErrorBody {
+    /// A stable code: `unauthorized`, `not_found`, `bad_request`, `payload_too_large`,
+    /// `unprocessable`, `conflict`, `method_not_allowed`, `internal`.
+    pub error: String,
+    /// What was wrong, naming the field or value.
+    pub message: String,
+    /// The running job (409 of a resync).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub job_id: Option<String>,
+}
+
+/// The API's routes over `state`, and the OpenAPI document built from the same handlers
+/// (a route cannot exist without its documentation).
+pub fn router_and_doc(state: Arc<ApiState>) -> (Router, utoipa::openapi::OpenApi) {
+    use utoipa::OpenApi;
+    use utoipa_axum::router::OpenApiRouter;
+    use utoipa_axum::routes;
+    let sync = OpenApiRouter::new()
+        .routes(routes!(trigger))
+        .routes(routes!(job_status))
+        .routes(routes!(resync))
+        .routes(routes!(list_jobs))
+        .routes(routes!(list_conflicts))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_key));
-    Router::new()
-        .route("/health", get(health))
-        .route("/ready", get(ready))
-        .route("/metrics", get(metrics))
+    let (router, doc) = OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(health))
+        .routes(routes!(ready))
+        .routes(routes!(metrics))
+        .routes(routes!(openapi_json))
         .merge(sync)
+        .split_for_parts();
+    let router = router
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
-        .with_state(state)
+        .layer(axum::Extension(Arc::new(doc.clone())))
+        .with_state(state);
+    (router, doc)
+}
+
+/// The API's routes over `state`.
+pub fn router(state: Arc<ApiState>) -> Router {
+    router_and_doc(state).0
+}
+
+/// The OpenAPI 3 document of this API.
+#[utoipa::path(get, path = "/openapi.json", tag = "meta",
+    responses((status = 200, description = "The OpenAPI 3 document", content_type = "application/json")))]
+async fn openapi_json(
+    axum::Extension(doc): axum::Extension<Arc<utoipa::openapi::OpenApi>>,
+) -> Json<utoipa::openapi::OpenApi> {
+    Json((*doc).clone())
 }
 
 /// Serves the API on `listener` until `cancel`.
@@ -177,12 +240,17 @@ async fn method_not_allowed(req: Request) -> ApiError {
     )
 }
 
+#[utoipa::path(get, path = "/health", tag = "meta",
+    responses((status = 200, description = "The process is alive", body = Object, example = json!({"status": "ok"}))))]
 async fn health() -> Json<serde_json::Value> {
     Json(json!({"status": "ok"}))
 }
 
 /// Ready when the state DB answers and every warehouse streams; otherwise 503 with each
 /// reason.
+#[utoipa::path(get, path = "/ready", tag = "meta", responses(
+    (status = 200, description = "State DB reachable and every warehouse streaming (here or by the lease holder)", body = Object),
+    (status = 503, description = "Not ready; `problems` says why", body = Object)))]
 async fn ready(State(state): State<Arc<ApiState>>) -> Response {
     let mut problems = Vec::new();
     let db = tokio::time::timeout(
@@ -257,6 +325,20 @@ where
     }
 }
 
+/// Conflicts, newest first, in pages (`next` is the `before` of the next page).
+#[utoipa::path(get, path = "/sync/conflicts", tag = "sync", security(("bearer" = [])),
+    params(
+        ("warehouse" = Option<String>, Query, description = "Only this warehouse's"),
+        ("status" = Option<String>, Query, description = "open or resolved"),
+        ("kind" = Option<String>, Query, description = "stale_version, rejected, invalid or truncate"),
+        ("limit" = Option<i64>, Query, description = "1 to 500 (default 50)"),
+        ("before" = Option<i64>, Query, description = "Only conflicts with a smaller id"),
+    ),
+    responses(
+        (status = 200, description = "`{items: [ConflictRow], next}`", body = Object),
+        (status = 400, description = "A bad filter", body = ErrorBody),
+        (status = 401, description = "No or wrong API key", body = ErrorBody),
+        (status = 404, description = "Unknown warehouse", body = ErrorBody)))]
 async fn list_conflicts(
     State(state): State<Arc<ApiState>>,
     Params(p): Params<ConflictParams>,
@@ -348,6 +430,15 @@ fn new_job_id() -> String {
     format!("sync-{:016x}", rand::random::<u64>())
 }
 
+/// Starts a sync cycle: done once every change committed before it has an outcome.
+#[utoipa::path(post, path = "/sync/trigger", tag = "sync", security(("bearer" = [])),
+    request_body(content = Object, description = "Optional `{\"warehouses\": [\"wh-east\"]}`; empty for all", content_type = "application/json"),
+    responses(
+        (status = 202, description = "`{jobId, status: queued}`", body = Object),
+        (status = 400, description = "Malformed JSON or an unknown field", body = ErrorBody),
+        (status = 401, description = "No or wrong API key", body = ErrorBody),
+        (status = 413, description = "Body over 64 KiB", body = ErrorBody),
+        (status = 422, description = "An unknown or empty warehouse list", body = ErrorBody)))]
 async fn trigger(
     State(state): State<Arc<ApiState>>,
     Body(body): Body<TriggerBody>,
@@ -392,6 +483,13 @@ async fn trigger(
         .into_response())
 }
 
+/// A job: status, timestamps and per-warehouse progress.
+#[utoipa::path(get, path = "/sync/status/{job_id}", tag = "sync", security(("bearer" = [])),
+    params(("job_id" = String, Path, description = "The job id (`sync-…`)")),
+    responses(
+        (status = 200, description = "The job", body = crate::store::Job),
+        (status = 401, description = "No or wrong API key", body = ErrorBody),
+        (status = 404, description = "Unknown job", body = ErrorBody)))]
 async fn job_status(
     State(state): State<Arc<ApiState>>,
     axum::extract::Path(job_id): axum::extract::Path<String>,
@@ -416,6 +514,18 @@ struct JobParams {
     before: Option<String>,
 }
 
+/// Jobs, newest first, in pages (`next` is the `before` of the next page).
+#[utoipa::path(get, path = "/sync/jobs", tag = "sync", security(("bearer" = [])),
+    params(
+        ("status" = Option<String>, Query, description = "queued, running, succeeded or failed"),
+        ("kind" = Option<String>, Query, description = "cycle or resync"),
+        ("limit" = Option<i64>, Query, description = "1 to 500 (default 50)"),
+        ("before" = Option<String>, Query, description = "Only jobs older than this job id"),
+    ),
+    responses(
+        (status = 200, description = "`{items: [Job], next}`", body = Object),
+        (status = 400, description = "A bad filter", body = ErrorBody),
+        (status = 401, description = "No or wrong API key", body = ErrorBody)))]
 async fn list_jobs(
     State(state): State<Arc<ApiState>>,
     Params(p): Params<JobParams>,
@@ -472,6 +582,8 @@ fn page_limit(limit: Option<i64>) -> Result<i64, ApiError> {
 }
 
 /// Prometheus text: the counters and histograms as they stand, and the gauges read now.
+#[utoipa::path(get, path = "/metrics", tag = "meta",
+    responses((status = 200, description = "Prometheus text format 0.0.4 (`inventorysync_*`)", content_type = "text/plain")))]
 async fn metrics(State(state): State<Arc<ApiState>>) -> Response {
     let m = crate::metrics::metrics();
     let now = std::time::SystemTime::now()
@@ -550,6 +662,13 @@ async fn metrics(State(state): State<Arc<ApiState>>) -> Response {
 
 /// `POST /sync/warehouses/{warehouseId}`: queues a forced resync of the warehouse's mapped
 /// tables; 404 for an unknown warehouse, 409 (with its id) while one is queued or running.
+#[utoipa::path(post, path = "/sync/warehouses/{warehouse_id}", tag = "sync", security(("bearer" = [])),
+    params(("warehouse_id" = String, Path, description = "A configured warehouse")),
+    responses(
+        (status = 202, description = "`{jobId, status: queued}`", body = Object),
+        (status = 401, description = "No or wrong API key", body = ErrorBody),
+        (status = 404, description = "Unknown warehouse", body = ErrorBody),
+        (status = 409, description = "A resync of this warehouse is queued or running; `jobId` names it", body = ErrorBody)))]
 async fn resync(
     State(state): State<Arc<ApiState>>,
     axum::extract::Path(warehouse_id): axum::extract::Path<String>,

@@ -7,7 +7,7 @@ use super::{StateDb, StoreError};
 use crate::Lsn;
 
 /// A job as the API shows it.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Job {
     /// `sync-…`.
@@ -31,7 +31,7 @@ pub struct Job {
 }
 
 /// One warehouse of a job.
-#[derive(Debug, Clone, PartialEq, Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, PartialEq, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct JobWarehouse {
     /// Warehouse id.

@@ -826,3 +826,71 @@ async fn saved(state: &TestDb, id: &str) -> tokio_postgres::Row {
         .await
         .unwrap()
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_openapi_document_lists_exactly_the_routes_the_server_answers() {
+    let db = demo_warehouse("apidoc").await;
+    let state = pg().new_db("apidocstate").await;
+    let central = Central::start(Faults::default()).await;
+    let (_dir, log, _run, api, _) = start_with_api(&db, &state, &central, "wh-doc", None);
+    wait_streaming(&state, "wh-doc", &log).await;
+    let (status, _, doc) = api.get("/openapi.json", None).await;
+    assert_eq!(status, 200);
+    assert!(doc["openapi"].as_str().unwrap().starts_with("3."), "{doc}");
+    let paths = doc["paths"].as_object().unwrap();
+    let mut listed: Vec<(String, String)> = paths
+        .iter()
+        .flat_map(|(p, ops)| {
+            ops.as_object()
+                .unwrap()
+                .keys()
+                .map(move |m| (m.to_uppercase(), p.clone()))
+        })
+        .collect();
+    listed.sort();
+    let expected = [
+        ("GET", "/health"),
+        ("GET", "/metrics"),
+        ("GET", "/openapi.json"),
+        ("GET", "/ready"),
+        ("GET", "/sync/conflicts"),
+        ("GET", "/sync/jobs"),
+        ("GET", "/sync/status/{job_id}"),
+        ("POST", "/sync/trigger"),
+        ("POST", "/sync/warehouses/{warehouse_id}"),
+    ];
+    let expected: Vec<(String, String)> = expected
+        .iter()
+        .map(|(m, p)| (m.to_string(), p.to_string()))
+        .collect();
+    assert_eq!(listed, expected);
+    assert!(doc["components"]["securitySchemes"]["bearer"].is_object());
+    for (method, path) in &listed {
+        let op = &doc["paths"][path][method.to_lowercase()];
+        assert_eq!(
+            path.starts_with("/sync/"),
+            op["security"].is_array(),
+            "{method} {path}: Bearer exactly on /sync routes"
+        );
+        // The server has each documented route: without a key a /sync route answers 401,
+        // never 404 or 405.
+        let url = format!(
+            "{}{}",
+            api.base,
+            path.replace("{job_id}", "sync-0")
+                .replace("{warehouse_id}", "wh-doc")
+        );
+        let r = match method.as_str() {
+            "GET" => api.http.get(&url),
+            _ => api.http.post(&url),
+        }
+        .send()
+        .await
+        .unwrap();
+        let code = r.status().as_u16();
+        assert!(code != 404 && code != 405, "{method} {path}: {code}");
+        if path.starts_with("/sync/") {
+            assert_eq!(code, 401, "{method} {path}");
+        }
+    }
+}
