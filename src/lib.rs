@@ -9,6 +9,7 @@ pub mod app;
 pub mod backoff;
 pub mod bus;
 pub mod central;
+pub mod check;
 pub mod config;
 pub mod consumer;
 pub mod event;

@@ -50,6 +50,8 @@ enum Command {
     Run,
     /// Serve the reference central inventory API (for the demo and tests).
     Central(CentralArgs),
+    /// Check the configuration and every connection; exits 1 when something must be fixed.
+    Check,
 }
 
 #[derive(clap::Args)]
@@ -147,6 +149,21 @@ fn main() -> ExitCode {
         Command::Migrate => runtime.block_on(run_migrate(&cli.config)),
         Command::Run => runtime.block_on(run_service(&cli.config)),
         Command::Central(args) => runtime.block_on(run_central(args)),
+        Command::Check => runtime.block_on(run_check(&cli.config)),
+    }
+}
+
+async fn run_check(config_path: &Path) -> ExitCode {
+    let config = match Config::load(config_path, true) {
+        Ok(c) => c,
+        Err(e) => return fail(e, 2),
+    };
+    let report = inventorysync::check::check(&config).await;
+    print!("{}", report.render());
+    if report.failed() {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
     }
 }
 

@@ -341,3 +341,118 @@ async fn positions_are_confirmed_while_a_backlog_drains_not_only_at_the_end() {
     );
     assert!(confirmed().await > start);
 }
+
+/// `inventorysync check` with `toml` and the environment `env`: exit code and output.
+fn run_check(toml: &str, env: &[(&str, String)]) -> (i32, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("inventorysync.toml");
+    std::fs::write(&cfg, toml).unwrap();
+    let mut c = bin();
+    c.arg("--config").arg(&cfg).arg("check");
+    for k in [
+        "DB_URL",
+        "KAFKA_BROKERS",
+        "WAREHOUSE_API_ENDPOINT",
+        "WAREHOUSE_API_TOKEN",
+        "API_KEYS",
+    ] {
+        c.env_remove(k);
+    }
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    let out = c.output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_passes_a_ready_setup_and_names_each_fix_otherwise() {
+    use inventorysync::central::server::Faults;
+    let db = crate::consumer::demo_warehouse("chk").await;
+    let state = pg().new_db("chkstate").await;
+    let central = crate::consumer::Central::start(Faults::default()).await;
+    let mapping = include_str!("../../sql/demo_mapping.toml");
+    let good = format!(
+        "{mapping}\n[[warehouses]]\nid = 'wh-chk'\nurl = '{}'\nslot = '{}'\n",
+        db.url_as("postgres"),
+        db.slot("chk")
+    );
+    let env = vec![
+        ("DB_URL", state.url_as("postgres")),
+        ("WAREHOUSE_API_ENDPOINT", central.endpoint()),
+        ("API_KEYS", "check-key-0123456789".to_string()),
+    ];
+    let (code, out) = run_check(&good, &env);
+    assert_eq!(code, 0, "{out}");
+    for line in [
+        "wal_level               ok      logical",
+        "ok      postgres may replicate",
+        "replica identity public.stock_levels  ok      default (primary key)",
+        "not created yet: the first run creates it",
+        "answers an empty batch",
+        "0 to fix",
+    ] {
+        let squeezed = |s: &str| s.split_whitespace().collect::<Vec<_>>().join(" ");
+        assert!(
+            squeezed(&out).contains(&squeezed(line)),
+            "{line:?} missing:\n{out}"
+        );
+    }
+    assert!(!out.contains("FAIL"), "{out}");
+
+    // A mapped table without a primary key, on a server with wal_level = replica and no
+    // publication; no state DB; a central that wants another token.
+    let bad_server = pg_replica_level().new_db("chkbad").await;
+    let central_locked = crate::consumer::Central::start_with(
+        inventorysync::central::server::CentralStore::memory(),
+        Some("right-token"),
+        Faults::default(),
+    )
+    .await;
+    let bad = format!(
+        "{mapping}\n[[warehouses]]\nid = 'wh-bad'\nurl = '{}'\n",
+        bad_server.url_as("postgres"),
+    );
+    let env = vec![
+        ("WAREHOUSE_API_ENDPOINT", central_locked.endpoint()),
+        ("WAREHOUSE_API_TOKEN", "wrong-token".to_string()),
+    ];
+    let (code, out) = run_check(&bad, &env);
+    assert_eq!(code, 1, "{out}");
+    for text in [
+        "replica; logical decoding needs logical",
+        "fix: ALTER SYSTEM SET wal_level = logical; then restart PostgreSQL",
+        "inventorysync does not exist",
+        "fix: CREATE PUBLICATION \"inventorysync\" FOR TABLE public.locations, public.products, public.stock_levels;",
+        "fix: set DB_URL",
+        "answered 401",
+        "fix: set WAREHOUSE_API_TOKEN",
+        "API_KEYS",
+    ] {
+        assert!(out.contains(text), "{text:?} missing:\n{out}");
+    }
+    assert!(!out.contains("wrong-token"), "the token is never printed");
+
+    // Replica identity: a published, mapped table without a key.
+    db.exec(
+        "CREATE TABLE nokey (sku text, qty int); ALTER PUBLICATION inventorysync ADD TABLE nokey;",
+    )
+    .await;
+    let nokey = format!(
+        "{good}\n[[mappings]]\ntable = 'public.nokey'\nentity = 'product'\nkey = {{ sku = 'sku' }}\n"
+    );
+    let env = vec![
+        ("DB_URL", state.url_as("postgres")),
+        ("WAREHOUSE_API_ENDPOINT", central.endpoint()),
+    ];
+    let (code, out) = run_check(&nokey, &env);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("default without a primary key")
+            && out.contains("ALTER TABLE public.nokey REPLICA IDENTITY FULL"),
+        "{out}"
+    );
+}
