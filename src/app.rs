@@ -113,9 +113,10 @@ impl WarehouseStatus {
         match &*self.state.borrow() {
             _ if lost => (
                 false,
-                Some(
-                    "the replication slot is lost (wal_status = lost): run a forced resync".into(),
-                ),
+                Some(format!(
+                    "the replication slot is lost (wal_status = lost): POST /sync/warehouses/{} creates a new slot and resyncs",
+                    self.id
+                )),
             ),
             StreamState::Streaming => (true, None),
             StreamState::Standby => (true, None),
@@ -196,7 +197,56 @@ async fn supervise<B: Bus>(
                     _ = cancel.cancelled() => return Ok(()),
                 }
             }
+            Err(PipelineError::Source(SourceError::SlotInvalidated { slot })) => {
+                recover_lost_slot(&w, &slot, &state, &status, &cancel).await?;
+                if cancel.is_cancelled() {
+                    return Ok(());
+                }
+            }
             Err(e) => return Err(e),
+        }
+    }
+}
+
+/// The slot lost WAL it needed: the warehouse waits, reported as failed, until an operator
+/// asks for a forced resync (`POST /sync/warehouses/{id}`); then the lost slot is dropped, so
+/// the pipeline creates a new one with a full load, and the resync runs on the new stream.
+async fn recover_lost_slot(
+    w: &WarehouseConfig,
+    slot: &str,
+    state: &StateDb,
+    status: &WarehouseStatus,
+    cancel: &CancellationToken,
+) -> Result<(), PipelineError> {
+    let message = format!(
+        "replication slot {slot} is lost (the WAL it needed was removed); POST /sync/warehouses/{} creates a new slot and resyncs",
+        w.id
+    );
+    tracing::error!(warehouse = %w.id, "{message}");
+    status.state.send_replace(StreamState::Failed(message));
+    loop {
+        match state.active_job_for("resync", &w.id).await {
+            Ok(Some(job)) => {
+                tracing::info!(warehouse = %w.id, %job, %slot, "dropping the lost slot; a new slot and a full load follow");
+                let sql = crate::source::tls::connect_sql(&w.conn).await?;
+                sql.execute(
+                    "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots
+                      WHERE slot_name = $1 AND database = current_database()",
+                    &[&slot],
+                )
+                .await
+                .map_err(SourceError::from)?;
+                status.state.send_replace(StreamState::Starting);
+                return Ok(());
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(warehouse = %w.id, error = %e, "cannot read jobs from the state DB")
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(LEASE_POLL) => {}
+            _ = cancel.cancelled() => return Ok(()),
         }
     }
 }

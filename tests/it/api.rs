@@ -894,3 +894,57 @@ async fn the_openapi_document_lists_exactly_the_routes_the_server_answers() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_slot_is_recovered_by_a_forced_resync() {
+    let db = crate::harness::pg_small_keep().new_db("apilost").await;
+    db.exec(include_str!("../../sql/demo_schema.sql")).await;
+    db.exec("CREATE PUBLICATION inventorysync FOR TABLE products, locations, stock_levels; CREATE TABLE filler (id int PRIMARY KEY, pad text);")
+        .await;
+    seed_stock(&db, 100, 5).await;
+    let state = pg().new_db("apiloststate").await;
+    let central = Central::start(Faults::default()).await;
+    let (_dir, log, mut run, api, mut again) =
+        start_with_api(&db, &state, &central, "wh-lost", None);
+    crate::consumer::assert_converges(&central, &db, "wh-lost", &log).await;
+    run.child.kill().unwrap();
+    run.child.wait().unwrap();
+    // While the service is down: changes, then so much WAL that the slot loses what it needs.
+    db.exec(
+        "UPDATE stock_levels SET qty_on_hand = qty_on_hand + 7 WHERE sku IN ('SKU-1', 'SKU-2');
+             INSERT INTO products (sku, name) VALUES ('SKU-NEW', 'made while down');",
+    )
+    .await;
+    for _ in 0..6 {
+        db.exec("INSERT INTO filler SELECT g, repeat('x', 100) FROM generate_series(1, 20000) g ON CONFLICT (id) DO UPDATE SET pad = excluded.pad || '1'; SELECT pg_switch_wal();")
+            .await;
+    }
+    db.exec("CHECKPOINT").await;
+    let (_restarted, _) = api_after_restart(&api, &mut again, &log, "sync-none").await;
+    // Not ready, and saying why and what to do.
+    let mut ready = api.get("/ready", None).await;
+    for _ in 0..100 {
+        if ready.2["warehouses"]["wh-lost"]["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("lost"))
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        ready = api.get("/ready", None).await;
+    }
+    assert_eq!(ready.0, 503, "{ready:?}\n{}", log_tail(&log));
+    let reason = ready.2["warehouses"]["wh-lost"]["reason"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(reason.contains("POST /sync/warehouses/wh-lost"), "{reason}");
+    let (status, v) = api.post("/sync/warehouses/wh-lost", "").await;
+    assert_eq!(status, 202, "{v}");
+    let job = api.finished(v["jobId"].as_str().unwrap(), &log).await;
+    assert_eq!(job["status"], "succeeded", "{job}\n{}", log_tail(&log));
+    // The changes made while the slot was being lost are at central, and streaming goes on.
+    db.exec("UPDATE products SET name = 'after recovery' WHERE sku = 'SKU-NEW'")
+        .await;
+    crate::consumer::assert_converges(&central, &db, "wh-lost", &log).await;
+    assert_eq!(api.get("/ready", None).await.0, 200);
+}
