@@ -282,37 +282,31 @@ async fn run_service(config_path: &Path) -> ExitCode {
         job_timeout: config.job_timeout,
         consumer_lag,
     });
-    let job_warehouses: Vec<inventorysync::jobs::Warehouse> = warehouses
-        .iter()
-        .zip(&statuses)
-        .map(|(w, s)| inventorysync::jobs::Warehouse {
-            config: w.clone(),
-            status: s.clone(),
-        })
-        .collect();
+    let job_warehouses = || -> Vec<inventorysync::jobs::Warehouse> {
+        warehouses
+            .iter()
+            .zip(&statuses)
+            .map(|(w, s)| inventorysync::jobs::Warehouse {
+                config: w.clone(),
+                status: s.clone(),
+            })
+            .collect()
+    };
     let delivery = match &progress {
         None => inventorysync::jobs::Delivery::Embedded,
         Some(p) => inventorysync::jobs::Delivery::Kafka(p.clone()),
     };
-    let resync_warehouses: Vec<inventorysync::jobs::Warehouse> = warehouses
-        .iter()
-        .zip(&statuses)
-        .map(|(w, s)| inventorysync::jobs::Warehouse {
-            config: w.clone(),
-            status: s.clone(),
-        })
-        .collect();
     let mut mapped_tables: Vec<String> = config.consumer.mappings.keys().cloned().collect();
     mapped_tables.sort();
     let jobs = tokio::spawn(inventorysync::jobs::run(
         state.clone(),
-        job_warehouses,
+        job_warehouses(),
         delivery,
         cancel.clone(),
     ));
     let resyncs = tokio::spawn(inventorysync::jobs::run_resyncs(
         state.clone(),
-        resync_warehouses,
+        job_warehouses(),
         mapped_tables,
         cancel.clone(),
     ));

@@ -17,9 +17,8 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::SourceError;
 use super::snapshot::{PublishedTable, quote_ident};
-use super::values::convert_text;
 use crate::Lsn;
-use crate::event::{ChangeEvent, Op, Row, SnapshotMarker, SourceInfo, Value};
+use crate::event::{ChangeEvent, Op, Row, SnapshotMarker, SourceInfo};
 
 /// The logical message prefix of resync watermarks.
 pub const WATERMARK_PREFIX: &str = "inventorysync.resync";
@@ -228,22 +227,7 @@ pub(crate) async fn start_chunk(
         let tokio_postgres::SimpleQueryMessage::Row(r) = m else {
             continue;
         };
-        let mut after = Row::new(rel.names.clone(), rel.columns.len());
-        for (i, c) in rel.columns.iter().enumerate() {
-            let v = match r.get(i) {
-                None => Value::Null,
-                Some(text) => {
-                    convert_text(c.type_oid, bytes::Bytes::copy_from_slice(text.as_bytes()))
-                        .map_err(|source| SourceError::Value {
-                            table: rel.table.qualified_name().to_string(),
-                            column: c.name.to_string(),
-                            lsn: Lsn::ZERO,
-                            source,
-                        })?
-                }
-            };
-            after.push(i, v);
-        }
+        let after = super::snapshot::row_from_text(rel, &r, Lsn::ZERO)?;
         last_key = Some(
             key_idx
                 .iter()

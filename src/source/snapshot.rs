@@ -131,6 +131,30 @@ pub async fn primary_key(
     Ok(rows.iter().map(|r| r.get(0)).collect())
 }
 
+/// A row read with the simple query protocol (text values), converted as the stream
+/// converts values; `lsn` names the position in errors.
+pub(crate) fn row_from_text(
+    rel: &RelationInfo,
+    r: &tokio_postgres::SimpleQueryRow,
+    lsn: Lsn,
+) -> Result<Row, SourceError> {
+    let mut after = Row::new(rel.names.clone(), rel.columns.len());
+    for (i, c) in rel.columns.iter().enumerate() {
+        let v = match r.get(i) {
+            None => Value::Null,
+            Some(text) => convert_text(c.type_oid, bytes::Bytes::copy_from_slice(text.as_bytes()))
+                .map_err(|source| SourceError::Value {
+                    table: rel.table.qualified_name().to_string(),
+                    column: c.name.to_string(),
+                    lsn,
+                    source,
+                })?,
+        };
+        after.push(i, v);
+    }
+    Ok(after)
+}
+
 /// Where snapshot events go.
 pub struct SnapshotTarget<'a> {
     /// The slot's consistent point: `lsn` of every snapshot row (their `commit_lsn` is the
@@ -190,22 +214,7 @@ pub async fn initial_load(
                     continue;
                 };
                 got += 1;
-                let mut after = Row::new(rel.names.clone(), rel.columns.len());
-                for (i, c) in rel.columns.iter().enumerate() {
-                    let v = match r.get(i) {
-                        None => Value::Null,
-                        Some(text) => {
-                            convert_text(c.type_oid, bytes::Bytes::copy_from_slice(text.as_bytes()))
-                                .map_err(|source| SourceError::Value {
-                                    table: rel.table.qualified_name().to_string(),
-                                    column: c.name.to_string(),
-                                    lsn: target.consistent_point,
-                                    source,
-                                })?
-                        }
-                    };
-                    after.push(i, v);
-                }
+                let after = row_from_text(rel, &r, target.consistent_point)?;
                 let key = key_of(rel, &after);
                 let ev = ChangeEvent {
                     before: None,
