@@ -69,10 +69,7 @@ impl Report {
         detail: impl Into<String>,
         fix: impl Into<String>,
     ) {
-        self.add(target, check, Status::Fail, detail);
-        if let Some(l) = self.lines.last_mut() {
-            l.fix = fix.into();
-        }
+        self.add_with_fix(target, check, Status::Fail, detail.into(), fix.into());
     }
 
     fn warn(
@@ -82,9 +79,20 @@ impl Report {
         detail: impl Into<String>,
         fix: impl Into<String>,
     ) {
-        self.add(target, check, Status::Warn, detail);
+        self.add_with_fix(target, check, Status::Warn, detail.into(), fix.into());
+    }
+
+    fn add_with_fix(
+        &mut self,
+        target: &str,
+        check: &str,
+        status: Status,
+        detail: String,
+        fix: String,
+    ) {
+        self.add(target, check, status, detail);
         if let Some(l) = self.lines.last_mut() {
-            l.fix = fix.into();
+            l.fix = fix;
         }
     }
 

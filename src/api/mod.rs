@@ -368,14 +368,7 @@ async fn list_conflicts(
         })
         .await
         .map_err(ApiError::internal)?;
-    let more = rows.len() as i64 > limit;
-    let items: Vec<_> = rows.into_iter().take(limit as usize).collect();
-    let next = if more {
-        items.last().map(|r| r.id)
-    } else {
-        None
-    };
-    Ok(Json(json!({"items": items, "next": next})))
+    Ok(page(rows, limit, |r| json!(r.id)))
 }
 
 /// A JSON body (possibly empty) of at most [`MAX_BODY_BYTES`]: 413 beyond, 400 when it is
@@ -545,14 +538,23 @@ async fn list_jobs(
         })
         .await
         .map_err(ApiError::internal)?;
-    let more = jobs.len() as i64 > limit;
-    let items: Vec<_> = jobs.into_iter().take(limit as usize).collect();
-    let next = if more {
-        items.last().map(|j| j.job_id.clone())
-    } else {
-        None
+    Ok(page(jobs, limit, |j| json!(j.job_id)))
+}
+
+/// `{items, next}` from `rows` fetched with `limit + 1`: `next` (the last item's `cursor`)
+/// only when there is another page.
+fn page<T: serde::Serialize>(
+    mut rows: Vec<T>,
+    limit: i64,
+    cursor: impl Fn(&T) -> serde_json::Value,
+) -> Json<serde_json::Value> {
+    let more = rows.len() as i64 > limit;
+    rows.truncate(limit as usize);
+    let next = match rows.last() {
+        Some(last) if more => cursor(last),
+        _ => serde_json::Value::Null,
     };
-    Ok(Json(json!({"items": items, "next": next})))
+    Json(json!({"items": rows, "next": next}))
 }
 
 /// 400 unless `value` is absent or one of `allowed`.
