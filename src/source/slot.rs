@@ -221,6 +221,8 @@ pub fn classify_start_error(e: SourceError, slot: &str, publication: &str) -> So
                     slot: slot.to_string(),
                 }
             } else if msg.contains("invalidated")
+                // The slot still exists, but WAL it needs is gone: lost all the same.
+                || (s.code == "58P01" && msg.contains("has already been removed"))
                 || s.detail
                     .as_deref()
                     .is_some_and(|d| d.contains("invalidated"))

@@ -371,14 +371,21 @@ async fn api_after_restart(
         .spawn()
         .unwrap();
     let run = Run { child };
-    for _ in 0..100 {
+    let mut up = false;
+    for _ in 0..300 {
         if let Ok(r) = api.http.get(format!("{}/health", api.base)).send().await
             && r.status().is_success()
         {
+            up = true;
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    assert!(
+        up,
+        "the restarted run never served its API; log:\n{}",
+        log_tail(log)
+    );
     (run, api.get(&format!("/sync/status/{id}"), Some(KEY)).await)
 }
 
@@ -920,6 +927,22 @@ async fn a_lost_slot_is_recovered_by_a_forced_resync() {
             .await;
     }
     db.exec("CHECKPOINT").await;
+    for _ in 0..50 {
+        let status: Option<String> = db
+            .client
+            .query_one(
+                "SELECT wal_status FROM pg_replication_slots WHERE slot_name = $1",
+                &[&db.slot("run")],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if status.as_deref() == Some("lost") {
+            break;
+        }
+        db.exec("INSERT INTO filler SELECT g, repeat('y', 100) FROM generate_series(1, 20000) g ON CONFLICT (id) DO UPDATE SET pad = excluded.pad || '2'; SELECT pg_switch_wal(); CHECKPOINT;")
+            .await;
+    }
     let (_restarted, _) = api_after_restart(&api, &mut again, &log, "sync-none").await;
     // Not ready, and saying why and what to do.
     let mut ready = api.get("/ready", None).await;
