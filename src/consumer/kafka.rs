@@ -18,12 +18,59 @@ use super::{Incoming, Stage};
 use crate::bus::BusError;
 use crate::bus::kafka::KafkaSettings;
 
-/// Where one consumed record sits.
-struct Position {
+/// How far the records read from one partition reach: the highest offset read, and the
+/// highest whose delivery is done (stored for the next commit). Offsets are stored once per
+/// partition and delivery, not once per record.
+struct Partition {
     topic: String,
     partition: i32,
-    offset: i64,
+    /// Highest offset read.
+    read: i64,
+    /// Whether records were read since the last [`Partitions::take_marks`].
+    fresh: bool,
 }
+
+/// The partitions read so far (a consumer holds a few; a linear scan beats hashing the
+/// topic name per record).
+#[derive(Default)]
+struct Partitions(Vec<Partition>);
+
+impl Partitions {
+    /// Notes a record at `offset`; returns true the first time the partition is seen.
+    fn read(&mut self, topic: &str, partition: i32, offset: i64) -> bool {
+        if let Some(p) = self
+            .0
+            .iter_mut()
+            .find(|p| p.partition == partition && p.topic == topic)
+        {
+            p.read = p.read.max(offset);
+            p.fresh = true;
+            return false;
+        }
+        self.0.push(Partition {
+            topic: topic.to_string(),
+            partition,
+            read: offset,
+            fresh: true,
+        });
+        true
+    }
+
+    /// The highest offset read per partition since the last call: what a delivery of
+    /// everything read covers. A partition with nothing new is left out, so an offset is
+    /// never stored again after the partition moved away and came back.
+    fn take_marks(&mut self) -> Vec<Position> {
+        self.0
+            .iter_mut()
+            .filter_map(|p| {
+                std::mem::take(&mut p.fresh).then(|| (p.topic.clone(), p.partition, p.read))
+            })
+            .collect()
+    }
+}
+
+/// The highest offset per partition that a delivery covers.
+type Position = (String, i32, i64);
 
 /// The subscription for a topic template: the name, or a regex when it has placeholders.
 fn subscription(template: &str) -> String {
@@ -82,10 +129,9 @@ pub async fn run(
     tracing::info!(group = %kafka.group_id, topic = %topic, "consuming");
     let limits = stage.settings().batch;
     let mut batches: HashMap<String, Vec<Incoming>> = HashMap::new();
-    let mut positions: Vec<Position> = Vec::new();
+    let mut partitions = Partitions::default();
     let mut first_at: Option<Instant> = None;
     let mut buffered = 0usize;
-    let mut seen_partitions: HashSet<(String, i32)> = HashSet::new();
     let mut inflight: Option<Inflight> = None;
     loop {
         let flush_due = first_at.map(|t| t + limits.linger);
@@ -109,7 +155,7 @@ pub async fn run(
                     continue;
                 }
             };
-            if seen_partitions.insert((m.topic().to_string(), m.partition())) {
+            if partitions.read(m.topic(), m.partition(), m.offset()) {
                 tracing::info!(
                     topic = m.topic(),
                     partition = m.partition(),
@@ -117,11 +163,8 @@ pub async fn run(
                     "consuming partition"
                 );
             }
-            positions.push(Position {
-                topic: m.topic().to_string(),
-                partition: m.partition(),
-                offset: m.offset(),
-            });
+            // Skipped records too: their offsets are stored with the next delivery.
+            first_at.get_or_insert_with(Instant::now);
             if m.topic() == kafka.dlq_topic {
                 continue;
             }
@@ -157,7 +200,6 @@ pub async fn run(
                     value: m.payload().unwrap_or_default().to_vec(),
                 });
             buffered += 1;
-            first_at.get_or_insert_with(Instant::now);
             if buffered < limits.max_changes * super::LANES {
                 continue;
             }
@@ -182,7 +224,7 @@ pub async fn run(
             store(&consumer, done);
         }
         let stage = stage.clone();
-        let done = std::mem::take(&mut positions);
+        let done = partitions.take_marks();
         inflight = Some((
             tokio::spawn(async move {
                 join_all(prepared.into_iter().map(|p| stage.deliver(p)))
@@ -224,10 +266,10 @@ async fn wait(inflight: &mut Option<Inflight>) -> (bool, Vec<Position>) {
 
 /// Stores the offsets of delivered records (committed in the background).
 fn store(consumer: &StreamConsumer, done: Vec<Position>) {
-    for p in done {
-        if let Err(e) = consumer.store_offset(&p.topic, p.partition, p.offset) {
+    for (topic, partition, offset) in done {
+        if let Err(e) = consumer.store_offset(&topic, partition, offset) {
             // The partition moved to another consumer: it replays from the last commit.
-            tracing::debug!(error = %e, topic = %p.topic, partition = p.partition, "offset not stored");
+            tracing::debug!(error = %e, topic = %topic, partition, "offset not stored");
         }
     }
 }
@@ -241,7 +283,29 @@ async fn sleep_until_opt(t: Option<Instant>) {
 
 #[cfg(test)]
 mod tests {
-    use super::subscription;
+    use super::{Partitions, subscription};
+
+    #[test]
+    fn offsets_are_stored_once_per_partition_and_only_for_records_read_since() {
+        let mut p = Partitions::default();
+        assert!(p.read("changes", 0, 10), "first record of the partition");
+        assert!(!p.read("changes", 0, 11));
+        assert!(p.read("changes", 1, 4));
+        assert!(p.read("other", 0, 7), "same partition number, other topic");
+        assert_eq!(
+            p.take_marks(),
+            vec![
+                ("changes".to_string(), 0, 11),
+                ("changes".to_string(), 1, 4),
+                ("other".to_string(), 0, 7)
+            ]
+        );
+        // Nothing read since: nothing to store (a partition that moved away and came back
+        // never gets an old offset stored again).
+        assert!(p.take_marks().is_empty());
+        p.read("changes", 1, 5);
+        assert_eq!(p.take_marks(), vec![("changes".to_string(), 1, 5)]);
+    }
 
     #[test]
     fn a_template_subscribes_by_regex() {

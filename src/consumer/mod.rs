@@ -32,7 +32,7 @@ use crate::central::client::{Cancelled, CentralClient, Verdict};
 use crate::central::{Change, ChangeResult, Outgoing, ResultStatus};
 use crate::event::ChangeEvent;
 use crate::store::{NewConflict, NewDeadLetter, StateDb, StoreError};
-use mapping::{EventView, Mapped, Violation, map_change_event, map_event};
+use mapping::{EventView, Mapped, RawEvent, Violation, map_change_event, map_event};
 use settings::ConsumerSettings;
 
 /// The default dead-letter topic.
@@ -183,19 +183,17 @@ impl Stage {
     ) -> Result<Prepared, Cancelled> {
         let mut pending: Vec<Pending> = Vec::new();
         let mut rendered: Vec<u8> = Vec::with_capacity(items.len() * 320);
+        let mut skipped = 0;
         for (i, item) in items.iter().enumerate() {
             let table = item.table();
             let Some(m) = self.settings.mappings.get(table.as_ref()) else {
-                crate::metrics::metrics()
-                    .changes_delivered
-                    .with_label_values(&[warehouse_id, "skipped"])
-                    .inc();
+                skipped += 1;
                 continue;
             };
             let rules = &self.settings.rules;
             let mapped = match item {
                 Incoming::Event(ev) => map_change_event(ev, m, rules),
-                Incoming::Record { value, .. } => match EventView::parse(value) {
+                Incoming::Record { value, .. } => match RawEvent::parse(value) {
                     Ok(view) => map_event(&view, m, rules),
                     Err(v) => {
                         self.refuse(warehouse_id, item, &table, None, None, v)
@@ -260,6 +258,12 @@ impl Stage {
                 }
             }
         }
+        if skipped > 0 {
+            crate::metrics::metrics()
+                .changes_delivered
+                .with_label_values(&[warehouse_id, "skipped"])
+                .inc_by(skipped);
+        }
         Ok(Prepared {
             warehouse_id: warehouse_id.to_string(),
             items,
@@ -308,14 +312,17 @@ impl Stage {
                 &sent_high,
             )
         });
+        let mut delivered = 0;
         for r in futures_util::future::join_all(deliveries).await {
-            r?;
+            delivered += r?;
         }
-        Ok(())
+        // One count per batch, not per request: the lanes' requests would queue on the row.
+        self.persist(|| self.state.add_delivered(warehouse_id, delivered))
+            .await
     }
 
     /// Delivers one lane's changes (indexes into `pending`), in order, in requests bounded by
-    /// count and bytes, and records each outcome.
+    /// count and bytes, and records each outcome; returns how many changes it delivered.
     #[allow(clippy::too_many_arguments)]
     async fn deliver_lane(
         &self,
@@ -326,9 +333,10 @@ impl Stage {
         rendered: &[u8],
         lane: &[usize],
         sent_high: &str,
-    ) -> Result<(), Cancelled> {
+    ) -> Result<i64, Cancelled> {
         let limits = self.settings.batch;
         let mut start = 0;
+        let mut delivered = 0;
         while start < lane.len() {
             let mut end = start;
             let mut bytes = 0;
@@ -351,6 +359,7 @@ impl Stage {
             // Snapshot rows (initial load, resync) central now holds: their open conflicts
             // are resolved.
             let mut landed = Vec::new();
+            let mut outcomes: Vec<(&'static str, u64)> = Vec::new();
             for (&i, verdict) in lane[start..end].iter().zip(verdicts) {
                 let p = &pending[i];
                 if p.change.source.snapshot
@@ -362,8 +371,19 @@ impl Stage {
                         Value::Object(p.change.key.clone()),
                     ));
                 }
-                self.settle(warehouse_id, &items[p.item], &p.change, verdict, sent_high)
+                let outcome = self
+                    .settle(warehouse_id, &items[p.item], &p.change, verdict, sent_high)
                     .await?;
+                match outcomes.iter_mut().find(|(o, _)| *o == outcome) {
+                    Some((_, n)) => *n += 1,
+                    None => outcomes.push((outcome, 1)),
+                }
+            }
+            for (outcome, n) in outcomes {
+                crate::metrics::metrics()
+                    .changes_delivered
+                    .with_label_values(&[warehouse_id, outcome])
+                    .inc_by(n);
             }
             if !landed.is_empty() {
                 let resolved = self
@@ -375,9 +395,7 @@ impl Stage {
                     tracing::info!(warehouse = %warehouse_id, resolved, "conflicts resolved: central now holds the warehouse's values");
                 }
             }
-            let n = (end - start) as i64;
-            self.persist(|| self.state.add_delivered(warehouse_id, n))
-                .await?;
+            delivered += (end - start) as i64;
             if let Some(last) = changes.last()
                 && let Some(micros) = crate::source::values::parse_rfc3339_utc_micros(
                     &last.change.source.committed_at,
@@ -392,7 +410,7 @@ impl Stage {
             }
             start = end;
         }
-        Ok(())
+        Ok(delivered)
     }
 
     /// Records (before sending) that versions up to `high` may be at central; returns the
@@ -422,7 +440,8 @@ impl Stage {
     }
 
     /// Records the outcome of one delivered change; `sent_high` is the highest version that
-    /// may be at central from us.
+    /// may be at central from us. Returns the outcome's metric label (counted per request by
+    /// the caller, not per change).
     async fn settle(
         &self,
         warehouse_id: &str,
@@ -430,7 +449,8 @@ impl Stage {
         change: &Change,
         verdict: Verdict,
         sent_high: &str,
-    ) -> Result<(), Cancelled> {
+    ) -> Result<&'static str, Cancelled> {
+        let outcome;
         let result = match verdict {
             Verdict::Result(r) => r,
             Verdict::Invalid { status, message } => ChangeResult {
@@ -445,16 +465,10 @@ impl Stage {
         let reason = result.reason.clone().unwrap_or_default();
         match result.status {
             ResultStatus::Applied => {
-                crate::metrics::metrics()
-                    .changes_delivered
-                    .with_label_values(&[warehouse_id, "applied"])
-                    .inc();
+                outcome = "applied";
             }
             ResultStatus::Duplicate => {
-                crate::metrics::metrics()
-                    .changes_delivered
-                    .with_label_values(&[warehouse_id, "duplicate"])
-                    .inc();
+                outcome = "duplicate";
             }
             ResultStatus::Stale
                 if result
@@ -463,16 +477,10 @@ impl Stage {
                     .is_some_and(|v| v <= sent_high) =>
             {
                 // Central holds a newer version we sent before (a replay after a restart).
-                crate::metrics::metrics()
-                    .changes_delivered
-                    .with_label_values(&[warehouse_id, "superseded"])
-                    .inc();
+                outcome = "superseded";
             }
             ResultStatus::Stale => {
-                crate::metrics::metrics()
-                    .changes_delivered
-                    .with_label_values(&[warehouse_id, "stale"])
-                    .inc();
+                outcome = "stale";
                 let central = result
                     .current_version
                     .clone()
@@ -507,10 +515,7 @@ impl Stage {
                 self.conflict(&conflict).await?;
             }
             ResultStatus::Rejected => {
-                crate::metrics::metrics()
-                    .changes_delivered
-                    .with_label_values(&[warehouse_id, "rejected"])
-                    .inc();
+                outcome = "rejected";
                 let violation = Violation {
                     rule: "central_rejected",
                     field: None,
@@ -553,7 +558,7 @@ impl Stage {
                 self.conflict(&conflict).await?;
             }
         }
-        Ok(())
+        Ok(outcome)
     }
 
     /// A change that broke a rule before sending: dead letter and conflict row.
@@ -633,9 +638,9 @@ impl Stage {
                 let key = item.key();
                 let op = match item {
                     Incoming::Event(ev) => ev.op.code().to_string(),
-                    Incoming::Record { .. } => {
-                        EventView::parse(&value).map(|e| e.op).unwrap_or_default()
-                    }
+                    Incoming::Record { .. } => RawEvent::parse(&value)
+                        .map(|e| e.op.into_owned())
+                        .unwrap_or_default(),
                 };
                 let field = v.field.clone().unwrap_or_default();
                 let headers = [
