@@ -221,11 +221,14 @@ const CHUNK_TIMEOUT: Duration = Duration::from_secs(30);
 /// Works on forced resyncs (`POST /sync/warehouses/{id}`) of the warehouses this process
 /// streams, until `cancel`: each mapped table is read in primary-key chunks by the stream
 /// (see [`crate::source::resync`]), and each chunk's position is saved once it is durable,
-/// so a restarted resync continues where it stopped.
+/// so a restarted resync continues where it stopped. A resync is done once its last chunk
+/// has outcomes at central: with Kafka, once the consumer group's committed offsets reach
+/// the change topics' ends as they were after the last chunk was published.
 pub async fn run_resyncs(
     state: StateDb,
     warehouses: Vec<Warehouse>,
     tables: Vec<String>,
+    delivery: Delivery,
     cancel: CancellationToken,
 ) {
     let warehouses: HashMap<String, Warehouse> = warehouses
@@ -243,7 +246,7 @@ pub async fn run_resyncs(
                     if *wh.status.state.borrow() != StreamState::Streaming {
                         continue;
                     }
-                    match resync(&state, wh, w, &tables, &cancel).await {
+                    match resync(&state, wh, w, &tables, &delivery, &cancel).await {
                         Ok(()) => {}
                         Err(Stop::Cancelled) => return,
                         Err(Stop::Failed(reason)) => {
@@ -292,6 +295,7 @@ async fn resync(
     wh: &Warehouse,
     w: &ActiveWarehouse,
     tables: &[String],
+    delivery: &Delivery,
     cancel: &CancellationToken,
 ) -> Result<(), Stop> {
     if tables.is_empty() {
@@ -367,6 +371,43 @@ async fn resync(
             progress = state
                 .resync_progress(&w.job_id, &w.warehouse_id, table)
                 .await?;
+        }
+    }
+    if let Delivery::Kafka(progress) = delivery {
+        // Every chunk is published (the checkpoint covers it); the job is done once the
+        // consumer group has outcomes for everything on the topics now.
+        let ends = {
+            let progress = progress.clone();
+            tokio::task::spawn_blocking(move || progress.ends())
+                .await
+                .map_err(|e| Stop::Failed(e.to_string()))?
+                .map_err(Stop::Failed)?
+        };
+        loop {
+            let progress = progress.clone();
+            let ends = ends.clone();
+            let behind = tokio::task::spawn_blocking(move || progress.behind(&ends))
+                .await
+                .map_err(|e| Stop::Failed(e.to_string()))?;
+            match behind {
+                Ok(b) if b.is_empty() => break,
+                Ok(_) => {}
+                Err(e) => tracing::debug!(job = %w.job_id, error = %e, "resync: group progress"),
+            }
+            if state
+                .active_warehouses("resync")
+                .await?
+                .iter()
+                .any(|a| a.job_id == w.job_id && a.overdue)
+            {
+                return Err(Stop::Failed(
+                    "timed out waiting for the consumer group to deliver the resync's rows".into(),
+                ));
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(TICK) => {}
+                _ = cancel.cancelled() => return Err(Stop::Cancelled),
+            }
         }
     }
     tracing::info!(job = %w.job_id, warehouse = %w.warehouse_id, "resync done");

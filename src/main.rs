@@ -47,11 +47,31 @@ enum Command {
     /// Create or update the state DB's tables (DB_URL).
     Migrate,
     /// Stream every configured warehouse to Kafka (or the embedded bus) and the consumer stage.
-    Run,
+    Run(RunArgs),
     /// Serve the reference central inventory API (for the demo and tests).
     Central(CentralArgs),
     /// Check the configuration and every connection; exits 1 when something must be fixed.
     Check,
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Which stages this process runs. With Kafka, `source` processes (one owner per
+    /// warehouse) and `consumer` processes (sharing the partitions in the consumer group) can
+    /// run and scale apart; the embedded bus needs both in one process.
+    #[arg(long, env = "RUN_STAGES", value_enum, default_value_t = Stages::All)]
+    stages: Stages,
+}
+
+/// The stages one `run` process takes part in.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Stages {
+    /// Source and consumer stage.
+    All,
+    /// Warehouses to the bus only (with the /sync jobs that drive the sources).
+    Source,
+    /// The consumer stage only: the change topic to central.
+    Consumer,
 }
 
 #[derive(clap::Args)]
@@ -133,6 +153,8 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    // `.env` before the arguments, so variables that flags read (RUN_STAGES) come from it too.
+    let _ = dotenvy::dotenv();
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -147,7 +169,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Tail(args) => runtime.block_on(run_tail(args, &cli.config)),
         Command::Migrate => runtime.block_on(run_migrate(&cli.config)),
-        Command::Run => runtime.block_on(run_service(&cli.config)),
+        Command::Run(args) => runtime.block_on(run_service(&cli.config, args.stages)),
         Command::Central(args) => runtime.block_on(run_central(args)),
         Command::Check => runtime.block_on(run_check(&cli.config)),
     }
@@ -192,11 +214,18 @@ fn shutdown_token() -> CancellationToken {
     cancel
 }
 
-async fn run_service(config_path: &Path) -> ExitCode {
+async fn run_service(config_path: &Path, stages: Stages) -> ExitCode {
     let config = match Config::load(config_path, true) {
         Ok(c) => c,
         Err(e) => return fail(e, 2),
     };
+    if stages != Stages::All && config.kafka_brokers.is_none() {
+        return fail(
+            "RUN_STAGES (--stages) source or consumer needs KAFKA_BROKERS: the embedded bus runs both stages in one process",
+            2,
+        );
+    }
+    let (run_source, run_consumer) = (stages != Stages::Consumer, stages != Stages::Source);
     if config.warehouses.is_empty() {
         return fail(
             format!("{} lists no [[warehouses]]", config_path.display()),
@@ -292,24 +321,30 @@ async fn run_service(config_path: &Path) -> ExitCode {
             })
             .collect()
     };
-    let delivery = match &progress {
+    let delivery = || match &progress {
         None => inventorysync::jobs::Delivery::Embedded,
         Some(p) => inventorysync::jobs::Delivery::Kafka(p.clone()),
     };
     let mut mapped_tables: Vec<String> = config.consumer.mappings.keys().cloned().collect();
     mapped_tables.sort();
-    let jobs = tokio::spawn(inventorysync::jobs::run(
-        state.clone(),
-        job_warehouses(),
-        delivery,
-        cancel.clone(),
-    ));
-    let resyncs = tokio::spawn(inventorysync::jobs::run_resyncs(
-        state.clone(),
-        job_warehouses(),
-        mapped_tables,
-        cancel.clone(),
-    ));
+    // Jobs drive the sources (cycles capture WAL positions, resyncs read chunks through the
+    // stream): a consumer-only process leaves them to the source processes.
+    let mut runners = tokio::task::JoinSet::new();
+    if run_source {
+        runners.spawn(inventorysync::jobs::run(
+            state.clone(),
+            job_warehouses(),
+            delivery(),
+            cancel.clone(),
+        ));
+        runners.spawn(inventorysync::jobs::run_resyncs(
+            state.clone(),
+            job_warehouses(),
+            mapped_tables,
+            delivery(),
+            cancel.clone(),
+        ));
+    }
     let listener = match tokio::net::TcpListener::bind(config.api_listen).await {
         Ok(l) => l,
         Err(e) => return fail(format!("API_LISTEN {}: {e}", config.api_listen), 1),
@@ -332,7 +367,7 @@ async fn run_service(config_path: &Path) -> ExitCode {
                     return fail(e, code);
                 }
             };
-            if client.is_some() {
+            if run_consumer && client.is_some() {
                 let dead_letters = DeadLetters::Kafka {
                     bus: bus.clone(),
                     topic: kafka.dlq_topic.clone(),
@@ -354,8 +389,22 @@ async fn run_service(config_path: &Path) -> ExitCode {
                     }
                 });
             }
-            tracing::info!(warehouses = warehouses.len(), bus = "kafka", "running");
-            inventorysync::app::run(warehouses, &statuses, state, bus, cancel.clone()).await;
+            if run_source {
+                tracing::info!(warehouses = warehouses.len(), bus = "kafka", "running");
+                inventorysync::app::run(warehouses, &statuses, state, bus, cancel.clone()).await;
+            } else {
+                // The sources run in other processes; this one answers for them as a standby.
+                for s in &statuses {
+                    s.state
+                        .send_replace(inventorysync::app::StreamState::Standby);
+                }
+                tracing::info!(
+                    warehouses = warehouses.len(),
+                    bus = "kafka",
+                    "running the consumer stage only"
+                );
+                cancel.cancelled().await;
+            }
         }
         None => {
             let Some(bus) = embedded_bus else {
@@ -386,8 +435,7 @@ async fn run_service(config_path: &Path) -> ExitCode {
     cancel.cancel();
     while consumers.join_next().await.is_some() {}
     let _ = api.await;
-    let _ = jobs.await;
-    let _ = resyncs.await;
+    while runners.join_next().await.is_some() {}
     ExitCode::SUCCESS
 }
 

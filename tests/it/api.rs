@@ -772,6 +772,37 @@ async fn a_resync_repairs_a_wiped_or_tampered_central_while_writes_go_on() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resync_through_kafka_succeeds_only_once_the_group_delivered_its_rows() {
+    let db = demo_warehouse("apikresync").await;
+    seed_stock(&db, 100, 10).await;
+    let state = pg().new_db("apikresyncstate").await;
+    let central = Central::start(Faults::default()).await;
+    let topic = format!("it.{}", db.name);
+    let (_dir, log, _run, api, _) =
+        start_with_api(&db, &state, &central, "wh-kresync", Some(&topic));
+    crate::consumer::assert_converges(&central, &db, "wh-kresync", &log).await;
+    central.damage("wh-kresync", false).await;
+    // Central answers slowly: the rows are on the topic long before they are delivered.
+    central
+        .set_faults(Faults {
+            latency_ms: 400,
+            ..Faults::default()
+        })
+        .await;
+    let want = expected_state(&db).await;
+    let (status, v) = api.post("/sync/warehouses/wh-kresync", "").await;
+    assert_eq!(status, 202, "{v}");
+    let id = v["jobId"].as_str().unwrap().to_string();
+    let job = api.finished(&id, &log).await;
+    assert_eq!(job["status"], "succeeded", "{job}\n{}", log_tail(&log));
+    assert_eq!(
+        central.state("wh-kresync").await,
+        want,
+        "a succeeded resync left central behind the warehouse"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_resync_restarted_in_the_middle_resumes_from_the_saved_chunk() {
     let db = demo_warehouse("apiresume").await;
     seed_stock(&db, 300, 10).await;

@@ -872,6 +872,61 @@ async fn two_consumers_in_one_group_share_the_partitions() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn source_and_consumer_stages_run_in_separate_processes() {
+    let db = demo_warehouse("stages").await;
+    let state = pg().new_db("stagesstate").await;
+    let central = Central::start(Faults::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), &db, "wh-stages", "");
+    // The embedded bus cannot split the stages: a clear setup error, exit 2.
+    let out = run_command(&cfg, &state, &central, None)
+        .arg("--stages")
+        .arg("consumer")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("needs KAFKA_BROKERS"), "{stderr}");
+    let topic = format!("it.{}", db.name);
+    let (log_s, log_c) = (
+        dir.path().join("source.log"),
+        dir.path().join("consumer.log"),
+    );
+    let _source = start(
+        {
+            let mut c = run_command(&cfg, &state, &central, Some(&topic));
+            c.arg("--stages").arg("source");
+            c
+        },
+        log_s.clone(),
+    );
+    let _consumer = start(
+        {
+            let mut c = run_command(&cfg, &state, &central, Some(&topic));
+            c.env("RUN_STAGES", "consumer");
+            c
+        },
+        log_c.clone(),
+    );
+    wait_streaming(&state, "wh-stages", &log_s).await;
+    for seed in 60..64 {
+        workload(&db.client, seed, 40).await;
+    }
+    assert_converges(&central, &db, "wh-stages", &log_c).await;
+    assert_eq!(
+        count_in(&log_s, "consuming partition"),
+        0,
+        "the source process consumes nothing"
+    );
+    assert_eq!(
+        count_in(&log_c, "owning warehouse"),
+        0,
+        "the consumer process streams nothing"
+    );
+    assert!(count_in(&log_c, "consuming partition") > 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_credential_stops_pushing_without_dead_letters_and_a_422_batch_is_bisected() {
     let db = demo_warehouse("cauth").await;
     let state = pg().new_db("cauthstate").await;
