@@ -108,12 +108,19 @@ pub struct ConflictRow {
 }
 
 impl StateDb {
-    /// Records `c` once (a replayed change finds its row already there).
+    /// Records `c` once: a replayed change finds its row already there, and a change that
+    /// repeats an open conflict (same entity, kind, rule and warehouse value — a resync
+    /// reading a row that is still invalid) adds nothing an operator does not already see.
     pub async fn record_conflict(&self, c: &NewConflict) -> Result<(), StoreError> {
         sqlx::query(
             "INSERT INTO sync_conflicts (warehouse_id, table_name, entity, entity_key, kind, rule, reason,
                  source_version, central_version, source_value, central_value, dead_lettered, hint)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
+             SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13
+              WHERE NOT EXISTS (
+                    SELECT 1 FROM sync_conflicts
+                     WHERE warehouse_id = $1 AND table_name = $2 AND entity_key = $4
+                       AND kind = $5 AND rule IS NOT DISTINCT FROM $6
+                       AND source_value IS NOT DISTINCT FROM $10 AND status = 'open')
              ON CONFLICT (warehouse_id, table_name, source_version, kind, entity_key) DO NOTHING",
         )
         .bind(&c.warehouse_id)

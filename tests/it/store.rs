@@ -146,3 +146,70 @@ async fn migrate_accepts_the_jdbc_form_and_reports_bad_urls_clearly() {
     assert_eq!(code, 2);
     assert!(err.contains("configuration key DB_URL"), "{err}");
 }
+
+#[tokio::test]
+async fn a_conflict_that_repeats_an_open_one_is_recorded_once() {
+    use inventorysync::store::{ConflictQuery, NewConflict};
+    let (_db, state) = state_db("conflictonce").await;
+    let conflict = |version: &str, qty: i64| NewConflict {
+        warehouse_id: "wh-1".into(),
+        table_name: "public.stock_levels".into(),
+        entity: Some("stock_level".into()),
+        entity_key: serde_json::json!({"sku": "SKU-1", "location": "A-1"}),
+        kind: "invalid",
+        rule: Some("quantity_non_negative".into()),
+        reason: format!("{qty} is negative"),
+        source_version: version.into(),
+        central_version: None,
+        source_value: Some(serde_json::json!({"on_hand": qty})),
+        central_value: None,
+        dead_lettered: true,
+        hint: "fix the row".into(),
+    };
+    let open = || async {
+        state
+            .list_conflicts(&ConflictQuery {
+                warehouse: Some("wh-1".into()),
+                status: Some("open".into()),
+                kind: None,
+                before_id: None,
+                limit: 100,
+            })
+            .await
+            .unwrap()
+            .len()
+    };
+    state
+        .record_conflict(&conflict("0000000000000010:00000000", -1))
+        .await
+        .unwrap();
+    // A resync reads the same still-invalid row at a new version: nothing new to tell.
+    state
+        .record_conflict(&conflict("0000000000000020:00000000", -1))
+        .await
+        .unwrap();
+    assert_eq!(open().await, 1);
+    // Another bad value is news.
+    state
+        .record_conflict(&conflict("0000000000000030:00000000", -2))
+        .await
+        .unwrap();
+    assert_eq!(open().await, 2);
+    // Once resolved, the same bad value again is a new conflict.
+    state
+        .resolve_conflicts(
+            "wh-1",
+            &[(
+                "stock_level".into(),
+                serde_json::json!({"sku": "SKU-1", "location": "A-1"}),
+            )],
+        )
+        .await
+        .unwrap();
+    assert_eq!(open().await, 0);
+    state
+        .record_conflict(&conflict("0000000000000040:00000000", -1))
+        .await
+        .unwrap();
+    assert_eq!(open().await, 1);
+}
