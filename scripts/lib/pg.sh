@@ -1,11 +1,22 @@
-# Shared by the benchmark scripts: a throwaway PostgreSQL and a few helpers.
-# Source it; it defines pg_bin, as_pg, free_port, start_pg DIR PORT and psql_at PORT DB.
+# Shared by the scripts: PostgreSQL server binaries (installed from Debian's packages when
+# missing and running as root), a throwaway server and a few helpers.
+# Source it; it defines pg_bin, as_pg, free_port, start_pg DIR PORT, stop_pg DIR, machine_line.
 
-pg_bin=""
-for v in 15 16 17 14; do
-  [ -x "/usr/lib/postgresql/$v/bin/initdb" ] && { pg_bin="/usr/lib/postgresql/$v/bin"; break; }
-done
-[ -n "$pg_bin" ] || { echo "$0: no PostgreSQL server binaries (install postgresql-15)" >&2; exit 1; }
+find_pg_bin() {
+  for v in 15 16 17 14; do
+    if [ -x "/usr/lib/postgresql/$v/bin/initdb" ]; then echo "/usr/lib/postgresql/$v/bin"; return 0; fi
+  done
+  return 1
+}
+
+if ! pg_bin=$(find_pg_bin); then
+  if [ "$(id -u)" = 0 ]; then
+    echo "$0: installing the PostgreSQL server packages (once)" >&2
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql-15 >/dev/null \
+      || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
+  fi
+  pg_bin=$(find_pg_bin) || { echo "$0: no PostgreSQL server binaries (install postgresql-15)" >&2; exit 1; }
+fi
 
 as_pg() { if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
