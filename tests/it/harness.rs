@@ -503,6 +503,10 @@ impl Broker {
 
     /// Sends `signal` (e.g. `STOP`, `CONT`) to the broker process.
     pub fn signal(&self, signal: &str) {
+        assert!(
+            !self.pid_file.as_os_str().is_empty(),
+            "an external broker cannot be signalled; start a dedicated one with Broker::start"
+        );
         let pid = std::fs::read_to_string(&self.pid_file).expect("tansu pid file");
         let ok = Command::new("kill")
             .arg(format!("-{signal}"))
@@ -514,8 +518,15 @@ impl Broker {
     }
 }
 
-/// The broker shared by the tests of this binary, started on first use.
+/// The broker shared by the tests of this binary, started on first use; an external one
+/// when `INVENTORYSYNC_TEST_KAFKA_BROKERS` names it (e.g. from docker-compose.test.yml).
 pub fn broker() -> &'static Broker {
     static BROKER: OnceLock<Broker> = OnceLock::new();
-    BROKER.get_or_init(Broker::start)
+    BROKER.get_or_init(|| match std::env::var("INVENTORYSYNC_TEST_KAFKA_BROKERS") {
+        Ok(address) if !address.trim().is_empty() => Broker {
+            address,
+            pid_file: PathBuf::new(),
+        },
+        _ => Broker::start(),
+    })
 }
