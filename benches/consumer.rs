@@ -131,7 +131,9 @@ fn bench(c: &mut Criterion) {
     });
     g.bench_function("central decodes a request of 500", |b| {
         b.iter(|| {
-            black_box(serde_json::from_slice::<ChangeBatch>(black_box(&body)).expect("decodes"))
+            black_box(
+                inventorysync::central::server::Request::parse(black_box(&body)).expect("decodes"),
+            )
         })
     });
     g.finish();

@@ -144,7 +144,21 @@ struct TailArgs {
     stream_memory_mib: usize,
 }
 
+/// Turns transparent huge pages off for this process. With THP the first touch of memory the
+/// allocator took back from the OS zeroes a whole 2 MiB page; the pipeline's batches make
+/// the allocator do that all the time, and profiles of `run` showed a fifth of its CPU in
+/// the kernel clearing pages (`scripts/bench-consumer`: 7.4 → 5.4 µs per row for `run`,
+/// 4.5 → 3.2 for the reference central server).
+fn disable_transparent_huge_pages() {
+    #[cfg(target_os = "linux")]
+    // SAFETY: prctl with PR_SET_THP_DISABLE takes plain integers and touches no memory of ours.
+    unsafe {
+        libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0);
+    }
+}
+
 fn main() -> ExitCode {
+    disable_transparent_huge_pages();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("INVENTORYSYNC_LOG")

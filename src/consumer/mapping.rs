@@ -228,7 +228,12 @@ fn json_value(v: &EventValue) -> Value {
         EventValue::Null => Value::Null,
         EventValue::Bool(b) => Value::Bool(*b),
         EventValue::String(s) => Value::String(s.to_string()),
-        EventValue::Number(t) | EventValue::Json(t) => {
+        // Most numbers are integers: no JSON parser for those.
+        EventValue::Number(t) => match t.parse::<i64>() {
+            Ok(n) => Value::from(n),
+            Err(_) => serde_json::from_str(t).unwrap_or_else(|_| Value::String(t.to_string())),
+        },
+        EventValue::Json(t) => {
             serde_json::from_str(t).unwrap_or_else(|_| Value::String(t.to_string()))
         }
         EventValue::Array(items) => Value::Array(items.iter().map(json_value).collect()),
