@@ -2,14 +2,15 @@
 //! `run` processes share the partitions; each change's offset is stored only once the stage
 //! has an outcome for it, and stored offsets are committed in the background (and at stop).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 
+use futures_util::FutureExt;
 use futures_util::future::join_all;
 use rdkafka::Message;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
-use rdkafka::message::Headers;
+use rdkafka::message::{BorrowedMessage, Headers};
 use secrecy::ExposeSecret;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -132,7 +133,9 @@ pub async fn run(
     let mut partitions = Partitions::default();
     let mut first_at: Option<Instant> = None;
     let mut buffered = 0usize;
-    let mut inflight: Option<Inflight> = None;
+    let mut inflight: VecDeque<Inflight> = VecDeque::new();
+    // Resolves once the newest batch in flight is delivered (true) or given up (false).
+    let mut last_done: Option<tokio::sync::oneshot::Receiver<bool>> = None;
     loop {
         let flush_due = first_at.map(|t| t + limits.linger);
         let msg = tokio::select! {
@@ -147,101 +150,84 @@ pub async fn run(
             }
             _ = cancel.cancelled() => break,
         };
-        if let Some(m) = msg {
-            let m = match m {
-                Ok(m) => m,
-                Err(e) => {
-                    tracing::debug!(error = %e, "consumer");
-                    continue;
-                }
-            };
-            if partitions.read(m.topic(), m.partition(), m.offset()) {
-                tracing::info!(
-                    topic = m.topic(),
-                    partition = m.partition(),
-                    offset = m.offset(),
-                    "consuming partition"
-                );
-            }
-            // Skipped records too: their offsets are stored with the next delivery.
-            first_at.get_or_insert_with(Instant::now);
-            if m.topic() == kafka.dlq_topic {
-                continue;
-            }
-            let (mut warehouse, mut table) = (None, None);
-            if let Some(h) = m.headers() {
-                for header in h.iter() {
-                    let v = header.value.and_then(|v| std::str::from_utf8(v).ok());
-                    match header.key {
-                        "warehouse_id" => warehouse = v.map(str::to_string),
-                        "table" => table = v.map(str::to_string),
-                        _ => {}
+        if let Some(first) = msg {
+            // Take what the client has already fetched without going round the select! (and
+            // its timer) once per record.
+            let cap = limits.max_changes * super::LANES;
+            let mut next = Some(first);
+            while let Some(m) = next.take() {
+                match m {
+                    Ok(m) => {
+                        // Skipped records too: their offsets are stored with the next delivery.
+                        first_at.get_or_insert_with(Instant::now);
+                        if let Some((warehouse, item)) =
+                            read_record(&m, &mut partitions, &kafka.dlq_topic, &warehouses)
+                        {
+                            batches.entry(warehouse).or_default().push(item);
+                            buffered += 1;
+                        }
                     }
+                    Err(e) => tracing::debug!(error = %e, "consumer"),
                 }
+                if buffered >= cap {
+                    break;
+                }
+                next = consumer.recv().now_or_never();
             }
-            let (Some(warehouse), Some(table)) = (warehouse, table) else {
-                tracing::warn!(
-                    topic = m.topic(),
-                    partition = m.partition(),
-                    offset = m.offset(),
-                    "record without warehouse_id/table headers; not a change event of ours, skipped"
-                );
-                continue;
-            };
-            if !warehouses.contains(&warehouse) {
-                continue;
-            }
-            batches
-                .entry(warehouse)
-                .or_default()
-                .push(Incoming::Record {
-                    table,
-                    key: m.key().unwrap_or_default().to_vec(),
-                    value: m.payload().unwrap_or_default().to_vec(),
-                });
-            buffered += 1;
-            if buffered < limits.max_changes * super::LANES {
+            if buffered < cap {
                 continue;
             }
         }
-        // Linger passed or the batch is full: prepare every warehouse's batch, then (once the
-        // previous delivery is done, so keys stay in order) deliver them while the next
-        // records are read; offsets are stored once their delivery is done.
-        let work = std::mem::take(&mut batches);
-        let prepared = join_all(work.into_iter().map(|(w, items)| {
-            let stage = &stage;
-            async move { stage.prepare(&w, items).await }
-        }))
-        .await;
-        let Ok(prepared) = prepared.into_iter().collect::<Result<Vec<_>, _>>() else {
-            break;
-        };
-        if inflight.is_some() {
+        // Linger passed or the batch is full: the batch is prepared and delivered by a task of
+        // its own while the next records are read. Its delivery starts only once the previous
+        // batch's is done (so one key's changes stay in order); preparing it overlaps that
+        // delivery and the reading of the next batch. At most two batches are in flight;
+        // offsets are stored in order, once their delivery is done.
+        if inflight.len() >= MAX_IN_FLIGHT {
             let (ok, done) = wait(&mut inflight).await;
             if !ok {
                 break;
             }
             store(&consumer, done);
         }
+        let work = std::mem::take(&mut batches);
         let stage = stage.clone();
-        let done = partitions.take_marks();
-        inflight = Some((
-            tokio::spawn(async move {
-                join_all(prepared.into_iter().map(|p| stage.deliver(p)))
-                    .await
-                    .into_iter()
-                    .all(|r| r.is_ok())
-            }),
-            done,
-        ));
+        let previous = last_done.take();
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+        last_done = Some(done_rx);
+        let handle = tokio::spawn(async move {
+            let prepared = join_all(work.into_iter().map(|(w, items)| {
+                let stage = &stage;
+                async move { stage.prepare(&w, items).await }
+            }))
+            .await;
+            let ok = match prepared.into_iter().collect::<Result<Vec<_>, _>>() {
+                Err(_) => false,
+                Ok(prepared) => {
+                    let previous_ok = match previous {
+                        Some(rx) => matches!(rx.await, Ok(true)),
+                        None => true,
+                    };
+                    previous_ok
+                        && join_all(prepared.into_iter().map(|p| stage.deliver(p)))
+                            .await
+                            .into_iter()
+                            .all(|r| r.is_ok())
+                }
+            };
+            let _ = done_tx.send(ok);
+            ok
+        });
+        inflight.push_back((handle, partitions.take_marks()));
         first_at = None;
         buffered = 0;
     }
-    if inflight.is_some() && !cancel.is_cancelled() {
+    while !inflight.is_empty() && !cancel.is_cancelled() {
         let (ok, done) = wait(&mut inflight).await;
-        if ok {
-            store(&consumer, done);
+        if !ok {
+            break;
         }
+        store(&consumer, done);
     }
     if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
         tracing::debug!(error = %e, "final offset commit");
@@ -249,15 +235,72 @@ pub async fn run(
     Ok(())
 }
 
-/// A delivery in flight and the positions it covers.
+/// Notes where `m` sits and turns it into a change for the stage: the warehouse and the
+/// record, or `None` for a record to skip (the dead-letter topic, another warehouse's, or
+/// not a change event of ours).
+fn read_record(
+    m: &BorrowedMessage<'_>,
+    partitions: &mut Partitions,
+    dlq_topic: &str,
+    warehouses: &HashSet<String>,
+) -> Option<(String, Incoming)> {
+    if partitions.read(m.topic(), m.partition(), m.offset()) {
+        tracing::info!(
+            topic = m.topic(),
+            partition = m.partition(),
+            offset = m.offset(),
+            "consuming partition"
+        );
+    }
+    if m.topic() == dlq_topic {
+        return None;
+    }
+    let (mut warehouse, mut table) = (None, None);
+    if let Some(h) = m.headers() {
+        for header in h.iter() {
+            let v = header.value.and_then(|v| std::str::from_utf8(v).ok());
+            match header.key {
+                "warehouse_id" => warehouse = v,
+                "table" => table = v,
+                _ => {}
+            }
+        }
+    }
+    let (Some(warehouse), Some(table)) = (warehouse, table) else {
+        tracing::warn!(
+            topic = m.topic(),
+            partition = m.partition(),
+            offset = m.offset(),
+            "record without warehouse_id/table headers; not a change event of ours, skipped"
+        );
+        return None;
+    };
+    if !warehouses.contains(warehouse) {
+        return None;
+    }
+    Some((
+        warehouse.to_string(),
+        Incoming::Record {
+            table: table.to_string(),
+            key: m.key().unwrap_or_default().to_vec(),
+            value: m.payload().unwrap_or_default().to_vec(),
+        },
+    ))
+}
+
+/// Batches prepared or delivered at once: one delivering, the next preparing.
+const MAX_IN_FLIGHT: usize = 2;
+
+/// A batch in flight (its task: prepare, then deliver) and the positions it covers.
 type Inflight = (tokio::task::JoinHandle<bool>, Vec<Position>);
 
-/// Whether the in-flight delivery succeeded, and its positions; never resolves without one.
-async fn wait(inflight: &mut Option<Inflight>) -> (bool, Vec<Position>) {
-    match inflight {
+/// Whether the oldest batch in flight was delivered, and its positions; never resolves
+/// without one.
+async fn wait(inflight: &mut VecDeque<Inflight>) -> (bool, Vec<Position>) {
+    match inflight.front_mut() {
         Some((handle, _)) => {
             let ok = matches!(handle.await, Ok(true));
-            let done = inflight.take().map(|(_, p)| p).unwrap_or_default();
+            let done = inflight.pop_front().map(|(_, p)| p).unwrap_or_default();
             (ok, done)
         }
         None => std::future::pending().await,
