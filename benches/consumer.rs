@@ -1,6 +1,7 @@
 //! The consumer stage's CPU per change, without the network: mapping an in-process event of
-//! the demo `stock_levels` table to a central change (with every rule checked), rendering the
-//! changes' JSON, assembling a request of 500 from it, and the reference server decoding it.
+//! the demo `stock_levels` table to a central change (with every rule checked), parsing and
+//! mapping the same event as a Kafka record, rendering the changes' JSON, assembling a request
+//! of 500 from it, and the reference server decoding it.
 //!
 //! `scripts/bench-consumer` measures the whole path against a real PostgreSQL; this one shows
 //! where the time of one change goes. Throughput is reported in changes per second on one core.
@@ -11,7 +12,7 @@ use std::sync::Arc;
 use criterion::{Criterion, Throughput, criterion_group};
 use inventorysync::Lsn;
 use inventorysync::central::{ChangeBatch, Outgoing, batch_id, request_body};
-use inventorysync::consumer::mapping::{Mapped, map_change_event};
+use inventorysync::consumer::mapping::{Mapped, RawEvent, map_change_event, map_event};
 use inventorysync::consumer::settings::ConsumerSettings;
 use inventorysync::event::{
     ChangeEvent, Op, Row, SnapshotMarker, SourceInfo, TableSource, TransactionInfo, Value,
@@ -109,6 +110,21 @@ fn bench(c: &mut Criterion) {
     g.throughput(Throughput::Elements(BATCH as u64));
     g.bench_function("map 500 stock-level events", |b| {
         b.iter(|| black_box(map_all()))
+    });
+    // The Kafka path: each record's JSON envelope parsed in place, then mapped.
+    let records: Vec<Vec<u8>> = events.iter().map(|ev| ev.to_json().into_bytes()).collect();
+    g.bench_function("parse and map 500 Kafka records", |b| {
+        b.iter(|| {
+            let mut n = 0;
+            for r in &records {
+                let ev = RawEvent::parse(black_box(r)).expect("parses");
+                match map_event(&ev, m, &settings.rules) {
+                    Ok(Mapped::Changes(c)) => n += c.len(),
+                    other => panic!("the bench record maps to changes: {other:?}"),
+                }
+            }
+            black_box(n)
+        })
     });
     g.bench_function("render 500 changes", |b| {
         let mut out = Vec::with_capacity(BATCH * 320);
