@@ -169,22 +169,32 @@ impl Runner {
         key: (String, String),
     ) -> (bool, Option<String>) {
         let recorded = self.ends.get(&key).cloned();
-        let result = tokio::task::spawn_blocking(move || match recorded {
-            Some(ends) => progress.behind(&ends).map(|b| (ends, b)),
-            None => progress.ends().map(|ends| (ends, vec![])),
+        let result = ask_group(&progress, move |p| match recorded {
+            Some(ends) => p.behind(&ends).map(|b| (ends, b)),
+            None => p.ends().map(|ends| (ends, vec![])),
         })
         .await;
         match result {
-            Ok(Ok((ends, behind))) => {
+            Ok((ends, behind)) => {
                 let first = !self.ends.contains_key(&key);
                 self.ends.insert(key, ends);
                 // The ends just recorded have not been compared yet.
                 (!first && behind.is_empty(), None)
             }
-            Ok(Err(e)) => (false, Some(e)),
-            Err(e) => (false, Some(e.to_string())),
+            Err(e) => (false, Some(e)),
         }
     }
+}
+
+/// Runs one of `progress`'s blocking Kafka requests off the async threads.
+async fn ask_group<T: Send + 'static>(
+    progress: &Arc<GroupProgress>,
+    ask: impl FnOnce(&GroupProgress) -> Result<T, String> + Send + 'static,
+) -> Result<T, String> {
+    let progress = progress.clone();
+    tokio::task::spawn_blocking(move || ask(&progress))
+        .await
+        .map_err(|e| e.to_string())?
 }
 
 /// Reads the warehouse's current WAL position and writes a logical message after it.
@@ -376,20 +386,12 @@ async fn resync(
     if let Delivery::Kafka(progress) = delivery {
         // Every chunk is published (the checkpoint covers it); the job is done once the
         // consumer group has outcomes for everything on the topics now.
-        let ends = {
-            let progress = progress.clone();
-            tokio::task::spawn_blocking(move || progress.ends())
-                .await
-                .map_err(|e| Stop::Failed(e.to_string()))?
-                .map_err(Stop::Failed)?
-        };
+        let ends = ask_group(progress, GroupProgress::ends)
+            .await
+            .map_err(Stop::Failed)?;
         loop {
-            let progress = progress.clone();
             let ends = ends.clone();
-            let behind = tokio::task::spawn_blocking(move || progress.behind(&ends))
-                .await
-                .map_err(|e| Stop::Failed(e.to_string()))?;
-            match behind {
+            match ask_group(progress, move |p| p.behind(&ends)).await {
                 Ok(b) if b.is_empty() => break,
                 Ok(_) => {}
                 Err(e) => tracing::debug!(job = %w.job_id, error = %e, "resync: group progress"),

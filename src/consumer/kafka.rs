@@ -19,9 +19,8 @@ use super::{Incoming, Stage};
 use crate::bus::BusError;
 use crate::bus::kafka::KafkaSettings;
 
-/// How far the records read from one partition reach: the highest offset read, and the
-/// highest whose delivery is done (stored for the next commit). Offsets are stored once per
-/// partition and delivery, not once per record.
+/// How far the records read from one partition reach. A delivery covers everything read
+/// before it, so its offsets are stored once per partition, not once per record.
 struct Partition {
     topic: String,
     partition: i32,

@@ -97,11 +97,6 @@ impl EventView {
         }
     }
 
-    /// `schema.table`.
-    pub fn table(&self) -> String {
-        format!("{}.{}", self.source.schema, self.source.table)
-    }
-
     /// The version of DESIGN §2.
     pub fn version(&self) -> String {
         crate::event::format_version(Lsn(self.source.commit_lsn), self.source.sequence)
