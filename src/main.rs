@@ -19,7 +19,10 @@ use inventorysync::tail::{Output, tail};
 use tokio_util::sync::CancellationToken;
 
 /// Events are many small allocations that live briefly; mimalloc handles that pattern with
-/// far fewer instructions than the system allocator (see benches/decode.rs).
+/// far fewer instructions than the system allocator (see benches/decode.rs). Its `override`
+/// feature also takes `malloc`/`free` of the C code linked in: librdkafka copies every
+/// message it produces and fetches, and with glibc's allocator that cost the Kafka source
+/// stage about a third of its CPU (scripts/bench-consumer, stages apart).
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
