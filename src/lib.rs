@@ -14,6 +14,7 @@ pub mod config;
 pub mod consumer;
 pub mod event;
 pub mod jobs;
+pub mod json;
 pub mod lsn;
 pub mod metrics;
 pub mod source;

@@ -275,7 +275,7 @@ impl CentralClient {
                         };
                     }
                 };
-                match serde_json::from_slice::<BatchResponse>(&bytes) {
+                match crate::json::from_bytes::<BatchResponse>(&bytes) {
                     Ok(r) if r.results.len() == expected => Attempt::Results(r.results),
                     Ok(r) => {
                         retry();

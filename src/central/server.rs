@@ -92,7 +92,7 @@ pub struct Request<'a> {
 impl<'a> Request<'a> {
     /// Parses a request body; the error says what is malformed and where.
     pub fn parse(body: &'a [u8]) -> Result<Self, serde_json::Error> {
-        serde_json::from_slice(body)
+        crate::json::from_bytes(body)
     }
 }
 

@@ -125,7 +125,7 @@ pub struct RawEvent<'a> {
 impl<'a> RawEvent<'a> {
     /// Parses an event; the error says what is missing or malformed.
     pub fn parse(raw: &'a [u8]) -> Result<Self, Violation> {
-        serde_json::from_slice(raw).map_err(|e| Violation {
+        crate::json::from_bytes(raw).map_err(|e| Violation {
             rule: "event_format",
             field: None,
             reason: format!("not a change event: {e}"),
