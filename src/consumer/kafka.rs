@@ -134,6 +134,7 @@ pub async fn run(
     let limits = stage.settings().batch;
     let mut batches: HashMap<String, Vec<Incoming>> = HashMap::new();
     let mut partitions = Partitions::default();
+    let mut tables = Tables::default();
     let mut first_at: Option<Instant> = None;
     let mut buffered = 0usize;
     let mut inflight: VecDeque<Inflight> = VecDeque::new();
@@ -163,10 +164,19 @@ pub async fn run(
                     Ok(m) => {
                         // Skipped records too: their offsets are stored with the next delivery.
                         first_at.get_or_insert_with(Instant::now);
-                        if let Some((warehouse, item)) =
-                            read_record(&m, &mut partitions, &kafka.dlq_topic, &warehouses)
-                        {
-                            batches.entry(warehouse).or_default().push(item);
+                        if let Some((warehouse, item)) = read_record(
+                            &m,
+                            &mut partitions,
+                            &kafka.dlq_topic,
+                            &warehouses,
+                            &mut tables,
+                        ) {
+                            match batches.get_mut(warehouse) {
+                                Some(batch) => batch.push(item),
+                                None => {
+                                    batches.insert(warehouse.to_string(), vec![item]);
+                                }
+                            }
                             buffered += 1;
                         }
                     }
@@ -238,15 +248,37 @@ pub async fn run(
     Ok(())
 }
 
+/// The table names of the records read, shared by the records of one table instead of a
+/// string per record.
+#[derive(Default)]
+struct Tables(Vec<Arc<str>>);
+
+impl Tables {
+    /// At most this many names are kept (a linear scan; a consumer sees a few tables).
+    const MAX: usize = 64;
+
+    fn get(&mut self, name: &str) -> Arc<str> {
+        if let Some(t) = self.0.iter().find(|t| ***t == *name) {
+            return t.clone();
+        }
+        let t: Arc<str> = name.into();
+        if self.0.len() < Self::MAX {
+            self.0.push(t.clone());
+        }
+        t
+    }
+}
+
 /// Notes where `m` sits and turns it into a change for the stage: the warehouse and the
 /// record, or `None` for a record to skip (the dead-letter topic, another warehouse's, or
 /// not a change event of ours).
-fn read_record(
-    m: &BorrowedMessage<'_>,
+fn read_record<'m>(
+    m: &'m BorrowedMessage<'_>,
     partitions: &mut Partitions,
     dlq_topic: &str,
     warehouses: &HashSet<String>,
-) -> Option<(String, Incoming)> {
+    tables: &mut Tables,
+) -> Option<(&'m str, Incoming)> {
     if partitions.read(m.topic(), m.partition(), m.offset()) {
         tracing::info!(
             topic = m.topic(),
@@ -282,9 +314,9 @@ fn read_record(
         return None;
     }
     Some((
-        warehouse.to_string(),
+        warehouse,
         Incoming::Record {
-            table: table.to_string(),
+            table: tables.get(table),
             key: m.key().unwrap_or_default().to_vec(),
             value: m.payload().unwrap_or_default().to_vec(),
         },
