@@ -749,6 +749,16 @@ async fn kill_9_of_run_mid_batch_still_converges_and_replays_are_duplicates() {
         stats["duplicate"].as_u64().unwrap() > 0,
         "replays are answered duplicate: {stats}"
     );
+    assert!(stats["latency"]["count"].is_u64(), "{stats}");
+    // A poller that only counts leaves the percentiles out.
+    let counts = central
+        .get(&format!(
+            "http://{}/admin/stats?latency=false",
+            central.addr
+        ))
+        .await;
+    assert!(counts["latency"].is_null(), "{counts}");
+    assert!(counts["applied"].as_u64().unwrap() >= stats["applied"].as_u64().unwrap());
     assert_eq!(
         conflicts(&state).await,
         Vec::<Value>::new(),
