@@ -974,8 +974,8 @@ async fn a_lost_slot_is_recovered_by_a_forced_resync() {
         db.exec("INSERT INTO filler SELECT g, repeat('y', 100) FROM generate_series(1, 20000) g ON CONFLICT (id) DO UPDATE SET pad = excluded.pad || '2'; SELECT pg_switch_wal(); CHECKPOINT;")
             .await;
     }
-    let (_restarted, _) = api_after_restart(&api, &mut again, &log, "sync-none").await;
-    // Not ready, and saying why and what to do.
+    let (mut restarted, _) = api_after_restart(&api, &mut again, &log, "sync-none").await;
+    // Not ready, and saying why and what to do; the service stays up meanwhile.
     let mut ready = api.get("/ready", None).await;
     for _ in 0..100 {
         if ready.2["warehouses"]["wh-lost"]["reason"]
@@ -985,6 +985,12 @@ async fn a_lost_slot_is_recovered_by_a_forced_resync() {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
+        if let Ok(Some(exit)) = restarted.child.try_wait() {
+            panic!(
+                "run exited ({exit}) with a lost slot; log:\n{}",
+                log_tail(&log)
+            );
+        }
         ready = api.get("/ready", None).await;
     }
     assert_eq!(ready.0, 503, "{ready:?}\n{}", log_tail(&log));
