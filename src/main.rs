@@ -21,8 +21,8 @@ use tokio_util::sync::CancellationToken;
 /// Events are many small allocations that live briefly; mimalloc handles that pattern with
 /// far fewer instructions than the system allocator (see benches/decode.rs). Its `override`
 /// feature also takes `malloc`/`free` of the C code linked in: librdkafka copies every
-/// message it produces and fetches, and with glibc's allocator that cost the Kafka source
-/// stage about a third of its CPU (scripts/bench-consumer, stages apart).
+/// message it produces and fetches, and glibc's `malloc` and `free` were an eighth of the
+/// Kafka source stage's CPU in a profile (scripts/bench-consumer, stages apart).
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

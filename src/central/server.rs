@@ -694,13 +694,8 @@ async fn put_faults(State(state): State<Arc<ServerState>>, body: axum::body::Byt
 /// The query of `GET /admin/stats`.
 #[derive(Debug, Deserialize)]
 struct StatsQuery {
-    /// Whether to compute the latency percentiles (default true).
-    #[serde(default = "yes")]
-    latency: bool,
-}
-
-fn yes() -> bool {
-    true
+    /// Whether to compute the latency percentiles (unless `false`).
+    latency: Option<bool>,
 }
 
 async fn get_stats(
@@ -709,7 +704,7 @@ async fn get_stats(
 ) -> Json<Value> {
     let s = &state.stats;
     let n = |c: &AtomicU64| c.load(Ordering::Relaxed);
-    let latency = if q.latency {
+    let latency = if q.latency != Some(false) {
         let samples = state
             .latencies
             .lock()

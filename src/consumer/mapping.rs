@@ -59,11 +59,7 @@ pub struct SourceView {
 impl EventView {
     /// Parses an event; the error says what is missing or malformed.
     pub fn parse(raw: &[u8]) -> Result<Self, Violation> {
-        serde_json::from_slice(raw).map_err(|e| Violation {
-            rule: "event_format",
-            field: None,
-            reason: format!("not a change event: {e}"),
-        })
+        parse_event(raw)
     }
 
     /// The view of an in-process event, with only the columns `m` reads (no JSON text in
@@ -125,12 +121,17 @@ pub struct RawEvent<'a> {
 impl<'a> RawEvent<'a> {
     /// Parses an event; the error says what is missing or malformed.
     pub fn parse(raw: &'a [u8]) -> Result<Self, Violation> {
-        crate::json::from_bytes(raw).map_err(|e| Violation {
-            rule: "event_format",
-            field: None,
-            reason: format!("not a change event: {e}"),
-        })
+        parse_event(raw)
     }
+}
+
+/// Reads a record's JSON envelope as `T`; a record that is not one breaks `event_format`.
+fn parse_event<'a, T: Deserialize<'a>>(raw: &'a [u8]) -> Result<T, Violation> {
+    crate::json::from_bytes(raw).map_err(|e| Violation {
+        rule: "event_format",
+        field: None,
+        reason: format!("not a change event: {e}"),
+    })
 }
 
 /// The `source` block of a [`RawEvent`].
