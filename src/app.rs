@@ -184,26 +184,31 @@ async fn supervise<B: Bus>(
         tracing::info!(warehouse = %w.id, "owning warehouse");
         status.state.send_replace(StreamState::Streaming);
         let started = Instant::now();
-        match run_pipeline(&w, &state, &bus, &status, lease, &cancel).await {
-            Ok(()) => return Ok(()),
-            Err(e) if e.is_transient() => {
-                status
-                    .state
-                    .send_replace(StreamState::Retrying(e.to_string()));
-                let wait = backoff.next_delay(started.elapsed());
-                tracing::warn!(warehouse = %w.id, error = %e, retry_in_ms = wait.as_millis() as u64, "pipeline failed; restarting from the checkpoint");
-                tokio::select! {
-                    _ = tokio::time::sleep(wait) => {}
-                    _ = cancel.cancelled() => return Ok(()),
-                }
-            }
+        // Why the pipeline is restarted from the checkpoint (after a backoff), if it is.
+        let retry = match run_pipeline(&w, &state, &bus, &status, lease, &cancel).await {
+            Ok(()) if cancel.is_cancelled() => return Ok(()),
+            // A pipeline only ends cleanly when asked to; ending otherwise (a stream or bus
+            // that closed without saying why) is restarted, never a silent stop of the
+            // warehouse (with one warehouse, that ended the whole process with status 0).
+            Ok(()) => "the pipeline ended without an error".to_string(),
+            Err(e) if e.is_transient() => e.to_string(),
             Err(PipelineError::Source(SourceError::SlotInvalidated { slot })) => {
                 recover_lost_slot(&w, &slot, &state, &status, &cancel).await?;
                 if cancel.is_cancelled() {
                     return Ok(());
                 }
+                continue;
             }
             Err(e) => return Err(e),
+        };
+        status
+            .state
+            .send_replace(StreamState::Retrying(retry.clone()));
+        let wait = backoff.next_delay(started.elapsed());
+        tracing::warn!(warehouse = %w.id, error = %retry, retry_in_ms = wait.as_millis() as u64, "pipeline failed; restarting from the checkpoint");
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = cancel.cancelled() => return Ok(()),
         }
     }
 }
