@@ -22,7 +22,7 @@ use crate::bus::{self, Bus, BusError, CommitAck};
 use crate::config::{Streaming, WarehouseConfig};
 use crate::source::SourceError;
 use crate::source::slot::SlotHealth;
-use crate::source::stream::{self, SourceOptions};
+use crate::source::stream::{self, InitialLoad, LoadHook, LoadNeeded, SourceOptions};
 use crate::store::{StateDb, StoreError, WarehouseLease};
 
 /// How often a standby asks for a warehouse it does not own.
@@ -264,17 +264,20 @@ async fn run_pipeline<B: Bus>(
     mut lease: WarehouseLease,
     cancel: &CancellationToken,
 ) -> Result<(), PipelineError> {
-    let stored = state.checkpoint(&w.id).await?;
-    // The first checkpoint of a slot is written once its initial load is acknowledged.
-    let load_delivered = stored.as_ref().is_some_and(|c| c.slot_name == w.slot);
-    let checkpoint = stored.map_or(Lsn::ZERO, |c| c.flush_lsn);
+    // A checkpoint of another slot (the configuration named a new one) says nothing of this
+    // slot: it starts, and gets its initial load, as a new one.
+    let checkpoint = state
+        .checkpoint(&w.id)
+        .await?
+        .filter(|c| c.slot_name == w.slot)
+        .map_or(Lsn::ZERO, |c| c.flush_lsn);
     let (items_tx, items_rx) = mpsc::channel(16);
     let (acks_tx, mut acks_rx) = mpsc::channel::<CommitAck>(1024);
     let (durable_tx, durable_rx) = watch::channel(checkpoint);
     let child = cancel.child_token();
     let mut opts = SourceOptions::new(&w.id, w.conn.clone(), &w.slot, &w.publication);
     opts.create_slot = true;
-    opts.initial_load_pending = !load_delivered;
+    opts.initial_load = InitialLoad::Incremental(load_hook(state.clone(), w.id.clone()));
     opts.streaming = w.streaming == Streaming::On;
     opts.heartbeat_interval = w.heartbeat_interval;
     opts.health = Some(status.slot_health.clone());
@@ -324,6 +327,37 @@ async fn run_pipeline<B: Bus>(
     publisher.abort();
     let _ = lease.release().await;
     result
+}
+
+/// Schedules a slot's initial load as a `load` job (read in chunks through the stream by
+/// [`crate::jobs::run_resyncs`]), unless one is already queued or running: a restarted load
+/// resumes from its saved chunks instead of starting again.
+fn load_hook(state: StateDb, warehouse: String) -> LoadHook {
+    Arc::new(move |needed: LoadNeeded| {
+        let (state, warehouse) = (state.clone(), warehouse.clone());
+        Box::pin(async move {
+            if let Some(job) = state
+                .active_job_for(crate::jobs::LOAD_JOB, &warehouse)
+                .await
+                .map_err(|e| e.to_string())?
+            {
+                tracing::info!(%warehouse, %job, "the initial load is already scheduled; it resumes where it stopped");
+                return Ok(());
+            }
+            let id = crate::jobs::new_job_id();
+            state
+                .create_job(
+                    &id,
+                    crate::jobs::LOAD_JOB,
+                    std::slice::from_ref(&warehouse),
+                    crate::jobs::RESYNC_TIMEOUT,
+                )
+                .await
+                .map_err(|e| e.to_string())?;
+            tracing::info!(%warehouse, job = %id, slot = %needed.slot, start = %needed.start, reason = %needed.reason, "initial load scheduled");
+            Ok(())
+        })
+    })
 }
 
 fn flatten<E>(r: Result<Result<(), E>, tokio::task::JoinError>) -> Result<(), PipelineError>

@@ -584,6 +584,17 @@ pub fn kafka_settings_from(
                     .map_err(|e| invalid("KAFKA_TOPIC", e.to_string()))?;
             }
             "KAFKA_GROUP_ID" if !v.trim().is_empty() => s.group_id = v,
+            "KAFKA_GROUP_INSTANCE_ID" if !v.trim().is_empty() => {
+                let v = v.trim();
+                let valid = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
+                if v.len() > 249 || !v.chars().all(valid) {
+                    return Err(invalid(
+                        &k,
+                        format!("{v:?}: expected at most 249 of [a-zA-Z0-9._-]"),
+                    ));
+                }
+                s.group_instance_id = Some(v.to_string());
+            }
             "KAFKA_DLQ_TOPIC" => {
                 let t = crate::bus::topic::TopicTemplate::parse("KAFKA_DLQ_TOPIC", &v)
                     .map_err(|e| invalid("KAFKA_DLQ_TOPIC", e.to_string()))?;
@@ -626,6 +637,38 @@ pub fn kafka_settings_from(
     Ok(s)
 }
 
+/// The default `group.instance.id` of a `run` process listening on `listen`: the host name
+/// and the API port, the same when the process restarts and different for each process of
+/// one host (two cannot listen on one port). None for port 0 (an ephemeral port differs at
+/// each start: such a process joins as a dynamic member).
+pub fn default_group_instance_id(listen: std::net::SocketAddr) -> Option<String> {
+    if listen.port() == 0 {
+        return None;
+    }
+    let mut buf = [0u8; 256];
+    // SAFETY: gethostname writes at most buf.len() bytes into buf.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    let host = if rc == 0 {
+        let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+        String::from_utf8_lossy(&buf[..end]).into_owned()
+    } else {
+        String::new()
+    };
+    let host: String = host
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(200)
+        .collect();
+    let host = if host.is_empty() { "inventorysync".into() } else { host };
+    Some(format!("{host}-{}", listen.port()))
+}
+
 #[cfg(test)]
 mod kafka_tests {
     use super::*;
@@ -652,6 +695,27 @@ mod kafka_tests {
         assert_eq!(s.partitions, 3);
         assert_eq!(s.properties[0].0, "security.protocol");
         assert!(!format!("{s:?}").contains("hunter2"), "secrets stay hidden");
+    }
+
+    #[test]
+    fn the_group_instance_id_is_stable_per_port_and_checked() {
+        let a = default_group_instance_id("127.0.0.1:8080".parse().unwrap()).unwrap();
+        assert_eq!(
+            Some(a.clone()),
+            default_group_instance_id("0.0.0.0:8080".parse().unwrap())
+        );
+        assert!(a.ends_with("-8080"), "{a}");
+        assert_ne!(
+            Some(a),
+            default_group_instance_id("127.0.0.1:8081".parse().unwrap())
+        );
+        assert_eq!(default_group_instance_id("127.0.0.1:0".parse().unwrap()), None);
+        let s = kafka_settings_from("b:9092", vars(&[("KAFKA_GROUP_INSTANCE_ID", "host-1")])).unwrap();
+        assert_eq!(s.group_instance_id.as_deref(), Some("host-1"));
+        let e = kafka_settings_from("b:9092", vars(&[("KAFKA_GROUP_INSTANCE_ID", "a b")]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("KAFKA_GROUP_INSTANCE_ID"), "{e}");
     }
 
     #[test]

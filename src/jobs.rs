@@ -19,6 +19,7 @@ use crate::Lsn;
 use crate::app::{StreamState, WarehouseStatus};
 use crate::config::WarehouseConfig;
 use crate::consumer::kafka::{GroupProgress, PartitionEnd};
+use crate::event::SnapshotMarker;
 use crate::store::{ActiveWarehouse, StateDb, StoreError};
 
 /// How often running jobs are checked.
@@ -135,7 +136,13 @@ impl Runner {
             .checkpoint(&w.warehouse_id)
             .await?
             .map(|c| c.flush_lsn);
-        let published = delivered.is_some_and(|d| d >= target);
+        // Central cannot equal the warehouse before the slot's initial load is delivered.
+        let loading = self
+            .state
+            .active_job_for(LOAD_JOB, &w.warehouse_id)
+            .await?
+            .is_some();
+        let published = !loading && delivered.is_some_and(|d| d >= target);
         let (done, error) = if !published {
             (false, None)
         } else {
@@ -222,6 +229,15 @@ async fn capture(w: &WarehouseConfig) -> Result<Lsn, String> {
 /// A resync fails unless done within this long.
 pub const RESYNC_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 
+/// The job kind of a slot's initial load: the published tables read in chunks through the
+/// stream, as a forced resync reads the mapped ones.
+pub const LOAD_JOB: &str = "load";
+
+/// A new job id: `sync-` and 16 random hex digits.
+pub fn new_job_id() -> String {
+    format!("sync-{:016x}", rand::random::<u64>())
+}
+
 /// Rows per resync chunk.
 pub const CHUNK_ROWS: usize = 1000;
 /// How long a chunk may stay unanswered (the stream restarted meanwhile) before it is asked
@@ -246,9 +262,16 @@ pub async fn run_resyncs(
         .map(|w| (w.config.id.clone(), w))
         .collect();
     loop {
-        match state.active_warehouses("resync").await {
-            Ok(active) => {
-                for w in &active {
+        let mut active = Vec::new();
+        for kind in [LOAD_JOB, "resync"] {
+            match state.active_warehouses(kind).await {
+                Ok(a) => active.extend(a.into_iter().map(|w| (kind, w))),
+                Err(e) => tracing::warn!(error = %e, "resync: cannot read jobs; retrying"),
+            }
+        }
+        {
+            {
+                for (kind, w) in &active {
                     let Some(wh) = warehouses.get(&w.warehouse_id) else {
                         continue;
                     };
@@ -256,7 +279,26 @@ pub async fn run_resyncs(
                     if *wh.status.state.borrow() != StreamState::Streaming {
                         continue;
                     }
-                    match resync(&state, wh, w, &tables, &delivery, &cancel).await {
+                    let work = if *kind == LOAD_JOB {
+                        match published_tables(&wh.config).await {
+                            Ok(tables) => Work {
+                                tables,
+                                marker: SnapshotMarker::True,
+                                what: "initial load",
+                            },
+                            Err(e) => {
+                                tracing::warn!(job = %w.job_id, warehouse = %w.warehouse_id, error = %e, "initial load: cannot list the published tables; retrying");
+                                continue;
+                            }
+                        }
+                    } else {
+                        Work {
+                            tables: tables.clone(),
+                            marker: SnapshotMarker::Incremental,
+                            what: "resync",
+                        }
+                    };
+                    match resync(&state, wh, w, &work, &delivery, &cancel).await {
                         Ok(()) => {}
                         Err(Stop::Cancelled) => return,
                         Err(Stop::Failed(reason)) => {
@@ -277,13 +319,35 @@ pub async fn run_resyncs(
                     }
                 }
             }
-            Err(e) => tracing::warn!(error = %e, "resync: cannot read jobs; retrying"),
         }
         tokio::select! {
             _ = tokio::time::sleep(TICK * 2) => {}
             _ = cancel.cancelled() => return,
         }
     }
+}
+
+/// What a resync or load job reads, and how its rows are marked.
+struct Work {
+    tables: Vec<String>,
+    marker: SnapshotMarker,
+    what: &'static str,
+}
+
+/// The warehouse publication's tables (`schema.table`), in name order.
+async fn published_tables(w: &WarehouseConfig) -> Result<Vec<String>, String> {
+    let sql = crate::source::tls::connect_sql(&w.conn)
+        .await
+        .map_err(|e| format!("cannot connect to warehouse {}: {e}", w.id))?;
+    let rows = sql
+        .query(
+            "SELECT schemaname::text || '.' || tablename::text FROM pg_publication_tables
+              WHERE pubname = $1 ORDER BY 1",
+            &[&w.publication],
+        )
+        .await
+        .map_err(|e| format!("cannot list publication {}: {e}", w.publication))?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
 }
 
 /// Why a resync stopped before it was done.
@@ -304,17 +368,17 @@ async fn resync(
     state: &StateDb,
     wh: &Warehouse,
     w: &ActiveWarehouse,
-    tables: &[String],
+    work: &Work,
     delivery: &Delivery,
     cancel: &CancellationToken,
 ) -> Result<(), Stop> {
-    if tables.is_empty() {
+    if work.tables.is_empty() && work.marker == SnapshotMarker::Incremental {
         return Err(Stop::Failed(
             "no table is mapped ([[mappings]]): there is nothing to resync".into(),
         ));
     }
     let mut last_end: Option<Lsn> = None;
-    for table in tables {
+    for table in &work.tables {
         let mut progress = state
             .resync_progress(&w.job_id, &w.warehouse_id, table)
             .await?;
@@ -331,6 +395,7 @@ async fn resync(
                 table: table.clone(),
                 after: progress.last_key.clone(),
                 limit: CHUNK_ROWS,
+                marker: work.marker,
                 reply,
             };
             if wh.status.chunks.send(req).await.is_err() {
@@ -412,7 +477,7 @@ async fn resync(
             }
         }
     }
-    tracing::info!(job = %w.job_id, warehouse = %w.warehouse_id, "resync done");
+    tracing::info!(job = %w.job_id, warehouse = %w.warehouse_id, "{} done", work.what);
     state.update_job_warehouse(w, last_end, true, None).await?;
     state.settle_jobs(None).await?;
     Ok(())

@@ -261,7 +261,15 @@ async fn run_service(config_path: &Path, stages: Stages) -> ExitCode {
         .map(kafka_settings)
         .transpose()
     {
-        Ok(k) => k,
+        Ok(mut k) => {
+            if let Some(k) = k.as_mut()
+                && k.group_instance_id.is_none()
+            {
+                k.group_instance_id =
+                    inventorysync::config::default_group_instance_id(config.api_listen);
+            }
+            k
+        }
         Err(e) => return fail(e, 2),
     };
     let mapped = config.consumer.mappings.len();
@@ -374,6 +382,14 @@ async fn run_service(config_path: &Path, stages: Stages) -> ExitCode {
         }
     });
     let ids: HashSet<String> = warehouses.iter().map(|w| w.id.clone()).collect();
+    let toast = || {
+        inventorysync::consumer::toast::ToastReader::new(
+            warehouses
+                .iter()
+                .map(|w| (w.id.clone(), w.conn.clone()))
+                .collect(),
+        )
+    };
     let mut consumers = tokio::task::JoinSet::new();
     match kafka {
         Some(kafka) => {
@@ -394,6 +410,7 @@ async fn run_service(config_path: &Path, stages: Stages) -> ExitCode {
                     client,
                     state.clone(),
                     dead_letters,
+                    toast(),
                     cancel.clone(),
                 ));
                 let consumer_cancel = cancel.clone();
@@ -432,6 +449,7 @@ async fn run_service(config_path: &Path, stages: Stages) -> ExitCode {
                 client,
                 state.clone(),
                 DeadLetters::StateDb,
+                toast(),
                 cancel.clone(),
             ));
             for w in &warehouses {

@@ -18,6 +18,8 @@ use axum::response::{IntoResponse, Response};
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::json;
+
+use crate::jobs::new_job_id;
 use tokio_util::sync::CancellationToken;
 
 pub use auth::ApiKeys;
@@ -418,10 +420,6 @@ struct TriggerBody {
     warehouses: Option<Vec<String>>,
 }
 
-/// A new job id: `sync-` and 16 random hex digits.
-fn new_job_id() -> String {
-    format!("sync-{:016x}", rand::random::<u64>())
-}
 
 /// Starts a sync cycle: done once every change committed before it has an outcome.
 #[utoipa::path(post, path = "/sync/trigger", tag = "sync", security(("bearer" = [])),

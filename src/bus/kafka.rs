@@ -43,6 +43,9 @@ pub struct KafkaSettings {
     pub properties: Vec<(String, SecretString)>,
     /// The consumer stage's group (`KAFKA_GROUP_ID`).
     pub group_id: String,
+    /// Static group membership (`KAFKA_GROUP_INSTANCE_ID`): a restarted member with the same
+    /// id gets its partitions back at once instead of after `session.timeout.ms`.
+    pub group_instance_id: Option<String>,
     /// The dead-letter topic (`KAFKA_DLQ_TOPIC`).
     pub dlq_topic: String,
 }
@@ -61,6 +64,7 @@ impl KafkaSettings {
             message_timeout_ms: 30_000,
             properties: Vec::new(),
             group_id: "inventorysync".into(),
+            group_instance_id: None,
             dlq_topic: crate::consumer::DEFAULT_DLQ_TOPIC.into(),
         }
     }

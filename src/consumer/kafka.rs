@@ -10,6 +10,7 @@ use futures_util::future::join_all;
 use rdkafka::Message;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::message::{BorrowedMessage, Headers};
 use secrecy::ExposeSecret;
 use tokio::time::Instant;
@@ -121,6 +122,14 @@ pub async fn run(
         .set("fetch.queue.backoff.ms", "10")
         // Per-table topics appear as tables change; find them soon.
         .set("topic.metadata.refresh.interval.ms", "2000");
+    match &kafka.group_instance_id {
+        Some(id) => {
+            config.set("group.instance.id", id);
+        }
+        None => tracing::warn!(
+            "no KAFKA_GROUP_INSTANCE_ID (and API_LISTEN has port 0): this consumer joins as a dynamic member, so after a crash its partitions wait for session.timeout.ms"
+        ),
+    }
     for (k, v) in &kafka.properties {
         config.set(k, v.expose_secret());
     }
@@ -179,6 +188,16 @@ pub async fn run(
                             }
                             buffered += 1;
                         }
+                    }
+                    Err(e) if e.rdkafka_error_code() == Some(RDKafkaErrorCode::FencedInstanceId) => {
+                        return Err(BusError::Config {
+                            key: "KAFKA_GROUP_INSTANCE_ID".into(),
+                            reason: format!(
+                                "another consumer joined group {} with the same group.instance.id {:?} and fenced this one: give each run process its own KAFKA_GROUP_INSTANCE_ID (the default is the host name and the API_LISTEN port)",
+                                kafka.group_id,
+                                kafka.group_instance_id.as_deref().unwrap_or_default()
+                            ),
+                        });
                     }
                     Err(e) => tracing::debug!(error = %e, "consumer"),
                 }

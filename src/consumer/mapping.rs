@@ -158,6 +158,9 @@ pub struct RawSource<'a> {
     pub commit_lsn: u64,
     /// Index within the transaction.
     pub sequence: u64,
+    /// Columns of `after` left out because their TOASTed value did not change.
+    #[serde(default, borrow)]
+    pub unchanged_toast: Vec<Cow<'a, str>>,
 }
 
 /// A row of a [`RawEvent`]: column names and their values as raw JSON text, in the
@@ -219,7 +222,7 @@ impl Columns for RawRow<'_> {
 }
 
 /// An event value as JSON, exactly as parsing the envelope would give it.
-fn json_value(v: &EventValue) -> Value {
+pub(crate) fn json_value(v: &EventValue) -> Value {
     match v {
         EventValue::Null => Value::Null,
         EventValue::Bool(b) => Value::Bool(*b),
@@ -450,7 +453,7 @@ fn fields<R: Columns>(
             // Unchanged TOAST (listed in source.unchanged_toast) or not in the row.
             None => continue,
         };
-        let value = convert(name, &src.column, value, src.convert)?;
+        let value = checked_value(name, src, value, rules)?;
         if is_key {
             let empty = match &value {
                 Value::Null => true,
@@ -468,22 +471,34 @@ fn fields<R: Columns>(
                 ));
             }
         }
-        if let Value::String(s) = &value {
-            let chars = s.chars().count();
-            if chars > rules.max_string_chars {
-                return Err(violation(
-                    "string_length",
-                    name,
-                    format!(
-                        "column {:?} holds {chars} characters; at most {} are allowed",
-                        src.column, rules.max_string_chars
-                    ),
-                ));
-            }
-        }
         out.insert(name.clone(), value);
     }
     Ok(out)
+}
+
+/// Converts one mapped field's value and checks the string-length rule; the stage uses it
+/// for values read back from the warehouse too (unchanged TOAST).
+pub(crate) fn checked_value(
+    name: &str,
+    src: &FieldSource,
+    value: Cow<'_, Value>,
+    rules: &Rules,
+) -> Result<Value, Violation> {
+    let value = convert(name, &src.column, value, src.convert)?;
+    if let Value::String(s) = &value {
+        let chars = s.chars().count();
+        if chars > rules.max_string_chars {
+            return Err(violation(
+                "string_length",
+                name,
+                format!(
+                    "column {:?} holds {chars} characters; at most {} are allowed",
+                    src.column, rules.max_string_chars
+                ),
+            ));
+        }
+    }
+    Ok(value)
 }
 
 fn convert(name: &str, column: &str, v: Cow<'_, Value>, how: Convert) -> Result<Value, Violation> {

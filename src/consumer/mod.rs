@@ -18,6 +18,7 @@ pub mod embedded;
 pub mod kafka;
 pub mod mapping;
 pub mod settings;
+pub mod toast;
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -29,11 +30,12 @@ use tokio_util::sync::CancellationToken;
 use crate::backoff::Backoff;
 use crate::bus::kafka::KafkaBus;
 use crate::central::client::{Cancelled, CentralClient, Verdict};
-use crate::central::{Change, ChangeResult, Outgoing, ResultStatus};
+use crate::central::{Change, ChangeOp, ChangeResult, Outgoing, ResultStatus};
 use crate::event::ChangeEvent;
 use crate::store::{NewConflict, NewDeadLetter, StateDb, StoreError};
 use mapping::{EventView, Mapped, RawEvent, Violation, map_change_event, map_event};
 use settings::ConsumerSettings;
+use toast::{ToastReader, Want};
 
 /// The default dead-letter topic.
 pub const DEFAULT_DLQ_TOPIC: &str = "inventorysync.dlq";
@@ -82,6 +84,25 @@ impl Incoming {
         }
     }
 
+    /// The table's key columns and their values (the event's `pk`); none for a table keyed
+    /// by the whole row.
+    fn row_key(&self) -> Option<Vec<(String, Value)>> {
+        match self {
+            Incoming::Event(ev) => ev.key.as_ref().map(|k| {
+                k.iter()
+                    .map(|(n, v)| (n.to_string(), mapping::json_value(v)))
+                    .collect()
+            }),
+            Incoming::Record { key, .. } => {
+                let key: Value = crate::json::from_bytes(key).ok()?;
+                match key.get("pk")? {
+                    Value::Object(pk) => Some(pk.clone().into_iter().collect()),
+                    _ => None,
+                }
+            }
+        }
+    }
+
     fn key(&self) -> Cow<'_, [u8]> {
         match self {
             Incoming::Event(ev) => {
@@ -116,6 +137,8 @@ pub struct Stage {
     cancel: CancellationToken,
     /// Per warehouse, the highest version sent (mirrors `consumer_progress`).
     sent: tokio::sync::Mutex<HashMap<String, Option<String>>>,
+    /// Reads back unchanged TOAST values, so that an upsert always carries the whole row.
+    toast: ToastReader,
 }
 
 /// A batch mapped and validated by [`Stage::prepare`], ready for [`Stage::deliver`].
@@ -135,6 +158,14 @@ struct Pending {
     json: std::ops::Range<usize>,
 }
 
+/// An upsert whose event lacks TOASTed fields (unchanged under the default replica
+/// identity): `pending` indexes the change, `fields` the mapping's data fields to fill.
+struct Unfilled {
+    pending: usize,
+    fields: Vec<usize>,
+    want: Want,
+}
+
 impl Stage {
     /// A stage. Without a central client every mapped table is an error at start (the caller
     /// checks), so `client` may be `None` only when nothing is mapped.
@@ -143,6 +174,7 @@ impl Stage {
         client: Option<Arc<CentralClient>>,
         state: StateDb,
         dead_letters: DeadLetters,
+        toast: ToastReader,
         cancel: CancellationToken,
     ) -> Self {
         Self {
@@ -152,6 +184,7 @@ impl Stage {
             dead_letters,
             cancel,
             sent: tokio::sync::Mutex::new(HashMap::new()),
+            toast,
         }
     }
 
@@ -183,6 +216,7 @@ impl Stage {
     ) -> Result<Prepared, Cancelled> {
         let mut pending: Vec<Pending> = Vec::new();
         let mut rendered: Vec<u8> = Vec::with_capacity(items.len() * 320);
+        let mut unfilled: Vec<Unfilled> = Vec::new();
         let mut skipped = 0;
         for (i, item) in items.iter().enumerate() {
             let table = item.table();
@@ -191,10 +225,25 @@ impl Stage {
                 continue;
             };
             let rules = &self.settings.rules;
-            let mapped = match item {
-                Incoming::Event(ev) => map_change_event(ev, m, rules),
+            // Columns the event lacks because their TOASTed value did not change.
+            let (mapped, unchanged): (_, Vec<String>) = match item {
+                Incoming::Event(ev) => (
+                    map_change_event(ev, m, rules),
+                    ev.source
+                        .unchanged_toast
+                        .iter()
+                        .map(|c| c.to_string())
+                        .collect(),
+                ),
                 Incoming::Record { value, .. } => match RawEvent::parse(value) {
-                    Ok(view) => map_event(&view, m, rules),
+                    Ok(view) => (
+                        map_event(&view, m, rules),
+                        view.source
+                            .unchanged_toast
+                            .iter()
+                            .map(|c| c.to_string())
+                            .collect(),
+                    ),
                     Err(v) => {
                         self.refuse(warehouse_id, item, &table, None, None, v)
                             .await?;
@@ -205,6 +254,44 @@ impl Stage {
             match mapped {
                 Ok(Mapped::Changes(changes)) => {
                     for change in changes {
+                        let fields = unfilled_fields(&change, m, &unchanged);
+                        if !fields.is_empty() {
+                            let Some(key) = item.row_key() else {
+                                let v = Violation {
+                                    rule: "unchanged_toast",
+                                    field: Some(m.data[fields[0]].0.clone()),
+                                    reason: format!(
+                                        "column {:?} was not sent (its TOASTed value did not change) and {table} has no key to read it back by; set REPLICA IDENTITY FULL on the table",
+                                        m.data[fields[0]].1.column
+                                    ),
+                                };
+                                let view_key = Value::Object(change.key.clone());
+                                self.refuse(
+                                    warehouse_id,
+                                    item,
+                                    &table,
+                                    Some((m.entity.as_str(), view_key, change.version.clone())),
+                                    None,
+                                    v,
+                                )
+                                .await?;
+                                continue;
+                            };
+                            let columns =
+                                fields.iter().map(|&f| m.data[f].1.column.clone()).collect();
+                            unfilled.push(Unfilled {
+                                pending: pending.len(),
+                                fields,
+                                want: Want { key, columns },
+                            });
+                            // Rendered once its fields are filled.
+                            pending.push(Pending {
+                                item: i,
+                                change,
+                                json: 0..0,
+                            });
+                            continue;
+                        }
                         let start = rendered.len();
                         // Serializing plain structs and JSON maps into a Vec cannot fail.
                         let _ = serde_json::to_writer(&mut rendered, &change);
@@ -264,12 +351,111 @@ impl Stage {
                 .with_label_values(&[warehouse_id, "skipped"])
                 .inc_by(skipped);
         }
+        if !unfilled.is_empty() {
+            self.fill_unchanged_toast(warehouse_id, &items, &mut pending, &mut rendered, unfilled)
+                .await?;
+        }
         Ok(Prepared {
             warehouse_id: warehouse_id.to_string(),
             items,
             pending,
             rendered,
         })
+    }
+
+    /// Fills the upserts in `unfilled` with the current values of their TOASTed fields, read
+    /// from the warehouse in one query per table (see [`toast`]), and renders them in place.
+    /// An upsert whose row is gone is dropped (the later delete or key move follows); one
+    /// whose value breaks a rule is refused.
+    async fn fill_unchanged_toast(
+        &self,
+        warehouse_id: &str,
+        items: &[Incoming],
+        pending: &mut Vec<Pending>,
+        rendered: &mut Vec<u8>,
+        unfilled: Vec<Unfilled>,
+    ) -> Result<(), Cancelled> {
+        let mut by_table: HashMap<String, Vec<&Unfilled>> = HashMap::new();
+        for u in &unfilled {
+            by_table
+                .entry(pending[u.pending].change.source.table.clone())
+                .or_default()
+                .push(u);
+        }
+        let mut dropped = vec![false; pending.len()];
+        let mut superseded = 0;
+        for (table, group) in by_table {
+            let Some(m) = self.settings.mappings.get(&table) else {
+                continue;
+            };
+            let wants: Vec<&Want> = group.iter().map(|u| &u.want).collect();
+            let current = self
+                .retry("cannot read unchanged TOAST values from the warehouse", || {
+                    self.toast.read(warehouse_id, &table, &wants)
+                })
+                .await?;
+            for (u, values) in group.iter().zip(current) {
+                let p = &mut pending[u.pending];
+                let Some(values) = values else {
+                    // Deleted or moved since: that later change follows in the stream.
+                    dropped[u.pending] = true;
+                    superseded += 1;
+                    continue;
+                };
+                let mut refused = None;
+                for &f in &u.fields {
+                    let (name, src) = &m.data[f];
+                    let value = values.get(&src.column).cloned().unwrap_or(Value::Null);
+                    match mapping::checked_value(
+                        name,
+                        src,
+                        Cow::Owned(value),
+                        &self.settings.rules,
+                    ) {
+                        Ok(v) => {
+                            if let Some(data) = p.change.data.as_mut() {
+                                data.insert(name.clone(), v);
+                            }
+                        }
+                        Err(v) => {
+                            refused = Some(v);
+                            break;
+                        }
+                    }
+                }
+                if let Some(v) = refused {
+                    dropped[u.pending] = true;
+                    let key = Value::Object(p.change.key.clone());
+                    let version = p.change.version.clone();
+                    self.refuse(
+                        warehouse_id,
+                        &items[p.item],
+                        &table,
+                        Some((m.entity.as_str(), key, version)),
+                        None,
+                        v,
+                    )
+                    .await?;
+                    continue;
+                }
+                let p = &mut pending[u.pending];
+                let start = rendered.len();
+                let _ = serde_json::to_writer(&mut *rendered, &p.change);
+                p.json = start..rendered.len();
+            }
+        }
+        if superseded > 0 {
+            crate::metrics::metrics()
+                .changes_delivered
+                .with_label_values(&[warehouse_id, "superseded"])
+                .inc_by(superseded);
+        }
+        let mut i = 0;
+        pending.retain(|_| {
+            i += 1;
+            !dropped[i - 1]
+        });
+        Ok(())
     }
 
     /// Delivers a prepared batch and records each outcome; returns once each change has one.
@@ -714,6 +900,22 @@ impl Stage {
             }
         }
     }
+}
+
+/// The data fields of an upsert whose columns the event left out as unchanged TOAST.
+fn unfilled_fields(change: &Change, m: &settings::TableMapping, unchanged: &[String]) -> Vec<usize> {
+    let (ChangeOp::Upsert, Some(data)) = (change.op, change.data.as_ref()) else {
+        return Vec::new();
+    };
+    if unchanged.is_empty() {
+        return Vec::new();
+    }
+    m.data
+        .iter()
+        .enumerate()
+        .filter(|(_, (name, src))| unchanged.contains(&src.column) && !data.contains_key(name))
+        .map(|(i, _)| i)
+        .collect()
 }
 
 /// Requests in flight together per warehouse (each a lane of keys).

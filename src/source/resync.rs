@@ -34,6 +34,9 @@ pub struct ChunkRequest {
     pub after: Option<Vec<String>>,
     /// Rows per chunk.
     pub limit: usize,
+    /// How the rows are marked (`source.snapshot`): `true` for an initial load,
+    /// `incremental` for a forced resync.
+    pub marker: SnapshotMarker,
     /// Where the outcome goes.
     pub reply: oneshot::Sender<Result<ChunkDone, String>>,
 }
@@ -175,7 +178,11 @@ pub(crate) async fn start_chunk(
     req: ChunkRequest,
 ) -> Result<Option<OpenChunk>, SourceError> {
     let rel = &table.info;
-    if super::snapshot::primary_key(sql, rel.oid).await?.is_empty() {
+    // A table without a primary key cannot be read in key order: a forced resync refuses
+    // it, an initial load reads it whole in one chunk (its replica identity, if any, still
+    // lets streamed changes remove rows from the chunk).
+    let whole = super::snapshot::primary_key(sql, rel.oid).await?.is_empty();
+    if whole && req.marker == SnapshotMarker::Incremental {
         let _ = req.reply.send(Err(format!(
             "{} has no primary key: a resync reads tables in primary-key order",
             rel.table.qualified_name()
@@ -207,8 +214,13 @@ pub(crate) async fn start_chunk(
     } else {
         format!(" WHERE {}", conditions.join(" AND "))
     };
+    let order = if whole {
+        String::new()
+    } else {
+        format!(" ORDER BY {} LIMIT {}", key_list.join(", "), req.limit)
+    };
     let query = format!(
-        "SELECT {} FROM ONLY {}.{}{filter} ORDER BY {} LIMIT {}",
+        "SELECT {} FROM ONLY {}.{}{filter}{order}",
         if cols.is_empty() {
             "NULL".into()
         } else {
@@ -216,8 +228,6 @@ pub(crate) async fn start_chunk(
         },
         quote_ident(rel.table.schema()),
         quote_ident(rel.table.table()),
-        key_list.join(", "),
-        req.limit
     );
     let msgs = sql.simple_query(&query).await?;
     let mut rows = Vec::new();
@@ -248,7 +258,7 @@ pub(crate) async fn start_chunk(
                 table: rel.table.clone(),
                 ts_ms: now_us / 1000,
                 ts_us: now_us,
-                snapshot: SnapshotMarker::Incremental,
+                snapshot: req.marker,
                 tx_id: None,
                 lsn: Lsn::ZERO,
                 commit_lsn: Lsn::ZERO,
@@ -267,7 +277,7 @@ pub(crate) async fn start_chunk(
         id: req.id,
         table: req.table,
         key_names,
-        exhausted: (read as usize) < req.limit,
+        exhausted: whole || (read as usize) < req.limit,
         rows,
         index,
         read,

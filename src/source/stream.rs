@@ -62,9 +62,8 @@ pub struct SourceOptions {
     pub health_interval: Duration,
     /// Where the latest slot health goes (for metrics and readiness).
     pub health: Option<Arc<watch::Sender<Option<slot::SlotHealth>>>>,
-    /// The caller knows that the slot's initial load was never delivered (no checkpoint for
-    /// it): with `create_slot`, an existing slot is dropped and created again with a new load.
-    pub initial_load_pending: bool,
+    /// How a slot's tables are read before (or while) its changes stream.
+    pub initial_load: InitialLoad,
     /// Write a heartbeat into the warehouse's WAL this often (none: never; `tail` writes
     /// nothing to the database).
     pub heartbeat_interval: Option<Duration>,
@@ -89,10 +88,54 @@ impl SourceOptions {
             heartbeat_interval: None,
             health_interval: Duration::from_secs(10),
             health: None,
-            initial_load_pending: false,
+            initial_load: InitialLoad::Snapshot,
             chunks: None,
         }
     }
+}
+
+/// How the published tables are read for a slot that has not delivered them.
+#[derive(Clone)]
+pub enum InitialLoad {
+    /// A slot created here is created with an exported snapshot, and the tables are read in
+    /// it before streaming starts from the consistent point (`tail`: nothing to resume, no
+    /// state DB).
+    Snapshot,
+    /// Streaming starts at once, and the tables are read through the stream in chunks, as a
+    /// forced resync reads them (see [`super::resync`]), with progress saved per chunk: a
+    /// crash during the load resumes with the next chunk. The hook is awaited before
+    /// streaming whenever the slot needs its load: created here, or found without a
+    /// checkpoint of its own, or confirmed past the checkpoint (dropped and created again
+    /// by someone else). It must durably schedule the load (once; it is called again after
+    /// a reconnect until a checkpoint exists).
+    Incremental(LoadHook),
+}
+
+impl std::fmt::Debug for InitialLoad {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            InitialLoad::Snapshot => "Snapshot",
+            InitialLoad::Incremental(_) => "Incremental",
+        })
+    }
+}
+
+/// Schedules a slot's initial load (see [`InitialLoad::Incremental`]); the error is retried.
+pub type LoadHook = Arc<
+    dyn Fn(LoadNeeded) -> futures_util::future::BoxFuture<'static, Result<(), String>>
+        + Send
+        + Sync,
+>;
+
+/// Why a slot needs its initial load.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoadNeeded {
+    /// The slot.
+    pub slot: String,
+    /// Where its stream starts.
+    pub start: Lsn,
+    /// Why, for the log.
+    pub reason: String,
 }
 
 /// Streams the slot until cancelled, until `endpos`, or until a definite error. Transient
@@ -146,37 +189,42 @@ async fn run_once(
         db: Arc::from(opts.conn.dbname.as_str()),
     };
     let existing = slot::inspect_slot(&sql, &opts.slot, opts.slot_busy_wait).await?;
-    let start = match existing {
-        Some(state) if opts.create_slot && opts.initial_load_pending => {
-            // A crash between creating the slot and delivering its initial load: the
-            // load's snapshot is gone, and rows it delivered may have been deleted since.
-            // Load again from a fresh snapshot (a temporary slot's), then stream the slot
-            // from where it starts: its older changes (deletes included) are replayed, and
-            // versions let the newer snapshot rows win where both touch a key.
-            let base: String = opts.slot.chars().take(56).collect();
-            let temp = format!("{base}_reload");
-            let created = slot::create_slot(&mut conn, &temp, true).await?;
-            tracing::warn!(slot = %opts.slot, start = %state.confirmed_flush, snapshot_at = %created.consistent_point, "the slot's initial load was never confirmed delivered; loading again, then replaying the slot from its start");
-            // Only a position reported after the load was sent counts (see below).
-            durable.mark_unchanged();
-            load_published(
-                &mut sql,
+    // What downstream holds as durable for this slot (zero: nothing yet).
+    let checkpoint = *durable.borrow();
+    let start = match (existing, &opts.initial_load) {
+        (Some(state), InitialLoad::Incremental(hook)) => {
+            // Only this engine confirms the slot, and never past its checkpoint: a slot with
+            // no checkpoint, or confirmed past it, has changes nobody here delivered (created
+            // and crashed before the load was scheduled, or dropped and created again).
+            let reason = if checkpoint == Lsn::ZERO {
+                Some("the slot has no checkpoint yet".to_string())
+            } else if state.confirmed_flush > checkpoint {
+                Some(format!(
+                    "the slot is confirmed up to {}, past the checkpoint {checkpoint}: it was dropped and created again",
+                    state.confirmed_flush
+                ))
+            } else {
+                None
+            };
+            if let Some(reason) = reason {
+                schedule_load(hook, opts, state.confirmed_flush, reason).await?;
+            }
+            state.confirmed_flush.max(checkpoint)
+        }
+        (Some(state), InitialLoad::Snapshot) => state.confirmed_flush.max(checkpoint),
+        (None, InitialLoad::Incremental(hook)) if opts.create_slot => {
+            let created = slot::create_slot(&mut conn, &opts.slot, false).await?;
+            tracing::info!(slot = %opts.slot, consistent_point = %created.consistent_point, "slot created; its initial load is read in chunks while it streams");
+            schedule_load(
+                hook,
                 opts,
-                &identity,
-                &created,
-                state.confirmed_flush,
-                out,
+                created.consistent_point,
+                "the slot was created".into(),
             )
             .await?;
-            slot::drop_slot(&mut conn, &temp).await?;
-            wait_durable_change(durable, state.confirmed_flush, cancel).await;
-            if cancel.is_cancelled() {
-                return Ok(());
-            }
-            state.confirmed_flush
+            created.consistent_point
         }
-        Some(state) => state.confirmed_flush.max(*durable.borrow()),
-        None if opts.create_slot => {
+        (None, InitialLoad::Snapshot) if opts.create_slot => {
             let created = slot::create_slot(&mut conn, &opts.slot, false).await?;
             tracing::info!(slot = %opts.slot, consistent_point = %created.consistent_point, "slot created; reading the initial load");
             load_published(
@@ -196,7 +244,7 @@ async fn run_once(
             }
             created.consistent_point
         }
-        None => {
+        (None, _) => {
             return Err(SourceError::SlotMissing {
                 slot: opts.slot.clone(),
             });
@@ -276,6 +324,26 @@ async fn wait_durable(durable: &mut watch::Receiver<Lsn>, target: Lsn, cancel: &
     }
 }
 
+/// Calls the load hook; a failure is transient (the next connection asks again).
+async fn schedule_load(
+    hook: &LoadHook,
+    opts: &SourceOptions,
+    start: Lsn,
+    reason: String,
+) -> Result<(), SourceError> {
+    tracing::info!(slot = %opts.slot, %start, %reason, "the slot needs its initial load; scheduling it");
+    hook(LoadNeeded {
+        slot: opts.slot.clone(),
+        start,
+        reason,
+    })
+    .await
+    .map_err(|e| SourceError::Io {
+        target: "the state DB".into(),
+        source: std::io::Error::other(format!("cannot schedule the initial load: {e}")),
+    })
+}
+
 /// Reads the published tables in `created`'s exported snapshot and hands them downstream,
 /// the load's commit mark making `durable_at` durable.
 async fn load_published(
@@ -300,26 +368,6 @@ async fn load_published(
     .await?;
     tracing::info!(rows, tables = tables.len(), "initial load read");
     Ok(())
-}
-
-/// Waits until downstream reports, after the receiver was last marked unchanged, a durable
-/// position at or past `target` (the value before may belong to another slot's checkpoint,
-/// so only a new report counts).
-async fn wait_durable_change(
-    durable: &mut watch::Receiver<Lsn>,
-    target: Lsn,
-    cancel: &CancellationToken,
-) {
-    loop {
-        tokio::select! {
-            r = durable.changed() => {
-                if r.is_err() || *durable.borrow_and_update() >= target {
-                    return;
-                }
-            }
-            _ = cancel.cancelled() => return,
-        }
-    }
 }
 
 /// The status-update side: what we have received, what downstream made durable.
@@ -486,10 +534,17 @@ impl Session {
                             if idle && wal_end > self.feedback.flushed {
                                 // Nothing of ours is in flight and the server has decoded up
                                 // to wal_end: confirming it lets an idle slot release WAL
-                                // that only other tables or databases wrote.
-                                self.feedback.flushed = wal_end;
-                                self.feedback.send_status(false).await?;
-                            } else if reply_requested {
+                                // that only other tables or databases wrote. It goes
+                                // downstream as an empty commit, so the slot is confirmed
+                                // only once the checkpoint holds it: a slot confirmed past
+                                // its checkpoint was dropped and created by someone else.
+                                self.pending.push(StreamItem::Commit {
+                                    commit_lsn: wal_end,
+                                    end_lsn: wal_end,
+                                });
+                                self.last_commit_end = wal_end;
+                            }
+                            if reply_requested {
                                 self.feedback.send_status(false).await?;
                             }
                             idle && self.endpos.is_some_and(|e| wal_end >= e)

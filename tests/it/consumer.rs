@@ -334,11 +334,25 @@ pub fn start_kafka_run(
     (dir, cfg, topic, log, run)
 }
 
-/// Waits until `run` delivered warehouse `id`'s initial load (its first checkpoint), so
-/// what is written next is streamed rather than read by the load.
+/// Whether warehouse `id`'s initial load (a `load` job) succeeded.
+pub async fn load_delivered(state: &TestDb, id: &str) -> bool {
+    state
+        .client
+        .query_one(
+            "SELECT count(*) FROM sync_jobs j JOIN sync_job_warehouses w ON w.job_id = j.id
+              WHERE j.kind = 'load' AND j.status = 'succeeded' AND w.warehouse_id = $1",
+            &[&id],
+        )
+        .await
+        .is_ok_and(|r| r.get::<_, i64>(0) > 0)
+}
+
+/// Waits until `run` delivered warehouse `id`'s initial load (its `load` job succeeded and
+/// a checkpoint exists), so what is written next is streamed rather than read by the load.
 pub async fn wait_streaming(state: &TestDb, id: &str, log: &Path) {
     for _ in 0..300 {
-        if crate::kafka::checkpoint(state, id).await.is_some() {
+        if load_delivered(state, id).await && crate::kafka::checkpoint(state, id).await.is_some()
+        {
             return;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -1071,4 +1085,64 @@ async fn the_reference_server_keeps_versions_in_postgres_too() {
         "stale"
     );
     assert!(central.state("wh").await.is_empty());
+}
+
+/// Products whose `attributes` (jsonb, mapped) are large enough to be TOASTed out of line.
+async fn wide_products(db: &TestDb, from: usize, to: usize) {
+    db.exec(&format!(
+        "INSERT INTO products (sku, name, attributes)
+         SELECT 'SKU-' || i, 'wide ' || i,
+                jsonb_build_object('blob', (SELECT string_agg(md5(i::text || '.' || j::text), '') FROM generate_series(1, 120) j))
+           FROM generate_series({from}, {to}) i"
+    ))
+    .await;
+}
+
+/// An update that leaves a TOASTed mapped column alone carries no value for it (default
+/// replica identity): central must still get the whole row, never an upsert without it.
+async fn unchanged_toast_reaches_central_whole(kafka: bool) {
+    let prefix = if kafka { "ctoastk" } else { "ctoaste" };
+    let db = demo_warehouse(prefix).await;
+    wide_products(&db, 1, 20).await; // read by the initial load, complete
+    let state = pg().new_db(&format!("{prefix}state")).await;
+    let central = Central::start(Faults::default()).await;
+    let id = format!("wh-{prefix}");
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), &db, &id, "");
+    let topic = format!("it.{}", db.name);
+    let log = dir.path().join("run.log");
+    let _run = start(
+        run_command(&cfg, &state, &central, kafka.then_some(topic.as_str())),
+        log.clone(),
+    );
+    wait_streaming(&state, &id, &log).await;
+    wide_products(&db, 21, 30).await; // streamed inserts: complete
+    // Streamed updates that leave attributes alone: unchanged TOAST in the events.
+    db.exec("UPDATE products SET name = name || ' renamed'").await;
+    // Changed again later, gone later, changed then touched: central follows the warehouse.
+    db.exec("UPDATE products SET unit_price = 2.50 WHERE sku IN ('SKU-3', 'SKU-4', 'SKU-25')")
+        .await;
+    db.exec("DELETE FROM products WHERE sku IN ('SKU-4', 'SKU-26')")
+        .await;
+    db.exec("UPDATE products SET attributes = '{\"small\": true}' WHERE sku = 'SKU-5'")
+        .await;
+    db.exec("UPDATE products SET name = 'last' WHERE sku IN ('SKU-5', 'SKU-6')")
+        .await;
+    assert_converges(&central, &db, &id, &log).await;
+    let attributes = central.state(&id).await["product {\"sku\":\"SKU-7\"}"]["attributes"]["blob"]
+        .as_str()
+        .map(str::len);
+    assert_eq!(attributes, Some(120 * 32), "the TOASTed value reached central whole");
+    assert_eq!(conflicts(&state).await, Vec::<Value>::new());
+    assert_eq!(dead_letters(&state).await, Vec::<Value>::new());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unchanged_toast_reaches_central_whole_on_the_embedded_bus() {
+    unchanged_toast_reaches_central_whole(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unchanged_toast_reaches_central_whole_on_kafka() {
+    unchanged_toast_reaches_central_whole(true).await;
 }
