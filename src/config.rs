@@ -665,7 +665,11 @@ pub fn default_group_instance_id(listen: std::net::SocketAddr) -> Option<String>
         })
         .take(200)
         .collect();
-    let host = if host.is_empty() { "inventorysync".into() } else { host };
+    let host = if host.is_empty() {
+        "inventorysync".into()
+    } else {
+        host
+    };
     Some(format!("{host}-{}", listen.port()))
 }
 
@@ -709,8 +713,12 @@ mod kafka_tests {
             Some(a),
             default_group_instance_id("127.0.0.1:8081".parse().unwrap())
         );
-        assert_eq!(default_group_instance_id("127.0.0.1:0".parse().unwrap()), None);
-        let s = kafka_settings_from("b:9092", vars(&[("KAFKA_GROUP_INSTANCE_ID", "host-1")])).unwrap();
+        assert_eq!(
+            default_group_instance_id("127.0.0.1:0".parse().unwrap()),
+            None
+        );
+        let s =
+            kafka_settings_from("b:9092", vars(&[("KAFKA_GROUP_INSTANCE_ID", "host-1")])).unwrap();
         assert_eq!(s.group_instance_id.as_deref(), Some("host-1"));
         let e = kafka_settings_from("b:9092", vars(&[("KAFKA_GROUP_INSTANCE_ID", "a b")]))
             .unwrap_err()

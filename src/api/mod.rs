@@ -420,7 +420,6 @@ struct TriggerBody {
     warehouses: Option<Vec<String>>,
 }
 
-
 /// Starts a sync cycle: done once every change committed before it has an outcome.
 #[utoipa::path(post, path = "/sync/trigger", tag = "sync", security(("bearer" = [])),
     request_body(content = Object, description = "Optional `{\"warehouses\": [\"wh-east\"]}`; empty for all", content_type = "application/json"),

@@ -6,9 +6,12 @@
 //! - `401`/`403`: a credential problem. The sink is marked unhealthy and the same batch is
 //!   retried slowly; nothing is dead-lettered for it.
 //! - `408`/`429`/`5xx`/timeouts/connection errors: retried with capped exponential backoff
-//!   and full jitter, honouring `Retry-After`. Consecutive failures open a circuit breaker
-//!   shared by every warehouse: while it is open no request is made (consumption pauses), then
-//!   one request probes whether central is back.
+//!   and full jitter, honouring `Retry-After`. A `429` with `Retry-After` is pacing: that
+//!   request waits as told, and it does not count as a failure. A circuit breaker shared by
+//!   every warehouse and lane opens when at least half of the last 20 requests failed (at
+//!   least 10 seen, and at least `breaker_threshold` failures): while it is open no request is
+//!   made (consumption pauses), then one request probes (half-open) whether central is back;
+//!   a lone failure among many successes never pauses delivery.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -57,6 +60,8 @@ enum Attempt {
     Retry {
         reason: String,
         after: Option<Duration>,
+        /// A 429 with `Retry-After`: central paces us; not a failure.
+        pacing: bool,
     },
 }
 
@@ -64,10 +69,81 @@ struct Breaker {
     state: std::sync::Mutex<BreakerState>,
 }
 
-#[derive(Default)]
+/// Requests the breaker looks back on.
+const BREAKER_WINDOW: usize = 20;
+/// Requests it must have seen in its window before it may open.
+const BREAKER_MIN_VOLUME: usize = 10;
+
+/// The circuit breaker's state: the outcomes of the latest requests (`true`: failed), and
+/// whether it is open or probing.
+#[derive(Debug, Default)]
 struct BreakerState {
-    failures: u32,
+    window: std::collections::VecDeque<bool>,
     open_until: Option<Instant>,
+    /// Half-open: the probe request is out; everyone else waits for its outcome.
+    probing: bool,
+}
+
+/// What a request may do, as the breaker says.
+#[derive(Debug, PartialEq, Eq)]
+enum Gate {
+    /// Go.
+    Pass,
+    /// Go, as the half-open probe.
+    Probe,
+    /// Wait until then (open), or a little (a probe is out).
+    Wait(Instant),
+}
+
+impl BreakerState {
+    fn gate(&mut self, now: Instant) -> Gate {
+        match self.open_until {
+            Some(t) if t > now => Gate::Wait(t),
+            Some(_) if self.probing => Gate::Wait(now + Duration::from_millis(50)),
+            Some(_) => {
+                self.probing = true;
+                Gate::Probe
+            }
+            None => Gate::Pass,
+        }
+    }
+
+    /// Records an outcome; true when this one opened the breaker.
+    fn record(
+        &mut self,
+        failed: bool,
+        probe: bool,
+        threshold: u32,
+        cooldown: Duration,
+        now: Instant,
+    ) -> bool {
+        if probe {
+            self.probing = false;
+            if failed {
+                self.open_until = Some(now + cooldown);
+            } else {
+                *self = BreakerState::default();
+            }
+            return false;
+        }
+        if self.open_until.is_some() {
+            // Answers of requests sent before it opened: the probe decides.
+            return false;
+        }
+        self.window.push_back(failed);
+        if self.window.len() > BREAKER_WINDOW {
+            self.window.pop_front();
+        }
+        let failures = self.window.iter().filter(|f| **f).count();
+        let open = self.window.len() >= BREAKER_MIN_VOLUME
+            && failures * 2 >= self.window.len()
+            && failures >= threshold as usize;
+        if open {
+            self.open_until = Some(now + cooldown);
+            self.window.clear();
+        }
+        open
+    }
 }
 
 /// A pooled HTTP client for one central endpoint.
@@ -163,28 +239,47 @@ impl CentralClient {
         let body = bytes::Bytes::from(super::request_body(warehouse_id, &idempotency_key, changes));
         let mut attempt: u32 = 0;
         loop {
-            self.wait_for_breaker(cancel).await?;
+            let probe = self.wait_for_breaker(cancel).await?;
             let result = tokio::select! {
                 r = self.post(warehouse_id, &idempotency_key, body.clone(), changes.len()) => r,
-                _ = cancel.cancelled() => return Err(Cancelled),
+                _ = cancel.cancelled() => {
+                    if probe {
+                        self.record(false, true, None);
+                    }
+                    return Err(Cancelled);
+                }
             };
             let wait = match result {
                 Attempt::Results(r) => {
-                    self.succeeded();
+                    self.record(false, probe, None);
                     return Ok(Answer::Results(r));
                 }
                 Attempt::Invalid { status, message } => {
-                    self.succeeded();
+                    self.record(false, probe, None);
                     return Ok(Answer::Invalid { status, message });
                 }
                 Attempt::Credentials { status } => {
+                    if probe {
+                        self.record(false, true, None);
+                    }
                     self.healthy.store(false, Ordering::Relaxed);
                     tracing::error!(warehouse = %warehouse_id, status, retry_in_s = self.settings.credential_retry.as_secs(), "central refuses our credentials (check WAREHOUSE_API_TOKEN); pushing stops until it accepts them, nothing is dead-lettered");
                     self.settings.credential_retry
                 }
-                Attempt::Retry { reason, after } => {
+                Attempt::Retry {
+                    reason,
+                    after,
+                    pacing,
+                } => {
                     attempt += 1;
-                    self.failed();
+                    if pacing {
+                        // Central says when to come back: pacing, not failure.
+                        if probe {
+                            self.record(false, true, None);
+                        }
+                    } else {
+                        self.record(true, probe, Some(&reason));
+                    }
                     let wait = after.unwrap_or_else(|| self.backoff(attempt));
                     tracing::warn!(warehouse = %warehouse_id, attempt, reason = %reason, retry_in_ms = wait.as_millis() as u64, "central request failed; retrying");
                     wait
@@ -253,6 +348,7 @@ impl CentralClient {
                 return Attempt::Retry {
                     reason: format!("{kind}: {}", e.without_url()),
                     after: None,
+                    pacing: false,
                 };
             }
         };
@@ -272,6 +368,7 @@ impl CentralClient {
                         return Attempt::Retry {
                             reason: format!("reading the answer: {}", e.without_url()),
                             after: None,
+                            pacing: false,
                         };
                     }
                 };
@@ -285,6 +382,7 @@ impl CentralClient {
                                 r.results.len()
                             ),
                             after: None,
+                            pacing: false,
                         }
                     }
                     Err(e) => {
@@ -292,6 +390,7 @@ impl CentralClient {
                         Attempt::Retry {
                             reason: format!("central's answer is not a result list: {e}"),
                             after: None,
+                            pacing: false,
                         }
                     }
                 }
@@ -311,54 +410,60 @@ impl CentralClient {
                 let message = resp.text().await.unwrap_or_default();
                 Attempt::Retry {
                     reason: format!("HTTP {}: {}", s.as_u16(), truncate(&message, 200)),
+                    pacing: s == StatusCode::TOO_MANY_REQUESTS && retry_after.is_some(),
                     after: retry_after,
                 }
             }
         }
     }
 
-    async fn wait_for_breaker(&self, cancel: &CancellationToken) -> Result<(), Cancelled> {
+    /// Waits until the breaker lets a request go; true when it goes as the half-open probe.
+    async fn wait_for_breaker(&self, cancel: &CancellationToken) -> Result<bool, Cancelled> {
         loop {
-            let open_until = {
-                let s = self.breaker.state.lock().unwrap_or_else(|p| p.into_inner());
-                s.open_until
+            let gate = {
+                let mut s = self.breaker.state.lock().unwrap_or_else(|p| p.into_inner());
+                s.gate(Instant::now())
             };
-            match open_until {
-                Some(t) if t > Instant::now() => tokio::select! {
+            match gate {
+                Gate::Pass => return Ok(false),
+                Gate::Probe => return Ok(true),
+                Gate::Wait(t) => tokio::select! {
                     _ = tokio::time::sleep_until(t) => {}
                     _ = cancel.cancelled() => return Err(Cancelled),
                 },
-                _ => return Ok(()),
             }
         }
     }
 
-    fn succeeded(&self) {
+    /// Records a request's outcome with the breaker (`failure`: why it failed).
+    fn record(&self, failed: bool, probe: bool, failure: Option<&str>) {
         let mut s = self.breaker.state.lock().unwrap_or_else(|p| p.into_inner());
+        let was_open = s.open_until.is_some();
+        let opened = s.record(
+            failed,
+            probe,
+            self.settings.breaker_threshold,
+            self.settings.breaker_cooldown,
+            Instant::now(),
+        );
+        if opened {
+            crate::metrics::metrics()
+                .breaker_opened
+                .with_label_values(&[] as &[&str])
+                .inc();
+            tracing::warn!(
+                reason = failure.unwrap_or_default(),
+                pause_s = self.settings.breaker_cooldown.as_secs(),
+                "central keeps failing (half of the latest requests or more); circuit breaker open, consumption paused"
+            );
+        }
         if s.open_until.is_some() {
-            tracing::info!("central answers again; circuit breaker closed");
-        }
-        *s = BreakerState::default();
-        self.healthy.store(true, Ordering::Relaxed);
-    }
-
-    fn failed(&self) {
-        let mut s = self.breaker.state.lock().unwrap_or_else(|p| p.into_inner());
-        s.failures += 1;
-        if s.failures >= self.settings.breaker_threshold {
-            if s.open_until.is_none_or(|t| t <= Instant::now()) {
-                crate::metrics::metrics()
-                    .breaker_opened
-                    .with_label_values(&[] as &[&str])
-                    .inc();
-                tracing::warn!(
-                    failures = s.failures,
-                    pause_s = self.settings.breaker_cooldown.as_secs(),
-                    "central keeps failing; circuit breaker open, consumption paused"
-                );
-            }
-            s.open_until = Some(Instant::now() + self.settings.breaker_cooldown);
             self.healthy.store(false, Ordering::Relaxed);
+        } else if !failed {
+            if was_open {
+                tracing::info!("central answers again; circuit breaker closed");
+            }
+            self.healthy.store(true, Ordering::Relaxed);
         }
     }
 }
@@ -386,6 +491,68 @@ fn truncate(s: &str, max: usize) -> String {
 
 #[cfg(test)]
 mod tests {
+    use super::{BREAKER_WINDOW, BreakerState, Gate};
+    use std::time::Duration;
+    use tokio::time::Instant;
+
+    const COOLDOWN: Duration = Duration::from_secs(10);
+
+    #[test]
+    fn a_quarter_of_failures_never_opens_the_breaker() {
+        let mut b = BreakerState::default();
+        let now = Instant::now();
+        for i in 0..1000 {
+            assert!(
+                !b.record(i % 4 == 0, false, 5, COOLDOWN, now),
+                "request {i}"
+            );
+            assert_eq!(b.gate(now), Gate::Pass);
+        }
+    }
+
+    #[test]
+    fn half_the_latest_requests_failing_opens_it_and_one_probe_closes_it() {
+        let mut b = BreakerState::default();
+        let now = Instant::now();
+        // Five failures in a row among the first requests: not enough volume yet.
+        for _ in 0..5 {
+            assert!(!b.record(true, false, 5, COOLDOWN, now));
+        }
+        for _ in 0..4 {
+            assert!(!b.record(false, false, 5, COOLDOWN, now));
+        }
+        assert!(b.record(true, false, 5, COOLDOWN, now), "6 of 10 failed");
+        assert_eq!(b.gate(now), Gate::Wait(now + COOLDOWN));
+        let later = now + COOLDOWN;
+        assert_eq!(b.gate(later), Gate::Probe);
+        assert!(
+            matches!(b.gate(later), Gate::Wait(_)),
+            "one probe at a time"
+        );
+        b.record(true, true, 5, COOLDOWN, later);
+        assert_eq!(
+            b.gate(later),
+            Gate::Wait(later + COOLDOWN),
+            "a failed probe reopens it"
+        );
+        let after = later + COOLDOWN;
+        assert_eq!(b.gate(after), Gate::Probe);
+        b.record(false, true, 5, COOLDOWN, after);
+        assert_eq!(b.gate(after), Gate::Pass, "a good probe closes it");
+        assert!(b.window.is_empty() && BREAKER_WINDOW == 20);
+    }
+
+    #[test]
+    fn every_request_refused_opens_it_after_ten() {
+        let mut b = BreakerState::default();
+        let now = Instant::now();
+        let opened = (0..10)
+            .filter(|_| b.record(true, false, 5, COOLDOWN, now))
+            .count();
+        assert_eq!(opened, 1);
+        assert!(matches!(b.gate(now), Gate::Wait(_)));
+    }
+
     use super::*;
 
     #[test]

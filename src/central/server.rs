@@ -60,6 +60,15 @@ pub struct Faults {
     /// A batch holding a change whose key (as JSON) contains this text is answered 422 as a
     /// whole.
     pub invalid_key_substring: Option<String>,
+    /// Share of change requests answered 429 with `Retry-After: throttle_retry_after_secs`
+    /// (pacing, as a real central throttles), besides `error_rate`.
+    pub throttle_rate: f64,
+    /// `Retry-After` seconds of throttled answers (default 1).
+    pub throttle_retry_after_secs: Option<u64>,
+    /// Share of change requests handled only after `slow_ms` (a slow answer, not an error).
+    pub slow_rate: f64,
+    /// Delay of slow answers in milliseconds.
+    pub slow_ms: u64,
 }
 
 /// One stored entity.
@@ -553,15 +562,33 @@ async fn post_changes(
     if faults.latency_ms > 0 {
         tokio::time::sleep(Duration::from_millis(faults.latency_ms)).await;
     }
+    if faults.slow_rate > 0.0 && rand::random::<f64>() < faults.slow_rate {
+        tokio::time::sleep(Duration::from_millis(faults.slow_ms)).await;
+    }
+    // One draw decides between an error, a throttle and a normal answer, so the shares add.
+    let draw = rand::random::<f64>();
     let inject = {
         let mut f = state.faults.lock().unwrap_or_else(|p| p.into_inner());
         if f.fail_next > 0 {
             f.fail_next -= 1;
             true
         } else {
-            f.error_rate > 0.0 && rand::random::<f64>() < f.error_rate
+            f.error_rate > 0.0 && draw < f.error_rate
         }
     };
+    if !inject && faults.throttle_rate > 0.0 && draw < faults.error_rate + faults.throttle_rate {
+        state.stats.injected_errors.fetch_add(1, Ordering::Relaxed);
+        let mut r = error(
+            StatusCode::TOO_MANY_REQUESTS,
+            "throttled",
+            "too many requests (fault injected by the reference server)",
+        );
+        r.headers_mut().insert(
+            header::RETRY_AFTER,
+            HeaderValue::from(faults.throttle_retry_after_secs.unwrap_or(1)),
+        );
+        return r;
+    }
     if inject {
         state.stats.injected_errors.fetch_add(1, Ordering::Relaxed);
         let status = StatusCode::from_u16(faults.error_status.unwrap_or(503))

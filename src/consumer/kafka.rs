@@ -189,7 +189,9 @@ pub async fn run(
                             buffered += 1;
                         }
                     }
-                    Err(e) if e.rdkafka_error_code() == Some(RDKafkaErrorCode::FencedInstanceId) => {
+                    Err(e)
+                        if e.rdkafka_error_code() == Some(RDKafkaErrorCode::FencedInstanceId) =>
+                    {
                         return Err(BusError::Config {
                             key: "KAFKA_GROUP_INSTANCE_ID".into(),
                             reason: format!(

@@ -390,9 +390,10 @@ impl Stage {
             };
             let wants: Vec<&Want> = group.iter().map(|u| &u.want).collect();
             let current = self
-                .retry("cannot read unchanged TOAST values from the warehouse", || {
-                    self.toast.read(warehouse_id, &table, &wants)
-                })
+                .retry(
+                    "cannot read unchanged TOAST values from the warehouse",
+                    || self.toast.read(warehouse_id, &table, &wants),
+                )
                 .await?;
             for (u, values) in group.iter().zip(current) {
                 let p = &mut pending[u.pending];
@@ -406,12 +407,8 @@ impl Stage {
                 for &f in &u.fields {
                     let (name, src) = &m.data[f];
                     let value = values.get(&src.column).cloned().unwrap_or(Value::Null);
-                    match mapping::checked_value(
-                        name,
-                        src,
-                        Cow::Owned(value),
-                        &self.settings.rules,
-                    ) {
+                    match mapping::checked_value(name, src, Cow::Owned(value), &self.settings.rules)
+                    {
                         Ok(v) => {
                             if let Some(data) = p.change.data.as_mut() {
                                 data.insert(name.clone(), v);
@@ -903,7 +900,11 @@ impl Stage {
 }
 
 /// The data fields of an upsert whose columns the event left out as unchanged TOAST.
-fn unfilled_fields(change: &Change, m: &settings::TableMapping, unchanged: &[String]) -> Vec<usize> {
+fn unfilled_fields(
+    change: &Change,
+    m: &settings::TableMapping,
+    unchanged: &[String],
+) -> Vec<usize> {
     let (ChangeOp::Upsert, Some(data)) = (change.op, change.data.as_ref()) else {
         return Vec::new();
     };

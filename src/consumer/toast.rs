@@ -273,7 +273,12 @@ impl ToastReader {
         table: &str,
     ) -> Result<Arc<Vec<Column>>, FillError> {
         let cache_key = (warehouse.to_string(), table.to_string());
-        if let Some(c) = self.columns.lock().ok().and_then(|c| c.get(&cache_key).cloned()) {
+        if let Some(c) = self
+            .columns
+            .lock()
+            .ok()
+            .and_then(|c| c.get(&cache_key).cloned())
+        {
             return Ok(c);
         }
         let (schema, name) = table.split_once('.').unwrap_or(("public", table));

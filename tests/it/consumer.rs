@@ -351,8 +351,7 @@ pub async fn load_delivered(state: &TestDb, id: &str) -> bool {
 /// a checkpoint exists), so what is written next is streamed rather than read by the load.
 pub async fn wait_streaming(state: &TestDb, id: &str, log: &Path) {
     for _ in 0..300 {
-        if load_delivered(state, id).await && crate::kafka::checkpoint(state, id).await.is_some()
-        {
+        if load_delivered(state, id).await && crate::kafka::checkpoint(state, id).await.is_some() {
             return;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -1008,9 +1007,14 @@ async fn a_refused_credential_stops_pushing_without_dead_letters_and_a_422_batch
         log_tail(&log)
     );
     let d = at_least(1, || dead_letters(&state)).await;
-    assert_eq!(d.len(), 1, "{d:?}");
-    assert_eq!(d[0]["event"]["after"]["sku"], "BAD-1");
-    assert!(d[0]["reason"].as_str().unwrap().contains("422"), "{d:?}");
+    // BAD-1 alone, once streamed and possibly once more as read by the initial load, which
+    // the first process left unfinished (a row written after the slot's start and before
+    // its chunk was read comes both ways: at least once).
+    assert!((1..=2).contains(&d.len()), "{d:?}");
+    for d in &d {
+        assert_eq!(d["event"]["after"]["sku"], "BAD-1");
+        assert!(d["reason"].as_str().unwrap().contains("422"), "{d:?}");
+    }
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(text.contains("bisecting"), "{}", log_tail(&log));
 }
@@ -1118,7 +1122,8 @@ async fn unchanged_toast_reaches_central_whole(kafka: bool) {
     wait_streaming(&state, &id, &log).await;
     wide_products(&db, 21, 30).await; // streamed inserts: complete
     // Streamed updates that leave attributes alone: unchanged TOAST in the events.
-    db.exec("UPDATE products SET name = name || ' renamed'").await;
+    db.exec("UPDATE products SET name = name || ' renamed'")
+        .await;
     // Changed again later, gone later, changed then touched: central follows the warehouse.
     db.exec("UPDATE products SET unit_price = 2.50 WHERE sku IN ('SKU-3', 'SKU-4', 'SKU-25')")
         .await;
@@ -1132,7 +1137,11 @@ async fn unchanged_toast_reaches_central_whole(kafka: bool) {
     let attributes = central.state(&id).await["product {\"sku\":\"SKU-7\"}"]["attributes"]["blob"]
         .as_str()
         .map(str::len);
-    assert_eq!(attributes, Some(120 * 32), "the TOASTed value reached central whole");
+    assert_eq!(
+        attributes,
+        Some(120 * 32),
+        "the TOASTed value reached central whole"
+    );
     assert_eq!(conflicts(&state).await, Vec::<Value>::new());
     assert_eq!(dead_letters(&state).await, Vec::<Value>::new());
 }

@@ -1,6 +1,7 @@
 //! Integration tests against real PostgreSQL servers started by the harness.
 
 mod api;
+mod chaos;
 mod cli;
 mod consumer;
 mod errors;

@@ -1,0 +1,343 @@
+//! Chaos, as an adversary would run it: two warehouses under a random workload (upserts,
+//! key moves, deletes, rollbacks, 5,000-row transactions) with wide mapped `text` and `jsonb`
+//! columns that are TOASTed under the default replica identity, a central that fails a
+//! quarter of its requests and answers some slowly, and `run` killed -9 four times within a
+//! minute, in the initial load and while streaming. Then a sync cycle must succeed, and
+//! central must equal both warehouses field by field with no conflict and no dead letter
+//! (every change is valid). Run on the embedded bus and on Kafka.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use inventorysync::central::server::Faults;
+use serde_json::Value;
+
+use crate::api::{Api, KEY};
+use crate::consumer::{Central, conflicts, dead_letters, log_tail, run_command, start};
+use crate::harness::{TestDb, free_port, pg};
+
+/// The demo mapping with the wide product columns mapped too.
+const MAPPING: &str = r#"
+[[mappings]]
+table = "public.products"
+entity = "product"
+key = { sku = "sku" }
+data = { name = "name", unit_price = "unit_price", attributes = "attributes", notes = "notes" }
+
+[[mappings]]
+table = "public.locations"
+entity = "location"
+key = { code = "location_code" }
+data = { zone = "zone" }
+
+[[mappings]]
+table = "public.stock_levels"
+entity = "stock_level"
+key = { sku = "sku", location = "location_code" }
+data = { on_hand = "qty_on_hand", reserved = "qty_reserved" }
+
+[rules]
+max_string_chars = 1000000
+"#;
+
+/// Random hex of `n` md5 blocks (32 characters each): incompressible enough to be TOASTed
+/// out of line from about 70 blocks on.
+fn blob(n: u64) -> String {
+    format!("(SELECT string_agg(md5(random()::text), '') FROM generate_series(1, {n}))")
+}
+
+/// A warehouse with the demo schema, a wide `notes` column and a seed for the initial load.
+async fn chaos_warehouse(prefix: &str) -> TestDb {
+    let db = pg().new_db(prefix).await;
+    db.exec(include_str!("../../sql/demo_schema.sql")).await;
+    db.exec(&format!(
+        "ALTER TABLE products ADD COLUMN notes text;
+         CREATE PUBLICATION inventorysync FOR TABLE products, locations, stock_levels;
+         INSERT INTO locations SELECT 'L-' || i, 'zone ' || (i % 4) FROM generate_series(0, 19) i;
+         INSERT INTO products (sku, name, unit_price, attributes, notes)
+           SELECT 'SKU-' || i, 'product ' || i, (i % 97) + 0.25,
+                  CASE WHEN i % 3 = 0 THEN jsonb_build_object('blob', {}) ELSE jsonb_build_object('n', i) END,
+                  CASE WHEN i % 2 = 0 THEN {} ELSE 'short ' || i END
+             FROM generate_series(0, 1499) i;
+         INSERT INTO stock_levels (sku, location_code, qty_on_hand, qty_reserved)
+           SELECT 'SKU-' || (i % 1500), 'L-' || (i / 1500), 10 + i % 50, i % 10
+             FROM generate_series(0, 5999) i;",
+        blob(100),
+        blob(80)
+    ))
+    .await;
+    db
+}
+
+/// Central's expected state for `db`: "entity key" → data.
+async fn expected(db: &TestDb) -> BTreeMap<String, Value> {
+    let rows = db
+        .client
+        .query(
+            "SELECT 'product', json_build_object('sku', sku)::text,
+                    json_build_object('name', name, 'unit_price', unit_price::text,
+                                      'attributes', attributes, 'notes', notes)::text
+               FROM products
+             UNION ALL
+             SELECT 'location', json_build_object('code', location_code)::text,
+                    json_build_object('zone', zone)::text
+               FROM locations
+             UNION ALL
+             SELECT 'stock_level', json_build_object('sku', sku, 'location', location_code)::text,
+                    json_build_object('on_hand', qty_on_hand, 'reserved', qty_reserved,
+                                      'available', qty_on_hand - qty_reserved)::text
+               FROM stock_levels",
+            &[],
+        )
+        .await
+        .unwrap();
+    rows.iter()
+        .map(|r| {
+            let key: Value = serde_json::from_str(r.get::<_, &str>(1)).unwrap();
+            let data: Value = serde_json::from_str(r.get::<_, &str>(2)).unwrap();
+            (format!("{} {key}", r.get::<_, &str>(0)), data)
+        })
+        .collect()
+}
+
+/// A seeded random workload until `stop`: every statement is valid (quantities ≥ 0,
+/// reserved ≤ on hand), so nothing may end up as a conflict or a dead letter.
+async fn random_workload(url: String, seed: u64, stop: Instant) -> u64 {
+    let db = crate::harness::connect(&url).await;
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    let mut next = move |n: u64| {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x % n
+    };
+    let mut txs = 0;
+    while Instant::now() < stop {
+        let mut sql = String::from("BEGIN;");
+        if txs % 300 == 150 {
+            // A 5,000-row transaction now and then.
+            sql.push_str(
+                "UPDATE stock_levels SET qty_on_hand = qty_on_hand + 1
+                  WHERE ctid IN (SELECT ctid FROM stock_levels LIMIT 5000);",
+            );
+        }
+        for _ in 0..1 + next(6) {
+            let sku = format!("SKU-{}", next(1700));
+            let loc = format!("L-{}", next(20));
+            let stmt = match next(20) {
+                // Rename only: the wide columns stay unchanged TOAST in the event.
+                0..=3 => format!("UPDATE products SET name = 'renamed {}' WHERE sku = '{sku}';", next(1_000_000)),
+                4 => format!(
+                    "INSERT INTO products (sku, name, attributes, notes) VALUES ('{sku}', 'new', jsonb_build_object('blob', {}), {})
+                     ON CONFLICT (sku) DO UPDATE SET notes = EXCLUDED.notes, attributes = EXCLUDED.attributes;",
+                    blob(60 + next(100)),
+                    blob(70 + next(100))
+                ),
+                5 => format!("UPDATE products SET unit_price = {}.{:02} WHERE sku = '{sku}';", next(500), next(100)),
+                6..=10 => {
+                    let on_hand = next(200);
+                    let reserved = next(on_hand + 1);
+                    format!(
+                        "INSERT INTO stock_levels (sku, location_code, qty_on_hand, qty_reserved)
+                         SELECT '{sku}', '{loc}', {on_hand}, {reserved} WHERE EXISTS (SELECT 1 FROM products WHERE sku = '{sku}')
+                         ON CONFLICT (sku, location_code) DO UPDATE SET qty_on_hand = EXCLUDED.qty_on_hand, qty_reserved = EXCLUDED.qty_reserved;"
+                    )
+                }
+                11 | 12 => format!("DELETE FROM stock_levels WHERE sku = '{sku}' AND location_code = '{loc}';"),
+                13 | 14 => {
+                    let to = format!("L-{}", next(20));
+                    format!(
+                        "UPDATE stock_levels SET location_code = '{to}' WHERE sku = '{sku}' AND location_code = '{loc}'
+                           AND NOT EXISTS (SELECT 1 FROM stock_levels WHERE sku = '{sku}' AND location_code = '{to}');"
+                    )
+                }
+                15 => format!("DELETE FROM stock_levels WHERE sku = '{sku}'; DELETE FROM products WHERE sku = '{sku}';"),
+                16 => format!("UPDATE locations SET zone = 'zone {}' WHERE location_code = '{loc}';", next(9)),
+                _ => format!("UPDATE stock_levels SET qty_reserved = 0 WHERE sku = '{sku}';"),
+            };
+            sql.push_str(&stmt);
+        }
+        // Some transactions roll back: none of their changes may reach central.
+        sql.push_str(if next(10) == 0 {
+            "ROLLBACK;"
+        } else {
+            "COMMIT;"
+        });
+        db.batch_execute(&sql).await.unwrap();
+        txs += 1;
+        tokio::time::sleep(Duration::from_millis(next(15))).await;
+    }
+    txs
+}
+
+/// Changes the `run` process on `port` has given an outcome (its own metric; zero while
+/// it does not answer).
+async fn delivered_by(port: u16) -> f64 {
+    let Ok(r) = reqwest::get(format!("http://127.0.0.1:{port}/metrics")).await else {
+        return 0.0;
+    };
+    let text = r.text().await.unwrap_or_default();
+    text.lines()
+        .filter(|l| l.starts_with("inventorysync_changes_delivered_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+async fn chaos(kafka: bool) {
+    let tag = if kafka { "chk" } else { "che" };
+    let east = chaos_warehouse(&format!("{tag}east")).await;
+    let west = chaos_warehouse(&format!("{tag}west")).await;
+    let state = pg().new_db(&format!("{tag}state")).await;
+    let central = Central::start(Faults {
+        error_rate: 0.15,
+        error_status: Some(500),
+        throttle_rate: 0.10,
+        throttle_retry_after_secs: Some(1),
+        slow_rate: 0.05,
+        slow_ms: 2000,
+        ..Faults::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("inventorysync.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "{MAPPING}\n[[warehouses]]\nid = 'wh-east'\nurl = '{}'\nslot = '{}'\n\n[[warehouses]]\nid = 'wh-west'\nurl = '{}'\nslot = '{}'\n",
+            east.url_as("postgres"),
+            east.slot("run"),
+            west.url_as("postgres"),
+            west.slot("run"),
+        ),
+    )
+    .unwrap();
+    let topic = format!("it.{}", east.name);
+    // One fixed API port for every restart: on Kafka it is the default group.instance.id,
+    // so a restarted process takes its partitions back at once.
+    let port = free_port();
+    let command = || {
+        let mut c = run_command(&cfg, &state, &central, kafka.then_some(topic.as_str()));
+        c.env("API_LISTEN", format!("127.0.0.1:{port}"))
+            .env("API_KEYS", KEY)
+            .env("SYNC_JOB_TIMEOUT_SECS", "120");
+        c
+    };
+    let chaos_for = Duration::from_secs(60);
+    let stop = Instant::now() + chaos_for;
+    let writers = [
+        tokio::spawn(random_workload(east.url_as("postgres"), 1, stop)),
+        tokio::spawn(random_workload(west.url_as("postgres"), 2, stop)),
+    ];
+    // Four kills within the minute, each at a moment after the process delivered its first
+    // change: the first ones during the initial load, the later ones while streaming.
+    let mut resumed = Vec::new();
+    for (i, extra_ms) in [300u64, 2_500, 1_200, 6_000].into_iter().enumerate() {
+        let log = dir.path().join(format!("run{i}.log"));
+        let started = Instant::now();
+        let mut run = start(command(), log.clone());
+        while delivered_by(port).await == 0.0 {
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "run {i} delivered nothing within 30 s of its start; log:\n{}",
+                log_tail(&log)
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        resumed.push(started.elapsed());
+        tokio::time::sleep(Duration::from_millis(extra_ms)).await;
+        run.child.kill().unwrap(); // SIGKILL
+        run.child.wait().unwrap();
+    }
+    eprintln!(
+        "chaos ({}): delivery resumed after each restart in {resumed:?}",
+        if kafka { "kafka" } else { "embedded" }
+    );
+    let log = dir.path().join("run.log");
+    let _run = start(command(), log.clone());
+    let mut txs = 0;
+    for w in writers {
+        txs += w.await.unwrap();
+    }
+    assert!(txs > 100, "the workload ran: {txs} transactions");
+    // A sync cycle after the workload: it must succeed within 120 s.
+    let api = Api::new(port);
+    let mut job_id = None;
+    for _ in 0..100 {
+        let (status, v) = api.post("/sync/trigger", "").await;
+        if status == 202 {
+            job_id = v["jobId"].as_str().map(str::to_string);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let job_id = job_id.expect("the API answered");
+    let cycle_started = Instant::now();
+    let job = loop {
+        let (_, _, job) = api.get(&format!("/sync/status/{job_id}"), Some(KEY)).await;
+        if job["status"] == "succeeded" || job["status"] == "failed" {
+            break job;
+        }
+        assert!(
+            cycle_started.elapsed() < Duration::from_secs(125),
+            "the sync cycle did not finish within 120 s: {job}; log:\n{}",
+            log_tail(&log)
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    assert_eq!(
+        job["status"],
+        "succeeded",
+        "{job}; log:\n{}",
+        log_tail(&log)
+    );
+    eprintln!(
+        "chaos: the sync cycle succeeded after {:?}",
+        cycle_started.elapsed()
+    );
+    // A succeeded cycle means central holds every change: compare field by field, now.
+    for (db, id) in [(&east, "wh-east"), (&west, "wh-west")] {
+        let want = expected(db).await;
+        let got = central.state(id).await;
+        let wrong: Vec<_> = want
+            .iter()
+            .filter(|(k, v)| got.get(*k) != Some(v))
+            .map(|(k, _)| k)
+            .take(5)
+            .collect();
+        let extra: Vec<_> = got
+            .keys()
+            .filter(|k| !want.contains_key(*k))
+            .take(5)
+            .collect();
+        assert!(
+            wrong.is_empty() && extra.is_empty(),
+            "{id}: central differs from the warehouse ({} vs {} entities); missing or different: {wrong:?}; extra: {extra:?}",
+            got.len(),
+            want.len()
+        );
+    }
+    assert_eq!(
+        conflicts(&state).await,
+        Vec::<Value>::new(),
+        "every change is valid"
+    );
+    assert_eq!(dead_letters(&state).await, Vec::<Value>::new());
+    if kafka {
+        for (i, t) in resumed.iter().enumerate() {
+            assert!(
+                *t < Duration::from_secs(15),
+                "run {i} resumed consuming only {t:?} after its start"
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_on_the_embedded_bus_converges_field_by_field() {
+    chaos(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_on_kafka_converges_field_by_field() {
+    chaos(true).await;
+}
