@@ -257,11 +257,18 @@ pub async fn run_resyncs(
     delivery: Delivery,
     cancel: CancellationToken,
 ) {
-    let warehouses: HashMap<String, Warehouse> = warehouses
-        .into_iter()
-        .map(|w| (w.config.id.clone(), w))
-        .collect();
+    let warehouses: Arc<HashMap<String, Warehouse>> = Arc::new(
+        warehouses
+            .into_iter()
+            .map(|w| (w.config.id.clone(), w))
+            .collect(),
+    );
+    let (tables, delivery) = (Arc::new(tables), Arc::new(delivery));
+    // One job at a time per warehouse, every warehouse at once: one warehouse's load (or
+    // its wait for the consumer group) never holds up another's.
+    let mut running: HashMap<String, tokio::task::JoinHandle<()>> = HashMap::new();
     loop {
+        running.retain(|_, task| !task.is_finished());
         let mut active = Vec::new();
         for kind in [LOAD_JOB, "resync"] {
             match state.active_warehouses(kind).await {
@@ -269,60 +276,92 @@ pub async fn run_resyncs(
                 Err(e) => tracing::warn!(error = %e, "resync: cannot read jobs; retrying"),
             }
         }
-        {
-            {
-                for (kind, w) in &active {
-                    let Some(wh) = warehouses.get(&w.warehouse_id) else {
-                        continue;
-                    };
-                    // Only the process that streams the warehouse can read its chunks.
-                    if *wh.status.state.borrow() != StreamState::Streaming {
-                        continue;
-                    }
-                    let work = if *kind == LOAD_JOB {
-                        match published_tables(&wh.config).await {
-                            Ok(tables) => Work {
-                                tables,
-                                marker: SnapshotMarker::True,
-                                what: "initial load",
-                            },
-                            Err(e) => {
-                                tracing::warn!(job = %w.job_id, warehouse = %w.warehouse_id, error = %e, "initial load: cannot list the published tables; retrying");
-                                continue;
-                            }
-                        }
-                    } else {
-                        Work {
-                            tables: tables.clone(),
-                            marker: SnapshotMarker::Incremental,
-                            what: "resync",
-                        }
-                    };
-                    match resync(&state, wh, w, &work, &delivery, &cancel).await {
-                        Ok(()) => {}
-                        Err(Stop::Cancelled) => return,
-                        Err(Stop::Failed(reason)) => {
-                            tracing::warn!(job = %w.job_id, warehouse = %w.warehouse_id, reason = %reason, "resync failed");
-                            let failed = async {
-                                state
-                                    .update_job_warehouse(w, None, false, Some(&reason))
-                                    .await?;
-                                state.settle_jobs(Some((&w.job_id, &reason))).await
-                            };
-                            if let Err(e) = failed.await {
-                                tracing::warn!(error = %e, "cannot record the resync's failure");
-                            }
-                        }
-                        Err(Stop::Store(e)) => {
-                            tracing::warn!(error = %e, "resync: state DB unavailable; retrying")
-                        }
-                    }
-                }
+        for (kind, w) in active {
+            if running.contains_key(&w.warehouse_id) {
+                continue;
             }
+            let Some(wh) = warehouses.get(&w.warehouse_id) else {
+                continue;
+            };
+            // Only the process that streams the warehouse can read its chunks.
+            if *wh.status.state.borrow() != StreamState::Streaming {
+                continue;
+            }
+            let (state, warehouses, tables, delivery, cancel) = (
+                state.clone(),
+                warehouses.clone(),
+                tables.clone(),
+                delivery.clone(),
+                cancel.clone(),
+            );
+            let id = w.warehouse_id.clone();
+            running.insert(
+                id.clone(),
+                tokio::spawn(async move {
+                    if let Some(wh) = warehouses.get(&id) {
+                        run_job(&state, wh, kind, &w, &tables, &delivery, &cancel).await;
+                    }
+                }),
+            );
         }
         tokio::select! {
             _ = tokio::time::sleep(TICK * 2) => {}
-            _ = cancel.cancelled() => return,
+            _ = cancel.cancelled() => {
+                for task in running.values() {
+                    task.abort();
+                }
+                return;
+            }
+        }
+    }
+}
+
+/// Runs one warehouse's load or resync job until it is done, failed or interrupted (a later
+/// tick resumes it from its saved chunks).
+async fn run_job(
+    state: &StateDb,
+    wh: &Warehouse,
+    kind: &str,
+    w: &ActiveWarehouse,
+    tables: &[String],
+    delivery: &Delivery,
+    cancel: &CancellationToken,
+) {
+    let work = if kind == LOAD_JOB {
+        match published_tables(&wh.config).await {
+            Ok(tables) => Work {
+                tables,
+                marker: SnapshotMarker::True,
+                what: "initial load",
+            },
+            Err(e) => {
+                tracing::warn!(job = %w.job_id, warehouse = %w.warehouse_id, error = %e, "initial load: cannot list the published tables; retrying");
+                return;
+            }
+        }
+    } else {
+        Work {
+            tables: tables.to_vec(),
+            marker: SnapshotMarker::Incremental,
+            what: "resync",
+        }
+    };
+    match resync(state, wh, w, &work, delivery, cancel).await {
+        Ok(()) | Err(Stop::Cancelled) => {}
+        Err(Stop::Failed(reason)) => {
+            tracing::warn!(job = %w.job_id, warehouse = %w.warehouse_id, reason = %reason, "{} failed", work.what);
+            let failed = async {
+                state
+                    .update_job_warehouse(w, None, false, Some(&reason))
+                    .await?;
+                state.settle_jobs(Some((&w.job_id, &reason))).await
+            };
+            if let Err(e) = failed.await {
+                tracing::warn!(error = %e, "cannot record the job's failure");
+            }
+        }
+        Err(Stop::Store(e)) => {
+            tracing::warn!(error = %e, "{}: state DB unavailable; retrying", work.what)
         }
     }
 }
