@@ -87,6 +87,8 @@ pub struct WarehouseStatus {
     pub chunks: mpsc::Sender<crate::source::resync::ChunkRequest>,
     /// The stream's end of `chunks` (each stream session holds it while it runs).
     pub chunk_inbox: crate::source::resync::ChunkInbox,
+    /// Counts pipeline starts: what a pipeline had in flight is gone once it changes.
+    generation: std::sync::atomic::AtomicU64,
 }
 
 impl WarehouseStatus {
@@ -99,7 +101,14 @@ impl WarehouseStatus {
             state: watch::Sender::new(StreamState::Starting),
             chunks,
             chunk_inbox: Arc::new(tokio::sync::Mutex::new(inbox)),
+            generation: std::sync::atomic::AtomicU64::new(0),
         })
+    }
+
+    /// The current pipeline's number: resync chunks answered by one pipeline are delivered
+    /// only by it (their rows are not in the WAL), so a change means "read them again".
+    pub fn generation(&self) -> u64 {
+        self.generation.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Whether the warehouse is served (streamed here or by the lease holder), and if not,
@@ -271,6 +280,10 @@ async fn run_pipeline<B: Bus>(
         .await?
         .filter(|c| c.slot_name == w.slot)
         .map_or(Lsn::ZERO, |c| c.flush_lsn);
+    // Before anything of this pipeline can become durable.
+    status
+        .generation
+        .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     let (items_tx, items_rx) = mpsc::channel(16);
     let (acks_tx, mut acks_rx) = mpsc::channel::<CommitAck>(1024);
     let (durable_tx, durable_rx) = watch::channel(checkpoint);

@@ -212,7 +212,7 @@ pub async fn check(config: &Config) -> Report {
         r.add("configuration", "API_KEYS", Status::Ok, "set");
     }
     for w in &config.warehouses {
-        check_warehouse(&mut r, w, &mapped).await;
+        check_warehouse(&mut r, w, &mapped, &config.consumer).await;
     }
     check_state_db(&mut r, config).await;
     check_kafka(&mut r, config).await;
@@ -220,7 +220,12 @@ pub async fn check(config: &Config) -> Report {
     r
 }
 
-async fn check_warehouse(r: &mut Report, w: &WarehouseConfig, mapped: &[String]) {
+async fn check_warehouse(
+    r: &mut Report,
+    w: &WarehouseConfig,
+    mapped: &[String],
+    consumer: &crate::consumer::settings::ConsumerSettings,
+) {
     let t = format!("warehouse {}", w.id);
     let sql = match tokio::time::timeout(
         Duration::from_secs(10),
@@ -387,6 +392,7 @@ async fn check_warehouse(r: &mut Report, w: &WarehouseConfig, mapped: &[String])
             ),
             Err(e) => r.fail(&t, &check, e.to_string(), "grant access to pg_class"),
         }
+        check_toast(r, &t, &sql, table, consumer).await;
     }
     match sql
         .query_opt(
@@ -422,6 +428,54 @@ async fn check_warehouse(r: &mut Report, w: &WarehouseConfig, mapped: &[String])
             }
         }
         Err(e) => r.fail(&t, "slot", e.to_string(), "grant access to pg_replication_slots"),
+    }
+}
+
+/// Warns for a mapped table whose mapped columns can be TOASTed while its replica identity
+/// is not FULL: an update that leaves such a column alone does not carry its value, so the
+/// consumer reads it back from the warehouse (one query per table and batch).
+async fn check_toast(
+    r: &mut Report,
+    t: &str,
+    sql: &tokio_postgres::Client,
+    table: &str,
+    consumer: &crate::consumer::settings::ConsumerSettings,
+) {
+    let Some(m) = consumer.mappings.get(table) else {
+        return;
+    };
+    let Some((schema, name)) = table.split_once('.') else {
+        return;
+    };
+    let columns: Vec<String> = m.data.iter().map(|(_, f)| f.column.clone()).collect();
+    let rows = sql
+        .query(
+            "SELECT a.attname::text FROM pg_attribute a
+               JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+              WHERE n.nspname = $1 AND c.relname = $2 AND c.relreplident <> 'f'
+                AND a.attnum > 0 AND NOT a.attisdropped AND a.attstorage <> 'p'
+                AND a.attname = ANY($3) ORDER BY a.attnum",
+            &[&schema, &name, &columns],
+        )
+        .await;
+    let check = format!("unchanged TOAST {table}");
+    match rows {
+        Ok(rows) if rows.is_empty() => {}
+        Ok(rows) => {
+            let names: Vec<String> = rows.iter().map(|row| row.get(0)).collect();
+            r.warn(
+                t,
+                &check,
+                format!(
+                    "mapped column(s) {} can be TOASTed and the replica identity is not FULL: an update that leaves them alone does not carry their value, so the consumer reads them back from the warehouse (one query per table and batch with such updates)",
+                    names.join(", ")
+                ),
+                format!(
+                    "ALTER TABLE {table} REPLICA IDENTITY FULL; carries them in the WAL instead (more WAL per update), or keep the default and the read-back"
+                ),
+            );
+        }
+        Err(e) => r.warn(t, &check, e.to_string(), "grant access to pg_attribute"),
     }
 }
 

@@ -9,7 +9,7 @@
 //! and waits for the consumer group's committed offsets to reach them. Jobs live in the state
 //! DB; every `run` process works on them, so they survive restarts.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,6 +20,7 @@ use crate::app::{StreamState, WarehouseStatus};
 use crate::config::WarehouseConfig;
 use crate::consumer::kafka::{GroupProgress, PartitionEnd};
 use crate::event::SnapshotMarker;
+use crate::source::resync::ChunkDone;
 use crate::store::{ActiveWarehouse, StateDb, StoreError};
 
 /// How often running jobs are checked.
@@ -240,6 +241,8 @@ pub fn new_job_id() -> String {
 
 /// Rows per resync chunk.
 pub const CHUNK_ROWS: usize = 1000;
+/// Chunks read ahead of the oldest one not yet durable (a crash reads at most these again).
+const CHUNKS_AHEAD: usize = 4;
 /// How long a chunk may stay unanswered (the stream restarted meanwhile) before it is asked
 /// for again.
 const CHUNK_TIMEOUT: Duration = Duration::from_secs(30);
@@ -330,6 +333,7 @@ async fn run_job(
     let work = if kind == LOAD_JOB {
         match published_tables(&wh.config).await {
             Ok(tables) => Work {
+                kind: LOAD_JOB,
                 tables,
                 marker: SnapshotMarker::True,
                 what: "initial load",
@@ -341,6 +345,7 @@ async fn run_job(
         }
     } else {
         Work {
+            kind: "resync",
             tables: tables.to_vec(),
             marker: SnapshotMarker::Incremental,
             what: "resync",
@@ -368,6 +373,7 @@ async fn run_job(
 
 /// What a resync or load job reads, and how its rows are marked.
 struct Work {
+    kind: &'static str,
     tables: Vec<String>,
     marker: SnapshotMarker,
     what: &'static str,
@@ -421,6 +427,11 @@ async fn resync(
         let mut progress = state
             .resync_progress(&w.job_id, &w.warehouse_id, table)
             .await?;
+        // Chunks answered but not yet durable, oldest first: the next one is asked for
+        // while the earlier ones are delivered. Only their pipeline can deliver their rows
+        // (they are not in the WAL), so a pipeline restart discards them.
+        let mut ahead: VecDeque<ChunkDone> = VecDeque::new();
+        let mut generation = wh.status.generation();
         while !progress.done {
             if w.overdue {
                 return Err(Stop::Failed(format!(
@@ -428,43 +439,70 @@ async fn resync(
                     progress.chunks
                 )));
             }
-            let (reply, answer) = tokio::sync::oneshot::channel();
-            let req = crate::source::resync::ChunkRequest {
-                id: format!("{}:{}:{}", w.job_id, table, progress.chunks),
-                table: table.clone(),
-                after: progress.last_key.clone(),
-                limit: CHUNK_ROWS,
-                marker: work.marker,
-                reply,
-            };
-            if wh.status.chunks.send(req).await.is_err() {
-                return Err(Stop::Cancelled);
+            let asked_all = ahead.back().is_some_and(|d| d.exhausted);
+            if !asked_all && ahead.len() < CHUNKS_AHEAD {
+                let after = match ahead.back() {
+                    Some(d) => d.last_key.clone(),
+                    None => progress.last_key.clone(),
+                };
+                let (reply, answer) = tokio::sync::oneshot::channel();
+                let req = crate::source::resync::ChunkRequest {
+                    id: format!(
+                        "{}:{}:{}",
+                        w.job_id,
+                        table,
+                        progress.chunks + ahead.len() as i64
+                    ),
+                    table: table.clone(),
+                    after,
+                    limit: CHUNK_ROWS,
+                    marker: work.marker,
+                    reply,
+                };
+                if wh.status.chunks.send(req).await.is_err() {
+                    return Err(Stop::Cancelled);
+                }
+                tokio::select! {
+                    r = tokio::time::timeout(CHUNK_TIMEOUT, answer) => match r {
+                        Ok(Ok(Ok(done))) => ahead.push_back(done),
+                        Ok(Ok(Err(reason))) => return Err(Stop::Failed(reason)),
+                        // The stream restarted (or stalled): ask again from the saved position.
+                        Ok(Err(_)) | Err(_) => {
+                            tracing::info!(job = %w.job_id, %table, "resync chunk unanswered; asking again");
+                            ahead.clear();
+                            generation = wh.status.generation();
+                        }
+                    },
+                    _ = cancel.cancelled() => return Err(Stop::Cancelled),
+                }
+                continue;
             }
-            let done = tokio::select! {
-                r = tokio::time::timeout(CHUNK_TIMEOUT, answer) => match r {
-                    Ok(Ok(Ok(done))) => done,
-                    Ok(Ok(Err(reason))) => return Err(Stop::Failed(reason)),
-                    // The stream restarted (or stalled): ask again from the saved position.
-                    Ok(Err(_)) | Err(_) => {
-                        tracing::info!(job = %w.job_id, %table, "resync chunk unanswered; asking again");
-                        continue;
-                    }
-                },
-                _ = cancel.cancelled() => return Err(Stop::Cancelled),
+            let Some(done) = ahead.pop_front() else {
+                continue;
             };
-            // Saved only once durable: a restart before that reads the chunk again.
-            loop {
+            // Saved only once durable in the pipeline that emitted it: a restart before that
+            // reads the chunk again.
+            let durable = loop {
                 let at = state
                     .checkpoint(&w.warehouse_id)
                     .await?
                     .map(|c| c.flush_lsn);
+                if wh.status.generation() != generation {
+                    break false;
+                }
                 if at.is_some_and(|a| a >= done.end_lsn) {
-                    break;
+                    break true;
                 }
                 tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+                    _ = tokio::time::sleep(Duration::from_millis(20)) => {}
                     _ = cancel.cancelled() => return Err(Stop::Cancelled),
                 }
+            };
+            if !durable {
+                tracing::info!(job = %w.job_id, %table, "the pipeline restarted before the chunks read ahead were delivered; reading them again");
+                ahead.clear();
+                generation = wh.status.generation();
+                continue;
             }
             state
                 .save_resync_chunk(
@@ -501,7 +539,7 @@ async fn resync(
                 Err(e) => tracing::debug!(job = %w.job_id, error = %e, "resync: group progress"),
             }
             if state
-                .active_warehouses("resync")
+                .active_warehouses(work.kind)
                 .await?
                 .iter()
                 .any(|a| a.job_id == w.job_id && a.overdue)

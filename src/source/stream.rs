@@ -183,6 +183,10 @@ async fn run_once(
     tracing::debug!(warehouse = %opts.warehouse_id, system_id, timeline, %xlogpos, server_version = conn.server_version, "connected for replication");
     slot::check_wal_level(&mut conn).await?;
     let mut sql = tls::connect_sql(&opts.conn).await?;
+    // What this session writes (resync watermarks, heartbeats) must reach the walsender at
+    // once: with the server's synchronous_commit off, WAL is flushed only every
+    // wal_writer_delay (200 ms), and a chunk waits for its high watermark to be decoded.
+    sql.batch_execute("SET synchronous_commit TO on").await?;
     slot::check_publication(&sql, &opts.publication).await?;
     let identity = SourceIdentity {
         warehouse_id: Arc::from(opts.warehouse_id.as_str()),

@@ -402,6 +402,18 @@ async fn check_passes_a_ready_setup_and_names_each_fix_otherwise() {
         );
     }
     assert!(!out.contains("FAIL"), "{out}");
+    // products maps text and jsonb columns under the default replica identity: a warning
+    // that says what it costs; stock_levels maps only integers.
+    let toast = out
+        .lines()
+        .find(|l| l.contains("unchanged TOAST public.products"))
+        .unwrap_or_else(|| panic!("no TOAST warning:\n{out}"));
+    assert!(toast.contains("name, unit_price, attributes"), "{toast}");
+    assert!(out.contains("REPLICA IDENTITY FULL"), "{out}");
+    assert!(
+        !out.contains("unchanged TOAST public.stock_levels"),
+        "{out}"
+    );
 
     // A mapped table without a primary key, on a server with wal_level = replica and no
     // publication; no state DB; a central that wants another token.

@@ -7,5 +7,6 @@ mod consumer;
 mod errors;
 mod harness;
 mod kafka;
+mod load;
 mod store;
 mod stream;
