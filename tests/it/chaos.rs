@@ -71,33 +71,17 @@ async fn chaos_warehouse(prefix: &str) -> TestDb {
 
 /// Central's expected state for `db`: "entity key" → data.
 async fn expected(db: &TestDb) -> BTreeMap<String, Value> {
-    let rows = db
-        .client
-        .query(
+    crate::consumer::expected_from(
+        db,
+        &format!(
             "SELECT 'product', json_build_object('sku', sku)::text,
                     json_build_object('name', name, 'unit_price', unit_price::text,
                                       'attributes', attributes, 'notes', notes)::text
-               FROM products
-             UNION ALL
-             SELECT 'location', json_build_object('code', location_code)::text,
-                    json_build_object('zone', zone)::text
-               FROM locations
-             UNION ALL
-             SELECT 'stock_level', json_build_object('sku', sku, 'location', location_code)::text,
-                    json_build_object('on_hand', qty_on_hand, 'reserved', qty_reserved,
-                                      'available', qty_on_hand - qty_reserved)::text
-               FROM stock_levels",
-            &[],
-        )
-        .await
-        .unwrap();
-    rows.iter()
-        .map(|r| {
-            let key: Value = serde_json::from_str(r.get::<_, &str>(1)).unwrap();
-            let data: Value = serde_json::from_str(r.get::<_, &str>(2)).unwrap();
-            (format!("{} {key}", r.get::<_, &str>(0)), data)
-        })
-        .collect()
+               FROM products {}",
+            crate::consumer::LOCATIONS_AND_STOCK
+        ),
+    )
+    .await
 }
 
 /// A seeded random workload until `stop`: every statement is valid (quantities ≥ 0,

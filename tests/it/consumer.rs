@@ -135,13 +135,19 @@ pub async fn demo_warehouse(prefix: &str) -> TestDb {
 
 /// What central must hold for `db`'s demo tables: "entity key" → data.
 pub async fn expected_state(db: &TestDb) -> BTreeMap<String, Value> {
-    let rows = db
-        .client
-        .query(
+    expected_from(
+        db,
+        &format!(
             "SELECT 'product', json_build_object('sku', sku)::text,
                     json_build_object('name', name, 'unit_price', unit_price::text, 'attributes', attributes)::text
-               FROM products
-             UNION ALL
+               FROM products {LOCATIONS_AND_STOCK}"
+        ),
+    )
+    .await
+}
+
+/// The locations and stock levels part of the expected-state queries.
+pub const LOCATIONS_AND_STOCK: &str = "             UNION ALL
              SELECT 'location', json_build_object('code', location_code)::text,
                     json_build_object('zone', zone)::text
                FROM locations
@@ -149,11 +155,11 @@ pub async fn expected_state(db: &TestDb) -> BTreeMap<String, Value> {
              SELECT 'stock_level', json_build_object('sku', sku, 'location', location_code)::text,
                     json_build_object('on_hand', qty_on_hand, 'reserved', qty_reserved,
                                       'available', qty_on_hand - qty_reserved)::text
-               FROM stock_levels",
-            &[],
-        )
-        .await
-        .unwrap();
+               FROM stock_levels";
+
+/// Central's expected state from `query`, whose rows are (entity, key JSON, data JSON).
+pub async fn expected_from(db: &TestDb, query: &str) -> BTreeMap<String, Value> {
+    let rows = db.client.query(query, &[]).await.unwrap();
     rows.iter()
         .map(|r| {
             let key: Value = serde_json::from_str(r.get::<_, &str>(1)).unwrap();

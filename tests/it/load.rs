@@ -137,3 +137,54 @@ async fn a_crash_loop_during_the_initial_load_resumes_it_and_reads_each_row_abou
         .get::<_, i64>(0);
     assert_eq!(jobs, 1, "one load, resumed after each kill");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slot_dropped_and_created_again_gets_its_initial_load() {
+    let db = demo_warehouse("lrecreate").await;
+    crate::consumer::workload(&db.client, 21, 40).await;
+    let state = pg().new_db("lrecreatestate").await;
+    let central = Central::start(Faults::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), &db, "wh-recreate", "");
+    let first = dir.path().join("first.log");
+    {
+        let _run = start(run_command(&cfg, &state, &central, None), first.clone());
+        crate::consumer::wait_streaming(&state, "wh-recreate", &first).await;
+        assert_converges(&central, &db, "wh-recreate", &first).await;
+    }
+    // While run is down a DBA drops the slot; changes are made that no slot records; then
+    // the slot is created again under the same name.
+    let slot = db.slot("run");
+    db.exec(&format!("SELECT pg_drop_replication_slot('{slot}')"))
+        .await;
+    // (Only upserts: central keeps an entity the warehouse deleted while no slot recorded it,
+    // since a load can only send rows that exist; see docs/RUNBOOK.md.)
+    db.exec(
+        "UPDATE stock_levels SET qty_on_hand = qty_on_hand + 7;
+         INSERT INTO products (sku, name) VALUES ('SKU-GAP', 'written while no slot existed');",
+    )
+    .await;
+    db.exec(&format!(
+        "SELECT pg_create_logical_replication_slot('{slot}', 'pgoutput')"
+    ))
+    .await;
+    let log = dir.path().join("run.log");
+    let _run = start(run_command(&cfg, &state, &central, None), log.clone());
+    assert_converges(&central, &db, "wh-recreate", &log).await;
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.contains("dropped and created again"),
+        "{}",
+        log_tail(&log)
+    );
+    let loads: i64 = state
+        .client
+        .query_one(
+            "SELECT count(*) FROM sync_jobs WHERE kind = 'load' AND status = 'succeeded'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(loads, 2, "a second load for the new slot");
+}
