@@ -529,14 +529,13 @@ async fn a_stopped_broker_holds_the_flush_position_and_everything_arrives_after_
     let stopped_at = std::time::Instant::now();
     let mut attached = false;
     let mut confirmed_while_stopped = 0;
+    let mut checkpoint_while_stopped = 0;
     // Three producer timeouts and more: deliveries fail, the pipeline replays, but nothing
-    // may count as delivered.
+    // may count as delivered. (The checkpoint may pass WAL that holds no change of this
+    // slot's, other databases' on this shared server: checked against the commits below.)
     while stopped_at.elapsed() < Duration::from_secs(12) {
-        assert_eq!(
-            checkpoint(&state, id).await,
-            Some(held),
-            "the checkpoint holds while the broker is stopped"
-        );
+        checkpoint_while_stopped =
+            checkpoint_while_stopped.max(checkpoint(&state, id).await.unwrap_or(0));
         let (confirmed, active) = slot_state(&db, &db.slot("run")).await;
         confirmed_while_stopped = confirmed_while_stopped.max(confirmed);
         attached |= active && stopped_at.elapsed() > Duration::from_secs(4);
@@ -570,6 +569,11 @@ async fn a_stopped_broker_holds_the_flush_position_and_everything_arrives_after_
         .map(|(_, _, v)| v["source"]["commit_lsn"].as_u64().unwrap())
         .min()
         .unwrap();
+    assert!(
+        checkpoint_while_stopped <= first_stopped_commit,
+        "the checkpoint reached {checkpoint_while_stopped} while the broker was stopped, past the undelivered commit at {first_stopped_commit}"
+    );
+    assert!(checkpoint_while_stopped >= held);
     assert!(
         confirmed_while_stopped <= first_stopped_commit,
         "the slot confirmed {confirmed_while_stopped} while the broker was stopped, past the undelivered commit at {first_stopped_commit}"
