@@ -391,6 +391,8 @@ async fn run_service(config_path: &Path, stages: Stages) -> ExitCode {
         )
     };
     let mut consumers = tokio::task::JoinSet::new();
+    // The exit code when the consumer stage stopped the process (0: it did not).
+    let consumer_failed = Arc::new(std::sync::atomic::AtomicU8::new(0));
     match kafka {
         Some(kafka) => {
             let bus = match KafkaBus::connect(kafka.clone()).await {
@@ -414,11 +416,14 @@ async fn run_service(config_path: &Path, stages: Stages) -> ExitCode {
                     cancel.clone(),
                 ));
                 let consumer_cancel = cancel.clone();
+                let failed = consumer_failed.clone();
                 consumers.spawn(async move {
                     if let Err(e) =
                         consumer::kafka::run(kafka, ids, stage, consumer_cancel.clone()).await
                     {
                         tracing::error!(error = %e, "the consumer stage stopped");
+                        let code = if e.is_transient() { 1 } else { 2 };
+                        failed.store(code, std::sync::atomic::Ordering::SeqCst);
                         consumer_cancel.cancel();
                     }
                 });
@@ -471,7 +476,10 @@ async fn run_service(config_path: &Path, stages: Stages) -> ExitCode {
     while consumers.join_next().await.is_some() {}
     let _ = api.await;
     while runners.join_next().await.is_some() {}
-    ExitCode::SUCCESS
+    match consumer_failed.load(std::sync::atomic::Ordering::SeqCst) {
+        0 => ExitCode::SUCCESS,
+        code => ExitCode::from(code),
+    }
 }
 
 async fn run_central(args: CentralArgs) -> ExitCode {
