@@ -508,7 +508,7 @@ struct JobParams {
 #[utoipa::path(get, path = "/sync/jobs", tag = "sync", security(("bearer" = [])),
     params(
         ("status" = Option<String>, Query, description = "queued, running, succeeded or failed"),
-        ("kind" = Option<String>, Query, description = "cycle or resync"),
+        ("kind" = Option<String>, Query, description = "cycle, resync or load (a slot's initial load)"),
         ("limit" = Option<i64>, Query, description = "1 to 500 (default 50)"),
         ("before" = Option<String>, Query, description = "Only jobs older than this job id"),
     ),
@@ -521,7 +521,7 @@ async fn list_jobs(
     Params(p): Params<JobParams>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     const STATUSES: [&str; 4] = ["queued", "running", "succeeded", "failed"];
-    const KINDS: [&str; 2] = ["cycle", "resync"];
+    const KINDS: [&str; 3] = ["cycle", "resync", crate::jobs::LOAD_JOB];
     one_of("status", p.status.as_deref(), &STATUSES)?;
     one_of("kind", p.kind.as_deref(), &KINDS)?;
     let limit = page_limit(p.limit)?;
@@ -637,7 +637,7 @@ async fn metrics(State(state): State<Arc<ApiState>>) -> Response {
     }
     match state.state.job_counts().await {
         Ok(counts) => {
-            for kind in ["cycle", "resync"] {
+            for kind in ["cycle", "resync", crate::jobs::LOAD_JOB] {
                 for status in ["queued", "running", "succeeded", "failed"] {
                     let n = counts
                         .iter()
