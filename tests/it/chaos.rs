@@ -308,9 +308,13 @@ async fn chaos(kafka: bool) {
     );
     assert_eq!(dead_letters(&state).await, Vec::<Value>::new());
     if kafka {
+        // A restarted member that was not given its partitions back would wait for the dead
+        // one's session.timeout.ms (45 s), or for good on the test broker. (Measured here:
+        // 6.5-9 s from spawn to the first delivered change when run alone, 11-16 s with the
+        // whole suite on two cores; the time of a first join on this broker.)
         for (i, t) in resumed.iter().enumerate() {
             assert!(
-                *t < Duration::from_secs(15),
+                *t < Duration::from_secs(40),
                 "run {i} resumed consuming only {t:?} after its start"
             );
         }
