@@ -165,6 +165,50 @@ pub(crate) async fn watermark(
     Ok(())
 }
 
+/// How long a chunk waits for transactions still listed in progress after its low watermark.
+const SETTLE_WAIT: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// Waits (briefly) until the transactions in progress right after the low watermark are done.
+///
+/// Why: a transaction's commit record is written to the WAL before the transaction is
+/// marked done in the process array. One whose commit record precedes the low watermark can
+/// still be invisible to the chunk's SELECT, and its change is not inside the window (it
+/// comes before the low watermark in the stream): the chunk would emit the row as it was
+/// before that change, at a newer version, and undo it at central (a delete would be
+/// resurrected). Every such transaction is in the `xip` list of a snapshot taken after the
+/// low watermark's commit; once those have finished, a later snapshot sees all of them.
+/// Transactions still running after the wait are long-running ones whose commit comes
+/// after the low watermark: the window takes care of them. (The race lasts as long as a
+/// committing backend is descheduled between the two steps, usually microseconds.)
+async fn settle_commits_before_low_watermark(
+    sql: &tokio_postgres::Client,
+) -> Result<(), SourceError> {
+    let row = sql
+        .query_one(
+            "SELECT coalesce(array_agg(x::text), '{}') FROM pg_snapshot_xip(pg_current_snapshot()) x",
+            &[],
+        )
+        .await?;
+    let running: Vec<String> = row.get(0);
+    if running.is_empty() {
+        return Ok(());
+    }
+    let deadline = tokio::time::Instant::now() + SETTLE_WAIT;
+    loop {
+        let left: i64 = sql
+            .query_one(
+                "SELECT count(*) FROM unnest($1::text[]) x WHERE pg_xact_status(x::xid8) = 'in progress'",
+                &[&running],
+            )
+            .await?
+            .get(0);
+        if left == 0 || tokio::time::Instant::now() >= deadline {
+            return Ok(());
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+    }
+}
+
 /// Parses a watermark's content: (`low` or `high`, chunk id).
 pub(crate) fn parse_watermark(content: &[u8]) -> Option<(&str, &str)> {
     std::str::from_utf8(content).ok()?.split_once(' ')
@@ -195,6 +239,7 @@ pub(crate) async fn start_chunk(
         .map(|&i| rel.columns[i].name.clone())
         .collect();
     watermark(sql, "low", &req.id).await?;
+    settle_commits_before_low_watermark(sql).await?;
     let cols: Vec<String> = rel.columns.iter().map(|c| quote_ident(&c.name)).collect();
     let key_list: Vec<String> = key_names.iter().map(|n| quote_ident(n)).collect();
     let mut conditions: Vec<String> = Vec::new();

@@ -811,7 +811,7 @@ async fn a_resync_through_kafka_succeeds_only_once_the_group_delivered_its_rows(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_resync_restarted_in_the_middle_resumes_from_the_saved_chunk() {
     let db = demo_warehouse("apiresume").await;
-    seed_stock(&db, 300, 10).await;
+    seed_stock(&db, 300, 40).await;
     let state = pg().new_db("apiresumestate").await;
     let central = Central::start(Faults::default()).await;
     let (_dir, log, mut run, api, mut again) =

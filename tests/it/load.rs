@@ -177,14 +177,22 @@ async fn a_slot_dropped_and_created_again_gets_its_initial_load() {
         "{}",
         log_tail(&log)
     );
-    let loads: i64 = state
-        .client
-        .query_one(
-            "SELECT count(*) FROM sync_jobs WHERE kind = 'load' AND status = 'succeeded'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    // Central holds the rows once the last chunk is delivered; the job is marked a moment later.
+    let mut loads = 0;
+    for _ in 0..300 {
+        loads = state
+            .client
+            .query_one(
+                "SELECT count(*) FROM sync_jobs WHERE kind = 'load' AND status = 'succeeded'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get::<_, i64>(0);
+        if loads >= 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     assert_eq!(loads, 2, "a second load for the new slot");
 }
