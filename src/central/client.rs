@@ -230,12 +230,7 @@ impl CentralClient {
         changes: &[Outgoing<'_>],
         cancel: &CancellationToken,
     ) -> Result<Answer, Cancelled> {
-        let idempotency_key = match (changes.first(), changes.last()) {
-            (Some(first), Some(last)) => {
-                super::batch_id(warehouse_id, &[first.change, last.change])
-            }
-            _ => super::batch_id(warehouse_id, &[]),
-        };
+        let idempotency_key = super::batch_id_of(warehouse_id, changes);
         let body = bytes::Bytes::from(super::request_body(warehouse_id, &idempotency_key, changes));
         let mut attempt: u32 = 0;
         loop {

@@ -82,11 +82,43 @@ pub struct ChangeBatch {
     pub changes: Vec<Change>,
 }
 
-/// The `batch_id` (and `Idempotency-Key`) of a request: `<warehouse>:<first version>-<last version>`.
+/// The `batch_id` (and `Idempotency-Key`) of a request made of `changes`:
+/// `<warehouse>:<first version>-<last version>:<digest>`, where the digest (128 bits, hex)
+/// covers every change's JSON. A replay can cut batches differently (other lanes, other
+/// sizes; a key move gives two changes one version), so the same first and last versions
+/// can frame different content: the digest keeps a key from ever naming two contents.
+pub fn batch_id_of(warehouse_id: &str, changes: &[Outgoing<'_>]) -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let first = changes.first().map_or("", |c| c.change.version.as_str());
+    let last = changes.last().map_or("", |c| c.change.version.as_str());
+    let mut digest = [0u64; 2];
+    for (d, seed) in digest.iter_mut().zip([0x1d_e9_70_c3, 0x5b_2f_84_a1]) {
+        let mut h = foldhash::quality::FixedState::with_seed(seed).build_hasher();
+        for c in changes {
+            h.write_usize(c.json.len());
+            h.write(c.json);
+        }
+        *d = h.finish();
+    }
+    format!(
+        "{warehouse_id}:{first}-{last}:{:016x}{:016x}",
+        digest[0], digest[1]
+    )
+}
+
+/// [`batch_id_of`] for changes not rendered yet (renders them as requests would).
 pub fn batch_id(warehouse_id: &str, changes: &[&Change]) -> String {
-    let first = changes.first().map_or("", |c| c.version.as_str());
-    let last = changes.last().map_or("", |c| c.version.as_str());
-    format!("{warehouse_id}:{first}-{last}")
+    let json: Vec<Vec<u8>> = changes
+        .iter()
+        // Serializing plain structs and JSON maps into a Vec cannot fail.
+        .map(|c| serde_json::to_vec(c).unwrap_or_default())
+        .collect();
+    let out: Vec<Outgoing<'_>> = changes
+        .iter()
+        .zip(&json)
+        .map(|(c, j)| Outgoing { change: c, json: j })
+        .collect();
+    batch_id_of(warehouse_id, &out)
 }
 
 /// A change ready to send: the change, and its JSON as serde renders it (rendered once, when
@@ -179,10 +211,47 @@ mod tests {
             change("00000000016B3748:00000000"),
             change("00000000016B9000:00000004"),
         );
-        assert_eq!(
-            batch_id("wh-east", &[&a, &b]),
-            "wh-east:00000000016B3748:00000000-00000000016B9000:00000004"
+        let id = batch_id("wh-east", &[&a, &b]);
+        assert!(
+            id.starts_with("wh-east:00000000016B3748:00000000-00000000016B9000:00000004:"),
+            "{id}"
         );
+        assert_eq!(id.len(), "wh-east:".len() + 2 * 25 + 2 + 32, "{id}");
+        assert_eq!(
+            id,
+            batch_id("wh-east", &[&a, &b]),
+            "the same content, the same key"
+        );
+    }
+
+    #[test]
+    fn two_batches_with_the_same_first_and_last_version_get_different_keys() {
+        let change = |sku: &str, version: &str, op: ChangeOp| Change {
+            entity: Entity::StockLevel,
+            op,
+            key: serde_json::from_str(&format!(r#"{{"sku":"{sku}","location":"A"}}"#))
+                .expect("key"),
+            data: None,
+            version: version.into(),
+            source: ChangeSource {
+                table: "public.stock_levels".into(),
+                lsn: "0/1".into(),
+                committed_at: "2026-11-25T00:00:00.000000Z".into(),
+                snapshot: false,
+            },
+        };
+        let first = change("SKU-1", "0000000000000001:00000000", ChangeOp::Upsert);
+        let middle = change("SKU-2", "0000000000000001:00000001", ChangeOp::Upsert);
+        let last = change("SKU-3", "0000000000000001:00000002", ChangeOp::Upsert);
+        // A replay cut the batch without its middle change (another lane took it).
+        assert_ne!(
+            batch_id("wh", &[&first, &middle, &last]),
+            batch_id("wh", &[&first, &last])
+        );
+        // A key move: the delete of the old key and the upsert of the new one share a version.
+        let moved_from = change("SKU-1", "0000000000000002:00000000", ChangeOp::Delete);
+        let moved_to = change("SKU-9", "0000000000000002:00000000", ChangeOp::Upsert);
+        assert_ne!(batch_id("wh", &[&moved_from]), batch_id("wh", &[&moved_to]));
     }
 
     #[test]
