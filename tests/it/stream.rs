@@ -765,3 +765,60 @@ async fn an_incremental_load_schedules_itself_and_never_reloads_the_slot_from_it
     assert_eq!(calls.len(), 2, "{calls:?}");
     assert_eq!(calls[1].reason, "the slot has no checkpoint yet");
 }
+
+/// Issue 14, item 11: a streamed transaction (logical_decoding_work_mem is 64kB on the test
+/// server) whose first 5,000 rows are rolled back to a savepoint, with and without a table
+/// created inside the aborted subtransaction: exactly the committed 5,000 rows arrive.
+async fn aborted_subtransaction_of_a_streamed_transaction(create_table: bool) {
+    let db = setup(
+        if create_table { "subxddl" } else { "subx" },
+        "CREATE TABLE t (id int PRIMARY KEY, pad text);",
+    )
+    .await;
+    let mut opts = db.options("s", "inventorysync");
+    opts.streaming = true;
+    let mut create = opts.clone();
+    create.create_slot = true;
+    db.drain_now(create).await;
+    let ddl = if create_table {
+        "CREATE TABLE inside (id int PRIMARY KEY, v text);
+         INSERT INTO inside SELECT g, repeat('i', 100) FROM generate_series(1, 2000) g;"
+    } else {
+        ""
+    };
+    db.exec(&format!(
+        "BEGIN;
+         SAVEPOINT a;
+         {ddl}
+         INSERT INTO t SELECT g, repeat('x', 100) FROM generate_series(1, 5000) g;
+         ROLLBACK TO SAVEPOINT a;
+         INSERT INTO t SELECT g, repeat('y', 100) FROM generate_series(10001, 15000) g;
+         COMMIT;"
+    ))
+    .await;
+    let events = db.drain_now(opts).await;
+    assert!(
+        events.iter().all(|e| e["source"]["table"] == "t"),
+        "nothing of the aborted table"
+    );
+    let ids: Vec<i64> = events
+        .iter()
+        .map(|e| e["after"]["id"].as_i64().unwrap())
+        .collect();
+    assert_eq!(ids, (10001..=15000).collect::<Vec<i64>>());
+    assert!(
+        events
+            .iter()
+            .all(|e| e["after"]["pad"].as_str().unwrap().starts_with('y'))
+    );
+}
+
+#[tokio::test]
+async fn a_streamed_transaction_keeps_only_what_survives_a_rollback_to_savepoint() {
+    aborted_subtransaction_of_a_streamed_transaction(false).await;
+}
+
+#[tokio::test]
+async fn a_table_created_in_an_aborted_subtransaction_of_a_streamed_transaction_emits_nothing() {
+    aborted_subtransaction_of_a_streamed_transaction(true).await;
+}
