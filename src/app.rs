@@ -306,9 +306,15 @@ async fn run_pipeline<B: Bus>(
         tokio::select! {
             ack = acks_rx.recv() => {
                 let Some(ack) = ack else { break Ok(()) };
-                let end = match ack.await {
-                    Ok(end) => end,
-                    Err(e) => break Err(e.into()),
+                // An ack may never come once the consumer stage stops at shutdown (the
+                // embedded consumer gives no outcome to what it was delivering): stopping
+                // must not wait for it. What it covers stays unconfirmed and is replayed.
+                let end = tokio::select! {
+                    r = ack => match r {
+                        Ok(end) => end,
+                        Err(e) => break Err(e.into()),
+                    },
+                    _ = cancel.cancelled() => break Ok(()),
                 };
                 unwritten = Some(end);
                 if acks_rx.is_empty() || last_write.elapsed() >= CHECKPOINT_INTERVAL {

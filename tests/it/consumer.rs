@@ -1161,3 +1161,54 @@ async fn unchanged_toast_reaches_central_whole_on_the_embedded_bus() {
 async fn unchanged_toast_reaches_central_whole_on_kafka() {
     unchanged_toast_reaches_central_whole(true).await;
 }
+
+/// Issue 14, item 6: SIGTERM while central answers only after 5 s must stop `run` within
+/// 10 s and lose nothing: the checkpoint stays at the last delivered commit, and a restart
+/// delivers the rest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_under_a_slow_central_stops_run_promptly_and_loses_nothing() {
+    let db = demo_warehouse("cterm").await;
+    let state = pg().new_db("ctermstate").await;
+    let central = Central::start(Faults::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), &db, "wh-term", "");
+    let log = dir.path().join("run.log");
+    let mut run = start(run_command(&cfg, &state, &central, None), log.clone());
+    wait_streaming(&state, "wh-term", &log).await;
+    central
+        .set_faults(Faults {
+            latency_ms: 5000,
+            ..Faults::default()
+        })
+        .await;
+    workload(&db.client, 31, 100).await;
+    // Requests are in flight at central (each waits 5 s) when the signal comes.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let pid = run.child.id() as i32;
+    // SAFETY: sending a signal to our own child process.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    let asked = std::time::Instant::now();
+    let mut exited = None;
+    while asked.elapsed() < Duration::from_secs(20) {
+        if let Some(status) = run.child.try_wait().unwrap() {
+            exited = Some((asked.elapsed(), status));
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (took, status) = exited.unwrap_or_else(|| {
+        panic!(
+            "run did not stop within 20 s of SIGTERM:\n{}",
+            log_tail(&log)
+        )
+    });
+    assert!(
+        took < Duration::from_secs(10),
+        "run took {took:?} to stop after SIGTERM (status {status}):\n{}",
+        log_tail(&log)
+    );
+    central.set_faults(Faults::default()).await;
+    let log = dir.path().join("again.log");
+    let _again = start(run_command(&cfg, &state, &central, None), log.clone());
+    assert_converges(&central, &db, "wh-term", &log).await;
+}
