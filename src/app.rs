@@ -304,6 +304,17 @@ async fn run_pipeline<B: Bus>(
     let mut unwritten: Option<Lsn> = None;
     let result: Result<(), PipelineError> = loop {
         tokio::select! {
+            // Biased: shutdown first; then the publisher, because when it failed the source
+            // soon fails too (its consumer is gone) and the publisher's error says why; the
+            // lease check before the acks, which may be ready all the time.
+            biased;
+            _ = cancel.cancelled() => break Ok(()),
+            r = &mut publisher => break flatten(r),
+            _ = lease_check.tick() => {
+                if let Err(e) = lease.check().await {
+                    break Err(e.into());
+                }
+            }
             ack = acks_rx.recv() => {
                 let Some(ack) = ack else { break Ok(()) };
                 // An ack may never come once the consumer stage stops at shutdown (the
@@ -326,14 +337,7 @@ async fn run_pipeline<B: Bus>(
                     let _ = durable_tx.send(end);
                 }
             }
-            _ = lease_check.tick() => {
-                if let Err(e) = lease.check().await {
-                    break Err(e.into());
-                }
-            }
             r = &mut source => break flatten(r),
-            r = &mut publisher => break flatten(r),
-            _ = cancel.cancelled() => break Ok(()),
         }
     };
     child.cancel();

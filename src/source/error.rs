@@ -122,6 +122,10 @@ pub enum SourceError {
     /// The server broke the protocol.
     #[error("protocol violation: {0}")]
     Protocol(String),
+    /// Whatever takes the events (the bus publisher, the durable-position reporter) went
+    /// away: its own error says why; restarting the pipeline is the remedy.
+    #[error("the event consumer stopped")]
+    DownstreamGone,
     /// The configuration cannot work.
     #[error("{0}")]
     Config(String),
@@ -154,7 +158,7 @@ impl SourceError {
     /// Whether retrying (after a backoff) can fix it.
     pub fn is_transient(&self) -> bool {
         match self {
-            SourceError::Io { .. } | SourceError::Sql(_) => true,
+            SourceError::Io { .. } | SourceError::Sql(_) | SourceError::DownstreamGone => true,
             SourceError::Server(e) => {
                 // Connection exceptions, resource problems, operator intervention, system errors.
                 ["08", "53", "57", "58", "40"]
@@ -221,6 +225,14 @@ mod tests {
             assert_eq!(e.exit_code(), 2, "{e}");
             assert!(!e.is_transient(), "{e}");
         }
+    }
+
+    #[test]
+    fn a_downstream_that_went_away_is_transient() {
+        // A failed publisher closes the source's channel: the warehouse is restarted, never
+        // marked failed for good.
+        assert!(SourceError::DownstreamGone.is_transient());
+        assert!(!SourceError::Protocol("bad frame".into()).is_transient());
     }
 
     #[test]

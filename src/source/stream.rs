@@ -156,6 +156,9 @@ pub async fn run(
         };
         match result {
             Ok(()) => return Ok(()),
+            // Reconnecting cannot bring back whoever took the events: the caller decides
+            // (run restarts the pipeline, tail stops).
+            Err(SourceError::DownstreamGone) => return Err(SourceError::DownstreamGone),
             Err(e) if e.is_transient() => {
                 let wait = backoff.next_delay(started.elapsed());
                 if opts.max_reconnects.is_some_and(|m| backoff.failures() > m) {
@@ -486,7 +489,7 @@ impl Session {
                 }
                 r = self.feedback.durable.changed() => {
                     if r.is_err() {
-                        return Err(SourceError::Protocol("the event consumer stopped".into()));
+                        return Err(SourceError::DownstreamGone);
                     }
                     self.feedback.durable_moved().await?;
                     // A commit ending at or past endpos is durable: nothing at or before
@@ -780,13 +783,13 @@ impl Session {
             tokio::select! {
                 biased;
                 permit = out.reserve() => {
-                    let permit = permit.map_err(|_| SourceError::Protocol("the event consumer stopped".into()))?;
+                    let permit = permit.map_err(|_| SourceError::DownstreamGone)?;
                     permit.send(batch);
                     return Ok(());
                 }
                 r = self.feedback.durable.changed() => {
                     if r.is_err() {
-                        return Err(SourceError::Protocol("the event consumer stopped".into()));
+                        return Err(SourceError::DownstreamGone);
                     }
                     self.feedback.durable_moved().await?;
                 }

@@ -246,6 +246,16 @@ async fn chaos(kafka: bool) {
     assert!(txs > 100, "the workload ran: {txs} transactions");
     // A sync cycle after the workload: it must succeed within 120 s.
     let api = Api::new(port);
+    // The last process may still be starting (its API not listening yet).
+    for _ in 0..300 {
+        if reqwest::get(format!("http://127.0.0.1:{port}/health"))
+            .await
+            .is_ok()
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let mut job_id = None;
     for _ in 0..100 {
         let (status, v) = api.post("/sync/trigger", "").await;
