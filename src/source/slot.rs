@@ -195,13 +195,6 @@ pub async fn slot_health(
     }))
 }
 
-/// Drops the slot, waiting for a previous user to let go of it.
-pub async fn drop_slot(conn: &mut ReplicationConnection, slot: &str) -> Result<(), SourceError> {
-    conn.simple_query(&format!("DROP_REPLICATION_SLOT {slot} WAIT"))
-        .await?;
-    Ok(())
-}
-
 /// Maps errors of `START_REPLICATION` to what the user must do.
 pub fn classify_start_error(e: SourceError, slot: &str, publication: &str) -> SourceError {
     match e {

@@ -160,9 +160,6 @@ pub struct SnapshotTarget<'a> {
     /// The slot's consistent point: `lsn` of every snapshot row (their `commit_lsn` is the
     /// position just before it, below any streamed commit).
     pub consistent_point: Lsn,
-    /// The position the load's commit mark makes durable: the consistent point, or for a
-    /// reload the stream's start (what streams next must not be skipped).
-    pub durable_at: Lsn,
     /// Downstream.
     pub out: &'a mpsc::Sender<Vec<StreamItem>>,
 }
@@ -184,7 +181,7 @@ pub async fn initial_load(
     let mut sequence = 0u64;
     let mut pending: Option<ChangeEvent> = None;
     let mut batch = Vec::with_capacity(FETCH_ROWS);
-    let closed = || SourceError::Protocol("event consumer stopped during the initial load".into());
+    let closed = || SourceError::DownstreamGone;
     for t in tables {
         let rel = &t.info;
         let cols: Vec<String> = rel.columns.iter().map(|c| quote_ident(&c.name)).collect();
@@ -259,9 +256,10 @@ pub async fn initial_load(
         ev.source.snapshot = SnapshotMarker::Last;
         last.push(StreamItem::Change(Box::new(ev)));
     }
+    // The load's commit mark: once durable, streaming starts at the consistent point.
     last.push(StreamItem::Commit {
-        commit_lsn: target.durable_at,
-        end_lsn: target.durable_at,
+        commit_lsn: target.consistent_point,
+        end_lsn: target.consistent_point,
     });
     target.out.send(last).await.map_err(|_| closed())?;
     Ok(sequence)

@@ -234,15 +234,7 @@ async fn run_once(
         (None, InitialLoad::Snapshot) if opts.create_slot => {
             let created = slot::create_slot(&mut conn, &opts.slot, false).await?;
             tracing::info!(slot = %opts.slot, consistent_point = %created.consistent_point, "slot created; reading the initial load");
-            load_published(
-                &mut sql,
-                opts,
-                &identity,
-                &created,
-                created.consistent_point,
-                out,
-            )
-            .await?;
+            load_published(&mut sql, opts, &identity, &created, out).await?;
             // Stream only once the load is durable downstream, so that nothing confirmed to
             // the slot can run ahead of snapshot rows still in flight.
             wait_durable(durable, created.consistent_point, cancel).await;
@@ -352,13 +344,12 @@ async fn schedule_load(
 }
 
 /// Reads the published tables in `created`'s exported snapshot and hands them downstream,
-/// the load's commit mark making `durable_at` durable.
+/// the load's commit mark making the consistent point durable.
 async fn load_published(
     sql: &mut tokio_postgres::Client,
     opts: &SourceOptions,
     identity: &SourceIdentity,
     created: &slot::CreatedSlot,
-    durable_at: Lsn,
     out: &mpsc::Sender<Vec<StreamItem>>,
 ) -> Result<(), SourceError> {
     let tables = published_tables(sql, &opts.publication, identity).await?;
@@ -368,7 +359,6 @@ async fn load_published(
         &tables,
         SnapshotTarget {
             consistent_point: created.consistent_point,
-            durable_at,
             out,
         },
     )
