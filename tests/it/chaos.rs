@@ -169,6 +169,12 @@ async fn delivered_by(port: u16) -> f64 {
 }
 
 async fn chaos(kafka: bool) {
+    // Another workload: INVENTORYSYNC_CHAOS_SEED=<n> (the default is the one CI runs).
+    let seed: u64 = std::env::var("INVENTORYSYNC_CHAOS_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
+    eprintln!("chaos: workload seed {seed}");
     let tag = if kafka { "chk" } else { "che" };
     let east = chaos_warehouse(&format!("{tag}east")).await;
     let west = chaos_warehouse(&format!("{tag}west")).await;
@@ -210,8 +216,8 @@ async fn chaos(kafka: bool) {
     let chaos_for = Duration::from_secs(60);
     let stop = Instant::now() + chaos_for;
     let writers = [
-        tokio::spawn(random_workload(east.url_as("postgres"), 1, stop)),
-        tokio::spawn(random_workload(west.url_as("postgres"), 2, stop)),
+        tokio::spawn(random_workload(east.url_as("postgres"), seed, stop)),
+        tokio::spawn(random_workload(west.url_as("postgres"), seed + 1, stop)),
     ];
     // Four kills within the minute, each at a moment after the process delivered its first
     // change: the first ones during the initial load, the later ones while streaming.
