@@ -346,15 +346,45 @@ async fn check_warehouse(
             format!("{}: {}", w.publication, tables.join(", ")),
         );
         for m in mapped.iter().filter(|m| !tables.contains(m)) {
-            r.fail(
-                &t,
-                "mapped table published",
-                format!("{m} is mapped but not in {}", w.publication),
-                format!(
-                    "ALTER PUBLICATION {} ADD TABLE {m};",
-                    quote_ident(&w.publication)
-                ),
-            );
+            // A partitioned table whose partitions are published as themselves: its
+            // changes carry the partitions' names, so the mapping never matches.
+            let partitions: Vec<String> = sql
+                .query(
+                    "SELECT p.relid::regclass::text FROM pg_partition_tree(to_regclass($1)) p
+                      JOIN pg_class c ON c.oid = p.relid
+                      JOIN pg_namespace n ON n.oid = c.relnamespace
+                      JOIN pg_publication_tables pt ON pt.schemaname = n.nspname AND pt.tablename = c.relname
+                     WHERE pt.pubname = $2 AND p.isleaf",
+                    &[m, &w.publication],
+                )
+                .await
+                .map(|rows| rows.iter().map(|row| row.get(0)).collect())
+                .unwrap_or_default();
+            if partitions.is_empty() {
+                r.fail(
+                    &t,
+                    "mapped table published",
+                    format!("{m} is mapped but not in {}", w.publication),
+                    format!(
+                        "ALTER PUBLICATION {} ADD TABLE {m};",
+                        quote_ident(&w.publication)
+                    ),
+                );
+            } else {
+                r.fail(
+                    &t,
+                    "mapped table published",
+                    format!(
+                        "{m} is mapped, but {} publishes its partitions under their own names ({})",
+                        w.publication,
+                        partitions.join(", ")
+                    ),
+                    format!(
+                        "ALTER PUBLICATION {} SET (publish_via_partition_root = true); or map the partitions",
+                        quote_ident(&w.publication)
+                    ),
+                );
+            }
         }
     }
     for table in tables

@@ -9,7 +9,7 @@
 //! query per table and batch:
 //!
 //! ```text
-//!   batch ──upserts lacking TOASTed fields──▶ SELECT key, columns FROM ONLY table
+//!   batch ──upserts lacking TOASTed fields──▶ SELECT key, columns FROM [ONLY] table
 //!                                              JOIN unnest(keys) ──▶ fill data ──▶ send
 //! ```
 //!
@@ -98,7 +98,17 @@ pub struct ToastReader {
 }
 
 /// A table's columns, by (warehouse, `schema.table`) in the cache.
-type TableColumns = Arc<Vec<Column>>;
+type TableColumns = Arc<TableShape>;
+
+/// What the reader needs to know of a table.
+#[derive(Debug)]
+struct TableShape {
+    columns: Vec<Column>,
+    /// A partitioned table holds no rows itself: it is read with its partitions (a plain
+    /// table is read `ONLY`, without the children of table inheritance, which are published
+    /// under their own names).
+    partitioned: bool,
+}
 
 impl ToastReader {
     /// A reader for these warehouses (by id).
@@ -140,9 +150,10 @@ impl ToastReader {
             return Ok(out);
         };
         let client = self.client(warehouse, table).await?;
-        let columns = self.table_columns(&client, warehouse, table).await?;
+        let shape = self.table_columns(&client, warehouse, table).await?;
         let column = |name: &str| {
-            columns
+            shape
+                .columns
                 .iter()
                 .find(|c| c.name == name)
                 .ok_or_else(|| FillError::UnknownColumn {
@@ -195,10 +206,11 @@ impl ToastReader {
             .collect();
         let query = format!(
             "SELECT k.ord, {} FROM unnest({}) WITH ORDINALITY AS k({}, ord) \
-             JOIN ONLY {}.{} AS t ON {}",
+             JOIN {}{}.{} AS t ON {}",
             selected.join(", "),
             args.join(", "),
             aliases.join(", "),
+            if shape.partitioned { "" } else { "ONLY " },
             quote_ident(schema),
             quote_ident(name),
             join.join(" AND ")
@@ -271,7 +283,7 @@ impl ToastReader {
         client: &tokio_postgres::Client,
         warehouse: &str,
         table: &str,
-    ) -> Result<Arc<Vec<Column>>, FillError> {
+    ) -> Result<TableColumns, FillError> {
         let cache_key = (warehouse.to_string(), table.to_string());
         if let Some(c) = self
             .columns
@@ -284,7 +296,8 @@ impl ToastReader {
         let (schema, name) = table.split_once('.').unwrap_or(("public", table));
         let rows = client
             .query(
-                "SELECT a.attname::text, a.atttypid, format_type(a.atttypid, a.atttypmod)
+                "SELECT a.attname::text, a.atttypid, format_type(a.atttypid, a.atttypmod),
+                        c.relkind = 'p'
                    FROM pg_attribute a
                    JOIN pg_class c ON c.oid = a.attrelid
                    JOIN pg_namespace n ON n.oid = c.relnamespace
@@ -297,15 +310,17 @@ impl ToastReader {
         if rows.is_empty() {
             return Err(FillError::UnknownTable(table.to_string()));
         }
-        let columns: Arc<Vec<Column>> = Arc::new(
-            rows.iter()
+        let columns: TableColumns = Arc::new(TableShape {
+            partitioned: rows[0].get(3),
+            columns: rows
+                .iter()
                 .map(|r| Column {
                     name: r.get(0),
                     type_oid: r.get(1),
                     type_sql: r.get(2),
                 })
                 .collect(),
-        );
+        });
         if let Ok(mut c) = self.columns.lock() {
             c.insert(cache_key, columns.clone());
         }

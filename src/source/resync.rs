@@ -265,14 +265,13 @@ pub(crate) async fn start_chunk(
         format!(" ORDER BY {} LIMIT {}", key_list.join(", "), req.limit)
     };
     let query = format!(
-        "SELECT {} FROM ONLY {}.{}{filter}{order}",
+        "SELECT {} FROM {}{filter}{order}",
         if cols.is_empty() {
             "NULL".into()
         } else {
             cols.join(", ")
         },
-        quote_ident(rel.table.schema()),
-        quote_ident(rel.table.table()),
+        table.from_item(),
     );
     let msgs = sql.simple_query(&query).await?;
     let mut rows = Vec::new();

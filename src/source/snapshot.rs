@@ -30,6 +30,24 @@ pub struct PublishedTable {
     pub info: Arc<RelationInfo>,
     /// Row filter of the publication (Postgres 15+), if any.
     pub row_filter: Option<String>,
+    /// A partitioned table published through its root (`publish_via_partition_root`): its
+    /// rows are in its partitions, and they carry the root's name.
+    pub partitioned: bool,
+}
+
+impl PublishedTable {
+    /// The table as a `FROM` item that reads exactly the rows published under its name: a
+    /// plain table `ONLY` (the children of table inheritance are published as themselves),
+    /// a partitioned root with its partitions.
+    pub fn from_item(&self) -> String {
+        let t = &self.info.table;
+        format!(
+            "{}{}.{}",
+            if self.partitioned { "" } else { "ONLY " },
+            quote_ident(t.schema()),
+            quote_ident(t.table())
+        )
+    }
 }
 
 /// Quotes an identifier.
@@ -45,7 +63,8 @@ pub async fn published_tables(
 ) -> Result<Vec<PublishedTable>, SourceError> {
     let rows = sql
         .query(
-            "SELECT c.oid, pt.schemaname::text, pt.tablename::text, pt.attnames::text[], pt.rowfilter, c.relreplident::text \
+            "SELECT c.oid, pt.schemaname::text, pt.tablename::text, pt.attnames::text[], pt.rowfilter, c.relreplident::text, \
+                    c.relkind = 'p' \
              FROM pg_publication_tables pt \
              JOIN pg_namespace n ON n.nspname = pt.schemaname \
              JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = pt.tablename \
@@ -61,6 +80,7 @@ pub async fn published_tables(
         let attnames: Option<Vec<String>> = row.get(3);
         let row_filter: Option<String> = row.get(4);
         let ident: String = row.get(5);
+        let partitioned: bool = row.get(6);
         let cols = sql
             .query(
                 "SELECT a.attname::text, a.atttypid, a.atttypmod, \
@@ -109,6 +129,7 @@ pub async fn published_tables(
         out.push(PublishedTable {
             info: Arc::new(RelationInfo::new(&rel, &pk, source)),
             row_filter,
+            partitioned,
         });
     }
     Ok(out)
@@ -196,9 +217,8 @@ pub async fn initial_load(
             .map(|f| format!(" WHERE {f}"))
             .unwrap_or_default();
         tx.batch_execute(&format!(
-            "DECLARE inventorysync_snap NO SCROLL CURSOR FOR SELECT {select_list} FROM ONLY {}.{}{filter}",
-            quote_ident(rel.table.schema()),
-            quote_ident(rel.table.table())
+            "DECLARE inventorysync_snap NO SCROLL CURSOR FOR SELECT {select_list} FROM {}{filter}",
+            t.from_item()
         ))
         .await?;
         loop {

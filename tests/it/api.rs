@@ -242,7 +242,7 @@ async fn the_api_authenticates_answers_json_errors_and_lists_conflicts_page_by_p
 
 /// Starts `run` for warehouse `id` of `db` with the API on a free port (and Kafka topic
 /// `kafka` when given).
-fn start_with_api(
+pub(crate) fn start_with_api(
     db: &TestDb,
     state: &TestDb,
     central: &Central,
@@ -655,7 +655,7 @@ async fn metrics_parse_as_prometheus_text_and_move_when_changes_flow() {
 }
 
 /// Stock levels enough for several resync chunks (1,000 rows each).
-async fn seed_stock(db: &TestDb, skus: usize, locations: usize) {
+pub(crate) async fn seed_stock(db: &TestDb, skus: usize, locations: usize) {
     db.exec(&format!(
         "INSERT INTO products (sku, name) SELECT 'SKU-' || g, 'product ' || g FROM generate_series(1, {skus}) g;
          INSERT INTO locations SELECT 'L-' || g, 'zone ' || g FROM generate_series(1, {locations}) g;

@@ -343,7 +343,7 @@ async fn positions_are_confirmed_while_a_backlog_drains_not_only_at_the_end() {
 }
 
 /// `inventorysync check` with `toml` and the environment `env`: exit code and output.
-fn run_check(toml: &str, env: &[(&str, String)]) -> (i32, String) {
+pub(crate) fn run_check(toml: &str, env: &[(&str, String)]) -> (i32, String) {
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("inventorysync.toml");
     std::fs::write(&cfg, toml).unwrap();

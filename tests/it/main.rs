@@ -8,5 +8,6 @@ mod errors;
 mod harness;
 mod kafka;
 mod load;
+mod partitions;
 mod store;
 mod stream;

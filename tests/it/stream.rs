@@ -822,3 +822,35 @@ async fn a_streamed_transaction_keeps_only_what_survives_a_rollback_to_savepoint
 async fn a_table_created_in_an_aborted_subtransaction_of_a_streamed_transaction_emits_nothing() {
     aborted_subtransaction_of_a_streamed_transaction(true).await;
 }
+
+/// Issue 14, item 1: `tail`'s snapshot load of a partitioned table published through its
+/// root reads the partitions' rows under the root's name, as the stream names its changes.
+#[tokio::test]
+async fn a_snapshot_load_reads_a_partitioned_table_published_through_its_root() {
+    let db = pg().new_db("snaproot").await;
+    db.exec(
+        "CREATE TABLE m (id int PRIMARY KEY, v text) PARTITION BY RANGE (id);
+         CREATE TABLE m_low PARTITION OF m FOR VALUES FROM (MINVALUE) TO (50);
+         CREATE TABLE m_high PARTITION OF m FOR VALUES FROM (50) TO (MAXVALUE);
+         INSERT INTO m SELECT g, 'v' || g FROM generate_series(1, 100) g;
+         CREATE PUBLICATION inventorysync FOR TABLE m WITH (publish_via_partition_root = true);",
+    )
+    .await;
+    let mut create = db.options("s", "inventorysync");
+    create.create_slot = true;
+    create.endpos = Some(inventorysync::Lsn(1));
+    let snapshot = db.drain(create).await;
+    assert_eq!(snapshot.len(), 100, "{:?}", snapshot.first());
+    assert!(
+        snapshot
+            .iter()
+            .all(|e| e["op"] == "r" && e["source"]["table"] == "m"),
+        "{:?}",
+        snapshot.first()
+    );
+    db.exec("UPDATE m SET v = 'new' WHERE id = 70").await;
+    let events = db.drain_now(db.options("s", "inventorysync")).await;
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(events[0]["source"]["table"], "m");
+    assert_eq!(events[0]["op"], "u");
+}
