@@ -55,6 +55,9 @@ pub struct Metrics {
     pub consumer_lag: IntGaugeVec,
     /// Sync jobs by kind and status.
     pub jobs: IntGaugeVec,
+    /// Times this process stopped a Kafka partition at a change of a warehouse its
+    /// configuration does not list, by that warehouse.
+    pub consumer_stopped_partitions: IntCounterVec,
 }
 
 fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -200,6 +203,12 @@ impl Metrics {
                 "inventorysync_jobs",
                 "Sync jobs by kind and status.",
                 &["kind", "status"],
+            ),
+            consumer_stopped_partitions: counter(
+                &r,
+                "inventorysync_consumer_partitions_stopped_total",
+                "Kafka partitions stopped (uncommitted) at a change of a warehouse this process's configuration does not list.",
+                &["warehouse"],
             ),
             registry: r,
         }

@@ -73,6 +73,58 @@ impl Partitions {
 /// The highest offset per partition that a delivery covers.
 type Position = (String, i32, i64);
 
+/// A partition stopped at the first record of a warehouse this process does not know.
+#[derive(Debug, Clone, PartialEq)]
+struct Stopped {
+    topic: String,
+    partition: i32,
+    /// The unknown warehouse's first record: neither it nor anything after it is given an
+    /// outcome or committed here.
+    offset: i64,
+    warehouse: String,
+}
+
+/// Partitions stopped at a record of an unknown warehouse. Committing such a record's offset
+/// without delivering it would lose it (a consumer whose configuration lacks a warehouse,
+/// as in a rolling deploy): the partition waits at that record instead, until a consumer
+/// that knows the warehouse takes the partition over (or this one restarts with it).
+#[derive(Default)]
+struct StoppedPartitions(Vec<Stopped>);
+
+impl StoppedPartitions {
+    /// Whether the record at `offset` lies at or after where its partition stopped. Records
+    /// before it (read again after the partition moved away and came back) go on as usual.
+    fn holds(&self, topic: &str, partition: i32, offset: i64) -> bool {
+        self.0
+            .iter()
+            .any(|s| s.partition == partition && s.topic == topic && offset >= s.offset)
+    }
+
+    /// Stops the partition at `offset`; returns false when it already was stopped there or
+    /// earlier.
+    fn stop(&mut self, topic: &str, partition: i32, offset: i64, warehouse: &str) -> bool {
+        if let Some(s) = self
+            .0
+            .iter_mut()
+            .find(|s| s.partition == partition && s.topic == topic)
+        {
+            if s.offset <= offset {
+                return false;
+            }
+            s.offset = offset;
+            s.warehouse = warehouse.to_string();
+            return true;
+        }
+        self.0.push(Stopped {
+            topic: topic.to_string(),
+            partition,
+            offset,
+            warehouse: warehouse.to_string(),
+        });
+        true
+    }
+}
+
 /// The subscription for a topic template: the name, or a regex when it has placeholders.
 fn subscription(template: &str) -> String {
     if !template.contains('{') {
@@ -143,6 +195,7 @@ pub async fn run(
     let limits = stage.settings().batch;
     let mut batches: HashMap<String, Vec<Incoming>> = HashMap::new();
     let mut partitions = Partitions::default();
+    let mut stopped = StoppedPartitions::default();
     let mut tables = Tables::default();
     let mut first_at: Option<Instant> = None;
     let mut buffered = 0usize;
@@ -173,20 +226,29 @@ pub async fn run(
                     Ok(m) => {
                         // Skipped records too: their offsets are stored with the next delivery.
                         first_at.get_or_insert_with(Instant::now);
-                        if let Some((warehouse, item)) = read_record(
+                        match read_record(
                             &m,
                             &mut partitions,
+                            &stopped,
                             &kafka.dlq_topic,
                             &warehouses,
                             &mut tables,
                         ) {
-                            match batches.get_mut(warehouse) {
-                                Some(batch) => batch.push(item),
-                                None => {
-                                    batches.insert(warehouse.to_string(), vec![item]);
+                            Read::Deliver(warehouse, item) => {
+                                match batches.get_mut(warehouse) {
+                                    Some(batch) => batch.push(item),
+                                    None => {
+                                        batches.insert(warehouse.to_string(), vec![item]);
+                                    }
+                                }
+                                buffered += 1;
+                            }
+                            Read::Skip | Read::Held => {}
+                            Read::Unknown(warehouse) => {
+                                if stopped.stop(m.topic(), m.partition(), m.offset(), warehouse) {
+                                    stop_partition(&consumer, &m, warehouse, &kafka.group_id);
                                 }
                             }
-                            buffered += 1;
                         }
                     }
                     Err(e)
@@ -290,16 +352,43 @@ impl Tables {
     }
 }
 
-/// Notes where `m` sits and turns it into a change for the stage: the warehouse and the
-/// record, or `None` for a record to skip (the dead-letter topic, another warehouse's, or
-/// not a change event of ours).
+/// What becomes of one record.
+enum Read<'m> {
+    /// A change for the stage: its warehouse and the record.
+    Deliver(&'m str, Incoming),
+    /// Nothing to deliver, and its offset may be committed with the next delivery (the
+    /// dead-letter topic, a record that is not a change event of ours).
+    Skip,
+    /// Its partition is stopped at or before it: not delivered, never committed here.
+    Held,
+    /// A change of a warehouse this process does not know: its partition stops here.
+    Unknown(&'m str),
+}
+
+/// Notes where `m` sits and turns it into a change for the stage (see [`Read`]).
 fn read_record<'m>(
     m: &'m BorrowedMessage<'_>,
     partitions: &mut Partitions,
+    stopped: &StoppedPartitions,
     dlq_topic: &str,
     warehouses: &HashSet<String>,
     tables: &mut Tables,
-) -> Option<(&'m str, Incoming)> {
+) -> Read<'m> {
+    if stopped.holds(m.topic(), m.partition(), m.offset()) {
+        return Read::Held;
+    }
+    let warehouse = m.headers().and_then(|h| {
+        h.iter()
+            .find(|header| header.key == "warehouse_id")
+            .and_then(|header| header.value)
+            .and_then(|v| std::str::from_utf8(v).ok())
+    });
+    if let Some(w) = warehouse
+        && m.topic() != dlq_topic
+        && !warehouses.contains(w)
+    {
+        return Read::Unknown(w);
+    }
     if partitions.read(m.topic(), m.partition(), m.offset()) {
         tracing::info!(
             topic = m.topic(),
@@ -309,7 +398,7 @@ fn read_record<'m>(
         );
     }
     if m.topic() == dlq_topic {
-        return None;
+        return Read::Skip;
     }
     let (mut warehouse, mut table) = (None, None);
     if let Some(h) = m.headers() {
@@ -329,19 +418,43 @@ fn read_record<'m>(
             offset = m.offset(),
             "record without warehouse_id/table headers; not a change event of ours, skipped"
         );
-        return None;
+        return Read::Skip;
     };
-    if !warehouses.contains(warehouse) {
-        return None;
-    }
-    Some((
+    Read::Deliver(
         warehouse,
         Incoming::Record {
             table: tables.get(table),
             key: m.key().unwrap_or_default().to_vec(),
             value: m.payload().unwrap_or_default().to_vec(),
         },
-    ))
+    )
+}
+
+/// Pauses `m`'s partition at `m`, a record of `warehouse`, which this process's
+/// configuration lacks, and says so (the offset stays where the last delivery left it).
+fn stop_partition(
+    consumer: &StreamConsumer,
+    m: &BorrowedMessage<'_>,
+    warehouse: &str,
+    group: &str,
+) {
+    tracing::error!(
+        warehouse,
+        topic = m.topic(),
+        partition = m.partition(),
+        offset = m.offset(),
+        group,
+        "a change of warehouse {warehouse:?}, which this process's configuration does not list: this partition stops here, uncommitted, until a consumer that knows the warehouse takes it over; give every consumer of the group every warehouse ([[warehouses]])"
+    );
+    crate::metrics::metrics()
+        .consumer_stopped_partitions
+        .with_label_values(&[warehouse])
+        .inc();
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    tpl.add_partition(m.topic(), m.partition());
+    if let Err(e) = consumer.pause(&tpl) {
+        tracing::debug!(error = %e, "pause");
+    }
 }
 
 /// Batches prepared or delivered at once: one delivering, the next preparing.
@@ -382,7 +495,22 @@ async fn sleep_until_opt(t: Option<Instant>) {
 
 #[cfg(test)]
 mod tests {
-    use super::{Partitions, subscription};
+    use super::{Partitions, StoppedPartitions, subscription};
+
+    #[test]
+    fn a_stopped_partition_holds_its_unknown_record_and_everything_after_it_only() {
+        let mut s = StoppedPartitions::default();
+        assert!(!s.holds("changes", 0, 5));
+        assert!(s.stop("changes", 0, 10, "wh-x"));
+        assert!(!s.stop("changes", 0, 12, "wh-y"), "already stopped earlier");
+        assert!(s.holds("changes", 0, 10) && s.holds("changes", 0, 11));
+        // Read again after the partition came back: the records before the stop go on.
+        assert!(!s.holds("changes", 0, 9));
+        assert!(!s.holds("changes", 1, 10) && !s.holds("other", 0, 10));
+        // A replay meets an unknown warehouse earlier: the stop moves back.
+        assert!(s.stop("changes", 0, 7, "wh-z"));
+        assert!(s.holds("changes", 0, 7) && !s.holds("changes", 0, 6));
+    }
 
     #[test]
     fn offsets_are_stored_once_per_partition_and_only_for_records_read_since() {

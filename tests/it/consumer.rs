@@ -1212,3 +1212,91 @@ async fn sigterm_under_a_slow_central_stops_run_promptly_and_loses_nothing() {
     let _again = start(run_command(&cfg, &state, &central, None), log.clone());
     assert_converges(&central, &db, "wh-term", &log).await;
 }
+
+/// Issue 14, item 4: group members whose configurations list disjoint warehouses (as in a
+/// rolling deploy) never commit the offset of a change they did not deliver: each stops the
+/// partition at the other warehouse's first change. Once a member that knows both takes
+/// over, every change of both warehouses reaches central.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumers_with_disjoint_warehouse_lists_commit_nothing_they_did_not_deliver() {
+    let (db_a, db_b) = (
+        demo_warehouse("disjointa").await,
+        demo_warehouse("disjointb").await,
+    );
+    let state = pg().new_db("disjointstate").await;
+    let central = Central::start(Faults::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let topic = format!("it.{}", db_a.name);
+    let entry = |db: &TestDb, id: &str| {
+        format!(
+            "[[warehouses]]\nid = '{id}'\nurl = '{}'\nslot = '{}'\n",
+            db.url_as("postgres"),
+            db.slot("run")
+        )
+    };
+    let write = |name: &str, entries: &[String]| {
+        let path = dir.path().join(name);
+        std::fs::write(
+            &path,
+            format!(
+                "{}\n{}",
+                include_str!("../../sql/demo_mapping.toml"),
+                entries.concat()
+            ),
+        )
+        .unwrap();
+        path
+    };
+    let both = write("both.toml", &[entry(&db_a, "wh-a"), entry(&db_b, "wh-b")]);
+    let only_a = write("a.toml", &[entry(&db_a, "wh-a")]);
+    let only_b = write("b.toml", &[entry(&db_b, "wh-b")]);
+    let stage = |cfg: &Path, stages: &str, name: &str| {
+        let mut c = run_command(cfg, &state, &central, Some(&topic));
+        c.arg("--stages")
+            .arg(stages)
+            .env("KAFKA_PARTITIONS", "4")
+            .env("KAFKA_GROUP_ID", format!("group-{}", db_a.name));
+        start(c, dir.path().join(name))
+    };
+    let source_log = dir.path().join("source.log");
+    let _source = stage(&both, "source", "source.log");
+    wait_streaming(&state, "wh-a", &source_log).await;
+    wait_streaming(&state, "wh-b", &source_log).await;
+    let (log_a, log_b) = (dir.path().join("a.log"), dir.path().join("b.log"));
+    let member_a = stage(&only_a, "consumer", "a.log");
+    let member_b = stage(&only_b, "consumer", "b.log");
+    for seed in 70..80 {
+        workload(&db_a.client, seed, 30).await;
+        workload(&db_b.client, seed + 100, 30).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    // Each member met the other's changes and stopped there, saying why.
+    let stopped = "which this process's configuration does not list";
+    for _ in 0..100 {
+        if count_in(&log_a, stopped) > 0 && count_in(&log_b, stopped) > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        count_in(&log_a, stopped) > 0 && count_in(&log_b, stopped) > 0,
+        "a:\n{}\nb:\n{}",
+        log_tail(&log_a),
+        log_tail(&log_b)
+    );
+    // Give the members time to commit whatever they would commit, then replace both by one
+    // that knows both warehouses (the rolling deploy's end).
+    // (SIGTERM: they leave the group at once, so the new member gets every partition now.)
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    for mut member in [member_a, member_b] {
+        assert_eq!(
+            unsafe { libc::kill(member.child.id() as i32, libc::SIGTERM) },
+            0
+        );
+        let _ = member.child.wait();
+    }
+    let log_both = dir.path().join("both.log");
+    let _member = stage(&both, "consumer", "both.log");
+    assert_converges(&central, &db_a, "wh-a", &log_both).await;
+    assert_converges(&central, &db_b, "wh-b", &log_both).await;
+}
