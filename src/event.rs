@@ -588,3 +588,33 @@ mod tests {
         assert_eq!(String::from_utf8(out).unwrap(), r#""a\u0001b\\""#);
     }
 }
+
+/// The envelope's `too_large` block: the change did not fit in one bus record (Kafka's
+/// `message.max.bytes`), so its record carries only the key columns and this; the consumer
+/// stage dead-letters it (rule `too_large`) instead of sending central a partial row.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TooLarge {
+    /// Size of the whole record.
+    pub bytes: u64,
+    /// The largest record the bus takes.
+    pub limit: u64,
+    /// The column whose value is the largest.
+    pub column: Option<String>,
+    /// That value's size, as JSON.
+    pub column_bytes: u64,
+}
+
+impl TooLarge {
+    /// What happened and what to do, for the dead letter and the conflict row.
+    pub fn reason(&self) -> String {
+        format!(
+            "the change's record is {} bytes, above the largest the bus takes ({} bytes, Kafka message.max.bytes){}; the record carries only the key. Raise KAFKA_PROPERTY_MESSAGE_MAX_BYTES (and the topic's max.message.bytes), or leave the column out of the publication",
+            self.bytes,
+            self.limit,
+            match &self.column {
+                Some(c) => format!("; column {c:?} holds {} bytes", self.column_bytes),
+                None => String::new(),
+            }
+        )
+    }
+}

@@ -106,6 +106,9 @@ struct CentralArgs {
     /// Answer 422 for whole batches holding a change whose key contains this text.
     #[arg(long)]
     invalid_key_substring: Option<String>,
+    /// Answer 413 for whole batches holding a change whose key contains this text.
+    #[arg(long)]
+    too_large_key_substring: Option<String>,
 }
 
 #[derive(clap::Args)]
@@ -520,6 +523,7 @@ async fn run_central(args: CentralArgs) -> ExitCode {
             latency_ms: args.latency_ms,
             reject_key_substring: args.reject_key_substring,
             invalid_key_substring: args.invalid_key_substring,
+            too_large_key_substring: args.too_large_key_substring,
             ..Faults::default()
         },
     };

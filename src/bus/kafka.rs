@@ -17,7 +17,7 @@ use secrecy::{ExposeSecret, SecretString};
 use super::topic::TopicTemplate;
 use super::{BusError, CommitAck, Record};
 use crate::Lsn;
-use crate::event::ChangeEvent;
+use crate::event::{ChangeEvent, TooLarge};
 
 /// Kafka settings (DESIGN §7): `KAFKA_BROKERS` and the producer's knobs.
 #[derive(Debug, Clone)]
@@ -50,6 +50,9 @@ pub struct KafkaSettings {
     pub dlq_topic: String,
 }
 
+/// librdkafka's default `message.max.bytes`.
+const DEFAULT_MAX_RECORD_BYTES: usize = 1_000_000;
+
 impl KafkaSettings {
     /// Defaults for everything but the brokers.
     pub fn new(brokers: &str) -> Self {
@@ -67,6 +70,16 @@ impl KafkaSettings {
             group_instance_id: None,
             dlq_topic: crate::consumer::DEFAULT_DLQ_TOPIC.into(),
         }
+    }
+
+    /// The largest record the producer takes: `message.max.bytes` from the Kafka
+    /// properties, else librdkafka's default.
+    pub fn max_record_bytes(&self) -> usize {
+        self.properties
+            .iter()
+            .find(|(k, _)| k == "message.max.bytes")
+            .and_then(|(_, v)| v.expose_secret().trim().parse().ok())
+            .unwrap_or(DEFAULT_MAX_RECORD_BYTES)
     }
 
     fn client_config(&self) -> ClientConfig {
@@ -286,6 +299,56 @@ impl super::Bus for Arc<KafkaBus> {
     }
 }
 
+/// What a record carries besides its key and value (headers, framing), counted against the
+/// producer's `message.max.bytes`.
+const RECORD_OVERHEAD: usize = 512;
+
+/// The column whose value takes the most room in the event's new (or old) row, and its size.
+fn largest_column(ev: &ChangeEvent) -> (Option<&str>, usize) {
+    let mut best = (None, 0);
+    let mut buf = Vec::new();
+    for (name, value) in ev
+        .after
+        .iter()
+        .chain(ev.before.iter())
+        .flat_map(|r| r.iter())
+    {
+        buf.clear();
+        crate::event::write_value(&mut buf, value);
+        if buf.len() > best.1 {
+            best = (Some(name), buf.len());
+        }
+    }
+    best
+}
+
+/// The envelope sent in place of a change too large for a record: its rows hold only the key
+/// columns, and `too_large` says why (see [`TooLarge`]).
+fn too_large_envelope(ev: &ChangeEvent, mark: &TooLarge) -> Vec<u8> {
+    let key = ev.key.clone();
+    let stand_in = ChangeEvent {
+        before: if ev.after.is_none() {
+            key.clone()
+        } else {
+            None
+        },
+        after: if ev.after.is_some() { key } else { None },
+        source: ev.source.clone(),
+        op: ev.op,
+        ts_ms: ev.ts_ms,
+        transaction: ev.transaction,
+        key: ev.key.clone(),
+    };
+    let mut out = Vec::with_capacity(1024);
+    stand_in.write_json(&mut out);
+    out.pop();
+    out.extend_from_slice(b",\"too_large\":");
+    // A plain struct of numbers and strings always serializes.
+    let _ = serde_json::to_writer(&mut out, mark);
+    out.push(b'}');
+    out
+}
+
 /// One pipeline's sending side: collects each commit's delivery futures.
 pub struct KafkaPublisher {
     bus: Arc<KafkaBus>,
@@ -346,7 +409,29 @@ impl super::Publisher for KafkaPublisher {
     async fn send(&mut self, ev: Box<ChangeEvent>) -> Result<(), BusError> {
         let topic = self.bus.topics().topic_for(&ev.source.table);
         self.bus.ensure_topic(&topic).await?;
-        let rec = Record::new(&ev, topic);
+        let mut rec = Record::new(&ev, topic);
+        let limit = self.bus.settings.max_record_bytes();
+        let size = rec.value.len() + rec.key.len() + RECORD_OVERHEAD;
+        if size > limit {
+            let (column, column_bytes) = largest_column(&ev);
+            tracing::warn!(
+                warehouse = ev.source.table.warehouse_id(),
+                table = ev.source.table.qualified_name(),
+                version = %ev.version(),
+                bytes = size,
+                limit,
+                column,
+                column_bytes,
+                "change too large for a Kafka record; sending its key with the reason instead (the consumer stage dead-letters it as too_large)"
+            );
+            let mark = TooLarge {
+                bytes: size as u64,
+                limit: limit as u64,
+                column: column.map(str::to_string),
+                column_bytes: column_bytes as u64,
+            };
+            rec.value = too_large_envelope(&ev, &mark);
+        }
         let table = ev.source.table.qualified_name();
         let fut = self
             .send_record(&rec, ev.source.table.warehouse_id(), table)
@@ -391,4 +476,57 @@ async fn await_deliveries(
         }
     }
     Ok(end_lsn)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{TooLarge, largest_column, too_large_envelope};
+    use crate::Lsn;
+    use crate::event::{ChangeEvent, Op, Row, SnapshotMarker, SourceInfo, TableSource, Value};
+
+    #[test]
+    fn a_change_too_large_for_a_record_is_sent_as_its_key_and_the_reason() {
+        let ev = ChangeEvent {
+            before: None,
+            after: Some(Row::from_pairs([
+                ("sku", Value::String("SKU-1".into())),
+                ("picture", Value::String("x".repeat(5000).into())),
+                ("name", Value::String("small".into())),
+            ])),
+            source: SourceInfo {
+                table: TableSource::new("wh", "db", "public", "products"),
+                ts_ms: 1,
+                ts_us: 1000,
+                snapshot: SnapshotMarker::False,
+                tx_id: Some(7),
+                lsn: Lsn(100),
+                commit_lsn: Lsn(200),
+                sequence: 0,
+                unchanged_toast: vec![],
+            },
+            op: Op::Update,
+            ts_ms: 2,
+            transaction: None,
+            key: Some(Row::from_pairs([("sku", Value::String("SKU-1".into()))])),
+        };
+        let (column, bytes) = largest_column(&ev);
+        assert_eq!((column, bytes), (Some("picture"), 5002));
+        let mark = TooLarge {
+            bytes: 6000,
+            limit: 1000,
+            column: column.map(str::to_string),
+            column_bytes: bytes as u64,
+        };
+        let v: serde_json::Value = serde_json::from_slice(&too_large_envelope(&ev, &mark)).unwrap();
+        assert_eq!(v["after"], serde_json::json!({"sku": "SKU-1"}));
+        assert_eq!(v["before"], serde_json::Value::Null);
+        assert_eq!(v["op"], "u");
+        assert_eq!(v["source"]["commit_lsn"], 200);
+        assert_eq!(v["too_large"]["column"], "picture");
+        assert_eq!(v["too_large"]["limit"], 1000);
+        assert!(
+            mark.reason()
+                .contains("column \"picture\" holds 5002 bytes")
+        );
+    }
 }

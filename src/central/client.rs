@@ -1,7 +1,7 @@
 //! The REST client the consumer stage pushes batches with: every row of DESIGN §3's table.
 //!
 //! - `200`: one result per change, handed back in order.
-//! - `400`/`422` for the whole batch: the batch is bisected until the change(s) central
+//! - `400`/`413`/`422` for the whole batch: the batch is bisected until the change(s) central
 //!   refuses are alone; those come back as [`Verdict::Invalid`], the rest are delivered.
 //! - `401`/`403`: a credential problem. The sink is marked unhealthy and the same batch is
 //!   retried slowly; nothing is dead-lettered for it.
@@ -390,7 +390,11 @@ impl CentralClient {
                     }
                 }
             }
-            StatusCode::BAD_REQUEST | StatusCode::UNPROCESSABLE_ENTITY => {
+            // 413: a request too large for central; bisected like a refused batch, so only
+            // a change too large on its own is given up (dead-lettered as too_large).
+            StatusCode::BAD_REQUEST
+            | StatusCode::PAYLOAD_TOO_LARGE
+            | StatusCode::UNPROCESSABLE_ENTITY => {
                 let message = resp.text().await.unwrap_or_default();
                 Attempt::Invalid {
                     status: status.as_u16(),

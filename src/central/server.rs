@@ -60,6 +60,9 @@ pub struct Faults {
     /// A batch holding a change whose key (as JSON) contains this text is answered 422 as a
     /// whole.
     pub invalid_key_substring: Option<String>,
+    /// A batch holding a change whose key (as JSON) contains this text is answered 413 as a
+    /// whole (as a central with a request size limit answers a change too large for it).
+    pub too_large_key_substring: Option<String>,
     /// Share of change requests answered 429 with `Retry-After: throttle_retry_after_secs`
     /// (pacing, as a real central throttles), besides `error_rate`.
     pub throttle_rate: f64,
@@ -637,6 +640,23 @@ async fn post_changes(
                 "change {} has an invalid key {}",
                 bad.version,
                 Value::Object(bad.key.clone())
+            ),
+        );
+    }
+    if let Some(s) = &faults.too_large_key_substring
+        && let Some(big) = batch.changes.iter().find(|c| {
+            serde_json::to_string(&c.key)
+                .unwrap_or_default()
+                .contains(s.as_str())
+        })
+    {
+        return error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            format!(
+                "change {} of {} is larger than this central takes",
+                big.version,
+                Value::Object(big.key.clone())
             ),
         );
     }

@@ -244,6 +244,27 @@ pub async fn run(
                                 buffered += 1;
                             }
                             Read::Skip | Read::Held => {}
+                            Read::Foreign => {
+                                tracing::warn!(
+                                    topic = m.topic(),
+                                    partition = m.partition(),
+                                    offset = m.offset(),
+                                    "record without warehouse_id/table headers: not a change event of ours; dead-lettered (event_format)"
+                                );
+                                let reason = format!(
+                                    "record {}/{}@{} on a change topic has no warehouse_id/table headers: not a change event of InventorySync",
+                                    m.topic(),
+                                    m.partition(),
+                                    m.offset()
+                                );
+                                let (key, value) = (
+                                    m.key().unwrap_or_default().to_vec(),
+                                    m.payload().unwrap_or_default().to_vec(),
+                                );
+                                if stage.dead_letter_foreign(key, value, reason).await.is_err() {
+                                    break;
+                                }
+                            }
                             Read::Unknown(warehouse) => {
                                 if stopped.stop(m.topic(), m.partition(), m.offset(), warehouse) {
                                     stop_partition(&consumer, &m, warehouse, &kafka.group_id);
@@ -363,6 +384,9 @@ enum Read<'m> {
     Held,
     /// A change of a warehouse this process does not know: its partition stops here.
     Unknown(&'m str),
+    /// On a change topic but not a change event of ours (no `warehouse_id`/`table`
+    /// headers): dead-lettered as `event_format` before its offset may be committed.
+    Foreign,
 }
 
 /// Notes where `m` sits and turns it into a change for the stage (see [`Read`]).
@@ -412,13 +436,7 @@ fn read_record<'m>(
         }
     }
     let (Some(warehouse), Some(table)) = (warehouse, table) else {
-        tracing::warn!(
-            topic = m.topic(),
-            partition = m.partition(),
-            offset = m.offset(),
-            "record without warehouse_id/table headers; not a change event of ours, skipped"
-        );
-        return Read::Skip;
+        return Read::Foreign;
     };
     Read::Deliver(
         warehouse,

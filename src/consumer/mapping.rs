@@ -116,6 +116,9 @@ pub struct RawEvent<'a> {
     /// `c`, `u`, `d`, `r` or `t`.
     #[serde(borrow)]
     pub op: Cow<'a, str>,
+    /// Set when the change did not fit in a bus record: the rows hold only its key.
+    #[serde(default)]
+    pub too_large: Option<crate::event::TooLarge>,
 }
 
 impl<'a> RawEvent<'a> {

@@ -236,6 +236,21 @@ impl Stage {
                         .collect(),
                 ),
                 Incoming::Record { value, .. } => match RawEvent::parse(value) {
+                    Ok(RawEvent {
+                        too_large: Some(t), ..
+                    }) => {
+                        let v = Violation {
+                            rule: "too_large",
+                            field: t.column.clone(),
+                            reason: t.reason(),
+                        };
+                        let mapped = item
+                            .view(m)
+                            .map(|view| (m.entity.as_str(), view_key(&view, m), view.version()));
+                        self.refuse(warehouse_id, item, &table, mapped, None, v)
+                            .await?;
+                        continue;
+                    }
                     Ok(view) => (
                         map_event(&view, m, rules),
                         view.source
@@ -634,16 +649,27 @@ impl Stage {
         sent_high: &str,
     ) -> Result<&'static str, Cancelled> {
         let outcome;
+        // 413 for the change alone: the change itself is too large for central.
+        let mut rule = "central_rejected";
         let result = match verdict {
             Verdict::Result(r) => r,
-            Verdict::Invalid { status, message } => ChangeResult {
-                status: ResultStatus::Rejected,
-                reason: Some(format!(
-                    "central answered {status} for this change alone: {message}"
-                )),
-                current_version: None,
-                current: None,
-            },
+            Verdict::Invalid { status, message } => {
+                let size = if status == 413 {
+                    rule = "too_large";
+                    let bytes = serde_json::to_vec(change).map_or(0, |v| v.len());
+                    format!(" (the change is {bytes} bytes as JSON)")
+                } else {
+                    String::new()
+                };
+                ChangeResult {
+                    status: ResultStatus::Rejected,
+                    reason: Some(format!(
+                        "central answered {status} for this change alone{size}: {message}"
+                    )),
+                    current_version: None,
+                    current: None,
+                }
+            }
         };
         let reason = result.reason.clone().unwrap_or_default();
         match result.status {
@@ -700,7 +726,7 @@ impl Stage {
             ResultStatus::Rejected => {
                 outcome = "rejected";
                 let violation = Violation {
-                    rule: "central_rejected",
+                    rule,
                     field: None,
                     reason: if reason.is_empty() {
                         "central rejected the change".into()
@@ -794,6 +820,27 @@ impl Stage {
             ),
         };
         self.conflict(&conflict).await
+    }
+
+    /// Dead-letters a record on a change topic that is not a change event of ours (no
+    /// `warehouse_id`/`table` headers): rule `event_format`, no warehouse, no conflict row.
+    pub async fn dead_letter_foreign(
+        &self,
+        key: Vec<u8>,
+        value: Vec<u8>,
+        reason: String,
+    ) -> Result<(), Cancelled> {
+        let item = Incoming::Record {
+            table: std::sync::Arc::from(""),
+            key,
+            value,
+        };
+        let v = Violation {
+            rule: "event_format",
+            field: None,
+            reason,
+        };
+        self.dead_letter("", &item, "", "unknown", &v).await
     }
 
     fn dead_letter_place(&self) -> String {

@@ -1300,3 +1300,150 @@ async fn consumers_with_disjoint_warehouse_lists_commit_nothing_they_did_not_del
     assert_converges(&central, &db_a, "wh-a", &log_both).await;
     assert_converges(&central, &db_b, "wh-b", &log_both).await;
 }
+
+/// Issue 14, item 2: a change too large for a Kafka record (a 2 MB `bytea`), a change
+/// central answers 413 for, and records on the change topic that are not change events each
+/// become a dead letter with its reason, while every other change reaches central and the
+/// slot's position moves on past them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_refused_and_unparseable_records_become_dead_letters_and_the_rest_flows() {
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let db = demo_warehouse("cbig").await;
+    db.exec("ALTER TABLE products ADD COLUMN picture bytea")
+        .await;
+    let state = pg().new_db("cbigstate").await;
+    let central = Central::start(Faults {
+        too_large_key_substring: Some("HUGE".into()),
+        ..Faults::default()
+    })
+    .await;
+    let (_dir, _cfg, topic, log, _run) = start_kafka_run(&db, &state, &central, "wh-big");
+    wait_streaming(&state, "wh-big", &log).await;
+    db.exec(
+        "INSERT INTO products (sku, name) SELECT 'SKU-' || g, 'n' FROM generate_series(1, 20) g;
+         INSERT INTO products (sku, name, picture)
+           VALUES ('SKU-BIG', 'big', convert_to(repeat('x', 2000000), 'UTF8'));
+         INSERT INTO products (sku, name) VALUES ('HUGE-1', 'central takes no such change');
+         INSERT INTO products (sku, name) SELECT 'SKU-' || g, 'n' FROM generate_series(21, 40) g;",
+    )
+    .await;
+    // Records that are not change events: one with our headers, one with none.
+    let producer: FutureProducer = rdkafka::config::ClientConfig::new()
+        .set("bootstrap.servers", &broker().address)
+        .create()
+        .unwrap();
+    let headers = rdkafka::message::OwnedHeaders::new()
+        .insert(rdkafka::message::Header {
+            key: "warehouse_id",
+            value: Some("wh-big"),
+        })
+        .insert(rdkafka::message::Header {
+            key: "table",
+            value: Some("public.products"),
+        });
+    for (value, headers) in [
+        ("{not json", Some(headers)),
+        ("garbage without headers", None),
+    ] {
+        let mut record = FutureRecord::to(&topic).key("k").payload(value);
+        if let Some(h) = headers {
+            record = record.headers(h);
+        }
+        producer
+            .send(record, Duration::from_secs(10))
+            .await
+            .map_err(|(e, _)| e)
+            .unwrap();
+    }
+    db.exec("INSERT INTO products (sku, name) VALUES ('SKU-LAST', 'after them all')")
+        .await;
+    let want = {
+        let mut w = expected_state(&db).await;
+        w.retain(|k, _| !k.contains("SKU-BIG") && !k.contains("HUGE-1"));
+        w
+    };
+    let mut got = BTreeMap::new();
+    for _ in 0..600 {
+        got = central.state("wh-big").await;
+        if got == want {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        got == want,
+        "central holds every other change ({} vs {}); log:\n{}",
+        got.len(),
+        want.len(),
+        log_tail(&log)
+    );
+    // The position moved on: nothing of the warehouse is left unconfirmed.
+    let lsn = db.current_lsn().await;
+    let mut confirmed = inventorysync::Lsn::ZERO;
+    for _ in 0..300 {
+        confirmed = state
+            .client
+            .query_one(
+                "SELECT flush_lsn::text FROM replication_checkpoints WHERE warehouse_id = 'wh-big'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get::<_, String>(0)
+            .parse()
+            .unwrap();
+        if confirmed >= lsn {
+            break;
+        }
+        db.exec("SELECT 1").await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(confirmed >= lsn, "checkpoint {confirmed} behind {lsn}");
+    // The dead letters, each with its rule and reason.
+    let dlq = crate::kafka::consume(&format!("{topic}.dlq"), 4).await;
+    let find = |rule: &str, needle: &str| {
+        dlq.iter()
+            .find(|(k, h, v)| {
+                h["dlq_rule"] == rule && (k.contains(needle) || v.to_string().contains(needle))
+            })
+            .unwrap_or_else(|| panic!("no {rule} dead letter for {needle}: {dlq:?}"))
+    };
+    let (_, h, v) = find("too_large", "SKU-BIG");
+    assert_eq!(h["dlq_field"], "picture", "{h:?}");
+    assert!(
+        h["dlq_reason"].contains("above the largest the bus takes (1000000 bytes"),
+        "{h:?}"
+    );
+    assert_eq!(v["after"], json!({"sku": "SKU-BIG"}), "only the key: {v}");
+    assert!(v["too_large"]["bytes"].as_u64().unwrap() > 2_000_000, "{v}");
+    let (_, h, _) = find("too_large", "HUGE-1");
+    assert!(h["dlq_reason"].contains("central answered 413"), "{h:?}");
+    let (_, h, _) = find("event_format", "{not json");
+    assert_eq!(h["warehouse_id"], "wh-big");
+    let (_, h, _) = find("event_format", "garbage without headers");
+    assert!(
+        h["dlq_reason"].contains("no warehouse_id/table headers"),
+        "{h:?}"
+    );
+    // Conflict rows for the changes of the warehouse (the foreign record has none).
+    let c = at_least(3, || conflicts(&state)).await;
+    let rules: Vec<(String, String)> = c
+        .iter()
+        .map(|c| {
+            (
+                c["rule"].as_str().unwrap_or_default().to_string(),
+                c["entity_key"].to_string(),
+            )
+        })
+        .collect();
+    for (rule, key) in [
+        ("too_large", r#"{"sku":"SKU-BIG"}"#),
+        ("too_large", r#"{"sku":"HUGE-1"}"#),
+        ("event_format", "{}"),
+    ] {
+        assert!(
+            rules.iter().any(|(r, k)| r == rule && k == key),
+            "no {rule} conflict for {key}: {c:?}"
+        );
+    }
+}

@@ -111,7 +111,7 @@ async fn consume_from(
                 continue;
             }
         };
-        let key = String::from_utf8(msg.key().unwrap().to_vec()).unwrap();
+        let key = String::from_utf8_lossy(msg.key().unwrap_or_default()).into_owned();
         let mut headers = HashMap::new();
         if let Some(h) = msg.headers() {
             for i in 0..h.count() {
@@ -122,7 +122,11 @@ async fn consume_from(
                 );
             }
         }
-        let value: serde_json::Value = serde_json::from_slice(msg.payload().unwrap()).unwrap();
+        // A record that is not JSON (a dead-lettered foreign record) as its text.
+        let payload = msg.payload().unwrap_or_default();
+        let value: serde_json::Value = serde_json::from_slice(payload).unwrap_or_else(|_| {
+            serde_json::Value::String(String::from_utf8_lossy(payload).into_owned())
+        });
         out.push((key, headers, value));
     }
     out
