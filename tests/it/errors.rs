@@ -209,3 +209,120 @@ async fn a_consumer_slower_than_wal_sender_timeout_is_not_disconnected() {
     let n = count.load(std::sync::atomic::Ordering::Relaxed);
     assert_eq!(n, 50000);
 }
+
+/// A bus whose publisher fails every send with a transient delivery error.
+#[derive(Clone)]
+struct FailingBus;
+
+struct FailingPublisher;
+
+impl inventorysync::bus::Publisher for FailingPublisher {
+    async fn send(
+        &mut self,
+        _ev: Box<inventorysync::event::ChangeEvent>,
+    ) -> Result<(), inventorysync::bus::BusError> {
+        Err(inventorysync::bus::BusError::Delivery {
+            topic: "changes".into(),
+            reason: "broker went away (injected)".into(),
+        })
+    }
+
+    async fn commit(
+        &mut self,
+        end_lsn: inventorysync::Lsn,
+    ) -> Result<inventorysync::bus::CommitAck, inventorysync::bus::BusError> {
+        Ok(Box::pin(async move { Ok(end_lsn) }))
+    }
+
+    fn bus_name(&self) -> &'static str {
+        "failing"
+    }
+}
+
+impl inventorysync::bus::Bus for FailingBus {
+    type Publisher = FailingPublisher;
+
+    fn publisher(&self, _: &str) -> Result<FailingPublisher, inventorysync::bus::BusError> {
+        Ok(FailingPublisher)
+    }
+}
+
+/// Issue 14, item 3: a publisher that fails with a transient error makes the warehouse
+/// `Retrying` (restarted with backoff), never `Failed`, however the pipeline's tasks race
+/// (the source then fails too: its consumer is gone). Fifty runs, each to its first restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_publisher_always_retries_and_never_fails_the_warehouse() {
+    use inventorysync::app::{StreamState, WarehouseStatus};
+    let db = pg().new_db("failpub").await;
+    db.exec(
+        "CREATE TABLE t (id int PRIMARY KEY); CREATE PUBLICATION inventorysync FOR TABLE t;
+         INSERT INTO t VALUES (1);",
+    )
+    .await;
+    let state_db = pg().new_db("failpubstate").await;
+    let state = inventorysync::store::StateDb::connect(
+        &inventorysync::config::ConnInfo::parse("DB_URL", &state_db.url_as("postgres")).unwrap(),
+    )
+    .await
+    .unwrap();
+    state.migrate().await.unwrap();
+    let warehouse = inventorysync::config::WarehouseConfig {
+        id: "wh-failpub".into(),
+        conn: db.conn(),
+        publication: "inventorysync".into(),
+        slot: db.slot("run"),
+        streaming: inventorysync::config::Streaming::Off,
+        heartbeat_interval: None,
+    };
+    // The slot exists before the first change, so that every change is streamed.
+    db.exec(&format!(
+        "SELECT pg_create_logical_replication_slot('{}', 'pgoutput')",
+        db.slot("run")
+    ))
+    .await;
+    let mut outcomes = std::collections::BTreeMap::<String, usize>::new();
+    for round in 0..50 {
+        // The unconfirmed change is replayed on every run; a new one gives each run a fresh
+        // change to fail on as well.
+        db.exec(&format!("INSERT INTO t VALUES ({})", round + 2))
+            .await;
+        let status = WarehouseStatus::new("wh-failpub");
+        let cancel = tokio_util::sync::CancellationToken::new();
+        let run = tokio::spawn({
+            let (w, status, state, cancel) = (
+                warehouse.clone(),
+                status.clone(),
+                state.clone(),
+                cancel.clone(),
+            );
+            async move { inventorysync::app::run(vec![w], &[status], state, FailingBus, cancel).await }
+        });
+        let mut seen = status.state.subscribe();
+        let settled = tokio::time::timeout(Duration::from_secs(20), async {
+            loop {
+                let s = seen.borrow_and_update().clone();
+                if matches!(s, StreamState::Retrying(_) | StreamState::Failed(_)) {
+                    return s;
+                }
+                if seen.changed().await.is_err() {
+                    return seen.borrow().clone();
+                }
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("round {round}: no restart within 20 s"));
+        cancel.cancel();
+        run.await.unwrap();
+        match &settled {
+            StreamState::Retrying(why) => {
+                *outcomes.entry(why.clone()).or_default() += 1;
+            }
+            other => panic!("round {round}: the warehouse is {other:?}, not Retrying"),
+        }
+    }
+    // The publisher's own error is what the restart reports (it names the cause).
+    assert!(
+        outcomes.keys().all(|why| why.contains("broker went away")),
+        "{outcomes:?}"
+    );
+}
