@@ -295,6 +295,10 @@ async fn run_pipeline<B: Bus>(
     opts.heartbeat_interval = w.heartbeat_interval;
     opts.health = Some(status.slot_health.clone());
     opts.chunks = Some(status.chunk_inbox.clone());
+    // A lost connection ends the pipeline: the warehouse reads Retrying (in /ready and the
+    // metrics) until the restarted pipeline streams again, instead of "streaming" while the
+    // source reconnects on its own.
+    opts.max_reconnects = Some(0);
     let source_cancel = child.clone();
     let mut source =
         tokio::spawn(async move { stream::run(&opts, items_tx, durable_rx, source_cancel).await });
@@ -309,7 +313,12 @@ async fn run_pipeline<B: Bus>(
             // lease check before the acks, which may be ready all the time.
             biased;
             _ = cancel.cancelled() => break Ok(()),
-            r = &mut publisher => break flatten(r),
+            r = &mut publisher => match flatten(r) {
+                // The publisher ends cleanly when the source closed its channel: the
+                // source's own result says why.
+                Ok(()) => break flatten((&mut source).await),
+                Err(e) => break Err(e),
+            },
             _ = lease_check.tick() => {
                 if let Err(e) = lease.check().await {
                     break Err(e.into());

@@ -86,8 +86,49 @@ pub struct ConnInfo {
     pub sslmode: SslMode,
     /// PEM file with the CA certificates to trust for verify-full.
     pub sslrootcert: Option<PathBuf>,
-    /// Connect timeout in seconds.
+    /// Connect timeout in seconds: for the whole connection setup (TCP, TLS, startup and
+    /// authentication), as libpq counts it.
     pub connect_timeout_secs: u64,
+    /// TCP keepalives (`keepalives`, `keepalives_idle`, `keepalives_interval`,
+    /// `keepalives_count`, as libpq names them); none when `keepalives=0`.
+    pub keepalives: Option<Keepalives>,
+    /// `tcp_user_timeout` in milliseconds: how long sent data may stay unacknowledged
+    /// before the kernel drops the connection (0: the system's default).
+    pub tcp_user_timeout_ms: u64,
+}
+
+/// TCP keepalive settings of a connection: a peer that stops answering is noticed after
+/// about `idle + interval × count` seconds of silence, even when nothing is being sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Keepalives {
+    /// Seconds of idleness before the first probe.
+    pub idle_secs: u64,
+    /// Seconds between probes.
+    pub interval_secs: u64,
+    /// Unanswered probes before the connection is dropped.
+    pub count: u32,
+}
+
+impl Default for Keepalives {
+    /// 10 s idle, then a probe every 5 s, 3 probes: a dead peer is noticed in about 25 s
+    /// (libpq leaves it to the system, two hours on Linux).
+    fn default() -> Self {
+        Self {
+            idle_secs: 10,
+            interval_secs: 5,
+            count: 3,
+        }
+    }
+}
+
+impl Keepalives {
+    /// The socket's keepalive setting.
+    pub fn tcp(&self) -> socket2::TcpKeepalive {
+        socket2::TcpKeepalive::new()
+            .with_time(std::time::Duration::from_secs(self.idle_secs.max(1)))
+            .with_interval(std::time::Duration::from_secs(self.interval_secs.max(1)))
+            .with_retries(self.count.max(1))
+    }
 }
 
 impl fmt::Debug for ConnInfo {
@@ -135,8 +176,32 @@ impl ConnInfo {
         let mut sslmode = SslMode::Prefer;
         let mut sslrootcert = None;
         let mut connect_timeout_secs = 10;
+        let mut keepalives = Some(Keepalives::default());
+        let mut ka = Keepalives::default();
+        let mut tcp_user_timeout_ms = 0;
+        let number = |name: &str, v: &str, what: &str| -> Result<u64, ConfigError> {
+            v.trim()
+                .parse()
+                .map_err(|_| invalid(key, format!("{name} {v:?} is not {what}")))
+        };
         for (k, v) in url.query_pairs() {
             match k.as_ref() {
+                "keepalives" => match v.as_ref() {
+                    "0" => keepalives = None,
+                    "1" => {}
+                    other => {
+                        return Err(invalid(key, format!("keepalives {other:?} is not 0 or 1")));
+                    }
+                },
+                "keepalives_idle" => ka.idle_secs = number(&k, &v, "a number of seconds")?,
+                "keepalives_interval" => ka.interval_secs = number(&k, &v, "a number of seconds")?,
+                "keepalives_count" => {
+                    ka.count = u32::try_from(number(&k, &v, "a count")?)
+                        .map_err(|_| invalid(key, format!("keepalives_count {v:?} is too large")))?
+                }
+                "tcp_user_timeout" => {
+                    tcp_user_timeout_ms = number(&k, &v, "a number of milliseconds")?
+                }
                 "sslmode" => sslmode = v.parse().map_err(|e: String| invalid(key, e))?,
                 "sslrootcert" => sslrootcert = Some(PathBuf::from(v.as_ref())),
                 "user" => user = v.into_owned(),
@@ -155,7 +220,7 @@ impl ConnInfo {
                     return Err(invalid(
                         key,
                         format!(
-                            "unknown connection parameter {other:?}; expected sslmode, sslrootcert, user, password, dbname or connect_timeout"
+                            "unknown connection parameter {other:?}; expected sslmode, sslrootcert, user, password, dbname, connect_timeout, keepalives, keepalives_idle, keepalives_interval, keepalives_count or tcp_user_timeout"
                         ),
                     ));
                 }
@@ -179,6 +244,8 @@ impl ConnInfo {
             sslmode,
             sslrootcert,
             connect_timeout_secs,
+            keepalives: keepalives.map(|_| ka),
+            tcp_user_timeout_ms,
         })
     }
 
@@ -201,6 +268,20 @@ impl ConnInfo {
             .application_name("inventorysync")
             .connect_timeout(std::time::Duration::from_secs(self.connect_timeout_secs))
             .options("-c TimeZone=UTC -c DateStyle=ISO -c extra_float_digits=3");
+        match &self.keepalives {
+            Some(k) => {
+                c.keepalives(true)
+                    .keepalives_idle(std::time::Duration::from_secs(k.idle_secs.max(1)))
+                    .keepalives_interval(std::time::Duration::from_secs(k.interval_secs.max(1)))
+                    .keepalives_retries(k.count.max(1));
+            }
+            None => {
+                c.keepalives(false);
+            }
+        }
+        if self.tcp_user_timeout_ms > 0 {
+            c.tcp_user_timeout(std::time::Duration::from_millis(self.tcp_user_timeout_ms));
+        }
         if let Some(p) = &self.password {
             c.password(p.expose_secret());
         }
@@ -510,6 +591,40 @@ mod tests {
         )
         .unwrap();
         assert_eq!((c.user.as_str(), c.dbname.as_str()), ("app", "inventory"));
+    }
+
+    #[test]
+    fn tcp_keepalives_are_on_by_default_and_take_libpq_parameters() {
+        let c = ConnInfo::parse("DB_URL", "postgres://h/db").unwrap();
+        assert_eq!(c.keepalives, Some(Keepalives::default()));
+        assert_eq!(c.tcp_user_timeout_ms, 0);
+        let c = ConnInfo::parse(
+            "DB_URL",
+            "postgres://h/db?keepalives_idle=30&keepalives_interval=2&keepalives_count=4&tcp_user_timeout=20000",
+        )
+        .unwrap();
+        assert_eq!(
+            c.keepalives,
+            Some(Keepalives {
+                idle_secs: 30,
+                interval_secs: 2,
+                count: 4
+            })
+        );
+        assert_eq!(c.tcp_user_timeout_ms, 20_000);
+        let c = ConnInfo::parse("DB_URL", "postgres://h/db?keepalives=0").unwrap();
+        assert_eq!(c.keepalives, None);
+        let e = ConnInfo::parse("DB_URL", "postgres://h/db?keepalives_idle=soon")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("keepalives_idle \"soon\" is not a number of seconds"),
+            "{e}"
+        );
+        let e = ConnInfo::parse("DB_URL", "postgres://h/db?keepalives=yes")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("keepalives \"yes\" is not 0 or 1"), "{e}");
     }
 
     #[test]

@@ -55,6 +55,9 @@ pub struct Metrics {
     pub consumer_lag: IntGaugeVec,
     /// Sync jobs by kind and status.
     pub jobs: IntGaugeVec,
+    /// 1 when the warehouse is served (streamed by this process, or by the lease holder
+    /// while this one stands by), 0 while it starts, restarts or has stopped.
+    pub warehouse_ready: IntGaugeVec,
     /// Times this process stopped a Kafka partition at a change of a warehouse its
     /// configuration does not list, by that warehouse.
     pub consumer_stopped_partitions: IntCounterVec,
@@ -203,6 +206,12 @@ impl Metrics {
                 "inventorysync_jobs",
                 "Sync jobs by kind and status.",
                 &["kind", "status"],
+            ),
+            warehouse_ready: gauge(
+                &r,
+                "inventorysync_warehouse_ready",
+                "1 when the warehouse is served (streamed here or by the lease holder), 0 while it starts, restarts or has stopped.",
+                &["warehouse"],
             ),
             consumer_stopped_partitions: counter(
                 &r,

@@ -590,6 +590,9 @@ async fn metrics(State(state): State<Arc<ApiState>>) -> Response {
         .map_or(0, |d| d.as_secs() as i64);
     for w in &state.warehouses {
         let id = w.id.as_str();
+        m.warehouse_ready
+            .with_label_values(&[id])
+            .set(i64::from(w.readiness().0));
         if let Some(h) = &*w.slot_health.borrow() {
             m.replication_lag_bytes
                 .with_label_values(&[id])

@@ -162,25 +162,44 @@ pub struct ReplicationConnection {
 }
 
 impl ReplicationConnection {
-    /// Connects, negotiates TLS per `sslmode`, and authenticates.
+    /// Connects, negotiates TLS per `sslmode`, and authenticates, all within the connect
+    /// timeout (a server that accepts the connection and then says nothing is given up).
     pub async fn connect(conn: &ConnInfo) -> Result<Self, SourceError> {
+        let timeout = Duration::from_secs(conn.connect_timeout_secs.max(1));
+        match tokio::time::timeout(timeout, Self::connect_now(conn)).await {
+            Ok(r) => r,
+            Err(_) => Err(SourceError::Io {
+                target: format!("{}:{}", conn.host, conn.port),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!(
+                        "no connection within connect_timeout ({} s)",
+                        timeout.as_secs()
+                    ),
+                ),
+            }),
+        }
+    }
+
+    async fn connect_now(conn: &ConnInfo) -> Result<Self, SourceError> {
         let target = format!("{}:{}", conn.host, conn.port);
         let io_err = |source| SourceError::Io {
             target: target.clone(),
             source,
         };
-        let timeout = Duration::from_secs(conn.connect_timeout_secs.max(1));
-        let tcp =
-            tokio::time::timeout(timeout, TcpStream::connect((conn.host.as_str(), conn.port)))
-                .await
-                .map_err(|_| {
-                    io_err(std::io::Error::new(
-                        std::io::ErrorKind::TimedOut,
-                        "connect timed out",
-                    ))
-                })?
-                .map_err(io_err)?;
+        let tcp = TcpStream::connect((conn.host.as_str(), conn.port))
+            .await
+            .map_err(io_err)?;
         tcp.set_nodelay(true).map_err(io_err)?;
+        let socket = socket2::SockRef::from(&tcp);
+        if let Some(k) = &conn.keepalives {
+            socket.set_tcp_keepalive(&k.tcp()).map_err(io_err)?;
+        }
+        if conn.tcp_user_timeout_ms > 0 {
+            socket
+                .set_tcp_user_timeout(Some(Duration::from_millis(conn.tcp_user_timeout_ms)))
+                .map_err(io_err)?;
+        }
         let stream: Box<dyn Transport> = if conn.sslmode == SslMode::Disable {
             Box::new(tcp)
         } else {

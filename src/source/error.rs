@@ -138,6 +138,25 @@ pub enum SourceError {
     /// TLS could not be set up.
     #[error("TLS: {0}")]
     Tls(String),
+    /// The server sent nothing, not even a keepalive it was asked for, for this long: the
+    /// connection is dead (a network partition drops packets without a word).
+    #[error(
+        "no message from the warehouse server for {secs} s, not even a keepalive it was asked for (wal_sender_timeout): the connection is dead; reconnecting"
+    )]
+    Silent {
+        /// Seconds of silence.
+        secs: u64,
+    },
+    /// A query of the streaming session got no answer in time: its connection is dead.
+    #[error(
+        "the warehouse's SQL session did not answer within {secs} s ({what}): the connection is dead; reconnecting"
+    )]
+    SqlTimeout {
+        /// What the query was for.
+        what: &'static str,
+        /// Seconds waited.
+        secs: u64,
+    },
     /// The network failed.
     #[error("connection to {target}: {source}")]
     Io {
@@ -158,7 +177,11 @@ impl SourceError {
     /// Whether retrying (after a backoff) can fix it.
     pub fn is_transient(&self) -> bool {
         match self {
-            SourceError::Io { .. } | SourceError::Sql(_) | SourceError::DownstreamGone => true,
+            SourceError::Io { .. }
+            | SourceError::Sql(_)
+            | SourceError::Silent { .. }
+            | SourceError::SqlTimeout { .. }
+            | SourceError::DownstreamGone => true,
             SourceError::Server(e) => {
                 // Connection exceptions, resource problems, operator intervention, system errors.
                 ["08", "53", "57", "58", "40"]

@@ -261,6 +261,14 @@ async fn run_once(
     } else {
         Duration::from_secs(10)
     };
+    // A live server answers each status update that asks for a reply (one every
+    // status_interval); nothing at all for about wal_sender_timeout means the connection is
+    // dead (a partition that drops packets silently: TCP would wait for minutes).
+    let silence = if sender_timeout_ms > 0 {
+        Duration::from_millis(sender_timeout_ms as u64).max(status_interval * 2)
+    } else {
+        Duration::from_secs(60)
+    };
     let sql_cmd = slot::start_replication_sql(&opts.slot, start, &opts.publication, opts.streaming);
     tracing::info!(slot = %opts.slot, %start, "starting replication");
     let (reader, writer) = conn
@@ -306,6 +314,8 @@ async fn run_once(
         chunk: None,
         current_tx: None,
         publication: opts.publication.clone(),
+        silence,
+        last_heard: Instant::now(),
         identity: SourceIdentity {
             warehouse_id: Arc::from(opts.warehouse_id.as_str()),
             db: Arc::from(opts.conn.dbname.as_str()),
@@ -429,6 +439,11 @@ struct Session {
     /// The open transaction's commit LSN and xid (from its Begin).
     current_tx: Option<(Lsn, u32)>,
     publication: String,
+    /// How long the server may say nothing before the connection counts as dead.
+    silence: Duration,
+    /// When the server was last heard, or when this session last started waiting for it
+    /// (time spent waiting on downstream does not count as the server's silence).
+    last_heard: Instant,
     identity: SourceIdentity,
 }
 
@@ -455,6 +470,21 @@ async fn heartbeat(sql: &tokio_postgres::Client) -> Result<(), SourceError> {
     )
     .await?;
     Ok(())
+}
+
+/// Runs a SQL step of the session, which must not outlast the server's allowed silence:
+/// a dead SQL connection would otherwise hold the session (and its silence check) forever.
+async fn sql_within<T>(
+    limit: Duration,
+    what: &'static str,
+    step: impl std::future::Future<Output = Result<T, SourceError>>,
+) -> Result<T, SourceError> {
+    tokio::time::timeout(limit, step)
+        .await
+        .unwrap_or(Err(SourceError::SqlTimeout {
+            what,
+            secs: limit.as_secs(),
+        }))
 }
 
 /// Ticks `interval` when there is one; never completes otherwise.
@@ -490,23 +520,31 @@ impl Session {
                     continue;
                 }
                 _ = self.feedback.ticker.tick() => {
-                    self.feedback.send_status(false).await?;
+                    // Asks for a reply: the server's answer is how a dead connection shows.
+                    self.feedback.send_status(true).await?;
                     continue;
                 }
                 _ = self.health_tick.tick() => {
-                    self.check_health().await?;
+                    let silence = self.silence;
+                    sql_within(silence, "reading the slot's health", self.check_health()).await?;
                     continue;
                 }
                 _ = tick_opt(&mut self.heartbeat) => {
-                    heartbeat(&self.sql).await?;
+                    sql_within(self.silence, "writing a heartbeat", heartbeat(&self.sql)).await?;
                     continue;
                 }
                 req = next_chunk(&mut self.chunks), if self.chunk.is_none() => {
-                    self.begin_chunk(req).await?;
+                    let silence = self.silence;
+                    sql_within(silence, "starting a resync chunk", self.begin_chunk(req)).await?;
                     continue;
                 }
+                // Before the silence check: a frame already here is never taken for silence.
                 f = self.reader.next() => f?,
+                _ = tokio::time::sleep_until(self.last_heard + self.silence) => {
+                    return Err(SourceError::Silent { secs: self.silence.as_secs() });
+                }
             };
+            self.last_heard = Instant::now();
             match frame {
                 Frame::CopyData(data) => {
                     let msg =
@@ -570,6 +608,9 @@ impl Session {
                 }
                 Frame::Other(_) | Frame::CopyBoth => {}
             }
+            // Handing the frame downstream may have waited on a slow consumer: meanwhile
+            // nothing was read, so the server's silence counts from now.
+            self.last_heard = Instant::now();
         }
     }
 
@@ -785,7 +826,10 @@ impl Session {
                 }
                 _ = self.feedback.ticker.tick() => self.feedback.send_status(false).await?,
                 // A stopped consumer must not hide a slot that is running out of WAL.
-                _ = self.health_tick.tick() => self.check_health().await?,
+                _ = self.health_tick.tick() => {
+                    let silence = self.silence;
+                    sql_within(silence, "reading the slot's health", self.check_health()).await?
+                }
             }
         }
     }

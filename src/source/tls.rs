@@ -105,8 +105,26 @@ impl ServerCertVerifier for NoVerification {
     }
 }
 
-/// Opens an ordinary SQL connection (tokio-postgres) to the same server, with TLS per `sslmode`.
+/// Opens an ordinary SQL connection (tokio-postgres) to the same server, with TLS per
+/// `sslmode`, within the connect timeout (startup and authentication included).
 pub async fn connect_sql(conn: &ConnInfo) -> Result<tokio_postgres::Client, SourceError> {
+    let timeout = std::time::Duration::from_secs(conn.connect_timeout_secs.max(1));
+    match tokio::time::timeout(timeout, connect_sql_now(conn)).await {
+        Ok(r) => r,
+        Err(_) => Err(SourceError::Io {
+            target: format!("{}:{}", conn.host, conn.port),
+            source: std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!(
+                    "no SQL connection within connect_timeout ({} s)",
+                    timeout.as_secs()
+                ),
+            ),
+        }),
+    }
+}
+
+async fn connect_sql_now(conn: &ConnInfo) -> Result<tokio_postgres::Client, SourceError> {
     let cfg = conn.to_pg_config();
     if conn.sslmode == SslMode::Disable {
         let (client, connection) = cfg.connect(tokio_postgres::NoTls).await?;

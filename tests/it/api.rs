@@ -1014,3 +1014,100 @@ async fn a_lost_slot_is_recovered_by_a_forced_resync() {
     crate::consumer::assert_converges(&central, &db, "wh-lost", &log).await;
     assert_eq!(api.get("/ready", None).await.0, 200);
 }
+
+/// Issue 14, item 7: a network partition that drops every packet without a word (a proxy
+/// that stops forwarding; the server's wal_sender_timeout is 10 s). `/ready` and the metrics
+/// say the warehouse is not streaming within 30 s; once healed, the stream resumes within
+/// 30 s, a row written during the partition reaches central, and nothing is loaded again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_network_partition_is_noticed_and_the_stream_resumes_after_it() {
+    let db = demo_warehouse("netsplit").await;
+    db.exec(&format!(
+        "ALTER DATABASE {} SET wal_sender_timeout = '10s'",
+        db.name
+    ))
+    .await;
+    let proxy = crate::harness::Proxy::start(db.port).await;
+    let state = pg().new_db("netsplitstate").await;
+    let central = Central::start(Faults::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), &db, "wh-split", "");
+    let text = std::fs::read_to_string(&cfg).unwrap().replace(
+        &format!("127.0.0.1:{}/", db.port),
+        &format!("127.0.0.1:{}/", proxy.port),
+    );
+    std::fs::write(&cfg, text).unwrap();
+    let log = dir.path().join("run.log");
+    let port = free_port();
+    let mut cmd = run_command(&cfg, &state, &central, None);
+    cmd.env("API_LISTEN", format!("127.0.0.1:{port}"))
+        .env("API_KEYS", KEY);
+    let _run = start(cmd, log.clone());
+    let api = Api::new(port);
+    wait_streaming(&state, "wh-split", &log).await;
+    db.exec("INSERT INTO products (sku, name) VALUES ('SKU-1', 'before')")
+        .await;
+    crate::consumer::assert_converges(&central, &db, "wh-split", &log).await;
+    let streaming = |v: &Value| v["warehouses"]["wh-split"]["streaming"] == true;
+    assert!(streaming(&api.get("/ready", None).await.2));
+
+    proxy.partition(true);
+    let cut = std::time::Instant::now();
+    db.exec("INSERT INTO products (sku, name) VALUES ('SKU-2', 'during the partition')")
+        .await;
+    let mut ready = Value::Null;
+    while cut.elapsed() < Duration::from_secs(30) {
+        ready = api.get("/ready", None).await.2;
+        if !streaming(&ready) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let noticed = cut.elapsed();
+    assert!(
+        !streaming(&ready),
+        "/ready still says streaming {noticed:?} into the partition: {ready}\n{}",
+        log_tail(&log)
+    );
+    let w = [("warehouse", "wh-split")];
+    assert_eq!(
+        sample(&scrape(&api).await, "inventorysync_warehouse_ready", &w),
+        0.0
+    );
+    // The partition lasts 30 s in all (several reconnects meet it).
+    tokio::time::sleep(Duration::from_secs(30).saturating_sub(cut.elapsed())).await;
+    proxy.partition(false);
+    let healed = std::time::Instant::now();
+    crate::consumer::assert_converges(&central, &db, "wh-split", &log).await;
+    let resumed = healed.elapsed();
+    assert!(
+        resumed <= Duration::from_secs(30),
+        "the row written during the partition took {resumed:?} after healing\n{}",
+        log_tail(&log)
+    );
+    assert!(streaming(&api.get("/ready", None).await.2));
+    assert_eq!(
+        sample(&scrape(&api).await, "inventorysync_warehouse_ready", &w),
+        1.0
+    );
+    let loads: i64 = state
+        .client
+        .query_one("SELECT count(*) FROM sync_jobs WHERE kind = 'load'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(loads, 1, "no load after the reconnect\n{}", log_tail(&log));
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.contains("no message from the warehouse server")
+            || text.contains("the warehouse's SQL session did not answer"),
+        "the log says why the stream restarted\n{}",
+        log_tail(&log)
+    );
+    assert!(
+        !text.contains("the pipeline ended without an error"),
+        "{}",
+        log_tail(&log)
+    );
+    eprintln!("noticed after {noticed:?}, resumed {resumed:?} after healing");
+}

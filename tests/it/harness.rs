@@ -530,3 +530,85 @@ pub fn broker() -> &'static Broker {
         _ => Broker::start(),
     })
 }
+
+/// A TCP proxy in front of a server, able to partition the network: while partitioned it
+/// forwards nothing and says nothing (no reset, no close), as packets dropped on the way
+/// would; what was in flight waits, as TCP retransmits it, and goes on once healed.
+pub struct Proxy {
+    /// The port to connect to instead of the server's.
+    pub port: u16,
+    partitioned: tokio::sync::watch::Sender<bool>,
+    _stop: tokio_util::sync::DropGuard,
+}
+
+impl Proxy {
+    /// Forwards 127.0.0.1:`port` (a new free port) to 127.0.0.1:`upstream`.
+    pub async fn start(upstream: u16) -> Proxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (partitioned, gate) = tokio::sync::watch::channel(false);
+        let stop = tokio_util::sync::CancellationToken::new();
+        let token = stop.clone();
+        tokio::spawn(async move {
+            loop {
+                let client = tokio::select! {
+                    a = listener.accept() => match a { Ok((c, _)) => c, Err(_) => continue },
+                    _ = token.cancelled() => return,
+                };
+                let (mut gate, token) = (gate.clone(), token.clone());
+                tokio::spawn(async move {
+                    wait_healed(&mut gate).await;
+                    let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await
+                    else {
+                        return;
+                    };
+                    let (cr, cw) = client.into_split();
+                    let (sr, sw) = server.into_split();
+                    tokio::select! {
+                        _ = async { tokio::join!(pump(cr, sw, gate.clone()), pump(sr, cw, gate)) } => {}
+                        _ = token.cancelled() => {}
+                    }
+                });
+            }
+        });
+        Proxy {
+            port,
+            partitioned,
+            _stop: stop.drop_guard(),
+        }
+    }
+
+    /// Cuts (`true`) or heals (`false`) the network between the clients and the server.
+    pub fn partition(&self, cut: bool) {
+        self.partitioned.send_replace(cut);
+    }
+}
+
+async fn wait_healed(gate: &mut tokio::sync::watch::Receiver<bool>) {
+    while *gate.borrow_and_update() {
+        if gate.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mut gate: tokio::sync::watch::Receiver<bool>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        wait_healed(&mut gate).await;
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        wait_healed(&mut gate).await;
+        if to.write_all(&buf[..n]).await.is_err() {
+            break;
+        }
+    }
+    let _ = to.shutdown().await;
+}
