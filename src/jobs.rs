@@ -243,9 +243,12 @@ pub fn new_job_id() -> String {
 pub const CHUNK_ROWS: usize = 1000;
 /// Chunks read ahead of the oldest one not yet durable (a crash reads at most these again).
 const CHUNKS_AHEAD: usize = 4;
-/// How long a chunk may stay unanswered (the stream restarted meanwhile) before it is asked
-/// for again.
-const CHUNK_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often a chunk's wait checks whether the pipeline restarted. There is no timeout: the
+/// answer comes once the stream has decoded the chunk's high watermark, which under lag
+/// takes as long as the lag (a timeout from the request would drop every chunk once the lag
+/// exceeds it). A stream session that ends drops the chunk's reply, and the job's own
+/// deadline bounds the whole.
+const CHUNK_WAIT_CHECK: Duration = Duration::from_secs(1);
 
 /// Works on forced resyncs (`POST /sync/warehouses/{id}`) of the warehouses this process
 /// streams, until `cancel`: each mapped table is read in primary-key chunks by the stream
@@ -462,18 +465,39 @@ async fn resync(
                 if wh.status.chunks.send(req).await.is_err() {
                     return Err(Stop::Cancelled);
                 }
-                tokio::select! {
-                    r = tokio::time::timeout(CHUNK_TIMEOUT, answer) => match r {
-                        Ok(Ok(Ok(done))) => ahead.push_back(done),
-                        Ok(Ok(Err(reason))) => return Err(Stop::Failed(reason)),
-                        // The stream restarted (or stalled): ask again from the saved position.
-                        Ok(Err(_)) | Err(_) => {
-                            tracing::info!(job = %w.job_id, %table, "resync chunk unanswered; asking again");
-                            ahead.clear();
-                            generation = wh.status.generation();
+                let mut answer = std::pin::pin!(answer);
+                let mut check = tokio::time::interval(CHUNK_WAIT_CHECK);
+                loop {
+                    tokio::select! {
+                        r = &mut answer => {
+                            match r {
+                                Ok(Ok(done)) => ahead.push_back(done),
+                                Ok(Err(reason)) => return Err(Stop::Failed(reason)),
+                                // The stream session that held the chunk ended: ask again
+                                // from the saved position.
+                                Err(_) => {
+                                    tracing::info!(job = %w.job_id, %table, "resync chunk unanswered (the stream restarted); asking again");
+                                    ahead.clear();
+                                    generation = wh.status.generation();
+                                }
+                            }
+                            break;
                         }
-                    },
-                    _ = cancel.cancelled() => return Err(Stop::Cancelled),
+                        _ = check.tick() => {
+                            if state
+                                .active_warehouses(work.kind)
+                                .await?
+                                .iter()
+                                .any(|a| a.job_id == w.job_id && a.overdue)
+                            {
+                                return Err(Stop::Failed(format!(
+                                    "timed out while resyncing {table} after {} chunk(s): the stream did not reach the chunk's watermark",
+                                    progress.chunks
+                                )));
+                            }
+                        }
+                        _ = cancel.cancelled() => return Err(Stop::Cancelled),
+                    }
                 }
                 continue;
             }
