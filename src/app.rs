@@ -22,7 +22,7 @@ use crate::bus::{self, Bus, BusError, CommitAck};
 use crate::config::{Streaming, WarehouseConfig};
 use crate::source::SourceError;
 use crate::source::slot::SlotHealth;
-use crate::source::stream::{self, InitialLoad, LoadHook, LoadNeeded, SourceOptions};
+use crate::source::stream::{self, InitialLoad, LoadHook, LoadNeeded, OriginGuard, SourceOptions};
 use crate::store::{StateDb, StoreError, WarehouseLease};
 
 /// How often a standby asks for a warehouse it does not own.
@@ -275,9 +275,9 @@ async fn run_pipeline<B: Bus>(
 ) -> Result<(), PipelineError> {
     // A checkpoint of another slot (the configuration named a new one) says nothing of this
     // slot: it starts, and gets its initial load, as a new one.
-    let checkpoint = state
-        .checkpoint(&w.id)
-        .await?
+    let stored = state.checkpoint(&w.id).await?;
+    let expected_origin = stored.as_ref().and_then(|c| c.origin.clone());
+    let checkpoint = stored
         .filter(|c| c.slot_name == w.slot)
         .map_or(Lsn::ZERO, |c| c.flush_lsn);
     // Before anything of this pipeline can become durable.
@@ -295,6 +295,22 @@ async fn run_pipeline<B: Bus>(
     opts.heartbeat_interval = w.heartbeat_interval;
     opts.health = Some(status.slot_health.clone());
     opts.chunks = Some(status.chunk_inbox.clone());
+    opts.origin = Some(OriginGuard {
+        expected: expected_origin,
+        record: {
+            let (state, id, slot) = (state.clone(), w.id.clone(), w.slot.clone());
+            Arc::new(move |origin| {
+                let (state, id, slot) = (state.clone(), id.clone(), slot.clone());
+                Box::pin(async move {
+                    tracing::info!(warehouse = %id, system_id = %origin.system_id, timeline = origin.timeline, "recording the warehouse's WAL history with its checkpoint");
+                    state
+                        .record_origin(&id, &slot, &origin)
+                        .await
+                        .map_err(|e| e.to_string())
+                })
+            })
+        },
+    });
     // A lost connection ends the pipeline: the warehouse reads Retrying (in /ready and the
     // metrics) until the restarted pipeline streams again, instead of "streaming" while the
     // source reconnects on its own.

@@ -17,6 +17,7 @@ pub mod jobs;
 pub mod json;
 pub mod lsn;
 pub mod metrics;
+pub mod rebase;
 pub mod source;
 pub mod store;
 pub mod tail;

@@ -55,6 +55,12 @@ enum Command {
     Central(CentralArgs),
     /// Check the configuration and every connection; exits 1 when something must be fixed.
     Check,
+    /// After a warehouse was restored or recovered to an earlier point: move its WAL past
+    /// every version central holds, so that the next run reloads it (stop run first).
+    Rebase {
+        /// The warehouse id (`[[warehouses]]`).
+        warehouse: String,
+    },
 }
 
 #[derive(clap::Args)]
@@ -192,6 +198,48 @@ fn main() -> ExitCode {
         Command::Run(args) => runtime.block_on(run_service(&cli.config, args.stages)),
         Command::Central(args) => runtime.block_on(run_central(args)),
         Command::Check => runtime.block_on(run_check(&cli.config)),
+        Command::Rebase { warehouse } => runtime.block_on(run_rebase(&cli.config, &warehouse)),
+    }
+}
+
+async fn run_rebase(config_path: &Path, warehouse: &str) -> ExitCode {
+    let config = match Config::load(config_path, true) {
+        Ok(c) => c,
+        Err(e) => return fail(e, 2),
+    };
+    let Some(w) = config.warehouses.iter().find(|w| w.id == warehouse) else {
+        return fail(format!("no warehouse {warehouse:?} is configured"), 2);
+    };
+    let Some(db_url) = config.db_url else {
+        return fail("DB_URL is not set: it names the state DB", 2);
+    };
+    let state = match StateDb::connect(&db_url).await {
+        Ok(db) => db,
+        Err(e) => return fail(e, 1),
+    };
+    if let Err(e) = state.migrate().await {
+        return fail(e, 1);
+    }
+    match inventorysync::rebase::rebase(&state, w).await {
+        Ok(r) => {
+            println!(
+                "warehouse {warehouse}: WAL moved from {} to {} (past {}, {} segment switch(es)); slot {} {}; history recorded (system {}, timeline {}). Start run: it creates the slot and reloads every published table at versions above what central holds.",
+                r.from,
+                r.to,
+                r.past,
+                r.switches,
+                w.slot,
+                if r.dropped_slot {
+                    "dropped"
+                } else {
+                    "was absent"
+                },
+                r.origin.system_id,
+                r.origin.timeline
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(e, 1),
     }
 }
 

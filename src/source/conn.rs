@@ -413,6 +413,23 @@ impl ReplicationConnection {
         Ok((field(0), timeline, lsn))
     }
 
+    /// Where timeline `ancestor` ended in timeline `timeline`'s history
+    /// (`TIMELINE_HISTORY`); none when it is not an ancestor.
+    pub async fn timeline_switch(
+        &mut self,
+        timeline: u32,
+        ancestor: u32,
+    ) -> Result<Option<Lsn>, SourceError> {
+        let rows = self
+            .simple_query(&format!("TIMELINE_HISTORY {timeline}"))
+            .await?;
+        let content = rows
+            .first()
+            .and_then(|r| r.get(1).cloned().flatten())
+            .unwrap_or_default();
+        Ok(parse_timeline_switch(&content, ancestor))
+    }
+
     /// Sends `START_REPLICATION` and waits for the CopyBoth stream to open.
     pub async fn start_replication(
         mut self,
@@ -516,4 +533,30 @@ fn parse_server_version(v: &str) -> u32 {
 /// Quotes a SQL literal.
 pub fn quote_literal(s: &str) -> String {
     format!("'{}'", s.replace('\'', "''"))
+}
+
+/// The switch point of timeline `ancestor` in a timeline history file's `content` (lines of
+/// `timeline<TAB>switch point<TAB>reason`).
+pub fn parse_timeline_switch(content: &str, ancestor: u32) -> Option<Lsn> {
+    content.lines().find_map(|line| {
+        let mut fields = line.split_whitespace();
+        let tli: u32 = fields.next()?.parse().ok()?;
+        let at: Lsn = fields.next()?.parse().ok()?;
+        (tli == ancestor).then_some(at)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_timeline_switch;
+    use crate::Lsn;
+
+    #[test]
+    fn a_timeline_history_gives_each_ancestors_switch_point() {
+        let history = "1\t0/3000158\tno recovery target specified\n\n2\t1/A0000D8\tbefore 2026-12-01 10:00:00+00\n";
+        assert_eq!(parse_timeline_switch(history, 1), Some(Lsn(0x300_0158)));
+        assert_eq!(parse_timeline_switch(history, 2), Some(Lsn(0x1_0A00_00D8)));
+        assert_eq!(parse_timeline_switch(history, 3), None);
+        assert_eq!(parse_timeline_switch("garbage", 1), None);
+    }
 }

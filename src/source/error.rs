@@ -126,6 +126,17 @@ pub enum SourceError {
     /// away: its own error says why; restarting the pipeline is the remedy.
     #[error("the event consumer stopped")]
     DownstreamGone,
+    /// The warehouse's WAL history is not the one the checkpoint belongs to (a restore or a
+    /// point-in-time recovery).
+    #[error(
+        "warehouse {warehouse} no longer has the WAL history its checkpoint belongs to: {what}. Streaming it would confirm positions it never reached, and central holds versions of the lost history. The way back: `inventorysync rebase {warehouse}` (it moves the warehouse's WAL past every version central holds and reloads every row, so central takes them again), then restart run"
+    )]
+    HistoryChanged {
+        /// The warehouse.
+        warehouse: String,
+        /// What differs.
+        what: String,
+    },
     /// The configuration cannot work.
     #[error("{0}")]
     Config(String),

@@ -31,6 +31,7 @@ use super::snapshot::{SnapshotTarget, initial_load, primary_key, published_table
 use super::{SourceError, slot, tls};
 use crate::Lsn;
 use crate::config::ConnInfo;
+use crate::store::Origin;
 
 /// Events per batch handed downstream at most.
 const MAX_BATCH_ITEMS: usize = 1024;
@@ -69,7 +70,32 @@ pub struct SourceOptions {
     pub heartbeat_interval: Option<Duration>,
     /// Where forced-resync chunk requests come from (none: `tail`, which never resyncs).
     pub chunks: Option<super::resync::ChunkInbox>,
+    /// Checks, at each connection, that the server still has the WAL history the checkpoint
+    /// belongs to (none: `tail`, which keeps no checkpoint).
+    pub origin: Option<OriginGuard>,
 }
+
+/// The WAL history check of a stream with a checkpoint (see [`check_origin`]).
+#[derive(Clone)]
+pub struct OriginGuard {
+    /// The history the stored checkpoint belongs to, if one was recorded.
+    pub expected: Option<Origin>,
+    /// Records the server's history durably before anything streams; the error is retried.
+    pub record: OriginHook,
+}
+
+impl std::fmt::Debug for OriginGuard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OriginGuard")
+            .field("expected", &self.expected)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Records the WAL history a stream reads (see [`OriginGuard`]).
+pub type OriginHook = Arc<
+    dyn Fn(Origin) -> futures_util::future::BoxFuture<'static, Result<(), String>> + Send + Sync,
+>;
 
 impl SourceOptions {
     /// Options with the defaults for everything but the names.
@@ -90,6 +116,7 @@ impl SourceOptions {
             health: None,
             initial_load: InitialLoad::Snapshot,
             chunks: None,
+            origin: None,
         }
     }
 }
@@ -184,6 +211,30 @@ async fn run_once(
     let mut conn = ReplicationConnection::connect(&opts.conn).await?;
     let (system_id, timeline, xlogpos) = conn.identify_system().await?;
     tracing::debug!(warehouse = %opts.warehouse_id, system_id, timeline, %xlogpos, server_version = conn.server_version, "connected for replication");
+    if let Some(guard) = &opts.origin {
+        let current = Origin {
+            system_id: system_id.clone(),
+            timeline,
+        };
+        let checkpoint = *durable.borrow();
+        check_origin(
+            &mut conn,
+            &opts.warehouse_id,
+            guard.expected.as_ref(),
+            &current,
+            checkpoint,
+            xlogpos,
+        )
+        .await?;
+        if guard.expected.as_ref() != Some(&current) {
+            (guard.record)(current).await.map_err(|e| SourceError::Io {
+                target: "the state DB".into(),
+                source: std::io::Error::other(format!(
+                    "cannot record the warehouse's WAL history: {e}"
+                )),
+            })?;
+        }
+    }
     slot::check_wal_level(&mut conn).await?;
     let mut sql = tls::connect_sql(&opts.conn).await?;
     // What this session writes (resync watermarks, heartbeats) must reach the walsender at
@@ -331,6 +382,68 @@ async fn wait_durable(durable: &mut watch::Receiver<Lsn>, target: Lsn, cancel: &
             _ = cancel.cancelled() => return,
         }
     }
+}
+
+/// Refuses to stream when the server's WAL history is not the one the checkpoint belongs to:
+/// another cluster (restored from a dump, or the URL points elsewhere), a WAL position below
+/// the checkpoint (restored from a backup, or recovered to an earlier point), or a timeline
+/// that branched off before the checkpoint (a point-in-time recovery). Positions of another
+/// history are meaningless here: streaming would confirm the stored checkpoint to a slot
+/// that never reached it, and central, holding versions of the lost history, would answer
+/// every change "stale". A definite error whose message names the way back
+/// (`inventorysync rebase <warehouse>`). A promotion that kept the history (a failover whose
+/// new timeline branched at or after the checkpoint) passes.
+pub async fn check_origin(
+    conn: &mut ReplicationConnection,
+    warehouse: &str,
+    expected: Option<&Origin>,
+    current: &Origin,
+    checkpoint: Lsn,
+    xlogpos: Lsn,
+) -> Result<(), SourceError> {
+    let mismatch = |what: String| SourceError::HistoryChanged {
+        warehouse: warehouse.to_string(),
+        what,
+    };
+    if let Some(e) = expected
+        && e.system_id != current.system_id
+    {
+        return Err(mismatch(format!(
+            "it is another database cluster now (system identifier {}, the checkpoint's is {}): restored from a dump, or its URL points elsewhere",
+            current.system_id, e.system_id
+        )));
+    }
+    if checkpoint > xlogpos {
+        return Err(mismatch(format!(
+            "its WAL ends at {xlogpos}, below the checkpoint {checkpoint}: restored from a backup or recovered to an earlier point"
+        )));
+    }
+    if let Some(e) = expected
+        && e.timeline != current.timeline
+        && checkpoint > Lsn::ZERO
+    {
+        let branched = if current.timeline > e.timeline {
+            conn.timeline_switch(current.timeline, e.timeline).await?
+        } else {
+            None
+        };
+        match branched {
+            Some(at) if at >= checkpoint => {}
+            Some(at) => {
+                return Err(mismatch(format!(
+                    "timeline {} branched off timeline {} at {at}, before the checkpoint {checkpoint}: a point-in-time recovery dropped changes that were delivered",
+                    current.timeline, e.timeline
+                )));
+            }
+            None => {
+                return Err(mismatch(format!(
+                    "it is on timeline {}, which does not descend from the checkpoint's timeline {}",
+                    current.timeline, e.timeline
+                )));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Calls the load hook; a failure is transient (the next connection asks again).

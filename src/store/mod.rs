@@ -8,7 +8,7 @@ mod conflicts;
 mod jobs;
 mod lease;
 
-pub use checkpoints::Checkpoint;
+pub use checkpoints::{Checkpoint, Origin};
 pub use conflicts::{ConflictQuery, ConflictRow, NewConflict, NewDeadLetter};
 pub use jobs::{ActiveWarehouse, Job, JobQuery, JobWarehouse, ResyncProgress};
 pub use lease::WarehouseLease;

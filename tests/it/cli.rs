@@ -468,3 +468,119 @@ async fn check_passes_a_ready_setup_and_names_each_fix_otherwise() {
         "{out}"
     );
 }
+
+/// Issue 14, item 5: a warehouse restored to an earlier point (its WAL ends below the
+/// checkpoint, the slot is gone, central holds a version of the lost history) is refused with
+/// a definite error naming the way back; `inventorysync rebase` takes it, and the next run
+/// reloads the warehouse at versions above central's, so central equals the restored rows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restored_warehouse_is_refused_until_rebased_and_then_reloaded_whole() {
+    use crate::consumer::{
+        Central, assert_converges, config, demo_warehouse, log_tail, run_command, start,
+    };
+    let db = demo_warehouse("restored").await;
+    db.exec("INSERT INTO products (sku, name) SELECT 'SKU-' || g, 'n' || g FROM generate_series(1, 5) g")
+        .await;
+    let state = pg().new_db("restoredstate").await;
+    let central = Central::start(inventorysync::central::server::Faults::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), &db, "wh-restored", "");
+    let log = dir.path().join("first.log");
+    let run = start(run_command(&cfg, &state, &central, None), log.clone());
+    assert_converges(&central, &db, "wh-restored", &log).await;
+    drop(run);
+    // The "restore": the slot is gone, the WAL ends 64 MB below the checkpoint, and central
+    // holds SKU-1 at a version of the lost history.
+    db.exec(&format!(
+        "SELECT pg_drop_replication_slot('{}')",
+        db.slot("run")
+    ))
+    .await;
+    let now = db.current_lsn().await;
+    let ahead = inventorysync::Lsn(now.0 + (64 << 20));
+    state
+        .exec(&format!(
+            "UPDATE replication_checkpoints SET flush_lsn = '{ahead}' WHERE warehouse_id = 'wh-restored'"
+        ))
+        .await;
+    let lost = inventorysync::event::format_version(inventorysync::Lsn(now.0 + (60 << 20)), 0);
+    let r = reqwest::Client::new()
+        .post(format!("{}/wh-restored/changes", central.endpoint()))
+        .json(&serde_json::json!({
+            "warehouse_id": "wh-restored",
+            "batch_id": "lost-history",
+            "changes": [{
+                "entity": "product", "op": "upsert", "key": {"sku": "SKU-1"},
+                "data": {"name": "of the lost history", "unit_price": null, "attributes": {}},
+                "version": lost,
+                "source": {"table": "public.products", "lsn": "0/0",
+                           "committed_at": "2026-12-01T00:00:00Z", "snapshot": false}
+            }]
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    // Refused at once, before a slot is created, naming the way back.
+    let log = dir.path().join("refused.log");
+    let refused = start(run_command(&cfg, &state, &central, None), log.clone());
+    let needle = "no longer has the WAL history its checkpoint belongs to";
+    for _ in 0..300 {
+        if std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains(needle)
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(text.contains(needle), "{}", log_tail(&log));
+    assert!(
+        text.contains(&format!("below the checkpoint {ahead}")),
+        "{}",
+        log_tail(&log)
+    );
+    assert!(
+        text.contains("inventorysync rebase wh-restored"),
+        "{}",
+        log_tail(&log)
+    );
+    let slots: i64 = db
+        .client
+        .query_one(
+            "SELECT count(*) FROM pg_replication_slots WHERE database = current_database()",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        slots, 0,
+        "no slot created for a history that does not match"
+    );
+    drop(refused);
+    // The way back.
+    let out = bin()
+        .arg("--config")
+        .arg(&cfg)
+        .arg("rebase")
+        .arg("wh-restored")
+        .env("DB_URL", state.url_as("postgres"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains(&format!("past {ahead}")), "{stdout}");
+    assert!(db.current_lsn().await > ahead);
+    db.exec("UPDATE products SET name = 'after the restore' WHERE sku = 'SKU-2'")
+        .await;
+    let log = dir.path().join("rebased.log");
+    let _run = start(run_command(&cfg, &state, &central, None), log.clone());
+    // Central takes the reloaded rows over the lost history's version.
+    assert_converges(&central, &db, "wh-restored", &log).await;
+}
