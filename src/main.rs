@@ -223,7 +223,7 @@ async fn run_rebase(config_path: &Path, warehouse: &str) -> ExitCode {
     match inventorysync::rebase::rebase(&state, w).await {
         Ok(r) => {
             println!(
-                "warehouse {warehouse}: WAL moved from {} to {} (past {}, {} segment switch(es)); slot {} {}; history recorded (system {}, timeline {}). Start run: it creates the slot and reloads every published table at versions above what central holds.",
+                "warehouse {warehouse}: WAL moved from {} to {} (past {}, {} segment switch(es)); slot {} {}; {} load(s)/resync(s) under way failed; history recorded (system {}, timeline {}). Start run: it creates the slot and reloads every published table at versions above what central holds.",
                 r.from,
                 r.to,
                 r.past,
@@ -234,6 +234,7 @@ async fn run_rebase(config_path: &Path, warehouse: &str) -> ExitCode {
                 } else {
                     "was absent"
                 },
+                r.failed_jobs,
                 r.origin.system_id,
                 r.origin.timeline
             );

@@ -28,6 +28,8 @@ pub struct Rebased {
     pub switches: u64,
     /// Whether the engine's slot existed and was dropped.
     pub dropped_slot: bool,
+    /// Loads and resyncs under way that were failed (a fresh load replaces them).
+    pub failed_jobs: u64,
     /// The history now recorded with the checkpoint.
     pub origin: Origin,
 }
@@ -100,6 +102,15 @@ pub async fn rebase(state: &StateDb, w: &WarehouseConfig) -> Result<Rebased, Str
         })?
         .len()
         == 1;
+    // A load or resync under way read chunks of the lost history: the next run starts a
+    // fresh load of every table instead of resuming it.
+    let failed_jobs = state
+        .fail_reads_of(
+            &w.id,
+            "superseded by a rebase of the warehouse (a new load follows)",
+        )
+        .await
+        .map_err(|e| format!("cannot fail the warehouse's loads and resyncs: {e}"))?;
     let mut repl = ReplicationConnection::connect(&w.conn)
         .await
         .map_err(|e| format!("cannot connect for replication: {e}"))?;
@@ -121,6 +132,7 @@ pub async fn rebase(state: &StateDb, w: &WarehouseConfig) -> Result<Rebased, Str
         to,
         switches,
         dropped_slot,
+        failed_jobs,
         origin,
     })
 }

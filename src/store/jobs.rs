@@ -360,6 +360,22 @@ impl StateDb {
         Ok(())
     }
 
+    /// Fails the queued or running loads and resyncs of `warehouse_id` with `reason` (their
+    /// saved chunks belong to a history that is gone); returns how many.
+    pub async fn fail_reads_of(&self, warehouse_id: &str, reason: &str) -> Result<u64, StoreError> {
+        let r = sqlx::query(
+            "UPDATE sync_jobs j SET status = 'failed', error = $2, finished_at = now()
+              WHERE status IN ('queued', 'running') AND kind IN ('load', 'resync')
+                AND EXISTS (SELECT 1 FROM sync_job_warehouses w
+                             WHERE w.job_id = j.id AND w.warehouse_id = $1)",
+        )
+        .bind(warehouse_id)
+        .bind(reason)
+        .execute(self.pool())
+        .await?;
+        Ok(r.rows_affected())
+    }
+
     /// Counts `n` more changes with an outcome at central for `warehouse_id`.
     pub async fn add_delivered(&self, warehouse_id: &str, n: i64) -> Result<(), StoreError> {
         sqlx::query(

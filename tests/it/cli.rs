@@ -491,11 +491,20 @@ async fn a_restored_warehouse_is_refused_until_rebased_and_then_reloaded_whole()
     drop(run);
     // The "restore": the slot is gone, the WAL ends 64 MB below the checkpoint, and central
     // holds SKU-1 at a version of the lost history.
-    db.exec(&format!(
-        "SELECT pg_drop_replication_slot('{}')",
+    // (The killed run's walsender may still hold the slot for a moment.)
+    let drop_slot = format!(
+        "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = '{}'",
         db.slot("run")
-    ))
-    .await;
+    );
+    let mut dropped = false;
+    for _ in 0..100 {
+        if db.client.simple_query(&drop_slot).await.is_ok() {
+            dropped = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(dropped, "the slot could not be dropped");
     let now = db.current_lsn().await;
     let ahead = inventorysync::Lsn(now.0 + (64 << 20));
     state
@@ -560,6 +569,18 @@ async fn a_restored_warehouse_is_refused_until_rebased_and_then_reloaded_whole()
         "no slot created for a history that does not match"
     );
     drop(refused);
+    // A load of the lost history still under way (its products are done): the rebase must
+    // not let the next run resume it.
+    state
+        .exec(
+            "INSERT INTO sync_jobs (id, kind, status, deadline)
+               VALUES ('sync-lost', 'load', 'running', now() + interval '1 hour');
+             INSERT INTO sync_job_warehouses (job_id, warehouse_id) VALUES ('sync-lost', 'wh-restored');
+             INSERT INTO sync_resync_progress (job_id, warehouse_id, table_name, chunks, done)
+               VALUES ('sync-lost', 'wh-restored', 'public.products', 1, true),
+                      ('sync-lost', 'wh-restored', 'public.locations', 1, true);",
+        )
+        .await;
     // The way back.
     let out = bin()
         .arg("--config")
@@ -576,6 +597,11 @@ async fn a_restored_warehouse_is_refused_until_rebased_and_then_reloaded_whole()
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(stdout.contains(&format!("past {ahead}")), "{stdout}");
+    // The planted one, and the first run's own load if it was killed before finishing it.
+    assert!(
+        stdout.contains("load(s)/resync(s) under way failed") && !stdout.contains("; 0 load(s)"),
+        "{stdout}"
+    );
     assert!(db.current_lsn().await > ahead);
     db.exec("UPDATE products SET name = 'after the restore' WHERE sku = 'SKU-2'")
         .await;
