@@ -72,6 +72,9 @@ pub(crate) struct OpenChunk {
     exhausted: bool,
     /// The low watermark has gone by: changes of the table now remove rows.
     window_open: bool,
+    /// Rows (by index) whose row version has a writer (`xmax`) the SELECT did not see:
+    /// see [`OpenChunk::open_window`].
+    writers: Vec<(u32, usize)>,
     /// Rows emitted at the high watermark, waiting for its transaction's commit.
     emitted: Option<u64>,
     reply: Option<oneshot::Sender<Result<ChunkDone, String>>>,
@@ -93,9 +96,31 @@ impl OpenChunk {
         self.id == id
     }
 
-    /// Opens the window (the low watermark went by).
-    pub(crate) fn open_window(&mut self) {
+    /// Opens the window (the low watermark went by). `committed_before` tells whether the
+    /// stream has decoded a commit of a transaction before this point.
+    ///
+    /// Why rows go here: a transaction's commit record is written (and decoded) before the
+    /// transaction leaves the process array, and a synchronous-commit wait can hold it there
+    /// for seconds. If its commit precedes the low watermark, its change is streamed before
+    /// the window opens, and the SELECT, not seeing it, returned the row as it was before the
+    /// change: emitted at the chunk's newer version, that row would undo the change at
+    /// central (a deleted row would come back). Such a row version carries the writer's xid
+    /// as its `xmax`, a writer the SELECT's snapshot does not see; once the low watermark is
+    /// reached, the stream knows whether that writer committed before it. If so the row is
+    /// left out (the stream carried its newer value); a writer that commits later is inside
+    /// the window or after the chunk (both fine), and one that aborts leaves the row right as
+    /// read. An insert not yet visible is simply not read: the stream carried it. Not
+    /// covered: a writer in a subtransaction (its xid is not the one pgoutput names), which
+    /// only the short wait before the SELECT guards against.
+    pub(crate) fn open_window(&mut self, committed_before: impl Fn(u32) -> bool) {
         self.window_open = true;
+        for (xid, i) in std::mem::take(&mut self.writers) {
+            if committed_before(xid)
+                && let Some(row) = self.rows.get_mut(i)
+            {
+                *row = None;
+            }
+        }
     }
 
     /// A streamed change: inside the window, its old and new keys leave the chunk.
@@ -264,30 +289,50 @@ pub(crate) async fn start_chunk(
     } else {
         format!(" ORDER BY {} LIMIT {}", key_list.join(", "), req.limit)
     };
+    // Besides the columns: the row version's xmax when the transaction behind it is in
+    // progress for this SELECT's snapshot (see `OpenChunk::open_window`).
+    let n_cols = cols.len().max(1);
     let query = format!(
-        "SELECT {} FROM {}{filter}{order}",
+        "WITH inventorysync_snap AS MATERIALIZED (SELECT pg_current_snapshot() AS s, \
+                pg_snapshot_xmax(pg_current_snapshot())::text::numeric AS n) \
+         SELECT {}, CASE WHEN inventorysync_row.xmax <> '0'::xid AND NOT pg_visible_in_snapshot({}, \
+                (SELECT s FROM inventorysync_snap)) \
+           THEN inventorysync_row.xmax::text END \
+         FROM {} AS inventorysync_row{filter}{order}",
         if cols.is_empty() {
             "NULL".into()
         } else {
             cols.join(", ")
         },
+        full_xid(
+            "inventorysync_row.xmax::text::numeric",
+            "(SELECT n FROM inventorysync_snap)"
+        ),
         table.from_item(),
     );
     let msgs = sql.simple_query(&query).await?;
+    let fetched: Vec<tokio_postgres::SimpleQueryRow> = msgs
+        .into_iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => Some(r),
+            _ => None,
+        })
+        .collect();
+    let mut writers: Vec<(u32, usize)> = Vec::new();
     let mut rows = Vec::new();
     let mut index = HashMap::new();
     let mut last_key = None;
-    for m in msgs {
-        let tokio_postgres::SimpleQueryMessage::Row(r) = m else {
-            continue;
-        };
-        let after = super::snapshot::row_from_text(rel, &r, Lsn::ZERO)?;
+    for r in &fetched {
         last_key = Some(
             key_idx
                 .iter()
                 .map(|&i| r.get(i).unwrap_or_default().to_string())
                 .collect(),
         );
+        if let Some(xid) = r.get(n_cols).and_then(|x| x.parse().ok()) {
+            writers.push((xid, rows.len()));
+        }
+        let after = super::snapshot::row_from_text(rel, r, Lsn::ZERO)?;
         let key = super::assemble::key_of(rel, &after);
         if let Some(k) = key_bytes(&after, &key_names) {
             index.insert(k, rows.len());
@@ -316,7 +361,7 @@ pub(crate) async fn start_chunk(
         }));
     }
     watermark(sql, "high", &req.id).await?;
-    let read = rows.len() as u64;
+    let read = fetched.len() as u64;
     Ok(Some(OpenChunk {
         id: req.id,
         table: req.table,
@@ -327,9 +372,24 @@ pub(crate) async fn start_chunk(
         read,
         last_key: last_key.or(req.after),
         window_open: false,
+        writers,
         emitted: None,
         reply: Some(req.reply),
     }))
+}
+
+/// SQL for the full (epoch-qualified) `xid8` of the 32-bit xid `xid` (a numeric
+/// expression), taken relative to `reference`, a nearby full xid (numeric): the one with the
+/// same low 32 bits within 2^31 of it (live xids are, by wraparound protection).
+fn full_xid(xid: &str, reference: &str) -> String {
+    format!(
+        "(floor({r} / 4294967296) * 4294967296 + {x} \
+          + CASE WHEN floor({r} / 4294967296) * 4294967296 + {x} > {r} + 2147483648 THEN -4294967296 \
+                 WHEN floor({r} / 4294967296) * 4294967296 + {x} < {r} - 2147483648 THEN 4294967296 \
+                 ELSE 0 END)::text::xid8",
+        r = reference,
+        x = xid
+    )
 }
 
 fn quote_literal(s: &str) -> String {

@@ -240,7 +240,9 @@ async fn run_once(
     // What this session writes (resync watermarks, heartbeats) must reach the walsender at
     // once: with the server's synchronous_commit off, WAL is flushed only every
     // wal_writer_delay (200 ms), and a chunk waits for its high watermark to be decoded.
-    sql.batch_execute("SET synchronous_commit TO on").await?;
+    // `local`, not `on`: a synchronous standby need not confirm them (the walsender only
+    // needs the local flush), so a slow or absent standby never holds a chunk up.
+    sql.batch_execute("SET synchronous_commit TO local").await?;
     slot::check_publication(&sql, &opts.publication).await?;
     let identity = SourceIdentity {
         warehouse_id: Arc::from(opts.warehouse_id.as_str()),
@@ -364,6 +366,7 @@ async fn run_once(
         },
         chunk: None,
         current_tx: None,
+        recent_commits: RecentCommits::default(),
         publication: opts.publication.clone(),
         silence,
         last_heard: Instant::now(),
@@ -551,6 +554,8 @@ struct Session {
     chunk: Option<super::resync::OpenChunk>,
     /// The open transaction's commit LSN and xid (from its Begin).
     current_tx: Option<(Lsn, u32)>,
+    /// Transactions whose commit this session decoded lately (for resync chunks).
+    recent_commits: RecentCommits,
     publication: String,
     /// How long the server may say nothing before the connection counts as dead.
     silence: Duration,
@@ -558,6 +563,36 @@ struct Session {
     /// (time spent waiting on downstream does not count as the server's silence).
     last_heard: Instant,
     identity: SourceIdentity,
+}
+
+/// The xids of the latest commits decoded (at most [`RecentCommits::MAX`]): whether a
+/// chunk's unseen writer committed before its low watermark (see
+/// [`super::resync::OpenChunk::open_window`]).
+#[derive(Default)]
+struct RecentCommits {
+    order: std::collections::VecDeque<u32>,
+    set: std::collections::HashSet<u32>,
+}
+
+impl RecentCommits {
+    /// Commits remembered: a writer still invisible to a chunk's SELECT committed within
+    /// the last moments, long before this many others committed.
+    const MAX: usize = 1 << 16;
+
+    fn add(&mut self, xid: u32) {
+        if self.set.insert(xid) {
+            self.order.push_back(xid);
+            if self.order.len() > Self::MAX
+                && let Some(old) = self.order.pop_front()
+            {
+                self.set.remove(&old);
+            }
+        }
+    }
+
+    fn contains(&self, xid: u32) -> bool {
+        self.set.contains(&xid)
+    }
 }
 
 /// The next chunk request, when there is an inbox; never completes otherwise.
@@ -805,8 +840,14 @@ impl Session {
             LogicalMessage::Commit(c) => {
                 self.in_transaction = false;
                 self.last_commit_end = c.end_lsn;
+                if let Some((_, xid)) = self.current_tx {
+                    self.recent_commits.add(xid);
+                }
             }
-            LogicalMessage::StreamCommit(c) => self.last_commit_end = c.end_lsn,
+            LogicalMessage::StreamCommit(c) => {
+                self.last_commit_end = c.end_lsn;
+                self.recent_commits.add(c.xid);
+            }
             LogicalMessage::Message(m) if m.prefix == super::resync::WATERMARK_PREFIX => {
                 self.watermark(m);
             }
@@ -867,7 +908,10 @@ impl Session {
             return;
         };
         match which {
-            "low" => chunk.open_window(),
+            "low" => {
+                let recent = &self.recent_commits;
+                chunk.open_window(|xid| recent.contains(xid));
+            }
             "high" if self.in_transaction && !self.decoder.in_stream_block() => {
                 let Some((commit_lsn, xid)) = self.current_tx else {
                     return;
@@ -977,5 +1021,27 @@ fn message_xid(m: &LogicalMessage) -> Option<u32> {
         LogicalMessage::Type(t) => t.xid,
         LogicalMessage::Message(m) => m.xid,
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::RecentCommits;
+
+    #[test]
+    fn recent_commits_keep_the_latest_only() {
+        let mut r = RecentCommits::default();
+        for xid in 0..(RecentCommits::MAX as u32 + 10) {
+            r.add(xid);
+        }
+        assert!(!r.contains(9), "the oldest are forgotten");
+        assert!(r.contains(10) && r.contains(RecentCommits::MAX as u32 + 9));
+        assert_eq!(r.order.len(), RecentCommits::MAX);
+        r.add(RecentCommits::MAX as u32 + 9);
+        assert_eq!(
+            r.order.len(),
+            RecentCommits::MAX,
+            "a repeat is not counted twice"
+        );
     }
 }

@@ -234,6 +234,20 @@ pub fn pg_small_keep() -> &'static Pg {
     })
 }
 
+/// A server whose commits wait for a synchronous standby that never comes
+/// (`synchronous_standby_names = 'nobody'`) when a session asks for `synchronous_commit = on`:
+/// such a commit is in the WAL (and decoded) but invisible to other sessions until its wait
+/// is cancelled.
+pub fn pg_sync_standby() -> &'static Pg {
+    static PG: OnceLock<Pg> = OnceLock::new();
+    PG.get_or_init(|| {
+        Pg::start(
+            "syncstandby",
+            "wal_level = logical\nsynchronous_standby_names = 'nobody'\n",
+        )
+    })
+}
+
 fn make_tls_cert(pg: &Pg) {
     let data = pg.dir.join("data");
     let script = format!(

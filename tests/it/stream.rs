@@ -854,3 +854,135 @@ async fn a_snapshot_load_reads_a_partitioned_table_published_through_its_root() 
     assert_eq!(events[0]["source"]["table"], "m");
     assert_eq!(events[0]["op"], "u");
 }
+
+/// Issue 14, item 9: a transaction whose commit record precedes a chunk's low watermark but
+/// that the chunk's SELECT cannot see yet (here: held in its wait for a synchronous standby;
+/// in the wild: descheduled between writing its commit and leaving the process array). Its
+/// update and delete are streamed before the window opens; the chunk must not emit the rows
+/// as they were before them, at a newer version (that would undo both at central).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chunk_never_undoes_a_change_committed_before_its_low_watermark_but_not_yet_visible() {
+    use inventorysync::event::SnapshotMarker;
+    use inventorysync::source::resync::ChunkRequest;
+    let db = crate::harness::pg_sync_standby().new_db("visrace").await;
+    db.exec(
+        "CREATE TABLE t (id int PRIMARY KEY, v int NOT NULL);
+         INSERT INTO t SELECT g, 0 FROM generate_series(1, 10) g;
+         CREATE PUBLICATION inventorysync FOR TABLE t;",
+    )
+    .await;
+    db.exec(&format!(
+        "SELECT pg_create_logical_replication_slot('{}', 'pgoutput')",
+        db.slot("s")
+    ))
+    .await;
+    // The writer commits (its commit record is flushed and decoded) and then waits for the
+    // standby: until the wait ends, no other session sees its changes.
+    let writer = crate::harness::connect(&db.url_as("postgres")).await;
+    let pid: i32 = writer
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let write = tokio::spawn(async move {
+        let r = writer
+            .batch_execute(
+                "SET synchronous_commit = on;
+                 BEGIN; UPDATE t SET v = 1 WHERE id = 5; DELETE FROM t WHERE id = 7; COMMIT;",
+            )
+            .await;
+        (writer, r)
+    });
+    for _ in 0..200 {
+        let waiting: Option<String> = db
+            .client
+            .query_one(
+                "SELECT wait_event::text FROM pg_stat_activity WHERE pid = $1",
+                &[&pid],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if waiting.as_deref() == Some("SyncRep") {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let (chunks_tx, chunks_rx) = tokio::sync::mpsc::channel(1);
+    let mut opts = db.options("s", "inventorysync");
+    opts.chunks = Some(std::sync::Arc::new(tokio::sync::Mutex::new(chunks_rx)));
+    let events = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink = events.clone();
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let stream = tokio::spawn(crate::harness::stream_until(
+        opts,
+        std::time::Duration::ZERO,
+        cancel.clone(),
+        move |ev| {
+            sink.lock()
+                .unwrap()
+                .push(serde_json::from_str::<serde_json::Value>(&ev.to_json()).unwrap())
+        },
+    ));
+    // The stream has decoded the writer's commit before the chunk is asked for.
+    for _ in 0..200 {
+        if events.lock().unwrap().len() >= 2 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        events.lock().unwrap().len(),
+        2,
+        "the writer's update and delete"
+    );
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    chunks_tx
+        .send(ChunkRequest {
+            id: "visrace:t:0".into(),
+            table: "public.t".into(),
+            after: None,
+            limit: 100,
+            marker: SnapshotMarker::Incremental,
+            reply,
+        })
+        .await
+        .unwrap();
+    let done = tokio::time::timeout(std::time::Duration::from_secs(30), answer)
+        .await
+        .expect("the chunk is answered")
+        .unwrap()
+        .unwrap();
+    // End the writer's wait: it is committed, now visible.
+    db.exec(&format!("SELECT pg_cancel_backend({pid})")).await;
+    let (_writer, _) = write.await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    cancel.cancel();
+    stream.await.unwrap().unwrap();
+    // The last event of each key, in stream (= version) order, is the truth.
+    let mut last = std::collections::BTreeMap::new();
+    for e in events.lock().unwrap().iter() {
+        let row = if e["op"] == "d" {
+            &e["before"]
+        } else {
+            &e["after"]
+        };
+        last.insert(
+            row["id"].as_i64().unwrap(),
+            (e["op"].clone(), row["v"].clone()),
+        );
+    }
+    assert_eq!(
+        last[&5],
+        (json!("u"), json!(1)),
+        "the chunk undid the update"
+    );
+    assert_eq!(
+        last[&7].0,
+        json!("d"),
+        "the chunk resurrected the deleted row"
+    );
+    assert_eq!(last[&1], (json!("r"), json!(0)));
+    assert_eq!(done.read, 10);
+    assert_eq!(done.emitted, 8, "{done:?}");
+}
