@@ -165,20 +165,8 @@ impl ReplicationConnection {
     /// Connects, negotiates TLS per `sslmode`, and authenticates, all within the connect
     /// timeout (a server that accepts the connection and then says nothing is given up).
     pub async fn connect(conn: &ConnInfo) -> Result<Self, SourceError> {
-        let timeout = Duration::from_secs(conn.connect_timeout_secs.max(1));
-        match tokio::time::timeout(timeout, Self::connect_now(conn)).await {
-            Ok(r) => r,
-            Err(_) => Err(SourceError::Io {
-                target: format!("{}:{}", conn.host, conn.port),
-                source: std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    format!(
-                        "no connection within connect_timeout ({} s)",
-                        timeout.as_secs()
-                    ),
-                ),
-            }),
-        }
+        super::tls::within_connect_timeout(conn, "replication connection", Self::connect_now(conn))
+            .await
     }
 
     async fn connect_now(conn: &ConnInfo) -> Result<Self, SourceError> {

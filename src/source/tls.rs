@@ -108,20 +108,28 @@ impl ServerCertVerifier for NoVerification {
 /// Opens an ordinary SQL connection (tokio-postgres) to the same server, with TLS per
 /// `sslmode`, within the connect timeout (startup and authentication included).
 pub async fn connect_sql(conn: &ConnInfo) -> Result<tokio_postgres::Client, SourceError> {
+    within_connect_timeout(conn, "SQL connection", connect_sql_now(conn)).await
+}
+
+/// Runs a connection's whole setup (`what`) within `conn`'s connect timeout, as libpq
+/// counts it: a server that accepts the connection and then says nothing is given up.
+pub(crate) async fn within_connect_timeout<T>(
+    conn: &ConnInfo,
+    what: &str,
+    setup: impl std::future::Future<Output = Result<T, SourceError>>,
+) -> Result<T, SourceError> {
     let timeout = std::time::Duration::from_secs(conn.connect_timeout_secs.max(1));
-    match tokio::time::timeout(timeout, connect_sql_now(conn)).await {
-        Ok(r) => r,
-        Err(_) => Err(SourceError::Io {
-            target: format!("{}:{}", conn.host, conn.port),
-            source: std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                format!(
-                    "no SQL connection within connect_timeout ({} s)",
-                    timeout.as_secs()
+    tokio::time::timeout(timeout, setup)
+        .await
+        .unwrap_or_else(|_| {
+            Err(SourceError::Io {
+                target: format!("{}:{}", conn.host, conn.port),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("no {what} within connect_timeout ({} s)", timeout.as_secs()),
                 ),
-            ),
-        }),
-    }
+            })
+        })
 }
 
 async fn connect_sql_now(conn: &ConnInfo) -> Result<tokio_postgres::Client, SourceError> {

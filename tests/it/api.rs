@@ -242,6 +242,24 @@ async fn the_api_authenticates_answers_json_errors_and_lists_conflicts_page_by_p
 
 /// Starts `run` for warehouse `id` of `db` with the API on a free port (and Kafka topic
 /// `kafka` when given).
+/// Starts `run` for `cfg` with its API on a port of its own and the test key.
+pub(crate) fn run_with_api(
+    cfg: &std::path::Path,
+    state: &TestDb,
+    central: &Central,
+    log: std::path::PathBuf,
+    env: &[(&str, &str)],
+) -> (Run, Api) {
+    let port = free_port();
+    let mut cmd = run_command(cfg, state, central, None);
+    cmd.env("API_LISTEN", format!("127.0.0.1:{port}"))
+        .env("API_KEYS", KEY);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    (start(cmd, log), Api::new(port))
+}
+
 pub(crate) fn start_with_api(
     db: &TestDb,
     state: &TestDb,
@@ -1038,12 +1056,7 @@ async fn a_silent_network_partition_is_noticed_and_the_stream_resumes_after_it()
     );
     std::fs::write(&cfg, text).unwrap();
     let log = dir.path().join("run.log");
-    let port = free_port();
-    let mut cmd = run_command(&cfg, &state, &central, None);
-    cmd.env("API_LISTEN", format!("127.0.0.1:{port}"))
-        .env("API_KEYS", KEY);
-    let _run = start(cmd, log.clone());
-    let api = Api::new(port);
+    let (_run, api) = run_with_api(&cfg, &state, &central, log.clone(), &[]);
     wait_streaming(&state, "wh-split", &log).await;
     db.exec("INSERT INTO products (sku, name) VALUES ('SKU-1', 'before')")
         .await;
@@ -1130,13 +1143,13 @@ async fn a_resync_under_more_lag_than_a_chunk_used_to_wait_still_finishes() {
         .replace("max_changes = 500", "max_changes = 10");
     std::fs::write(&cfg, text).unwrap();
     let log = dir.path().join("run.log");
-    let port = free_port();
-    let mut cmd = run_command(&cfg, &state, &central, None);
-    cmd.env("API_LISTEN", format!("127.0.0.1:{port}"))
-        .env("API_KEYS", KEY)
-        .env("SYNC_JOB_TIMEOUT_SECS", "300");
-    let _run = start(cmd, log.clone());
-    let api = Api::new(port);
+    let (_run, api) = run_with_api(
+        &cfg,
+        &state,
+        &central,
+        log.clone(),
+        &[("SYNC_JOB_TIMEOUT_SECS", "300")],
+    );
     crate::consumer::assert_converges(&central, &db, "wh-lag", &log).await;
     // A second per request of at most 10 changes on 8 lanes: 3,000 changes take about 40 s.
     central

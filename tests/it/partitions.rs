@@ -3,9 +3,9 @@
 //! partitions' rows under the root's name, as the stream names their changes; published as
 //! partitions (the default) each partition is its own table, under its own name.
 
-use crate::api::{Api, KEY, seed_stock};
-use crate::consumer::{Central, assert_converges, config, log_tail, run_command, start};
-use crate::harness::{TestDb, free_port, pg};
+use crate::api::{run_with_api, seed_stock};
+use crate::consumer::{Central, assert_converges, config, log_tail};
+use crate::harness::{TestDb, pg};
 use inventorysync::central::server::Faults;
 
 /// The demo schema with `stock_levels` partitioned by location in three partitions.
@@ -80,12 +80,7 @@ async fn load_and_resync_a_partitioned_table(via_root: bool) {
         std::fs::write(&cfg, text).unwrap();
     }
     let log = dir.path().join("run.log");
-    let port = free_port();
-    let mut cmd = run_command(&cfg, &state, &central, None);
-    cmd.env("API_LISTEN", format!("127.0.0.1:{port}"))
-        .env("API_KEYS", KEY);
-    let _run = start(cmd, log.clone());
-    let api = Api::new(port);
+    let (_run, api) = run_with_api(&cfg, &state, &central, log.clone(), &[]);
     // The load read every partition's rows (3,600 stock levels), under the names the
     // stream uses for their changes.
     assert_converges(&central, &db, "wh-part", &log).await;
