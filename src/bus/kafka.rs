@@ -461,6 +461,18 @@ async fn await_deliveries(
     for (topic, fut) in deliveries {
         match fut.await {
             Ok(Ok(_)) => {}
+            // The broker refuses a record the producer took (the topic's max.message.bytes is
+            // below the producer's message.max.bytes): sending it again cannot help.
+            Ok(Err((e, _)))
+                if e.rdkafka_error_code() == Some(RDKafkaErrorCode::MessageSizeTooLarge) =>
+            {
+                return Err(BusError::Config {
+                    key: format!("the max.message.bytes of topic {topic}"),
+                    reason: format!(
+                        "the broker refuses a record the producer's message.max.bytes allows ({e}): raise the topic's max.message.bytes to at least KAFKA_PROPERTY_MESSAGE_MAX_BYTES (changes above the producer's limit are dead-lettered as too_large), or lower that property"
+                    ),
+                });
+            }
             Ok(Err((e, _))) => {
                 return Err(BusError::Delivery {
                     topic,
