@@ -7,6 +7,7 @@ mod consumer;
 mod errors;
 mod harness;
 mod kafka;
+mod layers;
 mod load;
 mod partitions;
 mod store;
