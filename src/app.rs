@@ -385,20 +385,20 @@ fn load_hook(state: StateDb, warehouse: String) -> LoadHook {
         let (state, warehouse) = (state.clone(), warehouse.clone());
         Box::pin(async move {
             if let Some(job) = state
-                .active_job_for(crate::jobs::LOAD_JOB, &warehouse)
+                .active_job_for(crate::store::LOAD_JOB, &warehouse)
                 .await
                 .map_err(|e| e.to_string())?
             {
                 tracing::info!(%warehouse, %job, "the initial load is already scheduled; it resumes where it stopped");
                 return Ok(());
             }
-            let id = crate::jobs::new_job_id();
+            let id = crate::store::new_job_id();
             state
                 .create_job(
                     &id,
-                    crate::jobs::LOAD_JOB,
+                    crate::store::LOAD_JOB,
                     std::slice::from_ref(&warehouse),
-                    crate::jobs::RESYNC_TIMEOUT,
+                    crate::store::RESYNC_TIMEOUT,
                 )
                 .await
                 .map_err(|e| e.to_string())?;

@@ -401,6 +401,9 @@ struct FileWarehouse {
     heartbeat_secs: Option<u64>,
 }
 
+/// A sync cycle fails unless done within this long (`SYNC_JOB_TIMEOUT_SECS`).
+pub const DEFAULT_JOB_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(600);
+
 /// The whole configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -467,7 +470,7 @@ impl Config {
         })?;
         let api_keys = crate::api::ApiKeys::parse(&env("API_KEYS").unwrap_or_default())?;
         let job_timeout = match env("SYNC_JOB_TIMEOUT_SECS") {
-            None => crate::jobs::DEFAULT_TIMEOUT,
+            None => DEFAULT_JOB_TIMEOUT,
             Some(v) => match v.trim().parse::<u64>() {
                 Ok(secs) if secs > 0 => std::time::Duration::from_secs(secs),
                 _ => {

@@ -500,6 +500,19 @@ pub(crate) fn test_event(n: u64) -> Box<ChangeEvent> {
 mod tests {
     use super::*;
 
+    #[test]
+    fn versions_are_fixed_width_hex_and_widen_only_past_their_width() {
+        assert_eq!(format_version(Lsn(0), 0), "0000000000000000:00000000");
+        assert_eq!(
+            format_version(Lsn(0x16B3748), 0xAB),
+            "00000000016B3748:000000AB"
+        );
+        assert_eq!(
+            format_version(Lsn(u64::MAX), 0x1_0000_0000),
+            "FFFFFFFFFFFFFFFF:100000000"
+        );
+    }
+
     fn sample() -> ChangeEvent {
         let name = |s: &str| -> Arc<str> { Arc::from(s) };
         ChangeEvent {

@@ -25,8 +25,6 @@ use crate::store::{ActiveWarehouse, StateDb, StoreError};
 
 /// How often running jobs are checked.
 const TICK: Duration = Duration::from_millis(250);
-/// A cycle fails unless done within this long (`SYNC_JOB_TIMEOUT_SECS`).
-pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// How the runner learns that published changes have outcomes.
 pub enum Delivery {
@@ -227,17 +225,7 @@ async fn capture(w: &WarehouseConfig) -> Result<Lsn, String> {
     Ok(lsn)
 }
 
-/// A resync fails unless done within this long.
-pub const RESYNC_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
-
-/// The job kind of a slot's initial load: the published tables read in chunks through the
-/// stream, as a forced resync reads the mapped ones.
-pub const LOAD_JOB: &str = "load";
-
-/// A new job id: `sync-` and 16 random hex digits.
-pub fn new_job_id() -> String {
-    format!("sync-{:016x}", rand::random::<u64>())
-}
+pub use crate::store::{LOAD_JOB, RESYNC_TIMEOUT, new_job_id};
 
 /// Rows per resync chunk.
 pub const CHUNK_ROWS: usize = 1000;

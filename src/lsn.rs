@@ -90,20 +90,6 @@ mod tests {
     }
 
     #[test]
-    fn versions_are_fixed_width_hex_and_widen_only_past_their_width() {
-        use crate::event::format_version;
-        assert_eq!(format_version(Lsn(0), 0), "0000000000000000:00000000");
-        assert_eq!(
-            format_version(Lsn(0x16B3748), 0xAB),
-            "00000000016B3748:000000AB"
-        );
-        assert_eq!(
-            format_version(Lsn(u64::MAX), 0x1_0000_0000),
-            "FFFFFFFFFFFFFFFF:100000000"
-        );
-    }
-
-    #[test]
     fn rejects_malformed_text_naming_the_input() {
         for bad in ["", "0", "/1", "1/", "G/0", "123456789/0", "0/0/0"] {
             let e = bad.parse::<Lsn>().unwrap_err();

@@ -50,6 +50,9 @@ pub struct KafkaSettings {
     pub dlq_topic: String,
 }
 
+/// The default dead-letter topic (`KAFKA_DLQ_TOPIC`).
+pub const DEFAULT_DLQ_TOPIC: &str = "inventorysync.dlq";
+
 /// librdkafka's default `message.max.bytes`.
 const DEFAULT_MAX_RECORD_BYTES: usize = 1_000_000;
 
@@ -68,7 +71,7 @@ impl KafkaSettings {
             properties: Vec::new(),
             group_id: "inventorysync".into(),
             group_instance_id: None,
-            dlq_topic: crate::consumer::DEFAULT_DLQ_TOPIC.into(),
+            dlq_topic: DEFAULT_DLQ_TOPIC.into(),
         }
     }
 

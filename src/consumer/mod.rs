@@ -37,8 +37,7 @@ use mapping::{EventView, Mapped, RawEvent, Violation, map_change_event, map_even
 use settings::ConsumerSettings;
 use toast::{ToastReader, Want};
 
-/// The default dead-letter topic.
-pub const DEFAULT_DLQ_TOPIC: &str = "inventorysync.dlq";
+pub use crate::bus::kafka::DEFAULT_DLQ_TOPIC;
 
 /// One change event as the bus delivers it.
 #[derive(Debug)]

@@ -1,6 +1,18 @@
 //! `sync_jobs` and `sync_job_warehouses`: sync cycles and resyncs, kept in the state DB so
 //! they survive restarts and any `run` process can report or finish them.
 
+/// The job kind of a slot's initial load: the published tables read in chunks through the
+/// stream, as a forced resync reads the mapped ones.
+pub const LOAD_JOB: &str = "load";
+
+/// A resync (or load) fails unless done within this long.
+pub const RESYNC_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+
+/// A new job id: `sync-` and 16 random hex digits.
+pub fn new_job_id() -> String {
+    format!("sync-{:016x}", rand::random::<u64>())
+}
+
 use serde::Serialize;
 
 use super::{StateDb, StoreError};

@@ -10,7 +10,10 @@ mod lease;
 
 pub use checkpoints::{Checkpoint, Origin};
 pub use conflicts::{ConflictQuery, ConflictRow, NewConflict, NewDeadLetter};
-pub use jobs::{ActiveWarehouse, Job, JobQuery, JobWarehouse, ResyncProgress};
+pub use jobs::{
+    ActiveWarehouse, Job, JobQuery, JobWarehouse, LOAD_JOB, RESYNC_TIMEOUT, ResyncProgress,
+    new_job_id,
+};
 pub use lease::WarehouseLease;
 
 use std::time::Duration;

@@ -32,16 +32,12 @@ const LAYERS: &[(&str, u8)] = &[
 
 /// Imports against the order that are still to be removed (issue 15), as (from, to).
 const KNOWN: &[(&str, &str)] = &[
-    ("app", "jobs"),
-    ("bus", "consumer"),
     ("bus", "source"),
     ("central", "consumer"),
     ("central", "source"),
     ("config", "api"),
-    ("config", "jobs"),
     ("consumer", "config"),
     ("consumer", "source"),
-    ("lsn", "event"),
     ("source", "config"),
     ("store", "config"),
 ];
