@@ -21,5 +21,6 @@ pub mod rebase;
 pub mod source;
 pub mod store;
 pub mod tail;
+pub mod time;
 
 pub use lsn::Lsn;

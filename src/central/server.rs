@@ -34,7 +34,7 @@ use sqlx::PgPool;
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 
-use crate::source::values::parse_rfc3339_utc_micros;
+use crate::time::parse_rfc3339_utc_micros;
 
 use super::{BatchResponse, ChangeOp, ChangeResult, Entity, ResultStatus};
 

@@ -16,7 +16,7 @@ use super::settings::{Convert, FieldSource, Rules, TableMapping};
 use crate::Lsn;
 use crate::central::{Change, ChangeOp, ChangeSource, Entity};
 use crate::event::{ChangeEvent, Row, Value as EventValue};
-use crate::source::values::format_unix_micros;
+use crate::time::format_unix_micros;
 
 /// The parts of a change event the consumer stage reads.
 #[derive(Debug, Clone, Deserialize)]

@@ -594,9 +594,8 @@ impl Stage {
             }
             delivered += (end - start) as i64;
             if let Some(last) = changes.last()
-                && let Some(micros) = crate::source::values::parse_rfc3339_utc_micros(
-                    &last.change.source.committed_at,
-                )
+                && let Some(micros) =
+                    crate::time::parse_rfc3339_utc_micros(&last.change.source.committed_at)
             {
                 let g = crate::metrics::metrics()
                     .delivered_commit_time
