@@ -496,6 +496,21 @@ pub(crate) fn test_event(n: u64) -> Box<ChangeEvent> {
     })
 }
 
+/// What the source hands downstream (through the bus) in source order: row changes, and
+/// the end of each transaction.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StreamItem {
+    /// One row change.
+    Change(Box<ChangeEvent>),
+    /// Every change of the transaction ending at `end_lsn` has been handed over.
+    Commit {
+        /// LSN of the commit record.
+        commit_lsn: Lsn,
+        /// LSN just past the commit record: what may be confirmed once delivered.
+        end_lsn: Lsn,
+    },
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -25,7 +25,7 @@ use tokio::sync::mpsc;
 
 use crate::Lsn;
 use crate::event::ChangeEvent;
-use crate::source::assemble::StreamItem;
+use crate::event::StreamItem;
 
 /// A bus the engine can publish change events to.
 pub trait Bus: Send + Sync + 'static {

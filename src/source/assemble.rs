@@ -25,19 +25,7 @@ use super::values::{convert_binary, convert_text};
 use crate::Lsn;
 use crate::event::{ChangeEvent, Op, Row, SnapshotMarker, SourceInfo, TransactionInfo, Value};
 
-/// What the assembler hands downstream.
-#[derive(Debug, Clone, PartialEq)]
-pub enum StreamItem {
-    /// One row change.
-    Change(Box<ChangeEvent>),
-    /// Every change of the transaction ending at `end_lsn` has been handed over.
-    Commit {
-        /// LSN of the commit record.
-        commit_lsn: Lsn,
-        /// LSN just past the commit record: what may be confirmed once delivered.
-        end_lsn: Lsn,
-    },
-}
+pub use crate::event::StreamItem;
 
 /// What the caller must do after a message.
 #[derive(Debug)]
