@@ -26,7 +26,37 @@ use tokio_util::sync::CancellationToken;
 #[cfg(doc)]
 use super::ChangeBatch;
 use super::{BatchResponse, ChangeResult, Outgoing};
-use crate::consumer::settings::CentralSettings;
+
+/// The central client's knobs.
+#[derive(Debug, Clone, Copy)]
+pub struct CentralSettings {
+    /// Whole-request timeout.
+    pub request_timeout: Duration,
+    /// Connect timeout.
+    pub connect_timeout: Duration,
+    /// Longest wait between retries.
+    pub max_backoff: Duration,
+    /// Failures among the latest requests (at least this many, and half of them) that open
+    /// the circuit breaker.
+    pub breaker_threshold: u32,
+    /// How long the breaker stays open before one request may try again.
+    pub breaker_cooldown: Duration,
+    /// Wait between retries while central refuses our credentials (401/403).
+    pub credential_retry: Duration,
+}
+
+impl Default for CentralSettings {
+    fn default() -> Self {
+        Self {
+            request_timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(5),
+            max_backoff: Duration::from_secs(30),
+            breaker_threshold: 5,
+            breaker_cooldown: Duration::from_secs(10),
+            credential_retry: Duration::from_secs(30),
+        }
+    }
+}
 
 /// Central's answer for one change.
 #[derive(Debug, Clone, PartialEq)]

@@ -5,6 +5,8 @@
 pub mod client;
 pub mod server;
 
+pub use client::CentralSettings;
+
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 

@@ -95,35 +95,7 @@ impl Default for BatchSettings {
     }
 }
 
-/// The central client's knobs.
-#[derive(Debug, Clone, Copy)]
-pub struct CentralSettings {
-    /// Whole-request timeout.
-    pub request_timeout: Duration,
-    /// Connect timeout.
-    pub connect_timeout: Duration,
-    /// Longest wait between retries.
-    pub max_backoff: Duration,
-    /// Consecutive failed requests that open the circuit breaker.
-    pub breaker_threshold: u32,
-    /// How long the breaker stays open before one request may try again.
-    pub breaker_cooldown: Duration,
-    /// Wait between retries while central refuses our credentials (401/403).
-    pub credential_retry: Duration,
-}
-
-impl Default for CentralSettings {
-    fn default() -> Self {
-        Self {
-            request_timeout: Duration::from_secs(10),
-            connect_timeout: Duration::from_secs(5),
-            max_backoff: Duration::from_secs(30),
-            breaker_threshold: 5,
-            breaker_cooldown: Duration::from_secs(10),
-            credential_retry: Duration::from_secs(30),
-        }
-    }
-}
+pub use crate::central::CentralSettings;
 
 /// Everything the consumer stage reads from the TOML file.
 #[derive(Debug, Clone, Default)]

@@ -33,7 +33,6 @@ const LAYERS: &[(&str, u8)] = &[
 
 /// Imports against the order that are still to be removed (issue 15), as (from, to).
 const KNOWN: &[(&str, &str)] = &[
-    ("central", "consumer"),
     ("config", "api"),
     ("consumer", "config"),
     ("consumer", "source"),
