@@ -4,6 +4,7 @@
 
 /// `YYYY-MM-DDTHH:MM:SS.ffffffZ` without going through `format!` (it is on the hot path).
 #[allow(clippy::too_many_arguments)]
+#[inline]
 pub(crate) fn rfc3339(y: i64, mo: i64, d: i64, h: i64, mi: i64, s: i64, micros: i64) -> String {
     let mut out = [0u8; 27];
     let mut put = |at: usize, v: i64, width: usize| {
@@ -34,6 +35,7 @@ pub(crate) fn rfc3339(y: i64, mo: i64, d: i64, h: i64, mi: i64, s: i64, micros: 
 }
 
 /// Days since 1970-01-01 of a proleptic Gregorian date (H. Hinnant's algorithm).
+#[inline]
 pub(crate) fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
     let y = if m <= 2 { y - 1 } else { y };
     let era = y.div_euclid(400);
@@ -44,6 +46,7 @@ pub(crate) fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
 }
 
 /// The proleptic Gregorian date of a day count since 1970-01-01 (the inverse).
+#[inline]
 pub(crate) fn civil_from_days(z: i64) -> (i64, i64, i64) {
     let z = z + 719_468;
     let era = z.div_euclid(146_097);
