@@ -243,13 +243,7 @@ async fn recover_lost_slot(
             Ok(Some(job)) => {
                 tracing::info!(warehouse = %w.id, %job, %slot, "dropping the lost slot; a new slot and a full load follow");
                 let sql = crate::source::tls::connect_sql(&w.conn).await?;
-                sql.execute(
-                    "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots
-                      WHERE slot_name = $1 AND database = current_database()",
-                    &[&slot],
-                )
-                .await
-                .map_err(SourceError::from)?;
+                crate::source::slot::drop_slot(&sql, slot).await?;
                 status.state.send_replace(StreamState::Starting);
                 return Ok(());
             }

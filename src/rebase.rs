@@ -87,21 +87,14 @@ pub async fn rebase(state: &StateDb, w: &WarehouseConfig) -> Result<Rebased, Str
             tracing::info!(warehouse = %w.id, at = %to, target = %past, switches, "moving the WAL forward");
         }
     }
-    let dropped_slot = sql
-        .query(
-            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots
-              WHERE slot_name = $1 AND database = current_database()",
-            &[&w.slot],
-        )
+    let dropped_slot = crate::source::slot::drop_slot(&sql, &w.slot)
         .await
         .map_err(|e| {
             format!(
                 "cannot drop slot {} (stop the run process that streams it first): {e}",
                 w.slot
             )
-        })?
-        .len()
-        == 1;
+        })?;
     // A load or resync under way read chunks of the lost history: the next run starts a
     // fresh load of every table instead of resuming it.
     let failed_jobs = state

@@ -294,6 +294,7 @@ impl super::Bus for Arc<KafkaBus> {
     fn publisher(&self, _warehouse_id: &str) -> Result<KafkaPublisher, BusError> {
         let (generation, producer) = self.current_producer();
         Ok(KafkaPublisher {
+            max_record_bytes: self.settings.max_record_bytes(),
             bus: self.clone(),
             generation,
             producer,
@@ -358,6 +359,8 @@ pub struct KafkaPublisher {
     generation: u64,
     producer: FutureProducer,
     current: Vec<(String, DeliveryFuture)>,
+    /// The largest record the producer takes (read once, not per event).
+    max_record_bytes: usize,
 }
 
 impl KafkaPublisher {
@@ -413,7 +416,7 @@ impl super::Publisher for KafkaPublisher {
         let topic = self.bus.topics().topic_for(&ev.source.table);
         self.bus.ensure_topic(&topic).await?;
         let mut rec = Record::new(&ev, topic);
-        let limit = self.bus.settings.max_record_bytes();
+        let limit = self.max_record_bytes;
         let size = rec.value.len() + rec.key.len() + RECORD_OVERHEAD;
         if size > limit {
             let (column, column_bytes) = largest_column(&ev);

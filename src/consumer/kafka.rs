@@ -401,14 +401,20 @@ fn read_record<'m>(
     if stopped.holds(m.topic(), m.partition(), m.offset()) {
         return Read::Held;
     }
-    let warehouse = m.headers().and_then(|h| {
-        h.iter()
-            .find(|header| header.key == "warehouse_id")
-            .and_then(|header| header.value)
-            .and_then(|v| std::str::from_utf8(v).ok())
-    });
+    let dlq = m.topic() == dlq_topic;
+    let (mut warehouse, mut table) = (None, None);
+    if let Some(h) = m.headers().filter(|_| !dlq) {
+        for header in h.iter() {
+            let v = header.value.and_then(|v| std::str::from_utf8(v).ok());
+            match header.key {
+                "warehouse_id" => warehouse = v,
+                "table" => table = v,
+                _ => {}
+            }
+        }
+    }
+    // Before the record is noted: its offset must not be stored.
     if let Some(w) = warehouse
-        && m.topic() != dlq_topic
         && !warehouses.contains(w)
     {
         return Read::Unknown(w);
@@ -421,19 +427,8 @@ fn read_record<'m>(
             "consuming partition"
         );
     }
-    if m.topic() == dlq_topic {
+    if dlq {
         return Read::Skip;
-    }
-    let (mut warehouse, mut table) = (None, None);
-    if let Some(h) = m.headers() {
-        for header in h.iter() {
-            let v = header.value.and_then(|v| std::str::from_utf8(v).ok());
-            match header.key {
-                "warehouse_id" => warehouse = v,
-                "table" => table = v,
-                _ => {}
-            }
-        }
     }
     let (Some(warehouse), Some(table)) = (warehouse, table) else {
         return Read::Foreign;

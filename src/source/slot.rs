@@ -172,6 +172,19 @@ pub struct SlotHealth {
     pub lag_bytes: i64,
 }
 
+/// Drops this database's slot `slot` if it exists; true when one was dropped (an active
+/// slot is an error: its walsender holds it).
+pub async fn drop_slot(sql: &tokio_postgres::Client, slot: &str) -> Result<bool, SourceError> {
+    let rows = sql
+        .query(
+            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots
+              WHERE slot_name = $1 AND database = current_database()",
+            &[&slot],
+        )
+        .await?;
+    Ok(rows.len() == 1)
+}
+
 /// Reads the slot's health; `None` when the slot does not exist.
 pub async fn slot_health(
     sql: &tokio_postgres::Client,

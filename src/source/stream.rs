@@ -692,7 +692,6 @@ impl Session {
                     return Err(SourceError::Silent { secs: self.silence.as_secs() });
                 }
             };
-            self.last_heard = Instant::now();
             match frame {
                 Frame::CopyData(data) => {
                     let msg =
@@ -756,8 +755,8 @@ impl Session {
                 }
                 Frame::Other(_) | Frame::CopyBoth => {}
             }
-            // Handing the frame downstream may have waited on a slow consumer: meanwhile
-            // nothing was read, so the server's silence counts from now.
+            // Heard from the server; and handing the frame downstream may have waited on a
+            // slow consumer, when nothing was read: the server's silence counts from now.
             self.last_heard = Instant::now();
         }
     }
