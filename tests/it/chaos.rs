@@ -189,8 +189,19 @@ async fn chaos(kafka: bool) {
         ..Faults::default()
     })
     .await;
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = dir.path().join("inventorysync.toml");
+    // INVENTORYSYNC_KEEP_LOGS=1 keeps the run logs (their folder is printed) for a post-mortem.
+    let tmp = tempfile::tempdir().unwrap();
+    let _guard;
+    let dir = if std::env::var_os("INVENTORYSYNC_KEEP_LOGS").is_some() {
+        let kept = tmp.keep();
+        eprintln!("chaos: logs kept in {}", kept.display());
+        kept
+    } else {
+        let path = tmp.path().to_path_buf();
+        _guard = tmp;
+        path
+    };
+    let cfg = dir.join("inventorysync.toml");
     std::fs::write(
         &cfg,
         format!(
@@ -223,7 +234,7 @@ async fn chaos(kafka: bool) {
     // change: the first ones during the initial load, the later ones while streaming.
     let mut resumed = Vec::new();
     for (i, extra_ms) in [300u64, 2_500, 1_200, 6_000].into_iter().enumerate() {
-        let log = dir.path().join(format!("run{i}.log"));
+        let log = dir.join(format!("run{i}.log"));
         let started = Instant::now();
         let mut run = start(command(), log.clone());
         while delivered_by(port).await == 0.0 {
@@ -243,7 +254,7 @@ async fn chaos(kafka: bool) {
         "chaos ({}): delivery resumed after each restart in {resumed:?}",
         if kafka { "kafka" } else { "embedded" }
     );
-    let log = dir.path().join("run.log");
+    let log = dir.join("run.log");
     let _run = start(command(), log.clone());
     let mut txs = 0;
     for w in writers {
@@ -310,6 +321,17 @@ async fn chaos(kafka: bool) {
             .filter(|k| !want.contains_key(*k))
             .take(5)
             .collect();
+        if !(wrong.is_empty() && extra.is_empty()) {
+            post_mortem(
+                &central,
+                db,
+                id,
+                kafka.then_some(topic.as_str()),
+                &wrong,
+                &extra,
+            )
+            .await;
+        }
         assert!(
             wrong.is_empty() && extra.is_empty(),
             "{id}: central differs from the warehouse ({} vs {} entities); missing or different: {wrong:?}; extra: {extra:?}",
@@ -333,6 +355,41 @@ async fn chaos(kafka: bool) {
                 *t < Duration::from_secs(40),
                 "run {i} resumed consuming only {t:?} after its start"
             );
+        }
+    }
+}
+
+/// Prints what central holds for each differing entity, the warehouse's row, and on Kafka
+/// every record of its key in the topic: enough to tell a lost record from a lost delivery.
+async fn post_mortem(
+    central: &Central,
+    db: &TestDb,
+    warehouse: &str,
+    topic: Option<&str>,
+    wrong: &[&String],
+    extra: &[&String],
+) {
+    let held = central.versions(warehouse).await;
+    let want = expected(db).await;
+    for entry in wrong.iter().chain(extra) {
+        eprintln!("post-mortem {warehouse} {entry}:");
+        eprintln!("  central holds {:?}", held.get(*entry));
+        eprintln!("  the warehouse has {:?}", want.get(*entry));
+        let Some(topic) = topic else { continue };
+        // "stock_level {json key}" → the key's values, as they appear in the record key.
+        let key: Value = entry
+            .split_once(' ')
+            .and_then(|(_, k)| serde_json::from_str(k).ok())
+            .unwrap_or_default();
+        let needles: Vec<String> = key
+            .as_object()
+            .into_iter()
+            .flatten()
+            .filter_map(|(_, v)| v.as_str().map(|s| format!("\"{s}\"")))
+            .collect();
+        let needles: Vec<&str> = needles.iter().map(String::as_str).collect();
+        for r in crate::kafka::records_with(topic, &needles).await {
+            eprintln!("  record {r}");
         }
     }
 }

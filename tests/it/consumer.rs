@@ -105,6 +105,27 @@ impl Central {
             .collect()
     }
 
+    /// Central's live entities of `warehouse` with their versions: "entity key" → (version, data).
+    pub async fn versions(&self, warehouse: &str) -> BTreeMap<String, (String, Value)> {
+        let v = self
+            .get(&format!("{}/{warehouse}/inventory", self.endpoint()))
+            .await;
+        v["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| {
+                (
+                    entry(i["entity"].as_str().unwrap(), &i["key"]),
+                    (
+                        i["version"].as_str().unwrap_or_default().to_string(),
+                        i["data"].clone(),
+                    ),
+                )
+            })
+            .collect()
+    }
+
     /// Posts one change straight to central (as another writer would).
     pub async fn post(&self, warehouse: &str, change: Value) -> Value {
         self.http

@@ -473,10 +473,14 @@ fn tansu_bin() -> PathBuf {
     if let Some(p) = std::env::var_os("INVENTORYSYNC_TEST_TANSU") {
         return PathBuf::from(p);
     }
-    let home_bin = std::env::var_os("HOME")
-        .map(|h| PathBuf::from(h).join(".cargo/bin/tansu"))
-        .filter(|p| p.exists());
-    home_bin.unwrap_or_else(|| PathBuf::from("tansu"))
+    // Where scripts/lib/tansu.sh builds the broker with its fetch fix (keep the two in step).
+    let cache = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")));
+    cache
+        .map(|c| c.join("inventorysync/tansu-0.6.0-fix1/bin/tansu"))
+        .filter(|p| p.exists())
+        .unwrap_or_else(|| PathBuf::from("tansu"))
 }
 
 impl Broker {
