@@ -9,9 +9,12 @@ use futures_util::FutureExt;
 use futures_util::future::join_all;
 use rdkafka::Message;
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
+};
 use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::message::{BorrowedMessage, Headers};
+use rdkafka::{ClientContext, TopicPartitionList};
 use secrecy::ExposeSecret;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -27,6 +30,8 @@ struct Partition {
     partition: i32,
     /// Highest offset read.
     read: i64,
+    /// The offset read last.
+    last: i64,
     /// Whether records were read since the last [`Partitions::take_marks`].
     fresh: bool,
 }
@@ -44,6 +49,16 @@ impl Partitions {
             .iter_mut()
             .find(|p| p.partition == partition && p.topic == topic)
         {
+            if offset != p.last + 1 {
+                tracing::debug!(
+                    topic,
+                    partition,
+                    offset,
+                    after = p.last,
+                    "records read out of sequence (read again after a rebalance, or skipped by the broker)"
+                );
+            }
+            p.last = offset;
             p.read = p.read.max(offset);
             p.fresh = true;
             return false;
@@ -51,6 +66,7 @@ impl Partitions {
         self.0.push(Partition {
             topic: topic.to_string(),
             partition,
+            last: offset,
             read: offset,
             fresh: true,
         });
@@ -185,10 +201,13 @@ pub async fn run(
     for (k, v) in &kafka.properties {
         config.set(k, v.expose_secret());
     }
-    let consumer: StreamConsumer = config.create().map_err(|e| BusError::Config {
-        key: "KAFKA_BROKERS / kafka properties".into(),
-        reason: e.to_string(),
-    })?;
+    let consumer: Group =
+        config
+            .create_with_context(GroupEvents)
+            .map_err(|e| BusError::Config {
+                key: "KAFKA_BROKERS / kafka properties".into(),
+                reason: e.to_string(),
+            })?;
     let topic = subscription(kafka.topic.as_str());
     consumer.subscribe(&[topic.as_str()])?;
     tracing::info!(group = %kafka.group_id, topic = %topic, "consuming");
@@ -445,12 +464,7 @@ fn read_record<'m>(
 
 /// Pauses `m`'s partition at `m`, a record of `warehouse`, which this process's
 /// configuration lacks, and says so (the offset stays where the last delivery left it).
-fn stop_partition(
-    consumer: &StreamConsumer,
-    m: &BorrowedMessage<'_>,
-    warehouse: &str,
-    group: &str,
-) {
+fn stop_partition(consumer: &Group, m: &BorrowedMessage<'_>, warehouse: &str, group: &str) {
     tracing::error!(
         warehouse,
         topic = m.topic(),
@@ -489,9 +503,57 @@ async fn wait(inflight: &mut VecDeque<Inflight>) -> (bool, Vec<Position>) {
     }
 }
 
+/// The group's consumer, with its rebalances and commits logged.
+type Group = StreamConsumer<GroupEvents>;
+
+/// Logs what the group coordinator does to this consumer: which partitions it gets and
+/// loses, and whether the background commits of delivered offsets succeed.
+struct GroupEvents;
+
+impl ClientContext for GroupEvents {}
+
+/// `topic[partition]` for each partition of `tpl`.
+fn partition_names(tpl: &TopicPartitionList) -> Vec<String> {
+    tpl.elements()
+        .iter()
+        .map(|e| format!("{}[{}]", e.topic(), e.partition()))
+        .collect()
+}
+
+impl ConsumerContext for GroupEvents {
+    fn pre_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Revoke(tpl) => {
+                tracing::info!(partitions = ?partition_names(tpl), "partitions revoked")
+            }
+            Rebalance::Assign(tpl) => {
+                tracing::info!(partitions = ?partition_names(tpl), "partitions assigned")
+            }
+            Rebalance::Error(e) => tracing::warn!(error = %e, "consumer group rebalance failed"),
+        }
+    }
+
+    fn commit_callback(
+        &self,
+        result: rdkafka::error::KafkaResult<()>,
+        offsets: &TopicPartitionList,
+    ) {
+        let at: Vec<String> = offsets
+            .elements()
+            .iter()
+            .map(|e| format!("{}[{}]@{:?}", e.topic(), e.partition(), e.offset()))
+            .collect();
+        match result {
+            Ok(()) => tracing::debug!(offsets = ?at, "offsets committed"),
+            Err(e) => tracing::debug!(error = %e, offsets = ?at, "offset commit failed"),
+        }
+    }
+}
+
 /// Stores the offsets of delivered records (committed in the background).
-fn store(consumer: &StreamConsumer, done: Vec<Position>) {
+fn store(consumer: &Group, done: Vec<Position>) {
     for (topic, partition, offset) in done {
+        tracing::debug!(topic = %topic, partition, offset, "offset stored");
         if let Err(e) = consumer.store_offset(&topic, partition, offset) {
             // The partition moved to another consumer: it replays from the last commit.
             tracing::debug!(error = %e, topic = %topic, partition, "offset not stored");
