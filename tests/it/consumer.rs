@@ -1308,7 +1308,7 @@ async fn consumers_with_disjoint_warehouse_lists_commit_nothing_they_did_not_del
     // ends, a member that knows both warehouses joins and the two others leave (SIGTERM).
     tokio::time::sleep(Duration::from_secs(3)).await;
     let log_both = dir.path().join("both.log");
-    let mut member = stage(&both, "consumer", "both.log");
+    let member = stage(&both, "consumer", "both.log");
     wait_for(&log_both, "consuming group=").await;
     for mut old in [member_a, member_b] {
         assert_eq!(
@@ -1317,25 +1317,9 @@ async fn consumers_with_disjoint_warehouse_lists_commit_nothing_they_did_not_del
         );
         let _ = old.child.wait();
     }
-    // KNOWN FLAKE, not yet understood (next session): about one run in four, the member left
-    // alone in the group gets no partition at all within a minute. What this test checks is
-    // the commits, so a member that got nothing after 20 s is replaced by a fresh one.
-    let mut log = log_both;
-    for attempt in 1..=3 {
-        for _ in 0..200 {
-            if count_in(&log, "consuming partition") > 0 {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        if count_in(&log, "consuming partition") > 0 {
-            break;
-        }
-        eprintln!("attempt {attempt}: the last member got no partition in 20 s; starting another");
-        drop(member);
-        log = dir.path().join(format!("both-{attempt}.log"));
-        member = stage(&both, "consumer", &format!("both-{attempt}.log"));
-    }
+    // (The member left alone used to get no record at all about one run in four: the test
+    // broker skipped the batch holding the committed offset, see scripts/lib/tansu.sh.)
+    let log = log_both;
     assert_converges(&central, &db_a, "wh-a", &log).await;
     assert_converges(&central, &db_b, "wh-b", &log).await;
     drop(member);
