@@ -8,7 +8,7 @@
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-use crate::config::ConfigError;
+use crate::setting::ConfigError;
 
 /// The accepted API keys, as SHA-256 digests.
 #[derive(Clone, Default)]

@@ -19,7 +19,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::central::Entity;
-use crate::config::ConfigError;
+use crate::setting::ConfigError;
 
 /// How a central field is read from the row.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -25,7 +25,7 @@ use std::sync::Arc;
 
 use serde_json::Value;
 
-use crate::config::ConnInfo;
+use crate::pg::ConnInfo;
 use crate::source::snapshot::quote_ident;
 
 /// Why values could not be read (retried by the caller; nothing is sent meanwhile).

@@ -20,7 +20,7 @@ use tokio::net::TcpStream;
 use super::error::ServerError;
 use super::{SourceError, tls};
 use crate::Lsn;
-use crate::config::{ConnInfo, SslMode};
+use crate::pg::{ConnInfo, SslMode};
 
 /// A byte stream that may be TLS.
 pub trait Transport: AsyncRead + AsyncWrite + Unpin + Send {}

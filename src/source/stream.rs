@@ -30,7 +30,7 @@ use super::pgoutput::{
 use super::snapshot::{SnapshotTarget, initial_load, primary_key, published_tables};
 use super::{SourceError, slot, tls};
 use crate::Lsn;
-use crate::config::ConnInfo;
+use crate::pg::ConnInfo;
 use crate::store::Origin;
 
 /// Events per batch handed downstream at most.

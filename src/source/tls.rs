@@ -10,7 +10,7 @@ use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{ClientConfig, DigitallySignedStruct, SignatureScheme};
 
 use super::SourceError;
-use crate::config::{ConnInfo, SslMode};
+use crate::pg::{ConnInfo, SslMode};
 
 /// The rustls client configuration for a connection.
 pub fn client_config(conn: &ConnInfo) -> Result<Arc<ClientConfig>, SourceError> {

@@ -22,7 +22,7 @@ use secrecy::ExposeSecret;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgSslMode};
 use sqlx::{PgPool, Postgres};
 
-use crate::config::{ConnInfo, SslMode};
+use crate::pg::{ConnInfo, SslMode};
 
 /// What can go wrong with the state DB.
 #[derive(Debug, thiserror::Error)]
