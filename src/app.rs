@@ -19,11 +19,37 @@ use tokio_util::sync::CancellationToken;
 
 use crate::Lsn;
 use crate::bus::{self, Bus, BusError, CommitAck};
-use crate::config::{Streaming, WarehouseConfig};
+use crate::pg::ConnInfo;
 use crate::source::SourceError;
 use crate::source::slot::SlotHealth;
 use crate::source::stream::{self, InitialLoad, LoadHook, LoadNeeded, OriginGuard, SourceOptions};
 use crate::store::{StateDb, StoreError, WarehouseLease};
+
+/// Which pgoutput protocol to ask for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Streaming {
+    /// Protocol 1: whole transactions after commit.
+    Off,
+    /// Protocol 2 with `streaming 'on'`: large transactions in progress.
+    On,
+}
+
+/// One warehouse database to stream (read from the environment and TOML by `config`).
+#[derive(Debug, Clone)]
+pub struct WarehouseConfig {
+    /// Warehouse id, used in events and keys.
+    pub id: String,
+    /// Connection to the warehouse database.
+    pub conn: ConnInfo,
+    /// Publication name.
+    pub publication: String,
+    /// Replication slot name.
+    pub slot: String,
+    /// Protocol choice.
+    pub streaming: Streaming,
+    /// How often `run` writes a heartbeat message into the warehouse's WAL (none: never).
+    pub heartbeat_interval: Option<std::time::Duration>,
+}
 
 /// How often a standby asks for a warehouse it does not own.
 const LEASE_POLL: Duration = Duration::from_secs(3);

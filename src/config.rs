@@ -11,6 +11,7 @@ use std::path::Path;
 use secrecy::SecretString;
 use serde::Deserialize;
 
+pub use crate::app::{Streaming, WarehouseConfig};
 pub use crate::pg::{ConnInfo, Keepalives, SslMode};
 pub use crate::setting::ConfigError;
 use crate::setting::invalid;
@@ -46,32 +47,6 @@ pub fn default_slot_name(warehouse_id: &str) -> String {
         .collect();
     s.truncate(63);
     s
-}
-
-/// Which pgoutput protocol to ask for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Streaming {
-    /// Protocol 1: whole transactions after commit.
-    Off,
-    /// Protocol 2 with `streaming 'on'`: large transactions in progress.
-    On,
-}
-
-/// One warehouse database to stream.
-#[derive(Debug, Clone)]
-pub struct WarehouseConfig {
-    /// Warehouse id, used in events and keys.
-    pub id: String,
-    /// Connection to the warehouse database.
-    pub conn: ConnInfo,
-    /// Publication name.
-    pub publication: String,
-    /// Replication slot name.
-    pub slot: String,
-    /// Protocol choice.
-    pub streaming: Streaming,
-    /// How often `run` writes a heartbeat message into the warehouse's WAL (none: never).
-    pub heartbeat_interval: Option<std::time::Duration>,
 }
 
 #[derive(Debug, Deserialize)]

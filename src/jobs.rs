@@ -16,8 +16,8 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use crate::Lsn;
+use crate::app::WarehouseConfig;
 use crate::app::{StreamState, WarehouseStatus};
-use crate::config::WarehouseConfig;
 use crate::consumer::kafka::{GroupProgress, PartitionEnd};
 use crate::event::SnapshotMarker;
 use crate::source::resync::ChunkDone;

@@ -10,7 +10,7 @@
 //! central has, so central takes the restored rows; changes stream from there.
 
 use crate::Lsn;
-use crate::config::WarehouseConfig;
+use crate::app::WarehouseConfig;
 use crate::source::conn::ReplicationConnection;
 use crate::store::{Origin, StateDb};
 

@@ -1,8 +1,9 @@
 //! The house is one-way (issue 15): a module imports (`crate::…`) only modules below it.
-//! The layers, top to bottom: the entry points (`api`, `check`, `rebase`, `tail`), the job
-//! runner (`jobs`), the service (`app`), `config`, the stages (`source`, `consumer`) over
-//! what they share (`bus`, `central`), `store`, and the core (`event` over `lsn`, `json`,
-//! `backoff`, `metrics`, `time`). Imports that go against the order and are not yet removed are
+//! The layers, top to bottom: the commands (`check`, `rebase`, `tail`), `config` (which
+//! composes the settings each module defines for itself), the HTTP API (`api`), the job
+//! runner (`jobs`), the service (`app`), the stages (`source`, `consumer`) over what they
+//! share (`bus`, `central`), `store`, and the core (`event` and `pg` over `lsn`, `json`,
+//! `backoff`, `metrics`, `time`, `setting`). Imports that go against the order and are not yet removed are
 //! listed in `KNOWN`; the test fails on any other, and on a listed one that is gone (so the
 //! list only shrinks).
 
@@ -24,17 +25,17 @@ const LAYERS: &[(&str, u8)] = &[
     ("central", 3),
     ("source", 4),
     ("consumer", 4),
-    ("config", 5),
-    ("app", 6),
-    ("jobs", 7),
-    ("api", 8),
+    ("app", 5),
+    ("jobs", 6),
+    ("api", 7),
+    ("config", 8),
     ("check", 9),
     ("rebase", 9),
     ("tail", 9),
 ];
 
 /// Imports against the order that are still to be removed (issue 15), as (from, to).
-const KNOWN: &[(&str, &str)] = &[("config", "api"), ("consumer", "source")];
+const KNOWN: &[(&str, &str)] = &[("consumer", "source")];
 
 fn layer(module: &str) -> u8 {
     LAYERS
