@@ -1,5 +1,6 @@
 //! The house is one-way (issue 15): a module imports (`crate::…`) only modules below it.
-//! The layers, top to bottom: the commands (`check`, `rebase`, `tail`), `config` (which
+//! The layers, top to bottom: the service (`service`, which composes `run`), the command
+//! line's commands (`cli`; `check`, `rebase`, `tail`), `config` (which
 //! composes the settings each module defines for itself), the HTTP API (`api`), the job
 //! runner (`jobs`), the service (`app`), the stages (`source`, `consumer`) over what they
 //! share (`bus`, `central`), `store`, and the core (`event` and `pg` over `lsn`, `json`,
@@ -32,6 +33,8 @@ const LAYERS: &[(&str, u8)] = &[
     ("check", 9),
     ("rebase", 9),
     ("tail", 9),
+    ("cli", 10),
+    ("service", 11),
 ];
 
 /// Imports against the order that are still to be removed (issue 15), as (from, to).
