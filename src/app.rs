@@ -268,7 +268,9 @@ async fn recover_lost_slot(
         match state.active_job_for("resync", &w.id).await {
             Ok(Some(job)) => {
                 tracing::info!(warehouse = %w.id, %job, %slot, "dropping the lost slot; a new slot and a full load follow");
-                let sql = crate::source::tls::connect_sql(&w.conn).await?;
+                let sql = crate::pg::connect_sql(&w.conn)
+                    .await
+                    .map_err(SourceError::from)?;
                 crate::source::slot::drop_slot(&sql, slot).await?;
                 status.state.send_replace(StreamState::Starting);
                 return Ok(());

@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 use std::time::Duration;
 
 use crate::config::{Config, WarehouseConfig};
-use crate::source::snapshot::quote_ident;
+use crate::pg::quote_ident;
 
 /// How a check came out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -227,11 +227,8 @@ async fn check_warehouse(
     consumer: &crate::consumer::settings::ConsumerSettings,
 ) {
     let t = format!("warehouse {}", w.id);
-    let sql = match tokio::time::timeout(
-        Duration::from_secs(10),
-        crate::source::tls::connect_sql(&w.conn),
-    )
-    .await
+    let sql = match tokio::time::timeout(Duration::from_secs(10), crate::pg::connect_sql(&w.conn))
+        .await
     {
         Ok(Ok(s)) => {
             r.add(&t, "connection", Status::Ok, w.conn.redacted());

@@ -205,7 +205,7 @@ async fn ask_group<T: Send + 'static>(
 
 /// Reads the warehouse's current WAL position and writes a logical message after it.
 async fn capture(w: &WarehouseConfig) -> Result<Lsn, String> {
-    let sql = crate::source::tls::connect_sql(&w.conn)
+    let sql = crate::pg::connect_sql(&w.conn)
         .await
         .map_err(|e| format!("cannot connect to warehouse {}: {e}", w.id))?;
     let row = sql
@@ -372,7 +372,7 @@ struct Work {
 
 /// The warehouse publication's tables (`schema.table`), in name order.
 async fn published_tables(w: &WarehouseConfig) -> Result<Vec<String>, String> {
-    let sql = crate::source::tls::connect_sql(&w.conn)
+    let sql = crate::pg::connect_sql(&w.conn)
         .await
         .map_err(|e| format!("cannot connect to warehouse {}: {e}", w.id))?;
     let rows = sql

@@ -26,5 +26,6 @@ pub mod source;
 pub mod store;
 pub mod tail;
 pub mod time;
+pub mod values;
 
 pub use lsn::Lsn;

@@ -53,7 +53,7 @@ pub async fn rebase(state: &StateDb, w: &WarehouseConfig) -> Result<Rebased, Str
         .as_ref()
         .map_or(Lsn::ZERO, |c| c.flush_lsn)
         .max(sent_lsn);
-    let sql = crate::source::tls::connect_sql(&w.conn)
+    let sql = crate::pg::connect_sql(&w.conn)
         .await
         .map_err(|e| format!("cannot connect to warehouse {}: {e}", w.id))?;
     let current = || async {

@@ -26,7 +26,7 @@ use std::sync::Arc;
 use serde_json::Value;
 
 use crate::pg::ConnInfo;
-use crate::source::snapshot::quote_ident;
+use crate::pg::quote_ident;
 
 /// Why values could not be read (retried by the caller; nothing is sent meanwhile).
 #[derive(Debug, thiserror::Error)]
@@ -67,7 +67,7 @@ pub enum FillError {
         column: String,
         /// The cause.
         #[source]
-        source: crate::source::values::ValueError,
+        source: crate::values::ValueError,
     },
 }
 
@@ -234,7 +234,7 @@ impl ToastReader {
                 let v = match text {
                     None => Value::Null,
                     Some(t) => {
-                        let v = crate::source::values::convert_text(
+                        let v = crate::values::convert_text(
                             c.type_oid,
                             bytes::Bytes::copy_from_slice(t.as_bytes()),
                         )
@@ -266,7 +266,7 @@ impl ToastReader {
             .warehouses
             .get(warehouse)
             .ok_or_else(|| FillError::UnknownWarehouse(warehouse.to_string()))?;
-        let client = crate::source::tls::connect_sql(conn)
+        let client = crate::pg::connect_sql(conn)
             .await
             .map_err(|e| FillError::Sql {
                 warehouse: warehouse.to_string(),

@@ -20,10 +20,11 @@ use super::pgoutput::{
     Begin, Delete, Insert, LogicalMessage, OldTuple, PG_EPOCH_OFFSET_MICROS, TupleData, TupleValue,
     Update,
 };
+pub use super::relation::SourceIdentity;
 use super::relation::{RelationCache, RelationInfo};
-use super::values::{convert_binary, convert_text};
 use crate::Lsn;
 use crate::event::{ChangeEvent, Op, Row, SnapshotMarker, SourceInfo, TransactionInfo, Value};
+use crate::values::{convert_binary, convert_text};
 
 pub use crate::event::StreamItem;
 
@@ -36,15 +37,6 @@ pub enum Next {
     /// [`Assembler::replay_message`] (Relation messages through [`Assembler::relation`]), then
     /// call [`Assembler::finish_replay`].
     Replay(StreamedTransaction),
-}
-
-/// Identifies the source database in every event.
-#[derive(Debug, Clone)]
-pub struct SourceIdentity {
-    /// Warehouse id.
-    pub warehouse_id: Arc<str>,
-    /// Database name.
-    pub db: Arc<str>,
 }
 
 struct OpenTransaction {

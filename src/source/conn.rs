@@ -17,9 +17,10 @@ use secrecy::ExposeSecret;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 
+use super::SourceError;
 use super::error::ServerError;
-use super::{SourceError, tls};
 use crate::Lsn;
+use crate::pg::tls;
 use crate::pg::{ConnInfo, SslMode};
 
 /// A byte stream that may be TLS.
@@ -165,8 +166,12 @@ impl ReplicationConnection {
     /// Connects, negotiates TLS per `sslmode`, and authenticates, all within the connect
     /// timeout (a server that accepts the connection and then says nothing is given up).
     pub async fn connect(conn: &ConnInfo) -> Result<Self, SourceError> {
-        super::tls::within_connect_timeout(conn, "replication connection", Self::connect_now(conn))
-            .await
+        crate::pg::tls::within_connect_timeout(
+            conn,
+            "replication connection",
+            Self::connect_now(conn),
+        )
+        .await
     }
 
     async fn connect_now(conn: &ConnInfo) -> Result<Self, SourceError> {

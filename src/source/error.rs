@@ -1,8 +1,8 @@
 //! Source errors, split into what retrying can fix and what it cannot.
 
 use super::pgoutput::DecodeError;
-use super::values::ValueError;
 use crate::Lsn;
+use crate::values::ValueError;
 
 /// An error reported by the Postgres server (ErrorResponse).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -182,6 +182,17 @@ pub enum SourceError {
     /// Writing the output failed.
     #[error("writing output: {0}")]
     Output(std::io::Error),
+}
+
+impl From<crate::pg::ConnectError> for SourceError {
+    fn from(e: crate::pg::ConnectError) -> Self {
+        use crate::pg::ConnectError;
+        match e {
+            ConnectError::Tls(reason) => SourceError::Tls(reason),
+            ConnectError::Io { target, source } => SourceError::Io { target, source },
+            ConnectError::Sql(e) => SourceError::Sql(e),
+        }
+    }
 }
 
 impl SourceError {

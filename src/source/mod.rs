@@ -13,7 +13,5 @@ pub mod resync;
 pub mod slot;
 pub mod snapshot;
 pub mod stream;
-pub mod tls;
-pub mod values;
 
 pub use error::{ServerError, SourceError};

@@ -8,9 +8,17 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use super::assemble::SourceIdentity;
 use super::pgoutput::{Relation, ReplicaIdentity};
 use crate::event::{ColumnNames, TableSource};
+
+/// Identifies the source database in every event.
+#[derive(Debug, Clone)]
+pub struct SourceIdentity {
+    /// Warehouse id.
+    pub warehouse_id: Arc<str>,
+    /// Database name.
+    pub db: Arc<str>,
+}
 
 /// One published column.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -16,9 +16,10 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
 
 use super::SourceError;
-use super::snapshot::{PublishedTable, quote_ident};
+use super::snapshot::PublishedTable;
 use crate::Lsn;
 use crate::event::{ChangeEvent, Op, Row, SnapshotMarker, SourceInfo};
+use crate::pg::quote_ident;
 
 /// The logical message prefix of resync watermarks.
 pub const WATERMARK_PREFIX: &str = "inventorysync.resync";

@@ -16,9 +16,10 @@ use super::assemble::{SourceIdentity, StreamItem, key_of, now_ms};
 use super::conn::quote_literal;
 use super::pgoutput::{Relation, RelationColumn, ReplicaIdentity};
 use super::relation::RelationInfo;
-use super::values::convert_text;
 use crate::Lsn;
 use crate::event::{ChangeEvent, Op, Row, SnapshotMarker, SourceInfo, Value};
+use crate::pg::quote_ident;
+use crate::values::convert_text;
 
 /// Rows fetched per round trip.
 const FETCH_ROWS: usize = 5_000;
@@ -48,11 +49,6 @@ impl PublishedTable {
             quote_ident(t.table())
         )
     }
-}
-
-/// Quotes an identifier.
-pub fn quote_ident(s: &str) -> String {
-    format!("\"{}\"", s.replace('"', "\"\""))
 }
 
 /// Lists the publication's tables with their published columns and primary keys.

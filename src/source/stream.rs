@@ -28,9 +28,10 @@ use super::pgoutput::{
     decode_logical_message, decode_replication_message, encode_standby_status_update,
 };
 use super::snapshot::{SnapshotTarget, initial_load, primary_key, published_tables};
-use super::{SourceError, slot, tls};
+use super::{SourceError, slot};
 use crate::Lsn;
 use crate::pg::ConnInfo;
+use crate::pg::tls;
 use crate::store::Origin;
 
 /// Events per batch handed downstream at most.

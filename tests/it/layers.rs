@@ -3,8 +3,8 @@
 //! line's commands (`cli`; `check`, `rebase`, `tail`), `config` (which
 //! composes the settings each module defines for itself), the HTTP API (`api`), the job
 //! runner (`jobs`), the service (`app`), the stages (`source`, `consumer`) over what they
-//! share (`bus`, `central`), `store`, and the core (`event` and `pg` over `lsn`, `json`,
-//! `backoff`, `metrics`, `time`, `setting`). Imports that go against the order and are not yet removed are
+//! share (`bus`, `central`), `store` and `values` (Postgres text to event values), and the
+//! core (`event` and `pg` over `lsn`, `json`, `backoff`, `metrics`, `time`, `setting`). Imports that go against the order and are not yet removed are
 //! listed in `KNOWN`; the test fails on any other, and on a listed one that is gone (so the
 //! list only shrinks).
 
@@ -20,6 +20,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("time", 0),
     ("setting", 0),
     ("pg", 1),
+    ("values", 2),
     ("event", 1),
     ("store", 2),
     ("bus", 3),
@@ -38,7 +39,7 @@ const LAYERS: &[(&str, u8)] = &[
 ];
 
 /// Imports against the order that are still to be removed (issue 15), as (from, to).
-const KNOWN: &[(&str, &str)] = &[("consumer", "source")];
+const KNOWN: &[(&str, &str)] = &[];
 
 fn layer(module: &str) -> u8 {
     LAYERS

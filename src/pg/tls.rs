@@ -9,26 +9,44 @@ use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, Server
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{ClientConfig, DigitallySignedStruct, SignatureScheme};
 
-use super::SourceError;
-use crate::pg::{ConnInfo, SslMode};
+use super::{ConnInfo, SslMode};
+
+/// Why a connection could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// TLS could not be set up.
+    #[error("TLS: {0}")]
+    Tls(String),
+    /// The network failed (or the setup took longer than the connect timeout).
+    #[error("connection to {target}: {source}")]
+    Io {
+        /// `host:port`.
+        target: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// Connecting or authenticating failed.
+    #[error("query on the warehouse failed: {0}")]
+    Sql(#[from] tokio_postgres::Error),
+}
 
 /// The rustls client configuration for a connection.
-pub fn client_config(conn: &ConnInfo) -> Result<Arc<ClientConfig>, SourceError> {
+pub fn client_config(conn: &ConnInfo) -> Result<Arc<ClientConfig>, ConnectError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
-        .map_err(|e| SourceError::Tls(e.to_string()))?;
+        .map_err(|e| ConnectError::Tls(e.to_string()))?;
     let config = if conn.sslmode == SslMode::VerifyFull {
         let mut roots = rustls::RootCertStore::empty();
         match &conn.sslrootcert {
             Some(path) => {
                 let pem = std::fs::read(path).map_err(|e| {
-                    SourceError::Tls(format!("sslrootcert {}: {e}", path.display()))
+                    ConnectError::Tls(format!("sslrootcert {}: {e}", path.display()))
                 })?;
                 for cert in rustls_pemfile_certs(&pem)? {
                     roots
                         .add(cert)
-                        .map_err(|e| SourceError::Tls(format!("sslrootcert: {e}")))?;
+                        .map_err(|e| ConnectError::Tls(format!("sslrootcert: {e}")))?;
                 }
             }
             None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
@@ -44,16 +62,16 @@ pub fn client_config(conn: &ConnInfo) -> Result<Arc<ClientConfig>, SourceError> 
 }
 
 /// The server name to present and verify.
-pub fn server_name(conn: &ConnInfo) -> Result<ServerName<'static>, SourceError> {
+pub fn server_name(conn: &ConnInfo) -> Result<ServerName<'static>, ConnectError> {
     ServerName::try_from(conn.host.clone())
-        .map_err(|e| SourceError::Tls(format!("host {:?} as TLS server name: {e}", conn.host)))
+        .map_err(|e| ConnectError::Tls(format!("host {:?} as TLS server name: {e}", conn.host)))
 }
 
-fn rustls_pemfile_certs(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, SourceError> {
+fn rustls_pemfile_certs(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, ConnectError> {
     use rustls::pki_types::pem::PemObject;
     CertificateDer::pem_slice_iter(pem)
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| SourceError::Tls(format!("sslrootcert is not PEM: {e}")))
+        .map_err(|e| ConnectError::Tls(format!("sslrootcert is not PEM: {e}")))
 }
 
 /// Encrypts without authenticating the server: libpq's `require`/`prefer`.
@@ -107,32 +125,32 @@ impl ServerCertVerifier for NoVerification {
 
 /// Opens an ordinary SQL connection (tokio-postgres) to the same server, with TLS per
 /// `sslmode`, within the connect timeout (startup and authentication included).
-pub async fn connect_sql(conn: &ConnInfo) -> Result<tokio_postgres::Client, SourceError> {
+pub async fn connect_sql(conn: &ConnInfo) -> Result<tokio_postgres::Client, ConnectError> {
     within_connect_timeout(conn, "SQL connection", connect_sql_now(conn)).await
 }
 
 /// Runs a connection's whole setup (`what`) within `conn`'s connect timeout, as libpq
 /// counts it: a server that accepts the connection and then says nothing is given up.
-pub(crate) async fn within_connect_timeout<T>(
+pub(crate) async fn within_connect_timeout<T, E: From<ConnectError>>(
     conn: &ConnInfo,
     what: &str,
-    setup: impl std::future::Future<Output = Result<T, SourceError>>,
-) -> Result<T, SourceError> {
+    setup: impl std::future::Future<Output = Result<T, E>>,
+) -> Result<T, E> {
     let timeout = std::time::Duration::from_secs(conn.connect_timeout_secs.max(1));
     tokio::time::timeout(timeout, setup)
         .await
         .unwrap_or_else(|_| {
-            Err(SourceError::Io {
+            Err(E::from(ConnectError::Io {
                 target: format!("{}:{}", conn.host, conn.port),
                 source: std::io::Error::new(
                     std::io::ErrorKind::TimedOut,
                     format!("no {what} within connect_timeout ({} s)", timeout.as_secs()),
                 ),
-            })
+            }))
         })
 }
 
-async fn connect_sql_now(conn: &ConnInfo) -> Result<tokio_postgres::Client, SourceError> {
+async fn connect_sql_now(conn: &ConnInfo) -> Result<tokio_postgres::Client, ConnectError> {
     let cfg = conn.to_pg_config();
     if conn.sslmode == SslMode::Disable {
         let (client, connection) = cfg.connect(tokio_postgres::NoTls).await?;

@@ -10,6 +10,9 @@ use serde::Deserialize;
 
 use crate::setting::{ConfigError, invalid};
 
+pub mod tls;
+pub use tls::{ConnectError, connect_sql};
+
 /// libpq's `sslmode`, the subset we support.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -282,4 +285,9 @@ fn percent_decode(s: &str) -> Result<String, std::string::FromUtf8Error> {
         i += 1;
     }
     String::from_utf8(out)
+}
+
+/// Quotes an identifier.
+pub fn quote_ident(s: &str) -> String {
+    format!("\"{}\"", s.replace('"', "\"\""))
 }
