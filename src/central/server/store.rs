@@ -1,0 +1,325 @@
+//! The reference central's state: per warehouse and entity the last applied version and its
+//! data (a tombstone after a delete, so an older upsert stays stale), in memory or in a
+//! Postgres table, and the verdict on each change (DESIGN §3) with central's own rules.
+
+use std::collections::HashMap;
+
+use serde::Deserialize;
+use serde_json::Value;
+use serde_json::value::RawValue;
+use sqlx::PgPool;
+use tokio::sync::Mutex;
+
+use super::{Faults, Item, WireChange};
+use crate::central::{ChangeOp, ChangeResult, Entity, ResultStatus};
+
+/// A stock level's quantities, as central's own rule reads them.
+#[derive(Deserialize)]
+struct Quantities {
+    on_hand: Option<i64>,
+    reserved: Option<i64>,
+    available: Option<i64>,
+}
+
+/// What the memory store keeps per entity: the version applied last and the data as JSON
+/// text (`None` once deleted — the version stays, so an older upsert stays stale). Compact on
+/// purpose: a benchmark run holds hundreds of thousands of entities.
+pub struct Stored {
+    version: Box<str>,
+    data: Option<Box<str>>,
+}
+
+/// Where the server keeps its state.
+pub enum CentralStore {
+    /// In this process: entities by warehouse and [`item_key`].
+    Memory(Mutex<HashMap<String, HashMap<String, Stored>>>),
+    /// In a Postgres table `central_inventory`.
+    Postgres(PgPool),
+}
+
+impl CentralStore {
+    /// An empty in-memory store.
+    pub fn memory() -> Self {
+        CentralStore::Memory(Mutex::new(HashMap::new()))
+    }
+
+    /// A Postgres store; creates its table if missing.
+    pub async fn postgres(pool: PgPool) -> Result<Self, sqlx::Error> {
+        sqlx::query(
+            "CREATE TABLE IF NOT EXISTS central_inventory (
+                 warehouse_id text NOT NULL,
+                 item_key     text NOT NULL,
+                 entity       text NOT NULL,
+                 key          jsonb NOT NULL,
+                 version      text NOT NULL,
+                 data         jsonb,
+                 updated_at   timestamptz NOT NULL DEFAULT now(),
+                 PRIMARY KEY (warehouse_id, item_key))",
+        )
+        .execute(&pool)
+        .await?;
+        Ok(CentralStore::Postgres(pool))
+    }
+
+    pub(super) async fn apply(
+        &self,
+        warehouse_id: &str,
+        changes: Vec<WireChange<'_>>,
+        faults: &Faults,
+    ) -> Result<Vec<ChangeResult>, sqlx::Error> {
+        match self {
+            CentralStore::Memory(m) => {
+                let mut all = m.lock().await;
+                let items = all.entry(warehouse_id.to_string()).or_default();
+                Ok(changes
+                    .into_iter()
+                    .map(|c| {
+                        let k = item_key(&c);
+                        let current = items.get(&k);
+                        let (status, reason) =
+                            decide(&c, current.map(|s| s.version.as_ref()), faults);
+                        let mut result = verdict(status, reason);
+                        if status == ResultStatus::Applied {
+                            let version = c.version.as_ref().into();
+                            let data = stored_data(&c).map(Into::into);
+                            items.insert(k, Stored { version, data });
+                        } else if let Some(cur) = current {
+                            result.current_version = Some(cur.version.to_string());
+                            result.current = cur
+                                .data
+                                .as_deref()
+                                .and_then(|t| serde_json::from_str(t).ok());
+                        }
+                        result
+                    })
+                    .collect())
+            }
+            CentralStore::Postgres(pool) => {
+                let mut tx = pool.begin().await?;
+                let mut results = Vec::with_capacity(changes.len());
+                for c in changes {
+                    let k = item_key(&c);
+                    let current: Option<(String, Option<Value>)> = sqlx::query_as(
+                        "SELECT version, data FROM central_inventory
+                         WHERE warehouse_id = $1 AND item_key = $2 FOR UPDATE",
+                    )
+                    .bind(warehouse_id)
+                    .bind(&k)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                    let (status, reason) =
+                        decide(&c, current.as_ref().map(|(v, _)| v.as_str()), faults);
+                    let mut result = verdict(status, reason);
+                    if status == ResultStatus::Applied {
+                        let entity = c.entity;
+                        let key = Value::Object(c.key.clone());
+                        let version = c.version.as_ref();
+                        sqlx::query(
+                            "INSERT INTO central_inventory (warehouse_id, item_key, entity, key, version, data)
+                             VALUES ($1, $2, $3, $4, $5, $6::text::jsonb)
+                             ON CONFLICT (warehouse_id, item_key) DO UPDATE
+                             SET version = EXCLUDED.version, data = EXCLUDED.data, updated_at = now()",
+                        )
+                        .bind(warehouse_id)
+                        .bind(&k)
+                        .bind(entity.as_str())
+                        .bind(&key)
+                        .bind(version)
+                        .bind(stored_data(&c))
+                        .execute(&mut *tx)
+                        .await?;
+                    } else if let Some((version, data)) = current {
+                        result.current_version = Some(version);
+                        result.current = data;
+                    }
+                    results.push(result);
+                }
+                tx.commit().await?;
+                Ok(results)
+            }
+        }
+    }
+
+    pub(super) async fn list(&self, warehouse_id: &str) -> Result<Vec<Item>, sqlx::Error> {
+        match self {
+            CentralStore::Memory(m) => {
+                let all = m.lock().await;
+                let mut live: Vec<(&String, Item)> = all
+                    .get(warehouse_id)
+                    .map(|items| {
+                        items
+                            .iter()
+                            .filter_map(|(k, s)| {
+                                let (entity, key) = k.split_once(':')?;
+                                let item = Item {
+                                    entity: serde_json::from_value(Value::String(entity.into()))
+                                        .ok()?,
+                                    key: serde_json::from_str(key).ok()?,
+                                    version: s.version.to_string(),
+                                    data: Some(serde_json::from_str(s.data.as_deref()?).ok()?),
+                                };
+                                Some((k, item))
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                live.sort_by(|a, b| a.0.cmp(b.0));
+                Ok(live.into_iter().map(|(_, i)| i).collect())
+            }
+            CentralStore::Postgres(pool) => {
+                let rows: Vec<(String, Value, String, Option<Value>)> = sqlx::query_as(
+                    "SELECT entity, key, version, data FROM central_inventory
+                     WHERE warehouse_id = $1 AND data IS NOT NULL ORDER BY item_key",
+                )
+                .bind(warehouse_id)
+                .fetch_all(pool)
+                .await?;
+                Ok(rows
+                    .into_iter()
+                    .filter_map(|(entity, key, version, data)| {
+                        let entity = serde_json::from_value(Value::String(entity)).ok()?;
+                        Some(Item {
+                            entity,
+                            key,
+                            version,
+                            data,
+                        })
+                    })
+                    .collect())
+            }
+        }
+    }
+}
+
+/// The store's key of a change's entity: entity and key fields, canonical (sorted) JSON.
+pub(super) fn item_key(c: &WireChange<'_>) -> String {
+    // serde_json's maps are ordered by key: the text is canonical.
+    let mut out = String::with_capacity(64);
+    out.push_str(c.entity.as_str());
+    out.push(':');
+    out.push_str(&serde_json::to_string(&c.key).unwrap_or_default());
+    out
+}
+
+/// The verdict on `c` given the version stored for its entity, with the reason for `stale`
+/// and `rejected`.
+pub(super) fn decide(
+    c: &WireChange<'_>,
+    current_version: Option<&str>,
+    faults: &Faults,
+) -> (ResultStatus, Option<String>) {
+    if let Some(reason) = reject_reason(c, faults) {
+        return (ResultStatus::Rejected, Some(reason));
+    }
+    match current_version {
+        Some(cur) if c.version == cur => (ResultStatus::Duplicate, None),
+        Some(cur) if c.version.as_ref() < cur => (
+            ResultStatus::Stale,
+            Some(format!(
+                "central holds version {cur} (newer than {})",
+                c.version
+            )),
+        ),
+        _ => (ResultStatus::Applied, None),
+    }
+}
+
+fn verdict(status: ResultStatus, reason: Option<String>) -> ChangeResult {
+    ChangeResult {
+        status,
+        reason,
+        current_version: None,
+        current: None,
+    }
+}
+
+/// What an applied change leaves stored: its data's JSON text, or nothing for a delete (a
+/// tombstone).
+pub(super) fn stored_data<'c>(c: &'c WireChange<'_>) -> Option<&'c str> {
+    match c.op {
+        ChangeOp::Upsert => c.data.map(RawValue::get),
+        ChangeOp::Delete => None,
+    }
+}
+
+/// Central's own business rules, plus the injected rejection.
+pub(super) fn reject_reason(c: &WireChange<'_>, faults: &Faults) -> Option<String> {
+    if c.key.is_empty() {
+        return Some("empty key".into());
+    }
+    if let Some(s) = &faults.reject_key_substring {
+        let key = serde_json::to_string(&c.key).unwrap_or_default();
+        if key.contains(s.as_str()) {
+            return Some(format!("key {key} is refused by central policy"));
+        }
+    }
+    if c.op == ChangeOp::Upsert {
+        let Some(data) = c.data else {
+            return Some("upsert without data".into());
+        };
+        if !data.get().starts_with('{') {
+            return Some(format!("data must be an object, got {}", data.get()));
+        }
+        if c.entity == Entity::StockLevel {
+            match serde_json::from_str::<Quantities>(data.get()) {
+                Ok(Quantities {
+                    on_hand: Some(o),
+                    reserved: Some(r),
+                    available: Some(a),
+                }) if o >= 0 && r >= 0 && a == o - r => {}
+                _ => {
+                    return Some(format!(
+                        "stock_level data must have integers on_hand >= 0, reserved >= 0 and available = on_hand - reserved, got {}",
+                        data.get()
+                    ));
+                }
+            }
+        }
+    }
+    None
+}
+
+/// An out-of-band edit of a warehouse's entities.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Edit {
+    Wipe,
+    Tamper,
+}
+
+impl CentralStore {
+    /// Applies `edit` to every entity of `warehouse_id`; returns how many it touched.
+    pub(super) async fn edit(&self, warehouse_id: &str, edit: Edit) -> Result<u64, sqlx::Error> {
+        match self {
+            CentralStore::Memory(m) => {
+                let mut all = m.lock().await;
+                let Some(items) = all.get_mut(warehouse_id) else {
+                    return Ok(0);
+                };
+                let n = items.len() as u64;
+                match edit {
+                    Edit::Wipe => items.clear(),
+                    Edit::Tamper => {
+                        for s in items.values_mut().filter(|s| s.data.is_some()) {
+                            s.data = Some(r#"{"tampered":true}"#.into());
+                        }
+                    }
+                }
+                Ok(n)
+            }
+            CentralStore::Postgres(pool) => {
+                let q = match edit {
+                    Edit::Wipe => "DELETE FROM central_inventory WHERE warehouse_id = $1",
+                    Edit::Tamper => {
+                        "UPDATE central_inventory SET data = '{\"tampered\": true}'
+                          WHERE warehouse_id = $1 AND data IS NOT NULL"
+                    }
+                };
+                Ok(sqlx::query(q)
+                    .bind(warehouse_id)
+                    .execute(pool)
+                    .await?
+                    .rows_affected())
+            }
+        }
+    }
+}
