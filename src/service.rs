@@ -1,6 +1,16 @@
 //! `inventorysync run`, composed: the bus (embedded or Kafka), one pipeline per warehouse
 //! (see [`crate::app`]), the consumer stage, the job runners and the HTTP API, and the order in
-//! which they stop. Readable top-down as the diagram in docs/ARCHITECTURE.md.
+//! which they stop. [`run_service`] reads top-down as the pipeline in docs/ARCHITECTURE.md:
+//!
+//! ```text
+//!  plan: configuration, Kafka settings, central client, state DB URL (exit 2 on a bad value)
+//!   └▶ state DB (migrated) ─▶ bus: embedded queue, or Kafka + the group's progress reader
+//!       └▶ job runners (sync cycles; loads and resyncs), unless this is a consumer process
+//!       └▶ HTTP API
+//!       └▶ consumer stage (embedded: one reader per warehouse; Kafka: the consumer group)
+//!       └▶ sources: one pipeline per warehouse (crate::app::run), until Ctrl-C or SIGTERM
+//!  stop: consumers, then the API, then the job runners; the exit code says how it ended
+//! ```
 
 use std::collections::HashSet;
 use std::path::Path;
@@ -39,30 +49,42 @@ pub enum Stages {
     Consumer,
 }
 
-/// Runs the service until Ctrl-C or SIGTERM; the exit code says how it ended.
-pub async fn run_service(config_path: &Path, stages: Stages) -> ExitCode {
+/// What `run` needs before it starts anything, checked first: the configuration, the Kafka
+/// settings (none: the embedded bus), the central client (none: nothing is mapped) and the
+/// state DB's URL. A bad value is an exit code 2 with its reason.
+struct Plan {
+    config: Config,
+    kafka: Option<crate::bus::kafka::KafkaSettings>,
+    client: Option<Arc<CentralClient>>,
+    db_url: crate::pg::ConnInfo,
+    run_source: bool,
+    run_consumer: bool,
+}
+
+/// Loads and checks everything [`Plan`] holds.
+fn plan(config_path: &Path, stages: Stages) -> Result<Plan, ExitCode> {
     let config = match Config::load(config_path, true) {
         Ok(c) => c,
-        Err(e) => return fail(e, 2),
+        Err(e) => return Err(fail(e, 2)),
     };
     if stages != Stages::All && config.kafka_brokers.is_none() {
-        return fail(
+        return Err(fail(
             "RUN_STAGES (--stages) source or consumer needs KAFKA_BROKERS: the embedded bus runs both stages in one process",
             2,
-        );
+        ));
     }
     let (run_source, run_consumer) = (stages != Stages::Consumer, stages != Stages::Source);
     if config.warehouses.is_empty() {
-        return fail(
+        return Err(fail(
             format!("{} lists no [[warehouses]]", config_path.display()),
             2,
-        );
+        ));
     }
     let Some(db_url) = config.db_url.clone() else {
-        return fail(
+        return Err(fail(
             "DB_URL is not set: it names the state DB that holds the checkpoints",
             2,
-        );
+        ));
     };
     let kafka = match config
         .kafka_brokers
@@ -78,7 +100,7 @@ pub async fn run_service(config_path: &Path, stages: Stages) -> ExitCode {
             }
             k
         }
-        Err(e) => return fail(e, 2),
+        Err(e) => return Err(fail(e, 2)),
     };
     let mapped = config.consumer.mappings.len();
     let client = match &config.warehouse_api_endpoint {
@@ -88,15 +110,15 @@ pub async fn run_service(config_path: &Path, stages: Stages) -> ExitCode {
             config.consumer.central,
         ) {
             Ok(c) => Some(Arc::new(c)),
-            Err(e) => return fail(format!("WAREHOUSE_API_ENDPOINT: {e}"), 2),
+            Err(e) => return Err(fail(format!("WAREHOUSE_API_ENDPOINT: {e}"), 2)),
         },
         None if mapped > 0 => {
-            return fail(
+            return Err(fail(
                 format!(
                     "{mapped} table(s) are mapped in [[mappings]] but WAREHOUSE_API_ENDPOINT is not set: it names the central inventory API, e.g. http://central:8080/api/warehouse"
                 ),
                 2,
-            );
+            ));
         }
         None => None,
     };
@@ -105,6 +127,29 @@ pub async fn run_service(config_path: &Path, stages: Stages) -> ExitCode {
             "no [[mappings]] in the configuration: changes are published but none is sent to central"
         );
     }
+    Ok(Plan {
+        config,
+        kafka,
+        client,
+        db_url,
+        run_source,
+        run_consumer,
+    })
+}
+
+/// Runs the service until Ctrl-C or SIGTERM; the exit code says how it ended.
+pub async fn run_service(config_path: &Path, stages: Stages) -> ExitCode {
+    let Plan {
+        config,
+        kafka,
+        client,
+        db_url,
+        run_source,
+        run_consumer,
+    } = match plan(config_path, stages) {
+        Ok(p) => p,
+        Err(code) => return code,
+    };
     let state = match StateDb::connect(&db_url).await {
         Ok(s) => s,
         Err(e) => return fail(e, 1),
