@@ -15,6 +15,11 @@ tansu_bin="${INVENTORYSYNC_TEST_TANSU:-$tansu_home/bin/tansu}"
 
 if [ ! -x "$tansu_bin" ]; then
   echo "scripts/test: building the tansu broker $tansu_version with its fetch fix (once, several minutes)" >&2
+  for tool in curl patch; do
+    if ! command -v "$tool" >/dev/null && [ "$(id -u)" = 0 ]; then
+      apt-get install -y -qq "$tool" >/dev/null
+    fi
+  done
   tansu_src="$tansu_home/src"
   rm -rf "$tansu_src" && mkdir -p "$tansu_src" "$tansu_home/bin"
   for crate in tansu tansu-storage; do
