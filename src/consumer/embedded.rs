@@ -50,10 +50,21 @@ pub async fn run(
             if batch.len() >= max_items {
                 break;
             }
+            // Linger only behind a delivery in flight: a quiet lane sends at once, and under
+            // load the batch grows while the previous one is delivered and goes as soon as
+            // that one is done (or it is full, or the linger passed).
             chunk = match rx.try_recv() {
                 Some(c) => Some(c),
+                None if inflight.is_none() => break,
                 None => tokio::select! {
                     c = rx.recv() => match c { Some(c) => Some(c), None => break },
+                    (r, seq) = wait(&mut inflight) => {
+                        if !matches!(r, Ok(Ok(()))) {
+                            return;
+                        }
+                        rx.outcome_through(seq);
+                        break;
+                    }
                     _ = tokio::time::sleep_until(deadline) => break,
                     _ = cancel.cancelled() => return,
                 },

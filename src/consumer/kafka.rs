@@ -231,7 +231,11 @@ pub async fn run(
                     break;
                 }
                 store(&consumer, done);
-                continue;
+                // What lingered behind that delivery goes now.
+                if buffered == 0 {
+                    continue;
+                }
+                None
             }
             _ = cancel.cancelled() => break,
         };
@@ -310,14 +314,17 @@ pub async fn run(
                 }
                 next = consumer.recv().now_or_never();
             }
-            if buffered < cap {
+            // Linger only behind a delivery in flight: with nothing in flight the records
+            // read go at once (low latency when quiet); under load the batch grows while the
+            // previous one is delivered.
+            if buffered < cap && !inflight.is_empty() {
                 continue;
             }
         }
-        // Linger passed or the batch is full: the batch is prepared and delivered by a task of
-        // its own while the next records are read. Its delivery starts only once the previous
-        // batch's is done (so one key's changes stay in order); preparing it overlaps that
-        // delivery and the reading of the next batch. At most two batches are in flight;
+        // Nothing in flight, linger passed or the batch is full: the batch is prepared and
+        // delivered by a task of its own while the next records are read. Its delivery starts
+        // only once the previous batch's is done (so one key's changes stay in order);
+        // preparing it overlaps that delivery and the reading of the next batch. At most two batches are in flight;
         // offsets are stored in order, once their delivery is done.
         if inflight.len() >= MAX_IN_FLIGHT {
             let (ok, done) = wait(&mut inflight).await;
