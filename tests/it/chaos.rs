@@ -190,17 +190,15 @@ async fn chaos(kafka: bool) {
     })
     .await;
     // INVENTORYSYNC_KEEP_LOGS=1 keeps the run logs (their folder is printed) for a post-mortem.
-    let tmp = tempfile::tempdir().unwrap();
-    let _guard;
-    let dir = if std::env::var_os("INVENTORYSYNC_KEEP_LOGS").is_some() {
-        let kept = tmp.keep();
-        eprintln!("chaos: logs kept in {}", kept.display());
-        kept
-    } else {
-        let path = tmp.path().to_path_buf();
-        _guard = tmp;
-        path
-    };
+    let keep = std::env::var_os("INVENTORYSYNC_KEEP_LOGS").is_some();
+    let tmp = tempfile::Builder::new()
+        .disable_cleanup(keep)
+        .tempdir()
+        .unwrap();
+    let dir = tmp.path();
+    if keep {
+        eprintln!("chaos: logs kept in {}", dir.display());
+    }
     let cfg = dir.join("inventorysync.toml");
     std::fs::write(
         &cfg,

@@ -89,19 +89,10 @@ impl Central {
 
     /// Central's live entities of `warehouse`: "entity key" → data.
     pub async fn state(&self, warehouse: &str) -> BTreeMap<String, Value> {
-        let v = self
-            .get(&format!("{}/{warehouse}/inventory", self.endpoint()))
-            .await;
-        v["items"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|i| {
-                (
-                    entry(i["entity"].as_str().unwrap(), &i["key"]),
-                    i["data"].clone(),
-                )
-            })
+        self.versions(warehouse)
+            .await
+            .into_iter()
+            .map(|(k, (_, data))| (k, data))
             .collect()
     }
 
