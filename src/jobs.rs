@@ -438,11 +438,17 @@ async fn resync(
                 };
                 let (reply, answer) = tokio::sync::oneshot::channel();
                 let req = crate::source::resync::ChunkRequest {
+                    // A nonce makes the id this request's alone: the same chunk asked for
+                    // again after a restart must not take the watermarks of the earlier
+                    // request (replayed from the slot) for its own, which would version its
+                    // rows at that earlier point in the stream, below what central was sent
+                    // since.
                     id: format!(
-                        "{}:{}:{}",
+                        "{}:{}:{}:{:016x}",
                         w.job_id,
                         table,
-                        progress.chunks + ahead.len() as i64
+                        progress.chunks + ahead.len() as i64,
+                        rand::random::<u64>()
                     ),
                     table: table.clone(),
                     after,

@@ -27,7 +27,8 @@ pub const WATERMARK_PREFIX: &str = "inventorysync.resync";
 /// A request for the next chunk of one table.
 #[derive(Debug)]
 pub struct ChunkRequest {
-    /// Unique per chunk (job, table, position): the watermarks name it.
+    /// Unique per request (job, table, position and a nonce): the watermarks name it, so a
+    /// request never takes an earlier request's watermarks, replayed after a restart, for its own.
     pub id: String,
     /// `schema.table`.
     pub table: String,
