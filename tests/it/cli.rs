@@ -492,19 +492,7 @@ async fn a_restored_warehouse_is_refused_until_rebased_and_then_reloaded_whole()
     // The "restore": the slot is gone, the WAL ends 64 MB below the checkpoint, and central
     // holds SKU-1 at a version of the lost history.
     // (The killed run's walsender may still hold the slot for a moment.)
-    let drop_slot = format!(
-        "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = '{}'",
-        db.slot("run")
-    );
-    let mut dropped = false;
-    for _ in 0..100 {
-        if db.client.simple_query(&drop_slot).await.is_ok() {
-            dropped = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(dropped, "the slot could not be dropped");
+    db.drop_slot_when_free(&db.slot("run")).await;
     let now = db.current_lsn().await;
     let ahead = inventorysync::Lsn(now.0 + (64 << 20));
     state

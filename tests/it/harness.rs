@@ -339,6 +339,20 @@ impl TestDb {
     }
 
     /// WAL the slot `slot` (as named by [`TestDb::slot`]) retains past its confirmed position.
+    /// Drops `slot`, waiting (up to 10 s) for a killed client's walsender to let go of it.
+    pub async fn drop_slot_when_free(&self, slot: &str) {
+        let sql = format!(
+            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = '{slot}'"
+        );
+        for _ in 0..100 {
+            if self.client.simple_query(&sql).await.is_ok() {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        panic!("slot {slot} could not be dropped within 10 s");
+    }
+
     pub async fn slot_lag_bytes(&self, slot: &str) -> i64 {
         self.client
             .query_one(

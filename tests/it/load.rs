@@ -155,8 +155,8 @@ async fn a_slot_dropped_and_created_again_gets_its_initial_load() {
     // While run is down a DBA drops the slot; changes are made that no slot records; then
     // the slot is created again under the same name.
     let slot = db.slot("run");
-    db.exec(&format!("SELECT pg_drop_replication_slot('{slot}')"))
-        .await;
+    // (The stopped run's walsender may still hold the slot for a moment.)
+    db.drop_slot_when_free(&slot).await;
     // (Only upserts: central keeps an entity the warehouse deleted while no slot recorded it,
     // since a load can only send rows that exist; see docs/RUNBOOK.md.)
     db.exec(
