@@ -52,7 +52,7 @@ impl Default for CentralSettings {
             connect_timeout: Duration::from_secs(5),
             max_backoff: Duration::from_secs(30),
             breaker_threshold: 5,
-            breaker_cooldown: Duration::from_secs(10),
+            breaker_cooldown: Duration::from_secs(2),
             credential_retry: Duration::from_secs(30),
         }
     }
@@ -305,7 +305,16 @@ impl CentralClient {
                     } else {
                         self.record(true, probe, Some(&reason));
                     }
-                    let wait = after.unwrap_or_else(|| self.backoff(attempt));
+                    // While the breaker is open it paces every lane (one probe, then all at
+                    // once when central answers again): a lane's own backoff would keep it
+                    // waiting, up to max_backoff, after central is back.
+                    let wait = after.unwrap_or_else(|| {
+                        if self.breaker_open() {
+                            Duration::ZERO
+                        } else {
+                            self.backoff(attempt)
+                        }
+                    });
                     tracing::warn!(warehouse = %warehouse_id, attempt, reason = %reason, retry_in_ms = wait.as_millis() as u64, "central request failed; retrying");
                     wait
                 }
@@ -444,6 +453,12 @@ impl CentralClient {
                 }
             }
         }
+    }
+
+    /// Whether the breaker is open (or probing).
+    fn breaker_open(&self) -> bool {
+        let s = self.breaker.state.lock().unwrap_or_else(|p| p.into_inner());
+        s.open_until.is_some()
     }
 
     /// Waits until the breaker lets a request go; true when it goes as the half-open probe.
