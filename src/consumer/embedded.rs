@@ -16,6 +16,8 @@ pub async fn run(
     stage: Arc<Stage>,
     cancel: CancellationToken,
 ) {
+    // What an earlier consumer of this queue had in flight is replayed by the source.
+    stage.forget_lanes(Some(&warehouse_id)).await;
     let limits = stage.settings().batch;
     // Enough for a full request in each lane.
     let max_items = limits.max_changes * super::LANES;

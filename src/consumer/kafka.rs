@@ -28,6 +28,8 @@ use crate::bus::kafka::KafkaSettings;
 struct Partition {
     topic: String,
     partition: i32,
+    /// `topic/partition`: the ordered stream its records' lane progress is kept for.
+    stream: Arc<str>,
     /// Highest offset read.
     read: i64,
     /// The offset read last.
@@ -42,8 +44,9 @@ struct Partition {
 struct Partitions(Vec<Partition>);
 
 impl Partitions {
-    /// Notes a record at `offset`; returns true the first time the partition is seen.
-    fn read(&mut self, topic: &str, partition: i32, offset: i64) -> bool {
+    /// Notes a record at `offset`; returns the partition's stream id, and true the first
+    /// time the partition is seen.
+    fn read(&mut self, topic: &str, partition: i32, offset: i64) -> (Arc<str>, bool) {
         if let Some(p) = self
             .0
             .iter_mut()
@@ -61,16 +64,18 @@ impl Partitions {
             p.last = offset;
             p.read = p.read.max(offset);
             p.fresh = true;
-            return false;
+            return (p.stream.clone(), false);
         }
+        let stream: Arc<str> = Arc::from(format!("{topic}/{partition}"));
         self.0.push(Partition {
             topic: topic.to_string(),
             partition,
+            stream: stream.clone(),
             last: offset,
             read: offset,
             fresh: true,
         });
-        true
+        (stream, true)
     }
 
     /// The highest offset read per partition since the last call: what a delivery of
@@ -211,6 +216,8 @@ pub async fn run(
     let topic = subscription(kafka.topic.as_str());
     consumer.subscribe(&[topic.as_str()])?;
     tracing::info!(group = %kafka.group_id, topic = %topic, "consuming");
+    // What an earlier consumer had in flight is read again from the committed offsets.
+    stage.forget_lanes(None).await;
     let limits = stage.settings().batch;
     let mut batches: HashMap<String, Vec<Incoming>> = HashMap::new();
     let mut partitions = Partitions::default();
@@ -445,7 +452,8 @@ fn read_record<'m>(
     {
         return Read::Unknown(w);
     }
-    if partitions.read(m.topic(), m.partition(), m.offset()) {
+    let (stream, first) = partitions.read(m.topic(), m.partition(), m.offset());
+    if first {
         tracing::info!(
             topic = m.topic(),
             partition = m.partition(),
@@ -465,6 +473,7 @@ fn read_record<'m>(
             table: tables.get(table),
             key: m.key().unwrap_or_default().to_vec(),
             value: m.payload().unwrap_or_default().to_vec(),
+            stream,
         },
     )
 }
@@ -597,10 +606,13 @@ mod tests {
     #[test]
     fn offsets_are_stored_once_per_partition_and_only_for_records_read_since() {
         let mut p = Partitions::default();
-        assert!(p.read("changes", 0, 10), "first record of the partition");
-        assert!(!p.read("changes", 0, 11));
-        assert!(p.read("changes", 1, 4));
-        assert!(p.read("other", 0, 7), "same partition number, other topic");
+        assert!(p.read("changes", 0, 10).1, "first record of the partition");
+        assert!(!p.read("changes", 0, 11).1);
+        assert!(p.read("changes", 1, 4).1);
+        assert!(
+            p.read("other", 0, 7).1,
+            "same partition number, other topic"
+        );
         assert_eq!(
             p.take_marks(),
             vec![

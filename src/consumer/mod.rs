@@ -32,7 +32,7 @@ use crate::bus::kafka::KafkaBus;
 use crate::central::client::{Cancelled, CentralClient, Verdict};
 use crate::central::{Change, ChangeOp, ChangeResult, Outgoing, ResultStatus};
 use crate::event::ChangeEvent;
-use crate::store::{NewConflict, NewDeadLetter, StateDb, StoreError};
+use crate::store::{LaneMark, NewConflict, NewDeadLetter, StateDb, StoreError};
 use mapping::{EventView, Mapped, RawEvent, Violation, map_change_event, map_event};
 use settings::ConsumerSettings;
 use toast::{ToastReader, Want};
@@ -52,6 +52,9 @@ pub enum Incoming {
         key: Vec<u8>,
         /// The JSON envelope.
         value: Vec<u8>,
+        /// Its partition (`topic/partition`, shared by the partition's records): the ordered
+        /// stream whose lanes' progress it counts toward.
+        stream: std::sync::Arc<str>,
     },
 }
 
@@ -62,6 +65,15 @@ impl Incoming {
         match self {
             Incoming::Event(ev) => Some(EventView::from_event(ev, m)),
             Incoming::Record { value, .. } => EventView::parse(value).ok(),
+        }
+    }
+
+    /// The ordered stream the item came in on: `""` for the embedded bus (one queue per
+    /// warehouse), its partition on Kafka.
+    fn stream(&self) -> &str {
+        match self {
+            Incoming::Event(_) => "",
+            Incoming::Record { stream, .. } => stream,
         }
     }
 
@@ -136,6 +148,9 @@ pub struct Stage {
     cancel: CancellationToken,
     /// Per warehouse, the highest version sent (mirrors `consumer_progress`).
     sent: tokio::sync::Mutex<HashMap<String, Option<String>>>,
+    /// Per warehouse and ordered stream, each lane's last position handed to a delivery (read
+    /// from `consumer_lanes` when first needed): a change at or below it is a replay.
+    lanes: tokio::sync::Mutex<HashMap<String, HashMap<Arc<str>, LaneMarks>>>,
     /// Reads back unchanged TOAST values, so that an upsert always carries the whole row.
     toast: ToastReader,
 }
@@ -153,8 +168,28 @@ pub struct Prepared {
 /// A change on its way, with the event it came from and where its JSON is in `rendered`.
 struct Pending {
     item: usize,
+    /// Its index among its event's changes (a key move gives two changes one version): with
+    /// the version, its position in the stream.
+    sub: u8,
+    /// Its key lane.
+    lane: u8,
     change: Change,
     json: std::ops::Range<usize>,
+}
+
+/// Per lane, the position (version, index among its event's changes) of the last change
+/// handed to a delivery.
+type LaneMarks = [Option<(String, u8)>; LANES];
+
+/// A lane position as `consumer_lanes` stores it: `{version}/{index:02X}` (fixed width).
+fn position_text(version: &str, sub: u8) -> String {
+    format!("{version}/{sub:02X}")
+}
+
+/// The lane position stored as `text` (see [`position_text`]); none if it is not one.
+fn parse_position(text: &str) -> Option<(String, u8)> {
+    let (version, sub) = text.rsplit_once('/')?;
+    Some((version.to_string(), u8::from_str_radix(sub, 16).ok()?))
 }
 
 /// An upsert whose event lacks TOASTed fields (unchanged under the default replica
@@ -183,6 +218,7 @@ impl Stage {
             dead_letters,
             cancel,
             sent: tokio::sync::Mutex::new(HashMap::new()),
+            lanes: tokio::sync::Mutex::new(HashMap::new()),
             toast,
         }
     }
@@ -267,7 +303,9 @@ impl Stage {
             };
             match mapped {
                 Ok(Mapped::Changes(changes)) => {
-                    for change in changes {
+                    for (sub, change) in changes.into_iter().enumerate() {
+                        let sub = sub as u8;
+                        let lane = lane_of(change.entity.as_str(), &change.key) as u8;
                         let fields = unfilled_fields(&change, m, &unchanged);
                         if !fields.is_empty() {
                             let Some(key) = item.row_key() else {
@@ -301,6 +339,8 @@ impl Stage {
                             // Rendered once its fields are filled.
                             pending.push(Pending {
                                 item: i,
+                                sub,
+                                lane,
                                 change,
                                 json: 0..0,
                             });
@@ -311,6 +351,8 @@ impl Stage {
                         let _ = serde_json::to_writer(&mut rendered, &change);
                         pending.push(Pending {
                             item: i,
+                            sub,
+                            lane,
                             change,
                             json: start..rendered.len(),
                         });
@@ -375,6 +417,96 @@ impl Stage {
             pending,
             rendered,
         })
+    }
+
+    /// Forgets the lane positions handed to deliveries (of `warehouse_id`, or of every
+    /// warehouse): a consumer that starts (again) reads them from `consumer_lanes`, where
+    /// only positions with an outcome are, since what an ended consumer had in flight is
+    /// replayed.
+    pub async fn forget_lanes(&self, warehouse_id: Option<&str>) {
+        let mut lanes = self.lanes.lock().await;
+        match warehouse_id {
+            Some(w) => {
+                lanes.remove(w);
+            }
+            None => lanes.clear(),
+        }
+    }
+
+    /// Drops the changes of `pending` that a replay brings again: one at or below its
+    /// lane's position in its stream was handed to a delivery before (by this consumer, or
+    /// by one before it, which recorded its outcome in `consumer_lanes`). One lane's changes
+    /// reach central in stream order, so what is at or below that position has an outcome
+    /// already (or is in flight, and would be replayed again if that delivery failed). So a
+    /// restart sends central nothing it has from us, and no request holds a key's versions
+    /// out of order (a Kafka partition holds a replay after what it replays).
+    async fn skip_replayed(
+        &self,
+        warehouse_id: &str,
+        items: &[Incoming],
+        pending: &mut Vec<Pending>,
+    ) -> Result<(), Cancelled> {
+        if pending.is_empty() {
+            return Ok(());
+        }
+        let mut lanes = self.lanes.lock().await;
+        let streams = lanes.entry(warehouse_id.to_string()).or_default();
+        for p in pending.iter() {
+            let stream = items[p.item].stream();
+            if streams.contains_key(stream) {
+                continue;
+            }
+            let stored = self
+                .retry("cannot read the consumer's lane progress", || {
+                    self.state.lane_marks(warehouse_id, stream, LANES as i32)
+                })
+                .await?;
+            let mut marks: LaneMarks = Default::default();
+            for (lane, text) in stored {
+                match (
+                    usize::try_from(lane).ok().filter(|&l| l < LANES),
+                    parse_position(&text),
+                ) {
+                    (Some(l), Some(pos)) => marks[l] = Some(pos),
+                    _ => {
+                        tracing::warn!(warehouse = %warehouse_id, stream, lane, settled = %text, "consumer_lanes holds a row this version did not write; ignored (its changes are sent again)")
+                    }
+                }
+            }
+            streams.insert(Arc::from(stream), marks);
+        }
+        let mut replayed = 0u64;
+        let mut keep = Vec::with_capacity(pending.len());
+        for p in pending.iter() {
+            let Some(m) = streams.get_mut(items[p.item].stream()) else {
+                keep.push(true);
+                continue;
+            };
+            let mark = &mut m[p.lane as usize];
+            let seen = mark
+                .as_ref()
+                .is_some_and(|(v, s)| (p.change.version.as_str(), p.sub) <= (v.as_str(), *s));
+            if seen {
+                replayed += 1;
+                tracing::trace!(warehouse = %warehouse_id, stream = items[p.item].stream(), lane = p.lane, version = %p.change.version, sub = p.sub, mark = ?mark, key = %serde_json::to_string(&p.change.key).unwrap_or_default(), entity = p.change.entity.as_str(), "replayed: skipped");
+            } else {
+                *mark = Some((p.change.version.clone(), p.sub));
+            }
+            keep.push(!seen);
+        }
+        drop(lanes);
+        if replayed > 0 {
+            crate::metrics::metrics()
+                .changes_delivered
+                .with_label_values(&[warehouse_id, "replayed"])
+                .inc_by(replayed);
+            let mut i = 0;
+            pending.retain(|_| {
+                i += 1;
+                keep[i - 1]
+            });
+        }
+        Ok(())
     }
 
     /// Fills the upserts in `unfilled` with the current values of their TOASTed fields, read
@@ -474,10 +606,14 @@ impl Stage {
         let Prepared {
             warehouse_id,
             items,
-            pending,
+            mut pending,
             rendered,
         } = prepared;
         let (warehouse_id, items) = (warehouse_id.as_str(), items.as_slice());
+        // Here, not in `prepare`: batches are prepared concurrently (a slow TOAST read can
+        // finish after the next batch's), but delivered one after the other, in order.
+        self.skip_replayed(warehouse_id, items, &mut pending)
+            .await?;
         if pending.is_empty() {
             return Ok(());
         }
@@ -496,7 +632,16 @@ impl Stage {
         // never reordered; the lanes' requests are in flight together.
         let mut lanes: Vec<Vec<usize>> = vec![Vec::new(); LANES];
         for (i, p) in pending.iter().enumerate() {
-            lanes[lane_of(p.change.entity.as_str(), &p.change.key)].push(i);
+            lanes[p.lane as usize].push(i);
+        }
+        // In source order (version, then index in the event): on Kafka one key can come from
+        // two partitions (a key move is keyed by its new key, so the old key's delete shares
+        // the new key's partition), which one batch holds in either order.
+        let position = |&i: &usize| (pending[i].change.version.as_str(), pending[i].sub);
+        for lane in &mut lanes {
+            if !lane.is_sorted_by_key(position) {
+                lane.sort_by(|a, b| position(a).cmp(&position(b)));
+            }
         }
         let deliveries = lanes.iter().filter(|l| !l.is_empty()).map(|lane| {
             self.deliver_lane(
@@ -592,6 +737,22 @@ impl Stage {
                     tracing::info!(warehouse = %warehouse_id, resolved, "conflicts resolved: central now holds the warehouse's values");
                 }
             }
+            // Every change of the request has its outcome: the lane's position in each stream
+            // the request drew on moves to its last change there.
+            let mut marks: Vec<LaneMark<'_>> = Vec::new();
+            for &i in lane[start..end].iter().rev() {
+                let p = &pending[i];
+                let stream = items[p.item].stream();
+                if !marks.iter().any(|m| m.stream == stream) {
+                    marks.push(LaneMark {
+                        stream,
+                        lane: i32::from(p.lane),
+                        settled: position_text(&p.change.version, p.sub),
+                    });
+                }
+            }
+            self.persist(|| self.state.settle_lanes(warehouse_id, LANES as i32, &marks))
+                .await?;
             delivered += (end - start) as i64;
             if let Some(last) = changes.last()
                 && let Some(micros) =
@@ -832,6 +993,7 @@ impl Stage {
             table: std::sync::Arc::from(""),
             key,
             value,
+            stream: std::sync::Arc::from(""),
         };
         let v = Violation {
             rule: "event_format",
@@ -1012,7 +1174,28 @@ fn view_key(view: &EventView, m: &settings::TableMapping) -> Value {
 
 #[cfg(test)]
 mod tests {
-    use super::{LANES, lane_of};
+    use super::{LANES, lane_of, parse_position, position_text};
+
+    #[test]
+    fn a_stored_lane_position_sorts_as_its_source_order_and_reads_back() {
+        let positions = [
+            ("000000000000FFFF:00000001", 1u8),
+            ("0000000000010000:00000000", 0),
+            ("0000000000010000:00000000", 1),
+            ("0000000000010000:0000000A", 0),
+            ("0000000100000000:00000000", 0),
+        ];
+        let texts: Vec<String> = positions
+            .iter()
+            .map(|(v, s)| position_text(v, *s))
+            .collect();
+        assert!(texts.is_sorted(), "{texts:?}");
+        for ((v, s), t) in positions.iter().zip(&texts) {
+            assert_eq!(parse_position(t), Some((v.to_string(), *s)));
+        }
+        assert_eq!(parse_position("0000000000010000:00000000"), None);
+        assert_eq!(parse_position("0000000000010000:00000000/zz"), None);
+    }
 
     #[test]
     fn one_key_keeps_its_lane_and_keys_spread_over_all_lanes() {

@@ -163,36 +163,6 @@ impl StateDb {
 }
 
 impl StateDb {
-    /// The highest version sent to central for `warehouse_id`, if any.
-    pub async fn sent_version(&self, warehouse_id: &str) -> Result<Option<String>, StoreError> {
-        let row: Option<(String,)> =
-            sqlx::query_as("SELECT sent_version FROM consumer_progress WHERE warehouse_id = $1")
-                .bind(warehouse_id)
-                .fetch_optional(self.pool())
-                .await?;
-        Ok(row.map(|r| r.0))
-    }
-
-    /// Raises the highest version sent to central for `warehouse_id` (never lowers it).
-    pub async fn raise_sent_version(
-        &self,
-        warehouse_id: &str,
-        version: &str,
-    ) -> Result<(), StoreError> {
-        sqlx::query(
-            "INSERT INTO consumer_progress (warehouse_id, sent_version) VALUES ($1, $2)
-             ON CONFLICT (warehouse_id) DO UPDATE SET sent_version = EXCLUDED.sent_version, updated_at = now()
-             WHERE consumer_progress.sent_version < EXCLUDED.sent_version",
-        )
-        .bind(warehouse_id)
-        .bind(version)
-        .execute(self.pool())
-        .await?;
-        Ok(())
-    }
-}
-
-impl StateDb {
     /// Conflicts matching `q`, newest first.
     pub async fn list_conflicts(&self, q: &ConflictQuery) -> Result<Vec<ConflictRow>, StoreError> {
         Ok(sqlx::query_as(

@@ -7,6 +7,7 @@ mod checkpoints;
 mod conflicts;
 mod jobs;
 mod lease;
+mod progress;
 
 pub use checkpoints::{Checkpoint, Origin};
 pub use conflicts::{ConflictQuery, ConflictRow, NewConflict, NewDeadLetter};
@@ -15,6 +16,7 @@ pub use jobs::{
     new_job_id,
 };
 pub use lease::WarehouseLease;
+pub use progress::LaneMark;
 
 use std::time::Duration;
 

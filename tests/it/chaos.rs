@@ -158,14 +158,7 @@ async fn random_workload(url: String, seed: u64, stop: Instant) -> u64 {
 /// Changes the `run` process on `port` has given an outcome (its own metric; zero while
 /// it does not answer).
 async fn delivered_by(port: u16) -> f64 {
-    let Ok(r) = reqwest::get(format!("http://127.0.0.1:{port}/metrics")).await else {
-        return 0.0;
-    };
-    let text = r.text().await.unwrap_or_default();
-    text.lines()
-        .filter(|l| l.starts_with("inventorysync_changes_delivered_total{"))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+    crate::consumer::outcomes(port).await.values().sum()
 }
 
 async fn chaos(kafka: bool) {
@@ -343,6 +336,15 @@ async fn chaos(kafka: bool) {
         "every change is valid"
     );
     assert_eq!(dead_letters(&state).await, Vec::<Value>::new());
+    let stats = central.stats().await;
+    assert_eq!(
+        stats["reordered"], 0,
+        "per key, versions only grow in a request: {stats}"
+    );
+    eprintln!(
+        "chaos: central answered {} applied, {} duplicate, {} stale",
+        stats["applied"], stats["duplicate"], stats["stale"]
+    );
     if kafka {
         // A restarted member that was not given its partitions back would wait for the dead
         // one's session.timeout.ms (45 s), or for good on the test broker. (Measured here:

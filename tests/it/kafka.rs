@@ -82,30 +82,15 @@ async fn consume_until(
 /// Every record of `topic` whose key (or old row) contains each of `needles`, as
 /// "partition/offset op version after", read from the start until the topic falls quiet.
 pub async fn records_with(topic: &str, needles: &[&str]) -> Vec<String> {
-    let consumer: StreamConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &broker().address)
-        .set(
-            "group.id",
-            format!("it-postmortem-{topic}-{}", rand_suffix()),
-        )
-        .set("auto.offset.reset", "earliest")
-        .set("enable.auto.commit", "false")
-        .create()
-        .unwrap();
-    consumer.subscribe(&[topic]).unwrap();
     let mut out = Vec::new();
-    // Joining the group takes seconds; then the topic is read until it falls quiet.
-    let mut quiet = Duration::from_secs(40);
-    while let Ok(next) = tokio::time::timeout(quiet, consumer.recv()).await {
-        let Ok(msg) = next else { continue };
-        quiet = Duration::from_secs(10);
+    read_topic(topic, |msg| {
         let key = String::from_utf8_lossy(msg.key().unwrap_or_default()).into_owned();
         let value: serde_json::Value =
             serde_json::from_slice(msg.payload().unwrap_or_default()).unwrap_or_default();
         // A key move is keyed by its new key: its old one is in `before`.
         let before = value["before"].to_string();
         if !needles.iter().all(|n| key.contains(n)) && !needles.iter().all(|n| before.contains(n)) {
-            continue;
+            return;
         }
         let version = format!(
             "{:016X}:{:08X}",
@@ -121,8 +106,86 @@ pub async fn records_with(topic: &str, needles: &[&str]) -> Vec<String> {
             value["before"],
             value["after"]
         ));
-    }
+    })
+    .await;
     out
+}
+
+/// Appends to each partition of `topic` a copy of its records from `from_share` of the way
+/// on (key, value and headers as they were, in order): what a source that restarts from an
+/// older checkpoint publishes again. Returns how many records were copied.
+pub async fn replay_tail(topic: &str, from_share: f64) -> usize {
+    use rdkafka::message::{Header, OwnedHeaders};
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    type Owned = (Vec<u8>, Vec<u8>, Vec<(String, Vec<u8>)>);
+    let mut by_partition: std::collections::BTreeMap<i32, Vec<Owned>> = Default::default();
+    read_topic(topic, |msg| {
+        let headers = msg
+            .headers()
+            .map(|h| {
+                h.iter()
+                    .map(|h| (h.key.to_string(), h.value.unwrap_or_default().to_vec()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        by_partition.entry(msg.partition()).or_default().push((
+            msg.key().unwrap_or_default().to_vec(),
+            msg.payload().unwrap_or_default().to_vec(),
+            headers,
+        ));
+    })
+    .await;
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &broker().address)
+        .set("enable.idempotence", "true")
+        .create()
+        .unwrap();
+    let mut copied = 0;
+    for (partition, records) in &by_partition {
+        let from = (records.len() as f64 * from_share) as usize;
+        for (key, value, headers) in &records[from..] {
+            let mut h = OwnedHeaders::new();
+            for (k, v) in headers {
+                h = h.insert(Header {
+                    key: k,
+                    value: Some(v),
+                });
+            }
+            let record = FutureRecord::to(topic)
+                .partition(*partition)
+                .key(key)
+                .payload(value)
+                .headers(h);
+            producer
+                .send(record, Duration::from_secs(10))
+                .await
+                .map_err(|(e, _)| e)
+                .unwrap();
+            copied += 1;
+        }
+    }
+    copied
+}
+
+/// Hands every record of `topic` to `each`, from the start, until the topic falls quiet.
+async fn read_topic(topic: &str, mut each: impl FnMut(&rdkafka::message::BorrowedMessage<'_>)) {
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &broker().address)
+        .set("group.id", format!("it-read-{topic}-{}", rand_suffix()))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .set("topic.metadata.refresh.interval.ms", "500")
+        .create()
+        .unwrap();
+    consumer.subscribe(&[topic]).unwrap();
+    // Joining the group takes seconds (more on a busy broker); then the topic is read until
+    // it falls quiet.
+    let mut quiet = Duration::from_secs(90);
+    while let Ok(next) = tokio::time::timeout(quiet, consumer.recv()).await {
+        let Ok(msg) = next else { continue };
+        quiet = Duration::from_secs(10);
+        each(&msg);
+    }
 }
 
 /// [`consume_until`] on the broker at `brokers`.

@@ -8,7 +8,8 @@
 //! - `POST /api/warehouse/{id}/changes` — the contract.
 //! - `GET /api/warehouse/{id}/inventory` — the live entities of a warehouse.
 //! - `GET|PUT /admin/faults` — read or replace the injected faults.
-//! - `GET /admin/stats` — requests and results counted since start, and the latency from
+//! - `GET /admin/stats` — requests and results counted since start (`reordered`: changes that
+//!   repeat a key of their request at a version that does not grow), and the latency from
 //!   warehouse commit to applied here (p50/p90/p99; `DELETE` clears the samples;
 //!   `?latency=false` leaves the percentiles out: a poller that only counts does not sort
 //!   the samples each time).
@@ -158,6 +159,8 @@ struct Stats {
     duplicate: AtomicU64,
     stale: AtomicU64,
     rejected: AtomicU64,
+    /// Changes that repeat a key of their request at a version not above the earlier one's.
+    reordered: AtomicU64,
 }
 
 /// Commit-to-applied latencies of applied changes, in microseconds (bounded).
@@ -406,7 +409,16 @@ async fn post_changes(
         })
         .collect();
     let results = match state.store.apply(&id, batch.changes, &faults).await {
-        Ok(r) => r,
+        Ok((r, reordered)) => {
+            if reordered > 0 {
+                state
+                    .stats
+                    .reordered
+                    .fetch_add(reordered, Ordering::Relaxed);
+                tracing::warn!(warehouse = %id, reordered, "a request holds a key twice with a version that does not grow (the contract forbids it)");
+            }
+            r
+        }
         Err(e) => {
             return error(
                 StatusCode::INTERNAL_SERVER_ERROR,
@@ -506,6 +518,7 @@ async fn get_stats(
         "duplicate": n(&s.duplicate),
         "stale": n(&s.stale),
         "rejected": n(&s.rejected),
+        "reordered": n(&s.reordered),
         "latency": latency,
     }))
 }

@@ -61,20 +61,25 @@ impl CentralStore {
         Ok(CentralStore::Postgres(pool))
     }
 
+    /// Judges and applies one request's changes in order; also returns how many of them
+    /// repeat a key of the same request at a version not above the earlier one's (the
+    /// contract forbids that: per key, versions only grow).
     pub(super) async fn apply(
         &self,
         warehouse_id: &str,
         changes: Vec<WireChange<'_>>,
         faults: &Faults,
-    ) -> Result<Vec<ChangeResult>, sqlx::Error> {
-        match self {
+    ) -> Result<(Vec<ChangeResult>, u64), sqlx::Error> {
+        let mut order = RequestOrder::default();
+        let results = match self {
             CentralStore::Memory(m) => {
                 let mut all = m.lock().await;
                 let items = all.entry(warehouse_id.to_string()).or_default();
-                Ok(changes
+                changes
                     .into_iter()
                     .map(|c| {
                         let k = item_key(&c);
+                        order.note(&k, &c.version);
                         let current = items.get(&k);
                         let (status, reason) =
                             decide(&c, current.map(|s| s.version.as_ref()), faults);
@@ -92,13 +97,14 @@ impl CentralStore {
                         }
                         result
                     })
-                    .collect())
+                    .collect()
             }
             CentralStore::Postgres(pool) => {
                 let mut tx = pool.begin().await?;
                 let mut results = Vec::with_capacity(changes.len());
                 for c in changes {
                     let k = item_key(&c);
+                    order.note(&k, &c.version);
                     let current: Option<(String, Option<Value>)> = sqlx::query_as(
                         "SELECT version, data FROM central_inventory
                          WHERE warehouse_id = $1 AND item_key = $2 FOR UPDATE",
@@ -135,9 +141,10 @@ impl CentralStore {
                     results.push(result);
                 }
                 tx.commit().await?;
-                Ok(results)
+                results
             }
-        }
+        };
+        Ok((results, order.violations))
     }
 
     pub(super) async fn list(&self, warehouse_id: &str) -> Result<Vec<Item>, sqlx::Error> {
@@ -186,6 +193,32 @@ impl CentralStore {
                         })
                     })
                     .collect())
+            }
+        }
+    }
+}
+
+/// The keys one request has seen so far, by a hash of their store key, with their last
+/// version: a key seen again at a version not above that one breaks the contract's order.
+#[derive(Default)]
+struct RequestOrder {
+    seen: std::collections::HashMap<u64, String>,
+    violations: u64,
+}
+
+impl RequestOrder {
+    fn note(&mut self, key: &str, version: &str) {
+        use std::hash::BuildHasher;
+        let h = foldhash::fast::FixedState::with_seed(7).hash_one(key);
+        match self.seen.get_mut(&h) {
+            Some(v) => {
+                if version <= v.as_str() {
+                    self.violations += 1;
+                }
+                version.clone_into(v);
+            }
+            None => {
+                self.seen.insert(h, version.to_string());
             }
         }
     }
@@ -321,5 +354,25 @@ impl CentralStore {
                     .rows_affected())
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::RequestOrder;
+
+    #[test]
+    fn a_key_repeated_in_a_request_at_a_version_that_does_not_grow_is_counted() {
+        let mut o = RequestOrder::default();
+        o.note("stock_level:{\"sku\":\"A\"}", "01:00000001");
+        o.note("stock_level:{\"sku\":\"B\"}", "01:00000000");
+        o.note("stock_level:{\"sku\":\"A\"}", "01:00000002");
+        assert_eq!(
+            o.violations, 0,
+            "growing versions, and other keys in any order"
+        );
+        o.note("stock_level:{\"sku\":\"A\"}", "01:00000002");
+        o.note("stock_level:{\"sku\":\"B\"}", "00:00000009");
+        assert_eq!(o.violations, 2, "the same version again, and a lower one");
     }
 }
