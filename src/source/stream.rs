@@ -36,6 +36,10 @@ use crate::store::Origin;
 
 /// Events per batch handed downstream at most.
 const MAX_BATCH_ITEMS: usize = 1024;
+/// How often an idle stream confirms the position a keepalive reports.
+const IDLE_CONFIRM_EVERY: Duration = Duration::from_secs(1);
+/// How far a keepalive's position may run ahead before it is confirmed at once.
+const IDLE_CONFIRM_BYTES: u64 = 16 << 20;
 
 /// What to stream and how.
 #[derive(Debug, Clone)]
@@ -348,6 +352,7 @@ async fn run_once(
         pending: Vec::with_capacity(MAX_BATCH_ITEMS),
         in_transaction: false,
         last_commit_end: start,
+        last_idle_confirm: Instant::now(),
         endpos: opts.endpos,
         health_tick: {
             let mut i = tokio::time::interval(opts.health_interval);
@@ -544,6 +549,8 @@ struct Session {
     pending: Vec<StreamItem>,
     in_transaction: bool,
     last_commit_end: Lsn,
+    /// When a keepalive's position was last confirmed as an empty commit.
+    last_idle_confirm: Instant,
     endpos: Option<Lsn>,
     heartbeat: Option<Interval>,
     health_tick: Interval,
@@ -714,7 +721,15 @@ impl Session {
                         } => {
                             tracing::trace!(%wal_end, reply_requested, "keepalive");
                             let idle = self.is_idle();
-                            if idle && wal_end > self.feedback.flushed {
+                            // At most one a second (or once the WAL moved on a lot): when the
+                            // state DB shares the warehouse's cluster, the checkpoint this
+                            // writes is WAL too, which the next keepalive reports, and
+                            // confirming each at once kept the engine writing checkpoints
+                            // for itself.
+                            let due = self.last_idle_confirm.elapsed() >= IDLE_CONFIRM_EVERY
+                                || wal_end.0 >= self.feedback.flushed.0 + IDLE_CONFIRM_BYTES;
+                            if idle && due && wal_end > self.feedback.flushed {
+                                self.last_idle_confirm = Instant::now();
                                 // Nothing of ours is in flight and the server has decoded up
                                 // to wal_end: confirming it lets an idle slot release WAL
                                 // that only other tables or databases wrote. It goes

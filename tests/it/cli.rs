@@ -598,3 +598,43 @@ async fn a_restored_warehouse_is_refused_until_rebased_and_then_reloaded_whole()
     // Central takes the reloaded rows over the lost history's version.
     assert_converges(&central, &db, "wh-restored", &log).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_run_does_not_feed_its_own_checkpoints() {
+    use crate::consumer::{Central, assert_converges, config, run_command, start, wait_streaming};
+    // The state DB in the warehouse's cluster (as here): every checkpoint written is WAL that
+    // the slot's walsender reports in a keepalive. Confirming each keepalive at once wrote a
+    // checkpoint per keepalive, whose WAL brought the next one: thousands of commits a second
+    // on an idle warehouse, and a busy engine.
+    let db = crate::consumer::demo_warehouse("idle").await;
+    let state = pg().new_db("idlestate").await;
+    let central = Central::start(inventorysync::central::server::Faults::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), &db, "wh-idle", "");
+    let log = dir.path().join("run.log");
+    let _run = start(run_command(&cfg, &state, &central, None), log.clone());
+    wait_streaming(&state, "wh-idle", &log).await;
+    assert_converges(&central, &db, "wh-idle", &log).await;
+    // Checkpoint writes: n_tup_upd of replication_checkpoints (statistics lag up to a second).
+    let writes = || async {
+        state
+            .client
+            .query_one(
+                "SELECT coalesce(sum(n_tup_upd + n_tup_ins), 0)::bigint FROM pg_stat_user_tables
+                  WHERE relname = 'replication_checkpoints'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+    };
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let before = writes().await;
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let idle = writes().await - before;
+    assert!(
+        idle <= 12,
+        "{idle} checkpoint writes in 6 idle seconds (at most one a second expected):\n{}",
+        crate::consumer::log_tail(&log)
+    );
+}
