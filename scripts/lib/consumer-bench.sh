@@ -1,0 +1,71 @@
+# Shared by scripts/bench-consumer and scripts/bench-faults: the binary to measure, a
+# throwaway PostgreSQL with the demo schema (warehouse `wh`, state DB `state`), the reference
+# central server, run's configuration and helpers (applied, wait_applied, load_stock, cpu_s).
+# Source it after scripts/lib/pg.sh with ROWS set; it defines bin, dir, port, cport, url,
+# psql, pids (killed on exit), central_pid and the functions below.
+
+# BENCH_BIN=PATH measures that binary instead of building this tree's (to compare two builds).
+if [ -n "${BENCH_BIN:-}" ]; then
+  bin=$BENCH_BIN
+else
+  cargo build --release --quiet
+  bin="$PWD/target/release/inventorysync"
+fi
+
+dir=$(mktemp -d /tmp/inventorysync-bench.XXXXXX)
+port=$(free_port)
+cport=$(free_port)
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  # BENCH_KEEP_LOGS=DIR keeps the processes' logs.
+  [ -n "${BENCH_KEEP_LOGS:-}" ] && mkdir -p "$BENCH_KEEP_LOGS" && cp "$dir"/*.log "$BENCH_KEEP_LOGS"/
+  stop_pg "$dir"
+  rm -rf "$dir"
+}
+trap cleanup EXIT
+start_pg "$dir" "$port"
+psql=(psql -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$port" -U postgres)
+"${psql[@]}" -d postgres -c "CREATE DATABASE wh" -c "CREATE DATABASE state"
+"${psql[@]}" -d wh -f sql/demo_schema.sql
+"${psql[@]}" -d wh -c "CREATE PUBLICATION inventorysync FOR TABLE products, locations, stock_levels;
+  INSERT INTO products (sku, name, unit_price) SELECT 'SKU-' || g, 'product ' || g, g / 100.0 FROM generate_series(1, 2000) g;
+  INSERT INTO locations SELECT 'L-' || g, 'zone ' || (g % 7) FROM generate_series(1, 100) g;"
+
+"$bin" central --listen "127.0.0.1:$cport" 2>"$dir/central.log" &
+central_pid=$!
+pids+=($central_pid)
+cpu_s() { awk '{printf "%.2f", ($14 + $15) / 100}' "/proc/$1/stat"; }
+stats() { curl -sf "http://127.0.0.1:$cport/admin/stats${1:-}"; }
+applied() { # without a Python start per poll: the polling must not take CPU from the run
+  local s
+  s=$(stats "?latency=false") # counting only: no sorting of the samples per poll
+  [[ $s =~ \"applied\":([0-9]+) ]] && echo "${BASH_REMATCH[1]}"
+}
+until curl -sf "http://127.0.0.1:$cport/health" >/dev/null; do sleep 0.1; done
+
+url="postgres://postgres@127.0.0.1:$port/wh?sslmode=disable"
+{ cat sql/demo_mapping.toml; printf "\n[[warehouses]]\nid = 'bench'\nurl = '%s'\n" "$url"; } >"$dir/run.toml"
+export DB_URL="postgres://postgres@127.0.0.1:$port/state?sslmode=disable"
+export WAREHOUSE_API_ENDPOINT="http://127.0.0.1:$cport/api/warehouse"
+export INVENTORYSYNC_LOG=warn
+
+cat >"$dir/steady.sql" <<'SQL'
+\set sku random(1, 2000)
+\set loc random(1, 91)
+UPDATE stock_levels SET qty_on_hand = qty_on_hand + 1
+ WHERE sku = 'SKU-' || :sku AND location_code IN (SELECT 'L-' || g FROM generate_series(:loc, :loc + 9) g);
+SQL
+
+wait_applied() { # target: waits until central has applied at least that many changes
+  until [ "$(applied)" -ge "$1" ]; do sleep 0.02; done
+}
+
+load_stock() { # ROWS stock levels in transactions of 1,000
+  for t in $(seq 0 $((ROWS / 1000 - 1))); do
+    echo "INSERT INTO stock_levels (sku, location_code, qty_on_hand, qty_reserved)
+          SELECT 'SKU-' || (1 + (($t * 1000 + g) % 2000)), 'L-' || (1 + (($t * 1000 + g) / 2000) % 100), g % 50, g % 5
+          FROM generate_series(0, 999) g ON CONFLICT DO NOTHING;"
+  done | "${psql[@]}" -d wh >/dev/null
+}
