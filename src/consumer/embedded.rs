@@ -1,5 +1,6 @@
 //! The consumer side of the embedded bus: one task per warehouse queue.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 
 use tokio::time::Instant;
@@ -7,9 +8,14 @@ use tokio_util::sync::CancellationToken;
 
 use super::{Incoming, Stage};
 use crate::bus::embedded::EmbeddedReceiver;
+use crate::central::client::Cancelled;
+
+/// Batches delivered at once: while a lane waits on central (a slow answer, a `Retry-After`),
+/// the other lanes go on with the next batches (each lane's turns stay in order).
+const MAX_IN_FLIGHT: usize = 4;
 
 /// Consumes one warehouse's queue until `cancel`: batches events (by the stage's count and
-/// linger), hands them to the stage and reports their outcomes back to the bus.
+/// linger), hands them to the stage and reports their outcomes back to the bus, in order.
 pub async fn run(
     warehouse_id: String,
     mut rx: EmbeddedReceiver,
@@ -21,14 +27,14 @@ pub async fn run(
     let limits = stage.settings().batch;
     // Enough for a full request in each lane.
     let max_items = limits.max_changes * super::LANES;
-    // The batch being delivered and its last sequence number: the next batch is gathered
-    // and prepared meanwhile, and delivered once this one is done (keys stay in order).
-    let mut inflight: Option<Inflight> = None;
+    // Batches being delivered with their last sequence numbers, oldest first: the next batch
+    // is gathered and prepared meanwhile; outcomes reach the bus in order.
+    let mut inflight: VecDeque<Inflight> = VecDeque::new();
     loop {
         let first = loop {
             tokio::select! {
                 c = rx.recv() => break c,
-                (r, seq) = wait(&mut inflight) => {
+                (r, seq) = oldest(&mut inflight) => {
                     if !matches!(r, Ok(Ok(()))) {
                         return;
                     }
@@ -53,14 +59,14 @@ pub async fn run(
                 break;
             }
             // Linger only behind a delivery in flight: a quiet lane sends at once, and under
-            // load the batch grows while the previous one is delivered and goes as soon as
-            // that one is done (or it is full, or the linger passed).
+            // load the batch grows while earlier ones are delivered and goes as soon as the
+            // oldest is done (or it is full, or the linger passed).
             chunk = match rx.try_recv() {
                 Some(c) => Some(c),
-                None if inflight.is_none() => break,
+                None if inflight.is_empty() => break,
                 None => tokio::select! {
                     c = rx.recv() => match c { Some(c) => Some(c), None => break },
-                    (r, seq) = wait(&mut inflight) => {
+                    (r, seq) = oldest(&mut inflight) => {
                         if !matches!(r, Ok(Ok(()))) {
                             return;
                         }
@@ -76,38 +82,30 @@ pub async fn run(
             // Cancelled: these events have no outcome; the source replays them.
             return;
         };
-        if inflight.is_some() {
-            let (r, seq) = wait(&mut inflight).await;
+        while inflight.len() >= MAX_IN_FLIGHT {
+            let (r, seq) = oldest(&mut inflight).await;
             if !matches!(r, Ok(Ok(()))) {
                 return;
             }
             rx.outcome_through(seq);
         }
-        let stage = stage.clone();
-        inflight = Some((
-            tokio::spawn(async move { stage.deliver(prepared).await }),
-            last_seq,
-        ));
+        // The lanes take their turns here, in source order; the delivery runs on its own.
+        let delivery = stage.clone().deliver(prepared);
+        inflight.push_back((tokio::spawn(delivery), last_seq));
     }
 }
 
-type Inflight = (
-    tokio::task::JoinHandle<Result<(), crate::central::client::Cancelled>>,
-    u64,
-);
+type Inflight = (tokio::task::JoinHandle<Result<(), Cancelled>>, u64);
 
-/// The in-flight delivery's result and last sequence number; never resolves without one.
-async fn wait(
-    inflight: &mut Option<Inflight>,
-) -> (
-    Result<Result<(), crate::central::client::Cancelled>, tokio::task::JoinError>,
-    u64,
-) {
-    match inflight {
+/// The oldest delivery's result and last sequence number; never resolves without one.
+async fn oldest(
+    inflight: &mut VecDeque<Inflight>,
+) -> (Result<Result<(), Cancelled>, tokio::task::JoinError>, u64) {
+    match inflight.front_mut() {
         Some((handle, seq)) => {
             let seq = *seq;
             let r = handle.await;
-            *inflight = None;
+            inflight.pop_front();
             (r, seq)
         }
         None => std::future::pending().await,

@@ -226,8 +226,8 @@ pub async fn run(
     let mut first_at: Option<Instant> = None;
     let mut buffered = 0usize;
     let mut inflight: VecDeque<Inflight> = VecDeque::new();
-    // Resolves once the newest batch in flight is delivered (true) or given up (false).
-    let mut last_done: Option<tokio::sync::oneshot::Receiver<bool>> = None;
+    // Resolves once the newest batch in flight took its lanes' turns (true) or gave up.
+    let mut last_turns: Option<tokio::sync::oneshot::Receiver<bool>> = None;
     loop {
         let flush_due = first_at.map(|t| t + limits.linger);
         let msg = tokio::select! {
@@ -329,10 +329,11 @@ pub async fn run(
             }
         }
         // Nothing in flight, linger passed or the batch is full: the batch is prepared and
-        // delivered by a task of its own while the next records are read. Its delivery starts
-        // only once the previous batch's is done (so one key's changes stay in order);
-        // preparing it overlaps that delivery and the reading of the next batch. At most two batches are in flight;
-        // offsets are stored in order, once their delivery is done.
+        // delivered by a task of its own while the next records are read. Its lanes take
+        // their turns once the previous batch's lanes took theirs (so one key's changes stay
+        // in order), and each lane then waits only for its own earlier turns: a lane central
+        // keeps waiting holds back no other. Offsets are stored in order, once a batch and
+        // every batch before it are delivered.
         if inflight.len() >= MAX_IN_FLIGHT {
             let (ok, done) = wait(&mut inflight).await;
             if !ok {
@@ -342,31 +343,31 @@ pub async fn run(
         }
         let work = std::mem::take(&mut batches);
         let stage = stage.clone();
-        let previous = last_done.take();
-        let (done_tx, done_rx) = tokio::sync::oneshot::channel();
-        last_done = Some(done_rx);
+        let previous = last_turns.take();
+        let (turns_tx, turns_rx) = tokio::sync::oneshot::channel();
+        last_turns = Some(turns_rx);
         let handle = tokio::spawn(async move {
             let prepared = join_all(work.into_iter().map(|(w, items)| {
                 let stage = &stage;
                 async move { stage.prepare(&w, items).await }
             }))
             .await;
-            let ok = match prepared.into_iter().collect::<Result<Vec<_>, _>>() {
-                Err(_) => false,
-                Ok(prepared) => {
-                    let previous_ok = match previous {
-                        Some(rx) => matches!(rx.await, Ok(true)),
-                        None => true,
-                    };
-                    previous_ok
-                        && join_all(prepared.into_iter().map(|p| stage.deliver(p)))
-                            .await
-                            .into_iter()
-                            .all(|r| r.is_ok())
-                }
+            let prepared = match prepared.into_iter().collect::<Result<Vec<_>, _>>() {
+                Err(_) => return false,
+                Ok(prepared) => prepared,
             };
-            let _ = done_tx.send(ok);
-            ok
+            // Turns in batch order: after the previous batch took its turns.
+            if let Some(rx) = previous
+                && !matches!(rx.await, Ok(true))
+            {
+                return false;
+            }
+            let deliveries: Vec<_> = prepared
+                .into_iter()
+                .map(|p| stage.clone().deliver(p))
+                .collect();
+            let _ = turns_tx.send(true);
+            join_all(deliveries).await.into_iter().all(|r| r.is_ok())
         });
         inflight.push_back((handle, partitions.take_marks()));
         first_at = None;
@@ -500,8 +501,9 @@ fn stop_partition(consumer: &Group, m: &BorrowedMessage<'_>, warehouse: &str, gr
     }
 }
 
-/// Batches prepared or delivered at once: one delivering, the next preparing.
-const MAX_IN_FLIGHT: usize = 2;
+/// Batches prepared or delivered at once (each lane delivers its turns in order; a lane that
+/// waits on central lets the others go on with the next batches).
+const MAX_IN_FLIGHT: usize = 3;
 
 /// A batch in flight (its task: prepare, then deliver) and the positions it covers.
 type Inflight = (tokio::task::JoinHandle<bool>, Vec<Position>);

@@ -151,6 +151,9 @@ pub struct Stage {
     /// Per warehouse and ordered stream, each lane's last position handed to a delivery (read
     /// from `consumer_lanes` when first needed): a change at or below it is a replay.
     lanes: tokio::sync::Mutex<HashMap<String, HashMap<Arc<str>, LaneMarks>>>,
+    /// Per warehouse and lane, the latest delivery's "done" (true: delivered): the lane's
+    /// next delivery goes once it resolves.
+    chains: std::sync::Mutex<HashMap<String, Vec<Option<tokio::sync::oneshot::Receiver<bool>>>>>,
     /// Reads back unchanged TOAST values, so that an upsert always carries the whole row.
     toast: ToastReader,
 }
@@ -180,6 +183,15 @@ struct Pending {
 /// Per lane, the position (version, index among its event's changes) of the last change
 /// handed to a delivery.
 type LaneMarks = [Option<(String, u8)>; LANES];
+
+/// One lane's part of a delivery: its changes (indexes into `pending`), the lane's previous
+/// delivery to wait for, and where to say this one is done.
+struct LaneTurn {
+    lane: usize,
+    changes: Vec<usize>,
+    after: Option<tokio::sync::oneshot::Receiver<bool>>,
+    done: tokio::sync::oneshot::Sender<bool>,
+}
 
 /// A lane position as `consumer_lanes` stores it: `{version}/{index:02X}` (fixed width).
 fn position_text(version: &str, sub: u8) -> String {
@@ -219,6 +231,7 @@ impl Stage {
             cancel,
             sent: tokio::sync::Mutex::new(HashMap::new()),
             lanes: tokio::sync::Mutex::new(HashMap::new()),
+            chains: std::sync::Mutex::new(HashMap::new()),
             toast,
         }
     }
@@ -231,13 +244,6 @@ impl Stage {
     /// The central client, if one is configured.
     pub fn client(&self) -> Option<&Arc<CentralClient>> {
         self.client.as_ref()
-    }
-
-    /// Gives every item (one warehouse's, in source order) an outcome; returns once each has
-    /// one, or `Cancelled` (nothing may then be acknowledged).
-    pub async fn handle(&self, warehouse_id: &str, items: Vec<Incoming>) -> Result<(), Cancelled> {
-        let prepared = self.prepare(warehouse_id, items).await?;
-        self.deliver(prepared).await
     }
 
     /// Maps and validates `items` (one warehouse's, in source order): skipped and refused
@@ -433,7 +439,8 @@ impl Stage {
         }
     }
 
-    /// Drops the changes of `pending` that a replay brings again: one at or below its
+    /// Drops from `changes` (lane `lane`'s, indexes into `pending`) those a replay brings
+    /// again: one at or below its
     /// lane's position in its stream was handed to a delivery before (by this consumer, or
     /// by one before it, which recorded its outcome in `consumer_lanes`). One lane's changes
     /// reach central in stream order, so what is at or below that position has an outcome
@@ -444,15 +451,14 @@ impl Stage {
         &self,
         warehouse_id: &str,
         items: &[Incoming],
-        pending: &mut Vec<Pending>,
+        pending: &[Pending],
+        lane: usize,
+        changes: &mut Vec<usize>,
     ) -> Result<(), Cancelled> {
-        if pending.is_empty() {
-            return Ok(());
-        }
         let mut lanes = self.lanes.lock().await;
         let streams = lanes.entry(warehouse_id.to_string()).or_default();
-        for p in pending.iter() {
-            let stream = items[p.item].stream();
+        for &i in changes.iter() {
+            let stream = items[pending[i].item].stream();
             if streams.contains_key(stream) {
                 continue;
             }
@@ -476,35 +482,29 @@ impl Stage {
             streams.insert(Arc::from(stream), marks);
         }
         let mut replayed = 0u64;
-        let mut keep = Vec::with_capacity(pending.len());
-        for p in pending.iter() {
+        changes.retain(|&i| {
+            let p = &pending[i];
             let Some(m) = streams.get_mut(items[p.item].stream()) else {
-                keep.push(true);
-                continue;
+                return true;
             };
-            let mark = &mut m[p.lane as usize];
+            let mark = &mut m[lane];
             let seen = mark
                 .as_ref()
                 .is_some_and(|(v, s)| (p.change.version.as_str(), p.sub) <= (v.as_str(), *s));
             if seen {
                 replayed += 1;
-                tracing::trace!(warehouse = %warehouse_id, stream = items[p.item].stream(), lane = p.lane, version = %p.change.version, sub = p.sub, mark = ?mark, key = %serde_json::to_string(&p.change.key).unwrap_or_default(), entity = p.change.entity.as_str(), "replayed: skipped");
+                tracing::trace!(warehouse = %warehouse_id, stream = items[p.item].stream(), lane, version = %p.change.version, sub = p.sub, mark = ?mark, key = %serde_json::to_string(&p.change.key).unwrap_or_default(), entity = p.change.entity.as_str(), "replayed: skipped");
             } else {
                 *mark = Some((p.change.version.clone(), p.sub));
             }
-            keep.push(!seen);
-        }
+            !seen
+        });
         drop(lanes);
         if replayed > 0 {
             crate::metrics::metrics()
                 .changes_delivered
                 .with_label_values(&[warehouse_id, "replayed"])
                 .inc_by(replayed);
-            let mut i = 0;
-            pending.retain(|_| {
-                i += 1;
-                keep[i - 1]
-            });
         }
         Ok(())
     }
@@ -601,35 +601,18 @@ impl Stage {
         Ok(())
     }
 
-    /// Delivers a prepared batch and records each outcome; returns once each change has one.
-    pub async fn deliver(&self, prepared: Prepared) -> Result<(), Cancelled> {
-        let Prepared {
-            warehouse_id,
-            items,
-            mut pending,
-            rendered,
-        } = prepared;
-        let (warehouse_id, items) = (warehouse_id.as_str(), items.as_slice());
-        // Here, not in `prepare`: batches are prepared concurrently (a slow TOAST read can
-        // finish after the next batch's), but delivered one after the other, in order.
-        self.skip_replayed(warehouse_id, items, &mut pending)
-            .await?;
-        if pending.is_empty() {
-            return Ok(());
-        }
-        let Some(client) = &self.client else {
-            // The caller refuses to start with mappings but no central endpoint.
-            return Err(Cancelled);
-        };
-        let high = pending
-            .iter()
-            .map(|p| p.change.version.as_str())
-            .max()
-            .unwrap_or_default()
-            .to_string();
-        let sent_high = self.note_sent(warehouse_id, &high).await?;
+    /// Delivers a prepared batch and records each outcome; the future resolves once each
+    /// change has one. Calls are ordered: each lane's requests go after those of every batch
+    /// handed over before (call this in source order), and only a lane's turn waits for the
+    /// same lane of earlier batches, so a lane central keeps waiting (a slow answer, a
+    /// `Retry-After`) holds back no other lane.
+    pub fn deliver(
+        self: Arc<Self>,
+        prepared: Prepared,
+    ) -> impl std::future::Future<Output = Result<(), Cancelled>> + Send + 'static {
         // Lanes by key: one key's changes stay in one lane, in source order, so they are
         // never reordered; the lanes' requests are in flight together.
+        let pending = &prepared.pending;
         let mut lanes: Vec<Vec<usize>> = vec![Vec::new(); LANES];
         for (i, p) in pending.iter().enumerate() {
             lanes[p.lane as usize].push(i);
@@ -643,16 +626,93 @@ impl Stage {
                 lane.sort_by(|a, b| position(a).cmp(&position(b)));
             }
         }
-        let deliveries = lanes.iter().filter(|l| !l.is_empty()).map(|lane| {
-            self.deliver_lane(
-                warehouse_id,
-                client,
-                items,
-                &pending,
-                &rendered,
-                lane,
-                &sent_high,
-            )
+        // Each lane with work takes its turn now, behind the lane's last delivery.
+        let turns: Vec<LaneTurn> = {
+            let mut chains = self.chains.lock().unwrap_or_else(|p| p.into_inner());
+            let chain = chains
+                .entry(prepared.warehouse_id.clone())
+                .or_insert_with(|| (0..LANES).map(|_| None).collect());
+            lanes
+                .into_iter()
+                .enumerate()
+                .filter(|(_, l)| !l.is_empty())
+                .map(|(lane, changes)| {
+                    let (done, next) = tokio::sync::oneshot::channel();
+                    LaneTurn {
+                        lane,
+                        changes,
+                        after: chain[lane].replace(next),
+                        done,
+                    }
+                })
+                .collect()
+        };
+        async move { self.deliver_turns(prepared, turns).await }
+    }
+
+    /// [`Stage::deliver`] once the lanes have their turns.
+    async fn deliver_turns(
+        &self,
+        prepared: Prepared,
+        turns: Vec<LaneTurn>,
+    ) -> Result<(), Cancelled> {
+        let Prepared {
+            warehouse_id,
+            items,
+            pending,
+            rendered,
+        } = prepared;
+        let (warehouse_id, items) = (warehouse_id.as_str(), items.as_slice());
+        if pending.is_empty() {
+            return Ok(());
+        }
+        let Some(client) = &self.client else {
+            // The caller refuses to start with mappings but no central endpoint.
+            return Err(Cancelled);
+        };
+        let high = pending
+            .iter()
+            .map(|p| p.change.version.as_str())
+            .max()
+            .unwrap_or_default()
+            .to_string();
+        // (Dropping the turns unsent tells the lanes' next deliveries that this one failed.)
+        let sent_high = self.note_sent(warehouse_id, &high).await?;
+        let deliveries = turns.into_iter().map(|turn| {
+            let (pending, rendered, sent_high) = (&pending, &rendered, &sent_high);
+            async move {
+                let LaneTurn {
+                    lane,
+                    mut changes,
+                    after,
+                    done,
+                } = turn;
+                // The lane's earlier delivery first; if it failed (cancelled), so does this.
+                if let Some(after) = after
+                    && !matches!(after.await, Ok(true))
+                {
+                    return Err(Cancelled);
+                }
+                let r = async {
+                    // Here, in the lane's turn, not in `prepare`: batches are prepared
+                    // concurrently, but each lane's changes pass here in source order.
+                    self.skip_replayed(warehouse_id, items, pending, lane, &mut changes)
+                        .await?;
+                    self.deliver_lane(
+                        warehouse_id,
+                        client,
+                        items,
+                        pending,
+                        rendered,
+                        &changes,
+                        sent_high,
+                    )
+                    .await
+                }
+                .await;
+                let _ = done.send(r.is_ok());
+                r
+            }
         });
         let mut delivered = 0;
         for r in futures_util::future::join_all(deliveries).await {
@@ -1127,7 +1187,7 @@ fn unfilled_fields(
 }
 
 /// Requests in flight together per warehouse (each a lane of keys).
-pub const LANES: usize = 8;
+pub const LANES: usize = 32;
 
 /// The lane of an entity's key: a fixed-seed hash over the entity and the key's fields
 /// (one key always lands in one lane; foldhash reads eight bytes at a time where FNV-1a
@@ -1214,9 +1274,12 @@ mod tests {
         for i in 0..4000 {
             per_lane[lane_of("stock_level", &key(format!("SKU-{i}"), i))] += 1;
         }
-        // 500 expected per lane: none starved, none overloaded.
+        // 4,000 / LANES expected per lane: none starved, none overloaded.
+        let expected = 4000 / LANES;
         assert!(
-            per_lane.iter().all(|&n| (350..650).contains(&n)),
+            per_lane
+                .iter()
+                .all(|&n| (expected * 6 / 10..expected * 14 / 10).contains(&n)),
             "{per_lane:?}"
         );
     }
