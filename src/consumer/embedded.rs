@@ -12,7 +12,7 @@ use crate::central::client::Cancelled;
 
 /// Batches delivered at once: while a lane waits on central (a slow answer, a `Retry-After`),
 /// the other lanes go on with the next batches (each lane's turns stay in order).
-const MAX_IN_FLIGHT: usize = 4;
+const MAX_IN_FLIGHT: usize = 2;
 
 /// Consumes one warehouse's queue until `cancel`: batches events (by the stage's count and
 /// linger), hands them to the stage and reports their outcomes back to the bus, in order.

@@ -503,7 +503,7 @@ fn stop_partition(consumer: &Group, m: &BorrowedMessage<'_>, warehouse: &str, gr
 
 /// Batches prepared or delivered at once (each lane delivers its turns in order; a lane that
 /// waits on central lets the others go on with the next batches).
-const MAX_IN_FLIGHT: usize = 3;
+const MAX_IN_FLIGHT: usize = 2;
 
 /// A batch in flight (its task: prepare, then deliver) and the positions it covers.
 type Inflight = (tokio::task::JoinHandle<bool>, Vec<Position>);

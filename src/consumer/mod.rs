@@ -1187,7 +1187,7 @@ fn unfilled_fields(
 }
 
 /// Requests in flight together per warehouse (each a lane of keys).
-pub const LANES: usize = 32;
+pub const LANES: usize = 8;
 
 /// The lane of an entity's key: a fixed-seed hash over the entity and the key's fields
 /// (one key always lands in one lane; foldhash reads eight bytes at a time where FNV-1a

@@ -167,17 +167,26 @@ pub async fn replay_tail(topic: &str, from_share: f64) -> usize {
     copied
 }
 
-/// Hands every record of `topic` to `each`, from the start, until the topic falls quiet.
-async fn read_topic(topic: &str, mut each: impl FnMut(&rdkafka::message::BorrowedMessage<'_>)) {
+/// A consumer of `topic` from its start, in a group of its own (named from `prefix`), that
+/// commits nothing.
+fn reader(brokers: &str, topic: &str, prefix: &str) -> StreamConsumer {
     let consumer: StreamConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &broker().address)
-        .set("group.id", format!("it-read-{topic}-{}", rand_suffix()))
+        .set("bootstrap.servers", brokers)
+        .set("group.id", format!("{prefix}-{topic}-{}", rand_suffix()))
         .set("auto.offset.reset", "earliest")
         .set("enable.auto.commit", "false")
+        // The topic may not exist yet when we subscribe: notice it soon after the engine
+        // creates it (the default refresh is five minutes).
         .set("topic.metadata.refresh.interval.ms", "500")
         .create()
         .unwrap();
     consumer.subscribe(&[topic]).unwrap();
+    consumer
+}
+
+/// Hands every record of `topic` to `each`, from the start, until the topic falls quiet.
+async fn read_topic(topic: &str, mut each: impl FnMut(&rdkafka::message::BorrowedMessage<'_>)) {
+    let consumer = reader(&broker().address, topic, "it-read");
     // Joining the group takes seconds (more on a busy broker); then the topic is read until
     // it falls quiet.
     let mut quiet = Duration::from_secs(90);
@@ -195,17 +204,7 @@ async fn consume_from(
     limit: Duration,
     mut done: impl FnMut(&[Received]) -> bool,
 ) -> Vec<Received> {
-    let consumer: StreamConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("group.id", format!("it-{topic}-{}", rand_suffix()))
-        .set("auto.offset.reset", "earliest")
-        .set("enable.auto.commit", "false")
-        // The topic may not exist yet when we subscribe: notice it soon after the engine
-        // creates it (the default refresh is five minutes).
-        .set("topic.metadata.refresh.interval.ms", "500")
-        .create()
-        .unwrap();
-    consumer.subscribe(&[topic]).unwrap();
+    let consumer = reader(brokers, topic, "it");
     let mut out = Vec::new();
     let deadline = tokio::time::Instant::now() + limit;
     while !done(&out) {
