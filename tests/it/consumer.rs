@@ -749,6 +749,51 @@ async fn poison_rows_are_dead_lettered_with_their_reason_and_other_keys_keep_flo
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lane_central_keeps_waiting_holds_back_no_other_lane() {
+    let db = demo_warehouse("cslow").await;
+    let state = pg().new_db("cslowstate").await;
+    // Requests holding SKU-SLOW are answered after 4 s; every other one at once.
+    let central = Central::start(Faults {
+        slow_key_substring: Some("SKU-SLOW".into()),
+        slow_ms: 4000,
+        ..Faults::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), &db, "wh-slow", "");
+    let log = dir.path().join("run.log");
+    let _run = start(run_command(&cfg, &state, &central, None), log.clone());
+    wait_streaming(&state, "wh-slow", &log).await;
+    assert_converges(&central, &db, "wh-slow", &log).await;
+    db.exec("INSERT INTO products (sku, name) VALUES ('SKU-SLOW', 'slow')")
+        .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The next batch: keys in every lane, SKU-SLOW's too.
+    db.exec("INSERT INTO products (sku, name) SELECT 'SKU-F' || g, 'fast' FROM generate_series(1, 40) g")
+        .await;
+    let started = std::time::Instant::now();
+    let mut fast = 0;
+    while started.elapsed() < Duration::from_millis(2500) {
+        let got = central.state("wh-slow").await;
+        assert!(
+            !got.contains_key("product {\"sku\":\"SKU-SLOW\"}"),
+            "SKU-SLOW is answered after 4 s"
+        );
+        fast = got.keys().filter(|k| k.contains("SKU-F")).count();
+        if fast >= 20 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        fast >= 20,
+        "the other lanes delivered the next batch while SKU-SLOW's lane waited ({fast} of 40 within 2.5 s):\n{}",
+        log_tail(&log)
+    );
+    assert_converges(&central, &db, "wh-slow", &log).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_of_run_mid_batch_still_converges_and_replays_are_duplicates() {
     let db = demo_warehouse("ckill").await;
     let state = pg().new_db("ckillstate").await;

@@ -74,6 +74,9 @@ pub struct Faults {
     pub slow_rate: f64,
     /// Delay of slow answers in milliseconds.
     pub slow_ms: u64,
+    /// A request holding a change whose key (as JSON) contains this text is handled only
+    /// after `slow_ms` (one slow key lane).
+    pub slow_key_substring: Option<String>,
 }
 
 /// One stored entity.
@@ -380,6 +383,15 @@ async fn post_changes(
                 Value::Object(bad.key.clone())
             ),
         );
+    }
+    if let Some(s) = &faults.slow_key_substring
+        && batch.changes.iter().any(|c| {
+            serde_json::to_string(&c.key)
+                .unwrap_or_default()
+                .contains(s.as_str())
+        })
+    {
+        tokio::time::sleep(Duration::from_millis(faults.slow_ms)).await;
     }
     if let Some(s) = &faults.too_large_key_substring
         && let Some(big) = batch.changes.iter().find(|c| {
