@@ -455,50 +455,58 @@ impl Stage {
         lane: usize,
         changes: &mut Vec<usize>,
     ) -> Result<(), Cancelled> {
-        let mut lanes = self.lanes.lock().await;
-        let streams = lanes.entry(warehouse_id.to_string()).or_default();
+        // The streams this lane's changes came in on (one, or a few Kafka partitions), each
+        // with the position of its last change kept here.
+        let mut kept: Vec<(&str, Option<usize>)> = Vec::new();
         for &i in changes.iter() {
             let stream = items[pending[i].item].stream();
-            if streams.contains_key(stream) {
-                continue;
+            if !kept.iter().any(|(s, _)| *s == stream) {
+                kept.push((stream, None));
             }
-            let stored = self
-                .retry("cannot read the consumer's lane progress", || {
-                    self.state.lane_marks(warehouse_id, stream, LANES as i32)
-                })
-                .await?;
-            let mut marks: LaneMarks = Default::default();
-            for (lane, text) in stored {
-                match (
-                    usize::try_from(lane).ok().filter(|&l| l < LANES),
-                    parse_position(&text),
-                ) {
-                    (Some(l), Some(pos)) => marks[l] = Some(pos),
-                    _ => {
-                        tracing::warn!(warehouse = %warehouse_id, stream, lane, settled = %text, "consumer_lanes holds a row this version did not write; ignored (its changes are sent again)")
-                    }
-                }
+        }
+        let mut lanes = self.lanes.lock().await;
+        if !lanes.contains_key(warehouse_id) {
+            lanes.insert(warehouse_id.to_string(), HashMap::new());
+        }
+        let Some(streams) = lanes.get_mut(warehouse_id) else {
+            return Ok(());
+        };
+        for &(stream, _) in &kept {
+            if !streams.contains_key(stream) {
+                let marks = self.stored_lane_marks(warehouse_id, stream).await?;
+                streams.insert(Arc::from(stream), marks);
             }
-            streams.insert(Arc::from(stream), marks);
         }
         let mut replayed = 0u64;
         changes.retain(|&i| {
             let p = &pending[i];
-            let Some(m) = streams.get_mut(items[p.item].stream()) else {
+            let stream = items[p.item].stream();
+            let Some((_, last)) = kept.iter_mut().find(|(s, _)| *s == stream) else {
                 return true;
             };
-            let mark = &mut m[lane];
-            let seen = mark
-                .as_ref()
-                .is_some_and(|(v, s)| (p.change.version.as_str(), p.sub) <= (v.as_str(), *s));
+            // Above the last change kept here, or else above the mark from before.
+            let mark = match *last {
+                Some(j) => Some((pending[j].change.version.as_str(), pending[j].sub)),
+                None => streams
+                    .get(stream)
+                    .and_then(|m| m[lane].as_ref())
+                    .map(|(v, s)| (v.as_str(), *s)),
+            };
+            let seen = mark.is_some_and(|m| (p.change.version.as_str(), p.sub) <= m);
             if seen {
                 replayed += 1;
-                tracing::trace!(warehouse = %warehouse_id, stream = items[p.item].stream(), lane, version = %p.change.version, sub = p.sub, mark = ?mark, key = %serde_json::to_string(&p.change.key).unwrap_or_default(), entity = p.change.entity.as_str(), "replayed: skipped");
+                tracing::trace!(warehouse = %warehouse_id, stream, lane, version = %p.change.version, sub = p.sub, mark = ?mark, key = %serde_json::to_string(&p.change.key).unwrap_or_default(), entity = p.change.entity.as_str(), "replayed: skipped");
             } else {
-                *mark = Some((p.change.version.clone(), p.sub));
+                *last = Some(i);
             }
             !seen
         });
+        // Each stream's mark moves once, to the last change kept (the lane is in source order).
+        for (stream, last) in kept {
+            if let (Some(j), Some(m)) = (last, streams.get_mut(stream)) {
+                m[lane] = Some((pending[j].change.version.clone(), pending[j].sub));
+            }
+        }
         drop(lanes);
         if replayed > 0 {
             crate::metrics::metrics()
@@ -507,6 +515,32 @@ impl Stage {
                 .inc_by(replayed);
         }
         Ok(())
+    }
+
+    /// The lane positions `consumer_lanes` holds for `warehouse_id`'s `stream`.
+    async fn stored_lane_marks(
+        &self,
+        warehouse_id: &str,
+        stream: &str,
+    ) -> Result<LaneMarks, Cancelled> {
+        let stored = self
+            .retry("cannot read the consumer's lane progress", || {
+                self.state.lane_marks(warehouse_id, stream, LANES as i32)
+            })
+            .await?;
+        let mut marks: LaneMarks = Default::default();
+        for (lane, text) in stored {
+            match (
+                usize::try_from(lane).ok().filter(|&l| l < LANES),
+                parse_position(&text),
+            ) {
+                (Some(l), Some(pos)) => marks[l] = Some(pos),
+                _ => {
+                    tracing::warn!(warehouse = %warehouse_id, stream, lane, settled = %text, "consumer_lanes holds a row this version did not write; ignored (its changes are sent again)")
+                }
+            }
+        }
+        Ok(marks)
     }
 
     /// Fills the upserts in `unfilled` with the current values of their TOASTed fields, read

@@ -2,6 +2,7 @@
 //! data (a tombstone after a delete, so an older upsert stays stale), in memory or in a
 //! Postgres table, and the verdict on each change (DESIGN §3) with central's own rules.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 
 use serde::Deserialize;
@@ -79,7 +80,7 @@ impl CentralStore {
                     .into_iter()
                     .map(|c| {
                         let k = item_key(&c);
-                        order.note(&k, &c.version);
+                        order.note(&k, c.version.clone());
                         let current = items.get(&k);
                         let (status, reason) =
                             decide(&c, current.map(|s| s.version.as_ref()), faults);
@@ -104,7 +105,7 @@ impl CentralStore {
                 let mut results = Vec::with_capacity(changes.len());
                 for c in changes {
                     let k = item_key(&c);
-                    order.note(&k, &c.version);
+                    order.note(&k, c.version.clone());
                     let current: Option<(String, Option<Value>)> = sqlx::query_as(
                         "SELECT version, data FROM central_inventory
                          WHERE warehouse_id = $1 AND item_key = $2 FOR UPDATE",
@@ -199,27 +200,22 @@ impl CentralStore {
 }
 
 /// The keys one request has seen so far, by a hash of their store key, with their last
-/// version: a key seen again at a version not above that one breaks the contract's order.
+/// version (borrowed from the request body): a key seen again at a version not above that
+/// one breaks the contract's order.
 #[derive(Default)]
-struct RequestOrder {
-    seen: std::collections::HashMap<u64, String>,
+struct RequestOrder<'a> {
+    seen: HashMap<u64, Cow<'a, str>, foldhash::fast::FixedState>,
     violations: u64,
 }
 
-impl RequestOrder {
-    fn note(&mut self, key: &str, version: &str) {
+impl<'a> RequestOrder<'a> {
+    fn note(&mut self, key: &str, version: Cow<'a, str>) {
         use std::hash::BuildHasher;
         let h = foldhash::fast::FixedState::with_seed(7).hash_one(key);
-        match self.seen.get_mut(&h) {
-            Some(v) => {
-                if version <= v.as_str() {
-                    self.violations += 1;
-                }
-                version.clone_into(v);
-            }
-            None => {
-                self.seen.insert(h, version.to_string());
-            }
+        if let Some(v) = self.seen.insert(h, version.clone())
+            && version.as_ref() <= v.as_ref()
+        {
+            self.violations += 1;
         }
     }
 }
@@ -364,15 +360,15 @@ mod tests {
     #[test]
     fn a_key_repeated_in_a_request_at_a_version_that_does_not_grow_is_counted() {
         let mut o = RequestOrder::default();
-        o.note("stock_level:{\"sku\":\"A\"}", "01:00000001");
-        o.note("stock_level:{\"sku\":\"B\"}", "01:00000000");
-        o.note("stock_level:{\"sku\":\"A\"}", "01:00000002");
+        o.note("stock_level:{\"sku\":\"A\"}", "01:00000001".into());
+        o.note("stock_level:{\"sku\":\"B\"}", "01:00000000".into());
+        o.note("stock_level:{\"sku\":\"A\"}", "01:00000002".into());
         assert_eq!(
             o.violations, 0,
             "growing versions, and other keys in any order"
         );
-        o.note("stock_level:{\"sku\":\"A\"}", "01:00000002");
-        o.note("stock_level:{\"sku\":\"B\"}", "00:00000009");
+        o.note("stock_level:{\"sku\":\"A\"}", "01:00000002".into());
+        o.note("stock_level:{\"sku\":\"B\"}", "00:00000009".into());
         assert_eq!(o.violations, 2, "the same version again, and a lower one");
     }
 }
