@@ -61,6 +61,10 @@ pub struct Metrics {
     /// Times this process stopped a Kafka partition at a change of a warehouse its
     /// configuration does not list, by that warehouse.
     pub consumer_stopped_partitions: IntCounterVec,
+    /// Offsets a Kafka partition skipped between two records read without a rebalance in
+    /// between, by topic: records the broker did not hand out (a compacted topic, transaction
+    /// markers, or a broker that lost them).
+    pub consumer_offset_gaps: IntCounterVec,
 }
 
 fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -218,6 +222,12 @@ impl Metrics {
                 "inventorysync_consumer_partitions_stopped_total",
                 "Kafka partitions stopped (uncommitted) at a change of a warehouse this process's configuration does not list.",
                 &["warehouse"],
+            ),
+            consumer_offset_gaps: counter(
+                &r,
+                "inventorysync_consumer_offset_gaps_total",
+                "Offsets a Kafka partition skipped between two records read without a rebalance in between (a compacted topic, transaction markers, or records the broker did not hand out).",
+                &["topic"],
             ),
             registry: r,
         }

@@ -4,6 +4,7 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use futures_util::FutureExt;
 use futures_util::future::join_all;
@@ -36,6 +37,8 @@ struct Partition {
     last: i64,
     /// Whether records were read since the last [`Partitions::take_marks`].
     fresh: bool,
+    /// The group's assignment when `last` was read (see [`GroupEvents`]).
+    assignment: u64,
 }
 
 /// The partitions read so far (a consumer holds a few; a linear scan beats hashing the
@@ -44,23 +47,45 @@ struct Partition {
 struct Partitions(Vec<Partition>);
 
 impl Partitions {
-    /// Notes a record at `offset`; returns the partition's stream id, and true the first
-    /// time the partition is seen.
-    fn read(&mut self, topic: &str, partition: i32, offset: i64) -> (Arc<str>, bool) {
+    /// Notes a record at `offset`, read during the group's assignment `assignment`; returns
+    /// the partition's stream id, and true the first time the partition is seen.
+    fn read(
+        &mut self,
+        topic: &str,
+        partition: i32,
+        offset: i64,
+        assignment: u64,
+    ) -> (Arc<str>, bool) {
         if let Some(p) = self
             .0
             .iter_mut()
             .find(|p| p.partition == partition && p.topic == topic)
         {
-            if offset != p.last + 1 {
+            if offset > p.last + 1 && assignment == p.assignment {
+                // Offsets of our topics have no holes: the broker did not hand these out.
+                let skipped = offset - p.last - 1;
+                tracing::warn!(
+                    topic,
+                    partition,
+                    offset,
+                    after = p.last,
+                    skipped,
+                    "the broker skipped offsets of a partition being read (fine on a compacted topic or one with transaction markers; otherwise the broker lost those records)"
+                );
+                crate::metrics::metrics()
+                    .consumer_offset_gaps
+                    .with_label_values(&[topic])
+                    .inc_by(u64::try_from(skipped).unwrap_or_default());
+            } else if offset != p.last + 1 {
                 tracing::debug!(
                     topic,
                     partition,
                     offset,
                     after = p.last,
-                    "records read out of sequence (read again after a rebalance, or skipped by the broker)"
+                    "records read out of sequence (the partition moved and came back)"
                 );
             }
+            p.assignment = assignment;
             p.last = offset;
             p.read = p.read.max(offset);
             p.fresh = true;
@@ -74,6 +99,7 @@ impl Partitions {
             last: offset,
             read: offset,
             fresh: true,
+            assignment,
         });
         (stream, true)
     }
@@ -206,13 +232,14 @@ pub async fn run(
     for (k, v) in &kafka.properties {
         config.set(k, v.expose_secret());
     }
-    let consumer: Group =
-        config
-            .create_with_context(GroupEvents)
-            .map_err(|e| BusError::Config {
-                key: "KAFKA_BROKERS / kafka properties".into(),
-                reason: e.to_string(),
-            })?;
+    let events = GroupEvents::default();
+    let assignment = events.assignment.clone();
+    let consumer: Group = config
+        .create_with_context(events)
+        .map_err(|e| BusError::Config {
+            key: "KAFKA_BROKERS / kafka properties".into(),
+            reason: e.to_string(),
+        })?;
     let topic = subscription(kafka.topic.as_str());
     consumer.subscribe(&[topic.as_str()])?;
     tracing::info!(group = %kafka.group_id, topic = %topic, "consuming");
@@ -258,6 +285,7 @@ pub async fn run(
                         first_at.get_or_insert_with(Instant::now);
                         match read_record(
                             &m,
+                            assignment.load(Ordering::Relaxed),
                             &mut partitions,
                             &stopped,
                             &kafka.dlq_topic,
@@ -426,6 +454,7 @@ enum Read<'m> {
 /// Notes where `m` sits and turns it into a change for the stage (see [`Read`]).
 fn read_record<'m>(
     m: &'m BorrowedMessage<'_>,
+    assignment: u64,
     partitions: &mut Partitions,
     stopped: &StoppedPartitions,
     dlq_topic: &str,
@@ -453,7 +482,7 @@ fn read_record<'m>(
     {
         return Read::Unknown(w);
     }
-    let (stream, first) = partitions.read(m.topic(), m.partition(), m.offset());
+    let (stream, first) = partitions.read(m.topic(), m.partition(), m.offset(), assignment);
     if first {
         tracing::info!(
             topic = m.topic(),
@@ -525,8 +554,13 @@ async fn wait(inflight: &mut VecDeque<Inflight>) -> (bool, Vec<Position>) {
 type Group = StreamConsumer<GroupEvents>;
 
 /// Logs what the group coordinator does to this consumer: which partitions it gets and
-/// loses, and whether the background commits of delivered offsets succeed.
-struct GroupEvents;
+/// loses, and whether the background commits of delivered offsets succeed. It counts the
+/// rebalances, so that a partition read on without one can tell a hole in its offsets
+/// from a resumption somewhere else.
+#[derive(Default, Clone)]
+struct GroupEvents {
+    assignment: Arc<AtomicU64>,
+}
 
 impl ClientContext for GroupEvents {}
 
@@ -540,6 +574,7 @@ fn partition_names(tpl: &TopicPartitionList) -> Vec<String> {
 
 impl ConsumerContext for GroupEvents {
     fn pre_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        self.assignment.fetch_add(1, Ordering::Relaxed);
         match rebalance {
             Rebalance::Revoke(tpl) => {
                 tracing::info!(partitions = ?partition_names(tpl), "partitions revoked")
@@ -608,11 +643,14 @@ mod tests {
     #[test]
     fn offsets_are_stored_once_per_partition_and_only_for_records_read_since() {
         let mut p = Partitions::default();
-        assert!(p.read("changes", 0, 10).1, "first record of the partition");
-        assert!(!p.read("changes", 0, 11).1);
-        assert!(p.read("changes", 1, 4).1);
         assert!(
-            p.read("other", 0, 7).1,
+            p.read("changes", 0, 10, 1).1,
+            "first record of the partition"
+        );
+        assert!(!p.read("changes", 0, 11, 1).1);
+        assert!(p.read("changes", 1, 4, 1).1);
+        assert!(
+            p.read("other", 0, 7, 1).1,
             "same partition number, other topic"
         );
         assert_eq!(
@@ -626,8 +664,27 @@ mod tests {
         // Nothing read since: nothing to store (a partition that moved away and came back
         // never gets an old offset stored again).
         assert!(p.take_marks().is_empty());
-        p.read("changes", 1, 5);
+        p.read("changes", 1, 5, 1);
         assert_eq!(p.take_marks(), vec![("changes".to_string(), 1, 5)]);
+    }
+
+    #[test]
+    fn a_hole_in_a_partition_read_on_is_counted_and_a_resumption_elsewhere_is_not() {
+        let gaps = || {
+            crate::metrics::metrics()
+                .consumer_offset_gaps
+                .with_label_values(&["gaps-test"])
+                .get()
+        };
+        let mut p = Partitions::default();
+        p.read("gaps-test", 0, 10, 1);
+        p.read("gaps-test", 0, 11, 1);
+        p.read("gaps-test", 0, 15, 1);
+        assert_eq!(gaps(), 3, "offsets 12, 13 and 14 were not handed out");
+        // After a rebalance the partition resumes at its committed offset, wherever that is.
+        p.read("gaps-test", 0, 40, 2);
+        p.read("gaps-test", 0, 20, 3);
+        assert_eq!(gaps(), 3);
     }
 
     #[test]

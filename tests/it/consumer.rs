@@ -328,7 +328,13 @@ pub fn run_command(cfg: &Path, state: &TestDb, central: &Central, kafka: Option<
         .arg("run")
         .env("DB_URL", state.url_as("postgres"))
         .env("WAREHOUSE_API_ENDPOINT", central.endpoint())
-        .env("INVENTORYSYNC_LOG", "inventorysync=debug")
+        // INVENTORYSYNC_TEST_RUN_LOG=inventorysync=trace logs every skipped replay, for a
+        // post-mortem.
+        .env(
+            "INVENTORYSYNC_LOG",
+            std::env::var("INVENTORYSYNC_TEST_RUN_LOG")
+                .unwrap_or_else(|_| "inventorysync=debug".into()),
+        )
         .env_remove("KAFKA_BROKERS");
     if let Some(topic) = kafka {
         c.env("KAFKA_BROKERS", &broker().address)

@@ -753,17 +753,9 @@ async fn run_without_kafka_uses_the_embedded_bus_and_checkpoints_after_the_consu
     assert!(log.contains("bus=\"embedded\""), "{log}");
 }
 
-/// The test broker serves a fetch from inside a record batch: a consumer group that resumes
-/// at a committed offset in the middle of one of the producer's batches gets exactly the
-/// records from that offset on. (A broker that answered with the next whole batch instead
-/// would make every restart skip the rest of the batch its commit fell into.)
-#[tokio::test]
-async fn a_consumer_resuming_inside_a_record_batch_gets_every_record_from_its_offset() {
-    use rdkafka::consumer::CommitMode;
-    use rdkafka::producer::{FutureProducer, FutureRecord};
-    use rdkafka::{Offset, TopicPartitionList};
-
-    let topic = format!("it.midbatch.{}.{}", std::process::id(), rand_suffix());
+/// A new topic of one partition, named from `prefix`.
+async fn one_partition_topic(prefix: &str) -> String {
+    let topic = format!("it.{prefix}.{}.{}", std::process::id(), rand_suffix());
     let admin: rdkafka::admin::AdminClient<rdkafka::client::DefaultClientContext> =
         ClientConfig::new()
             .set("bootstrap.servers", &broker().address)
@@ -780,6 +772,20 @@ async fn a_consumer_resuming_inside_a_record_batch_gets_every_record_from_its_of
         )
         .await
         .unwrap();
+    topic
+}
+
+/// The test broker serves a fetch from inside a record batch: a consumer group that resumes
+/// at a committed offset in the middle of one of the producer's batches gets exactly the
+/// records from that offset on. (A broker that answered with the next whole batch instead
+/// would make every restart skip the rest of the batch its commit fell into.)
+#[tokio::test]
+async fn a_consumer_resuming_inside_a_record_batch_gets_every_record_from_its_offset() {
+    use rdkafka::consumer::CommitMode;
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    use rdkafka::{Offset, TopicPartitionList};
+
+    let topic = one_partition_topic("midbatch").await;
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", &broker().address)
         .set("enable.idempotence", "true")
@@ -832,6 +838,96 @@ async fn a_consumer_resuming_inside_a_record_batch_gets_every_record_from_its_of
             (m.offset(), m.payload()),
             (resume_at, Some(format!("record {resume_at}").as_bytes())),
             "a group committed at {resume_at} resumes there"
+        );
+    }
+}
+
+/// The test broker never answers a fetch with a batch from beyond one still being written: a
+/// consumer at the tail of a partition that several producers write at once reads every
+/// offset, in sequence. (tansu raises a partition's high watermark before it stores the
+/// batch; a fetch that listed the batches in between returned a later batch while an earlier
+/// one was still being stored, and the consumer skipped the earlier one for good: seen as
+/// the Kafka chaos test losing the last changes of a partition.)
+#[tokio::test]
+async fn a_consumer_at_the_tail_reads_every_offset_while_producers_write_at_once() {
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+
+    const PRODUCERS: usize = 8;
+    const EACH: usize = 2_000;
+    // A few rounds: the race is narrow (one round showed it about one time in four).
+    for round in 0..3 {
+        let topic = one_partition_topic("tail").await;
+        // Assigned, not subscribed (no group join to wait for): it reads while they write.
+        let consumer: StreamConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &broker().address)
+            .set("group.id", format!("it-tail-{}", rand_suffix()))
+            .set("enable.auto.commit", "false")
+            .set("fetch.wait.max.ms", "5")
+            .create()
+            .unwrap();
+        let mut tpl = rdkafka::TopicPartitionList::new();
+        tpl.add_partition_offset(&topic, 0, rdkafka::Offset::Beginning)
+            .unwrap();
+        consumer.assign(&tpl).unwrap();
+        let reading = tokio::spawn(async move {
+            let mut offsets = Vec::with_capacity(PRODUCERS * EACH);
+            while offsets.len() < PRODUCERS * EACH {
+                match tokio::time::timeout(Duration::from_secs(30), consumer.recv()).await {
+                    Ok(Ok(m)) => offsets.push(m.offset()),
+                    Ok(Err(_)) => {}
+                    Err(_) => break,
+                }
+            }
+            offsets
+        });
+        // Each producer its own connection, sending small batches as fast as it can.
+        let writers: Vec<_> = (0..PRODUCERS)
+            .map(|w| {
+                let topic = topic.clone();
+                tokio::spawn(async move {
+                    let producer: FutureProducer = ClientConfig::new()
+                        .set("bootstrap.servers", &broker().address)
+                        .set("enable.idempotence", "true")
+                        .set("linger.ms", "1")
+                        .create()
+                        .unwrap();
+                    // A few records every few milliseconds, for a few seconds.
+                    let mut futures = Vec::with_capacity(EACH);
+                    for i in 0..EACH {
+                        // Wide values, as TOASTed columns are: storing a batch takes a while.
+                        let payload = format!("producer {w} record {i} {}", "x".repeat(2_000));
+                        let f = producer.send_result(
+                            FutureRecord::<str, str>::to(&topic)
+                                .key("k")
+                                .payload(&payload),
+                        );
+                        futures.push(f.map_err(|(e, _)| e).unwrap());
+                        if i % 10 == 9 {
+                            tokio::time::sleep(Duration::from_millis(2)).await;
+                        }
+                    }
+                    for f in futures {
+                        f.await.unwrap().unwrap();
+                    }
+                })
+            })
+            .collect();
+        for w in writers {
+            w.await.unwrap();
+        }
+        let offsets = reading.await.unwrap();
+        let gaps: Vec<(i64, i64)> = offsets
+            .windows(2)
+            .filter(|w| w[1] != w[0] + 1)
+            .map(|w| (w[0], w[1]))
+            .take(10)
+            .collect();
+        assert!(
+            gaps.is_empty() && offsets.len() == PRODUCERS * EACH && offsets.first() == Some(&0),
+            "round {round}: read {} of {} records from offset {:?}; offsets that did not follow each other: {gaps:?}",
+            offsets.len(),
+            PRODUCERS * EACH,
+            offsets.first()
         );
     }
 }
