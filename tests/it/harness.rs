@@ -492,7 +492,7 @@ fn tansu_bin() -> PathBuf {
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")));
     cache
-        .map(|c| c.join("inventorysync/tansu-0.6.0-fix2/bin/tansu"))
+        .map(|c| c.join("inventorysync/tansu-0.6.0-fix3/bin/tansu"))
         .filter(|p| p.exists())
         .unwrap_or_else(|| PathBuf::from("tansu"))
 }
