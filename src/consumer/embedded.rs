@@ -11,8 +11,9 @@ use crate::bus::embedded::EmbeddedReceiver;
 use crate::central::client::Cancelled;
 
 /// Batches delivered at once: while a lane waits on central (a slow answer, a `Retry-After`),
-/// the other lanes go on with the next batches (each lane's turns stay in order).
-const MAX_IN_FLIGHT: usize = 2;
+/// the other lanes go on with the next batches (each lane's shares stay in order). The
+/// budget of changes in flight ([`super::IN_FLIGHT_CHANGES`]) bounds them first.
+const MAX_IN_FLIGHT: usize = 64;
 
 /// Consumes one warehouse's queue until `cancel`: batches events (by the stage's count and
 /// linger), hands them to the stage and reports their outcomes back to the bus, in order.
@@ -25,8 +26,8 @@ pub async fn run(
     // What an earlier consumer of this queue had in flight is replayed by the source.
     stage.forget_lanes(Some(&warehouse_id)).await;
     let limits = stage.settings().batch;
-    // Enough for a full request in each lane.
-    let max_items = limits.max_changes * super::LANES;
+    let max_items = limits.max_changes * super::BATCH_REQUESTS;
+    let budget = Stage::budget();
     // Batches being delivered with their last sequence numbers, oldest first: the next batch
     // is gathered and prepared meanwhile; outcomes reach the bus in order.
     let mut inflight: VecDeque<Inflight> = VecDeque::new();
@@ -82,15 +83,32 @@ pub async fn run(
             // Cancelled: these events have no outcome; the source replays them.
             return;
         };
-        while inflight.len() >= MAX_IN_FLIGHT {
-            let (r, seq) = oldest(&mut inflight).await;
-            if !matches!(r, Ok(Ok(()))) {
-                return;
+        // Its share of the budget, while earlier batches complete (in order).
+        let wanted = prepared.len().min(super::IN_FLIGHT_CHANGES) as u32;
+        let permit = loop {
+            if inflight.len() < MAX_IN_FLIGHT
+                && let Ok(p) = budget.clone().try_acquire_many_owned(wanted)
+            {
+                break p;
             }
-            rx.outcome_through(seq);
-        }
-        // The lanes take their turns here, in source order; the delivery runs on its own.
-        let delivery = stage.clone().deliver(prepared);
+            tokio::select! {
+                (r, seq) = oldest(&mut inflight) => {
+                    if !matches!(r, Ok(Ok(()))) {
+                        return;
+                    }
+                    rx.outcome_through(seq);
+                }
+                p = budget.clone().acquire_many_owned(wanted), if inflight.len() < MAX_IN_FLIGHT => {
+                    match p {
+                        Ok(p) => break p,
+                        Err(_) => return,
+                    }
+                }
+                _ = cancel.cancelled() => return,
+            }
+        };
+        // The lanes' shares are queued here, in source order; the delivery runs on its own.
+        let delivery = stage.clone().deliver(prepared, Some(permit));
         inflight.push_back((tokio::spawn(delivery), last_seq));
     }
 }

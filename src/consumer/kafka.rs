@@ -253,6 +253,7 @@ pub async fn run(
     let mut first_at: Option<Instant> = None;
     let mut buffered = 0usize;
     let mut inflight: VecDeque<Inflight> = VecDeque::new();
+    let budget = Stage::budget();
     // Resolves once the newest batch in flight took its lanes' turns (true) or gave up.
     let mut last_turns: Option<tokio::sync::oneshot::Receiver<bool>> = None;
     loop {
@@ -276,7 +277,7 @@ pub async fn run(
         if let Some(first) = msg {
             // Take what the client has already fetched without going round the select! (and
             // its timer) once per record.
-            let cap = limits.max_changes * super::LANES;
+            let cap = limits.max_changes * super::BATCH_REQUESTS;
             let mut next = Some(first);
             while let Some(m) = next.take() {
                 match m {
@@ -362,19 +363,35 @@ pub async fn run(
         // in order), and each lane then waits only for its own earlier turns: a lane central
         // keeps waiting holds back no other. Offsets are stored in order, once a batch and
         // every batch before it are delivered.
-        if inflight.len() >= MAX_IN_FLIGHT {
-            let (ok, done) = wait(&mut inflight).await;
-            if !ok {
-                break;
+        // Its share of the budget, while earlier batches complete (in order).
+        let wanted = buffered.min(super::IN_FLIGHT_CHANGES) as u32;
+        let permit = loop {
+            if inflight.len() < MAX_IN_FLIGHT
+                && let Ok(p) = budget.clone().try_acquire_many_owned(wanted)
+            {
+                break Some(p);
             }
-            store(&consumer, done);
-        }
+            tokio::select! {
+                (ok, done) = wait(&mut inflight) => {
+                    if !ok {
+                        break None;
+                    }
+                    store(&consumer, done);
+                }
+                p = budget.clone().acquire_many_owned(wanted), if inflight.len() < MAX_IN_FLIGHT => {
+                    break p.ok();
+                }
+                _ = cancel.cancelled() => break None,
+            }
+        };
+        let Some(permit) = permit else { break };
         let work = std::mem::take(&mut batches);
         let stage = stage.clone();
         let previous = last_turns.take();
         let (turns_tx, turns_rx) = tokio::sync::oneshot::channel();
         last_turns = Some(turns_rx);
         let handle = tokio::spawn(async move {
+            let mut permit = permit;
             let prepared = join_all(work.into_iter().map(|(w, items)| {
                 let stage = &stage;
                 async move { stage.prepare(&w, items).await }
@@ -392,8 +409,13 @@ pub async fn run(
             }
             let deliveries: Vec<_> = prepared
                 .into_iter()
-                .map(|p| stage.clone().deliver(p))
+                .map(|p| {
+                    let share = permit.split(p.len().min(permit.num_permits()));
+                    stage.clone().deliver(p, share)
+                })
                 .collect();
+            // What the prepared changes did not take is free again.
+            drop(permit);
             let _ = turns_tx.send(true);
             join_all(deliveries).await.into_iter().all(|r| r.is_ok())
         });
@@ -530,9 +552,10 @@ fn stop_partition(consumer: &Group, m: &BorrowedMessage<'_>, warehouse: &str, gr
     }
 }
 
-/// Batches prepared or delivered at once (each lane delivers its turns in order; a lane that
-/// waits on central lets the others go on with the next batches).
-const MAX_IN_FLIGHT: usize = 2;
+/// Batches prepared or delivered at once (each lane delivers its shares in order; a lane that
+/// waits on central lets the others go on with the next batches). The budget of changes in
+/// flight ([`super::IN_FLIGHT_CHANGES`]) bounds them first.
+const MAX_IN_FLIGHT: usize = 64;
 
 /// A batch in flight (its task: prepare, then deliver) and the positions it covers.
 type Inflight = (tokio::task::JoinHandle<bool>, Vec<Position>);

@@ -151,21 +151,33 @@ pub struct Stage {
     /// Per warehouse and ordered stream, each lane's last position handed to a delivery (read
     /// from `consumer_lanes` when first needed): a change at or below it is a replay.
     lanes: tokio::sync::Mutex<HashMap<String, HashMap<Arc<str>, LaneMarks>>>,
-    /// Per warehouse and lane, the latest delivery's "done" (true: delivered): the lane's
-    /// next delivery goes once it resolves.
-    chains: std::sync::Mutex<HashMap<String, Vec<Option<tokio::sync::oneshot::Receiver<bool>>>>>,
+    /// Per warehouse and lane, the batch shares its worker has yet to send, in source order.
+    queues: std::sync::Mutex<HashMap<String, Vec<LaneQueue>>>,
     /// Reads back unchanged TOAST values, so that an upsert always carries the whole row.
     toast: ToastReader,
 }
 
 /// A batch mapped and validated by [`Stage::prepare`], ready for [`Stage::deliver`].
 pub struct Prepared {
+    /// (Its changes to deliver: see [`Prepared::len`].)
     warehouse_id: String,
     items: Vec<Incoming>,
     pending: Vec<Pending>,
     /// Every pending change's JSON, back to back: rendered once while the change is fresh in
     /// the cache, copied into requests as it is.
     rendered: Vec<u8>,
+}
+
+impl Prepared {
+    /// How many changes it has to deliver.
+    pub fn len(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Whether it has nothing to deliver.
+    pub fn is_empty(&self) -> bool {
+        self.pending.is_empty()
+    }
 }
 
 /// A change on its way, with the event it came from and where its JSON is in `rendered`.
@@ -184,13 +196,53 @@ struct Pending {
 /// handed to a delivery.
 type LaneMarks = [Option<(String, u8)>; LANES];
 
-/// One lane's part of a delivery: its changes (indexes into `pending`), the lane's previous
-/// delivery to wait for, and where to say this one is done.
-struct LaneTurn {
-    lane: usize,
-    changes: Vec<usize>,
-    after: Option<tokio::sync::oneshot::Receiver<bool>>,
-    done: tokio::sync::oneshot::Sender<bool>,
+/// A change queued for its lane's worker, with the event it came from (shared with the
+/// event's other changes, freed with the last of them).
+struct Queued {
+    item: Arc<Incoming>,
+    /// Its index among its event's changes (with the version, its position in the stream).
+    sub: u8,
+    change: Change,
+    /// Where its JSON is in its [`LanePart`]'s `rendered`.
+    json: std::ops::Range<usize>,
+}
+
+/// A lane's share of a batch, queued for the lane's worker.
+struct LanePart {
+    /// Its changes, in source order.
+    changes: Vec<Queued>,
+    /// Their JSON, back to back.
+    rendered: Vec<u8>,
+    /// What the batch's changes share.
+    batch: Arc<BatchNote>,
+    /// Told how many of its changes were sent once each has an outcome; dropped unsent when
+    /// the worker was cancelled.
+    done: tokio::sync::oneshot::Sender<i64>,
+    /// Its share of the consumer's budget of changes in flight, freed with it.
+    _permit: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+/// What one batch's lane shares have in common.
+struct BatchNote {
+    /// The batch's highest version.
+    high: String,
+    /// Set once `high` is recorded as sent (by whichever lane goes first); false when that
+    /// was cancelled.
+    noted: tokio::sync::OnceCell<bool>,
+}
+
+/// One lane's queue of batch shares, and whether its worker runs.
+#[derive(Default)]
+struct LaneQueue {
+    parts: std::collections::VecDeque<LanePart>,
+    running: bool,
+}
+
+/// A queued change about to be sent: which of the worker's parts it is of, and its JSON.
+struct Sending<'a> {
+    part: usize,
+    queued: &'a Queued,
+    json: &'a [u8],
 }
 
 /// A lane position as `consumer_lanes` stores it: `{version}/{index:02X}` (fixed width).
@@ -231,9 +283,15 @@ impl Stage {
             cancel,
             sent: tokio::sync::Mutex::new(HashMap::new()),
             lanes: tokio::sync::Mutex::new(HashMap::new()),
-            chains: std::sync::Mutex::new(HashMap::new()),
+            queues: std::sync::Mutex::new(HashMap::new()),
             toast,
         }
+    }
+
+    /// A budget of [`IN_FLIGHT_CHANGES`] for one consumer: [`Stage::deliver`] takes a
+    /// batch's share of it and frees it lane by lane.
+    pub fn budget() -> Arc<tokio::sync::Semaphore> {
+        Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT_CHANGES))
     }
 
     /// The settings.
@@ -439,27 +497,25 @@ impl Stage {
         }
     }
 
-    /// Drops from `changes` (lane `lane`'s, indexes into `pending`) those a replay brings
-    /// again: one at or below its
-    /// lane's position in its stream was handed to a delivery before (by this consumer, or
-    /// by one before it, which recorded its outcome in `consumer_lanes`). One lane's changes
-    /// reach central in stream order, so what is at or below that position has an outcome
-    /// already (or is in flight, and would be replayed again if that delivery failed). So a
-    /// restart sends central nothing it has from us, and no request holds a key's versions
-    /// out of order (a Kafka partition holds a replay after what it replays).
+    /// Drops from `changes` (one lane's, in source order) those a replay brings again: one
+    /// at or below its lane's position in its stream was handed to a delivery before (by
+    /// this consumer, or by one before it, which recorded its outcome in `consumer_lanes`).
+    /// One lane's changes reach central in stream order, so what is at or below that
+    /// position has an outcome already (or is in flight, and would be replayed again if that
+    /// delivery failed). So a restart sends central nothing it has from us, and no request
+    /// holds a key's versions out of order (a Kafka partition holds a replay after what it
+    /// replays).
     async fn skip_replayed(
         &self,
         warehouse_id: &str,
-        items: &[Incoming],
-        pending: &[Pending],
         lane: usize,
-        changes: &mut Vec<usize>,
+        changes: &mut Vec<Sending<'_>>,
     ) -> Result<(), Cancelled> {
         // The streams this lane's changes came in on (one, or a few Kafka partitions), each
         // with the position of its last change kept here.
-        let mut kept: Vec<(&str, Option<usize>)> = Vec::new();
-        for &i in changes.iter() {
-            let stream = items[pending[i].item].stream();
+        let mut kept: Vec<(&str, Option<(&str, u8)>)> = Vec::new();
+        for c in changes.iter() {
+            let stream = c.queued.item.stream();
             if !kept.iter().any(|(s, _)| *s == stream) {
                 kept.push((stream, None));
             }
@@ -478,33 +534,33 @@ impl Stage {
             }
         }
         let mut replayed = 0u64;
-        changes.retain(|&i| {
-            let p = &pending[i];
-            let stream = items[p.item].stream();
+        changes.retain(|c| {
+            let q = c.queued;
+            let stream = q.item.stream();
             let Some((_, last)) = kept.iter_mut().find(|(s, _)| *s == stream) else {
                 return true;
             };
             // Above the last change kept here, or else above the mark from before.
             let mark = match *last {
-                Some(j) => Some((pending[j].change.version.as_str(), pending[j].sub)),
+                Some(m) => Some(m),
                 None => streams
                     .get(stream)
                     .and_then(|m| m[lane].as_ref())
                     .map(|(v, s)| (v.as_str(), *s)),
             };
-            let seen = mark.is_some_and(|m| (p.change.version.as_str(), p.sub) <= m);
+            let seen = mark.is_some_and(|m| (q.change.version.as_str(), q.sub) <= m);
             if seen {
                 replayed += 1;
-                tracing::trace!(warehouse = %warehouse_id, stream, lane, version = %p.change.version, sub = p.sub, mark = ?mark, key = %serde_json::to_string(&p.change.key).unwrap_or_default(), entity = p.change.entity.as_str(), "replayed: skipped");
+                tracing::trace!(warehouse = %warehouse_id, stream, lane, version = %q.change.version, sub = q.sub, mark = ?mark, key = %serde_json::to_string(&q.change.key).unwrap_or_default(), entity = q.change.entity.as_str(), "replayed: skipped");
             } else {
-                *last = Some(i);
+                *last = Some((q.change.version.as_str(), q.sub));
             }
             !seen
         });
         // Each stream's mark moves once, to the last change kept (the lane is in source order).
         for (stream, last) in kept {
-            if let (Some(j), Some(m)) = (last, streams.get_mut(stream)) {
-                m[lane] = Some((pending[j].change.version.clone(), pending[j].sub));
+            if let (Some((v, s)), Some(m)) = (last, streams.get_mut(stream)) {
+                m[lane] = Some((v.to_string(), s));
             }
         }
         drop(lanes);
@@ -516,7 +572,6 @@ impl Stage {
         }
         Ok(())
     }
-
     /// The lane positions `consumer_lanes` holds for `warehouse_id`'s `stream`.
     async fn stored_lane_marks(
         &self,
@@ -636,159 +691,235 @@ impl Stage {
     }
 
     /// Delivers a prepared batch and records each outcome; the future resolves once each
-    /// change has one. Calls are ordered: each lane's requests go after those of every batch
-    /// handed over before (call this in source order), and only a lane's turn waits for the
-    /// same lane of earlier batches, so a lane central keeps waiting (a slow answer, a
-    /// `Retry-After`) holds back no other lane.
+    /// change has one. Calls are ordered: each lane's changes go after those of every batch
+    /// handed over before (call this in source order). Each lane has a worker of its own that
+    /// sends its queue in requests, one at a time, so a lane central keeps waiting (a slow
+    /// answer, a `Retry-After`) holds back no other lane; a lane that fell behind sends what
+    /// queued up meanwhile in full requests. A lane's share of the batch (and `budget`'s
+    /// share of it) is freed as soon as that lane is done, not with the whole batch.
     pub fn deliver(
         self: Arc<Self>,
         prepared: Prepared,
+        budget: Option<tokio::sync::OwnedSemaphorePermit>,
     ) -> impl std::future::Future<Output = Result<(), Cancelled>> + Send + 'static {
-        // Lanes by key: one key's changes stay in one lane, in source order, so they are
-        // never reordered; the lanes' requests are in flight together.
-        let pending = &prepared.pending;
-        let mut lanes: Vec<Vec<usize>> = vec![Vec::new(); LANES];
-        for (i, p) in pending.iter().enumerate() {
-            lanes[p.lane as usize].push(i);
-        }
-        // In source order (version, then index in the event): on Kafka one key can come from
-        // two partitions (a key move is keyed by its new key, so the old key's delete shares
-        // the new key's partition), which one batch holds in either order.
-        let position = |&i: &usize| (pending[i].change.version.as_str(), pending[i].sub);
-        for lane in &mut lanes {
-            if !lane.is_sorted_by_key(position) {
-                lane.sort_by(|a, b| position(a).cmp(&position(b)));
-            }
-        }
-        // Each lane with work takes its turn now, behind the lane's last delivery.
-        let turns: Vec<LaneTurn> = {
-            let mut chains = self.chains.lock().unwrap_or_else(|p| p.into_inner());
-            let chain = chains
-                .entry(prepared.warehouse_id.clone())
-                .or_insert_with(|| (0..LANES).map(|_| None).collect());
-            lanes
-                .into_iter()
-                .enumerate()
-                .filter(|(_, l)| !l.is_empty())
-                .map(|(lane, changes)| {
-                    let (done, next) = tokio::sync::oneshot::channel();
-                    LaneTurn {
-                        lane,
-                        changes,
-                        after: chain[lane].replace(next),
-                        done,
-                    }
-                })
-                .collect()
-        };
-        async move { self.deliver_turns(prepared, turns).await }
-    }
-
-    /// [`Stage::deliver`] once the lanes have their turns.
-    async fn deliver_turns(
-        &self,
-        prepared: Prepared,
-        turns: Vec<LaneTurn>,
-    ) -> Result<(), Cancelled> {
         let Prepared {
             warehouse_id,
             items,
             pending,
             rendered,
         } = prepared;
-        let (warehouse_id, items) = (warehouse_id.as_str(), items.as_slice());
-        if pending.is_empty() {
-            return Ok(());
-        }
-        let Some(client) = &self.client else {
-            // The caller refuses to start with mappings but no central endpoint.
-            return Err(Cancelled);
-        };
         let high = pending
             .iter()
             .map(|p| p.change.version.as_str())
             .max()
             .unwrap_or_default()
             .to_string();
-        // (Dropping the turns unsent tells the lanes' next deliveries that this one failed.)
-        let sent_high = self.note_sent(warehouse_id, &high).await?;
-        let deliveries = turns.into_iter().map(|turn| {
-            let (pending, rendered, sent_high) = (&pending, &rendered, &sent_high);
-            async move {
-                let LaneTurn {
-                    lane,
-                    mut changes,
-                    after,
-                    done,
-                } = turn;
-                // The lane's earlier delivery first; if it failed (cancelled), so does this.
-                if let Some(after) = after
-                    && !matches!(after.await, Ok(true))
-                {
-                    return Err(Cancelled);
-                }
-                let r = async {
-                    // Here, in the lane's turn, not in `prepare`: batches are prepared
-                    // concurrently, but each lane's changes pass here in source order.
-                    self.skip_replayed(warehouse_id, items, pending, lane, &mut changes)
-                        .await?;
-                    self.deliver_lane(
-                        warehouse_id,
-                        client,
-                        items,
-                        pending,
-                        rendered,
-                        &changes,
-                        sent_high,
-                    )
-                    .await
-                }
-                .await;
-                let _ = done.send(r.is_ok());
-                r
-            }
+        let batch = Arc::new(BatchNote {
+            high,
+            noted: tokio::sync::OnceCell::new(),
         });
-        let mut delivered = 0;
-        for r in futures_util::future::join_all(deliveries).await {
-            delivered += r?;
+        // Lanes by key: one key's changes stay in one lane, in source order, so they are
+        // never reordered; the lanes' requests are in flight together.
+        let items: Vec<Arc<Incoming>> = items.into_iter().map(Arc::new).collect();
+        let mut lanes: Vec<Vec<Queued>> = (0..LANES).map(|_| Vec::new()).collect();
+        for p in pending {
+            lanes[p.lane as usize].push(Queued {
+                item: items[p.item].clone(),
+                sub: p.sub,
+                change: p.change,
+                json: p.json,
+            });
         }
-        // One count per batch, not per request: the lanes' requests would queue on the row.
-        self.persist(|| self.state.add_delivered(warehouse_id, delivered))
-            .await
+        drop(items);
+        let mut budget = budget;
+        let mut done = Vec::new();
+        {
+            let mut queues = self.queues.lock().unwrap_or_else(|p| p.into_inner());
+            let queues = queues
+                .entry(warehouse_id.clone())
+                .or_insert_with(|| (0..LANES).map(|_| LaneQueue::default()).collect());
+            for (lane, mut changes) in lanes.into_iter().enumerate() {
+                if changes.is_empty() {
+                    continue;
+                }
+                // Its own JSON, so that it is freed with the lane's share.
+                let mut own = Vec::with_capacity(changes.iter().map(|q| q.json.len()).sum());
+                for q in &mut changes {
+                    let start = own.len();
+                    own.extend_from_slice(&rendered[q.json.clone()]);
+                    q.json = start..own.len();
+                }
+                let permit = budget
+                    .as_mut()
+                    .and_then(|b| b.split(changes.len().min(b.num_permits())));
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                done.push(rx);
+                let queue = &mut queues[lane];
+                queue.parts.push_back(LanePart {
+                    changes,
+                    rendered: own,
+                    batch: batch.clone(),
+                    done: tx,
+                    _permit: permit,
+                });
+                if !queue.running {
+                    queue.running = true;
+                    tokio::spawn(self.clone().lane_worker(warehouse_id.clone(), lane));
+                }
+            }
+        }
+        drop((rendered, budget));
+        async move {
+            let mut delivered = 0;
+            for rx in done {
+                // A share dropped unanswered: its lane's worker was cancelled.
+                delivered += rx.await.map_err(|_| Cancelled)?;
+            }
+            if delivered == 0 {
+                return Ok(());
+            }
+            // One count per batch, not per request: the lanes' requests would queue on the row.
+            self.persist(|| self.state.add_delivered(&warehouse_id, delivered))
+                .await
+        }
     }
 
-    /// Delivers one lane's changes (indexes into `pending`), in order, in requests bounded by
-    /// count and bytes, and records each outcome; returns how many changes it delivered.
-    #[allow(clippy::too_many_arguments)]
+    /// Sends lane `lane` of `warehouse_id`'s queue until it is empty: a request at a time,
+    /// each as full as the queue allows.
+    async fn lane_worker(self: Arc<Self>, warehouse_id: String, lane: usize) {
+        loop {
+            let parts = {
+                let mut queues = self.queues.lock().unwrap_or_else(|p| p.into_inner());
+                let Some(queue) = queues.get_mut(&warehouse_id).map(|q| &mut q[lane]) else {
+                    return;
+                };
+                let limit = self.settings.batch.max_changes;
+                let mut parts = Vec::new();
+                let mut n = 0;
+                while let Some(next) = queue.parts.front() {
+                    if !parts.is_empty() && n + next.changes.len() > limit {
+                        break;
+                    }
+                    n += next.changes.len();
+                    parts.extend(queue.parts.pop_front());
+                }
+                if parts.is_empty() {
+                    queue.running = false;
+                    return;
+                }
+                parts
+            };
+            match self.send_parts(&warehouse_id, lane, &parts).await {
+                Ok(counts) => {
+                    for (part, n) in parts.into_iter().zip(counts) {
+                        let _ = part.done.send(n);
+                    }
+                }
+                Err(Cancelled) => {
+                    // Nothing more goes from this lane: what is queued has no outcome (the
+                    // bus replays it), and the batches waiting on it learn so.
+                    let mut queues = self.queues.lock().unwrap_or_else(|p| p.into_inner());
+                    if let Some(queue) = queues.get_mut(&warehouse_id).map(|q| &mut q[lane]) {
+                        queue.parts.clear();
+                        queue.running = false;
+                    }
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Delivers `parts` (lane `lane`'s, in source order) less what a replay brings again;
+    /// returns how many changes of each part were sent.
+    async fn send_parts(
+        &self,
+        warehouse_id: &str,
+        lane: usize,
+        parts: &[LanePart],
+    ) -> Result<Vec<i64>, Cancelled> {
+        let Some(client) = &self.client else {
+            // The caller refuses to start with mappings but no central endpoint.
+            return Err(Cancelled);
+        };
+        // Versions up to each batch's highest may be at central from now on (recorded once
+        // per batch, before any of its changes is sent).
+        for part in parts {
+            part.batch
+                .noted
+                .get_or_init(|| async {
+                    self.note_sent(warehouse_id, &part.batch.high).await.is_ok()
+                })
+                .await;
+            if !part.batch.noted.get().is_some_and(|ok| *ok) {
+                return Err(Cancelled);
+            }
+        }
+        // The highest version that may be at central from us, read now, not when a batch was
+        // noted: another lane may have noted this batch before this lane's earlier batches
+        // went, and one of those may hold a newer version of a key this request replays (on
+        // Kafka a key's versions can come from two partitions). Read then, a replay central
+        // answers `stale` would look like a conflict instead of superseded.
+        let sent_high = self.sent_high(warehouse_id).await;
+        let mut changes: Vec<Sending<'_>> = parts
+            .iter()
+            .enumerate()
+            .flat_map(|(i, part)| {
+                part.changes.iter().map(move |queued| Sending {
+                    part: i,
+                    queued,
+                    json: &part.rendered[queued.json.clone()],
+                })
+            })
+            .collect();
+        // Here, in the lane's order, not in `prepare` (Kafka prepares batches concurrently).
+        self.skip_replayed(warehouse_id, lane, &mut changes).await?;
+        // Requests in source order (version, then index in the event), each stream's changes
+        // staying as they were: on Kafka one key can come from two partitions (a key move is
+        // keyed by its new key, so the old key's delete shares the new key's partition), and
+        // the parts of one request from two batches can hold them in either order.
+        fn position<'a>(c: &Sending<'a>) -> (&'a str, u8) {
+            (c.queued.change.version.as_str(), c.queued.sub)
+        }
+        if !changes.is_sorted_by(|a, b| position(a) <= position(b)) {
+            changes.sort_by(|a, b| position(a).cmp(&position(b)));
+        }
+        let mut counts = vec![0i64; parts.len()];
+        for c in &changes {
+            counts[c.part] += 1;
+        }
+        self.deliver_lane(warehouse_id, client, lane, &changes, &sent_high)
+            .await?;
+        Ok(counts)
+    }
+
+    /// Delivers one lane's changes, in order, in requests bounded by count and bytes, and
+    /// records each outcome.
     async fn deliver_lane(
         &self,
         warehouse_id: &str,
         client: &CentralClient,
-        items: &[Incoming],
-        pending: &[Pending],
-        rendered: &[u8],
-        lane: &[usize],
+        lane: usize,
+        queue: &[Sending<'_>],
         sent_high: &str,
-    ) -> Result<i64, Cancelled> {
+    ) -> Result<(), Cancelled> {
         let limits = self.settings.batch;
         let mut start = 0;
-        let mut delivered = 0;
-        while start < lane.len() {
+        while start < queue.len() {
             let mut end = start;
             let mut bytes = 0;
-            let size = |i: usize| pending[lane[i]].json.len() + 1;
-            while end < lane.len()
+            let size = |i: usize| queue[i].json.len() + 1;
+            while end < queue.len()
                 && end - start < limits.max_changes
                 && (end == start || bytes + size(end) <= limits.max_bytes)
             {
                 bytes += size(end);
                 end += 1;
             }
-            let changes: Vec<Outgoing<'_>> = lane[start..end]
+            let changes: Vec<Outgoing<'_>> = queue[start..end]
                 .iter()
-                .map(|&i| Outgoing {
-                    change: &pending[i].change,
-                    json: &rendered[pending[i].json.clone()],
+                .map(|c| Outgoing {
+                    change: &c.queued.change,
+                    json: c.json,
                 })
                 .collect();
             let verdicts = client.deliver(warehouse_id, &changes, &self.cancel).await?;
@@ -796,19 +927,19 @@ impl Stage {
             // are resolved.
             let mut landed = Vec::new();
             let mut outcomes: Vec<(&'static str, u64)> = Vec::new();
-            for (&i, verdict) in lane[start..end].iter().zip(verdicts) {
-                let p = &pending[i];
-                if p.change.source.snapshot
+            for (c, verdict) in queue[start..end].iter().zip(verdicts) {
+                let q = c.queued;
+                if q.change.source.snapshot
                     && let Verdict::Result(r) = &verdict
                     && matches!(r.status, ResultStatus::Applied | ResultStatus::Duplicate)
                 {
                     landed.push((
-                        p.change.entity.as_str().to_string(),
-                        Value::Object(p.change.key.clone()),
+                        q.change.entity.as_str().to_string(),
+                        Value::Object(q.change.key.clone()),
                     ));
                 }
                 let outcome = self
-                    .settle(warehouse_id, &items[p.item], &p.change, verdict, sent_high)
+                    .settle(warehouse_id, &q.item, &q.change, verdict, sent_high)
                     .await?;
                 match outcomes.iter_mut().find(|(o, _)| *o == outcome) {
                     Some((_, n)) => *n += 1,
@@ -834,20 +965,19 @@ impl Stage {
             // Every change of the request has its outcome: the lane's position in each stream
             // the request drew on moves to its last change there.
             let mut marks: Vec<LaneMark<'_>> = Vec::new();
-            for &i in lane[start..end].iter().rev() {
-                let p = &pending[i];
-                let stream = items[p.item].stream();
+            for c in queue[start..end].iter().rev() {
+                let q = c.queued;
+                let stream = q.item.stream();
                 if !marks.iter().any(|m| m.stream == stream) {
                     marks.push(LaneMark {
                         stream,
-                        lane: i32::from(p.lane),
-                        settled: position_text(&p.change.version, p.sub),
+                        lane: lane as i32,
+                        settled: position_text(&q.change.version, q.sub),
                     });
                 }
             }
             self.persist(|| self.state.settle_lanes(warehouse_id, LANES as i32, &marks))
                 .await?;
-            delivered += (end - start) as i64;
             if let Some(last) = changes.last()
                 && let Some(micros) =
                     crate::time::parse_rfc3339_utc_micros(&last.change.source.committed_at)
@@ -861,13 +991,22 @@ impl Stage {
             }
             start = end;
         }
-        Ok(delivered)
+        Ok(())
+    }
+    /// The highest version recorded as sent for `warehouse_id` (by [`Stage::note_sent`], in
+    /// this process or in one before it): any of our own changes at central is at or below it.
+    async fn sent_high(&self, warehouse_id: &str) -> String {
+        self.sent
+            .lock()
+            .await
+            .get(warehouse_id)
+            .cloned()
+            .flatten()
+            .unwrap_or_default()
     }
 
-    /// Records (before sending) that versions up to `high` may be at central; returns the
-    /// highest version sent before, which any of our own newer changes at central is at or
-    /// below.
-    async fn note_sent(&self, warehouse_id: &str, high: &str) -> Result<String, Cancelled> {
+    /// Records (before sending) that versions up to `high` may be at central.
+    async fn note_sent(&self, warehouse_id: &str, high: &str) -> Result<(), Cancelled> {
         let mut sent = self.sent.lock().await;
         if !sent.contains_key(warehouse_id) {
             let stored = self
@@ -877,17 +1016,13 @@ impl Stage {
                 .await?;
             sent.insert(warehouse_id.to_string(), stored);
         }
-        let known = sent
-            .get(warehouse_id)
-            .cloned()
-            .flatten()
-            .unwrap_or_default();
-        if high > known.as_str() {
+        let known = sent.get(warehouse_id).and_then(Option::as_deref);
+        if known.is_none_or(|k| high > k) {
             self.persist(|| self.state.raise_sent_version(warehouse_id, high))
                 .await?;
             sent.insert(warehouse_id.to_string(), Some(high.to_string()));
         }
-        Ok(known.max(high.to_string()))
+        Ok(())
     }
 
     /// Records the outcome of one delivered change; `sent_high` is the highest version that
@@ -1220,8 +1355,18 @@ fn unfilled_fields(
         .collect()
 }
 
-/// Requests in flight together per warehouse (each a lane of keys).
-pub const LANES: usize = 8;
+/// Key lanes per warehouse, each with its own worker and one request in flight: a lane that
+/// waits on central (a slow answer, a `Retry-After`) holds back only its own keys.
+pub const LANES: usize = 32;
+
+/// A batch holds up to this many full requests' worth of changes (its lanes' shares are
+/// smaller; a lane that fell behind sends several shares in one request).
+pub const BATCH_REQUESTS: usize = 8;
+
+/// Changes a consumer may have prepared and not yet delivered (their memory is freed lane
+/// by lane as each lane's share gets its outcomes): enough for the other lanes to go on for
+/// a few seconds while some wait on central.
+pub const IN_FLIGHT_CHANGES: usize = 32_768;
 
 /// The lane of an entity's key: a fixed-seed hash over the entity and the key's fields
 /// (one key always lands in one lane; foldhash reads eight bytes at a time where FNV-1a
