@@ -8,10 +8,10 @@
 //! - `408`/`429`/`5xx`/timeouts/connection errors: retried with capped exponential backoff
 //!   and full jitter, honouring `Retry-After`. A `429` with `Retry-After` is pacing: that
 //!   request waits as told, and it does not count as a failure. A circuit breaker shared by
-//!   every warehouse and lane opens when at least half of the last 20 requests failed (at
-//!   least 10 seen, and at least `breaker_threshold` failures): while it is open no request is
-//!   made (consumption pauses), then one request probes (half-open) whether central is back;
-//!   a lone failure among many successes never pauses delivery.
+//!   every warehouse and lane opens when at least half of the last 40 requests failed, or the
+//!   last 10 in a row (and at least `breaker_threshold` failures): while it is open no request
+//!   is made (consumption pauses), then one request probes (half-open) whether central is
+//!   back; a lone failure among many successes never pauses delivery.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -99,9 +99,12 @@ struct Breaker {
     state: std::sync::Mutex<BreakerState>,
 }
 
-/// Requests the breaker looks back on.
-const BREAKER_WINDOW: usize = 20;
-/// Requests it must have seen in its window before it may open.
+/// Requests the breaker looks back on: it opens when at least half of them failed. (With 20,
+/// a central failing 15 % of the requests opened it now and then by chance alone, as 128
+/// requests in flight fill a window in a moment: P(Bin(20, 0.17) ≥ 10) ≈ 5e-4 per answer;
+/// with 40 it is ≈ 1e-5.)
+const BREAKER_WINDOW: usize = 40;
+/// This many failures in a row open it at once (central refusing every connection).
 const BREAKER_MIN_VOLUME: usize = 10;
 
 /// The circuit breaker's state: the outcomes of the latest requests (`true`: failed), and
@@ -165,9 +168,10 @@ impl BreakerState {
             self.window.pop_front();
         }
         let failures = self.window.iter().filter(|f| **f).count();
-        let open = self.window.len() >= BREAKER_MIN_VOLUME
-            && failures * 2 >= self.window.len()
-            && failures >= threshold as usize;
+        let in_a_row = self.window.iter().rev().take_while(|f| **f).count();
+        let open = failures >= threshold as usize
+            && (in_a_row >= BREAKER_MIN_VOLUME
+                || (self.window.len() == BREAKER_WINDOW && failures * 2 >= BREAKER_WINDOW));
         if open {
             self.open_until = Some(now + cooldown);
             self.window.clear();
@@ -535,7 +539,7 @@ fn truncate(s: &str, max: usize) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::{BREAKER_WINDOW, BreakerState, Gate};
+    use super::{BreakerState, Gate};
     use std::time::Duration;
     use tokio::time::Instant;
 
@@ -558,14 +562,18 @@ mod tests {
     fn half_the_latest_requests_failing_opens_it_and_one_probe_closes_it() {
         let mut b = BreakerState::default();
         let now = Instant::now();
-        // Five failures in a row among the first requests: not enough volume yet.
-        for _ in 0..5 {
+        // Nine failures in a row among the first requests: not enough to tell yet.
+        for _ in 0..9 {
             assert!(!b.record(true, false, 5, COOLDOWN, now));
         }
-        for _ in 0..4 {
-            assert!(!b.record(false, false, 5, COOLDOWN, now));
+        // Then every other one fails: half of a full window.
+        for i in 0..30 {
+            assert!(
+                !b.record(i % 2 == 1, false, 5, COOLDOWN, now),
+                "request {i}"
+            );
         }
-        assert!(b.record(true, false, 5, COOLDOWN, now), "6 of 10 failed");
+        assert!(b.record(false, false, 5, COOLDOWN, now), "24 of 40 failed");
         assert_eq!(b.gate(now), Gate::Wait(now + COOLDOWN));
         let later = now + COOLDOWN;
         assert_eq!(b.gate(later), Gate::Probe);
@@ -583,7 +591,7 @@ mod tests {
         assert_eq!(b.gate(after), Gate::Probe);
         b.record(false, true, 5, COOLDOWN, after);
         assert_eq!(b.gate(after), Gate::Pass, "a good probe closes it");
-        assert!(b.window.is_empty() && BREAKER_WINDOW == 20);
+        assert!(b.window.is_empty());
     }
 
     #[test]
