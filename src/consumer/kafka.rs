@@ -254,6 +254,7 @@ pub async fn run(
     let mut buffered = 0usize;
     let mut inflight: VecDeque<Inflight> = VecDeque::new();
     let budget = Stage::budget();
+    let preparing = Arc::new(tokio::sync::Semaphore::new(2));
     // Resolves once the newest batch in flight took its lanes' turns (true) or gave up.
     let mut last_turns: Option<tokio::sync::oneshot::Receiver<bool>> = None;
     loop {
@@ -390,13 +391,20 @@ pub async fn run(
         let previous = last_turns.take();
         let (turns_tx, turns_rx) = tokio::sync::oneshot::channel();
         last_turns = Some(turns_rx);
+        let preparing = preparing.clone();
         let handle = tokio::spawn(async move {
             let mut permit = permit;
+            // Two batches prepared at once at most: more only delays the oldest (and with it
+            // the first delivery after a restart) while they share the CPU.
+            let Ok(turn) = preparing.acquire_owned().await else {
+                return false;
+            };
             let prepared = join_all(work.into_iter().map(|(w, items)| {
                 let stage = &stage;
                 async move { stage.prepare(&w, items).await }
             }))
             .await;
+            drop(turn);
             let prepared = match prepared.into_iter().collect::<Result<Vec<_>, _>>() {
                 Err(_) => return false,
                 Ok(prepared) => prepared,

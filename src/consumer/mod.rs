@@ -186,8 +186,8 @@ struct Pending {
     /// Its index among its event's changes (a key move gives two changes one version): with
     /// the version, its position in the stream.
     sub: u8,
-    /// Its key lane.
-    lane: u8,
+    /// Its entity and key, hashed (see [`key_hash`]): its lane is this modulo [`LANES`].
+    key: u64,
     change: Change,
     json: std::ops::Range<usize>,
 }
@@ -200,6 +200,8 @@ type LaneMarks = [Option<(String, u8)>; LANES];
 /// event's other changes, freed with the last of them).
 struct Queued {
     item: Arc<Incoming>,
+    /// Its entity and key, hashed (see [`key_hash`]).
+    key: u64,
     /// Its index among its event's changes (with the version, its position in the stream).
     sub: u8,
     change: Change,
@@ -231,16 +233,41 @@ struct BatchNote {
     noted: tokio::sync::OnceCell<bool>,
 }
 
-/// One lane's queue of batch shares, and whether its worker runs.
+/// One lane's queue of batch shares, whether its worker runs, and its wake-up.
 #[derive(Default)]
 struct LaneQueue {
     parts: std::collections::VecDeque<LanePart>,
     running: bool,
+    wake: Arc<tokio::sync::Notify>,
 }
+
+/// Lane shares on their way in one go (their changes in `send`, by part and index).
+struct Flight {
+    parts: Vec<LanePart>,
+    /// The changes to send (not replays), in source order.
+    send: Vec<(usize, usize)>,
+    /// Per part, how many of its changes are sent.
+    counts: Vec<i64>,
+    /// Per stream, the lane's position once the flight landed.
+    marks: StreamMarks,
+    /// The highest version that may be at central from us when it left.
+    sent_high: String,
+}
+
+/// Per stream, a lane's position (see [`position_text`]).
+type StreamMarks = Vec<(Arc<str>, String)>;
+
+/// A flight back: its number, the flight, and per part how many changes it sent.
+type Landed = (u64, Flight, Result<Vec<i64>, Cancelled>);
+
+/// Flights in the air at once per lane (their keys disjoint).
+const LANE_PIPELINE: usize = 4;
 
 /// A queued change about to be sent: which of the worker's parts it is of, and its JSON.
 struct Sending<'a> {
     part: usize,
+    /// Its index among the part's changes.
+    index: usize,
     queued: &'a Queued,
     json: &'a [u8],
 }
@@ -369,7 +396,7 @@ impl Stage {
                 Ok(Mapped::Changes(changes)) => {
                     for (sub, change) in changes.into_iter().enumerate() {
                         let sub = sub as u8;
-                        let lane = lane_of(change.entity.as_str(), &change.key) as u8;
+                        let hash = key_hash(change.entity.as_str(), &change.key);
                         let fields = unfilled_fields(&change, m, &unchanged);
                         if !fields.is_empty() {
                             let Some(key) = item.row_key() else {
@@ -404,7 +431,7 @@ impl Stage {
                             pending.push(Pending {
                                 item: i,
                                 sub,
-                                lane,
+                                key: hash,
                                 change,
                                 json: 0..0,
                             });
@@ -416,7 +443,7 @@ impl Stage {
                         pending.push(Pending {
                             item: i,
                             sub,
-                            lane,
+                            key: hash,
                             change,
                             json: start..rendered.len(),
                         });
@@ -723,8 +750,9 @@ impl Stage {
         let items: Vec<Arc<Incoming>> = items.into_iter().map(Arc::new).collect();
         let mut lanes: Vec<Vec<Queued>> = (0..LANES).map(|_| Vec::new()).collect();
         for p in pending {
-            lanes[p.lane as usize].push(Queued {
+            lanes[(p.key % LANES as u64) as usize].push(Queued {
                 item: items[p.item].clone(),
+                key: p.key,
                 sub: p.sub,
                 change: p.change,
                 json: p.json,
@@ -762,7 +790,9 @@ impl Stage {
                     done: tx,
                     _permit: permit,
                 });
-                if !queue.running {
+                if queue.running {
+                    queue.wake.notify_one();
+                } else {
                     queue.running = true;
                     tokio::spawn(self.clone().lane_worker(warehouse_id.clone(), lane));
                 }
@@ -784,66 +814,155 @@ impl Stage {
         }
     }
 
-    /// Sends lane `lane` of `warehouse_id`'s queue until it is empty: a request at a time,
-    /// each as full as the queue allows.
+    /// Sends lane `lane` of `warehouse_id`'s queue until it is empty: up to
+    /// [`LANE_PIPELINE`] flights at once, each as full as the queue allows, so long as no
+    /// key is in two of them (a key's changes go one flight after the other, in order). The
+    /// lane's position in `consumer_lanes` moves in order, as the oldest flights land.
     async fn lane_worker(self: Arc<Self>, warehouse_id: String, lane: usize) {
-        loop {
-            let parts = {
+        let Some(wake) = self.lane_wake(&warehouse_id, lane) else {
+            return;
+        };
+        let limit = self.settings.batch.max_changes;
+        let mut flights = futures_util::stream::FuturesUnordered::new();
+        // Flights by number, oldest first, with the lane positions of those that landed.
+        let mut order: std::collections::VecDeque<(u64, Option<StreamMarks>)> = Default::default();
+        // Keys in flight, with how many flights hold each.
+        let mut busy: HashMap<u64, u32> = HashMap::new();
+        let mut next = 0u64;
+        let stop =
+            |flights: &futures_util::stream::FuturesUnordered<tokio::task::JoinHandle<Landed>>| {
+                // Nothing more goes from this lane: what is queued has no outcome (the bus
+                // replays it), and the batches waiting on it learn so.
+                for f in flights.iter() {
+                    f.abort();
+                }
                 let mut queues = self.queues.lock().unwrap_or_else(|p| p.into_inner());
-                let Some(queue) = queues.get_mut(&warehouse_id).map(|q| &mut q[lane]) else {
+                if let Some(queue) = queues.get_mut(&warehouse_id).map(|q| &mut q[lane]) {
+                    queue.parts.clear();
+                    queue.running = false;
+                }
+            };
+        loop {
+            let mut blocked = false;
+            while flights.len() < LANE_PIPELINE {
+                let parts = {
+                    let mut queues = self.queues.lock().unwrap_or_else(|p| p.into_inner());
+                    let Some(queue) = queues.get_mut(&warehouse_id).map(|q| &mut q[lane]) else {
+                        return;
+                    };
+                    let mut parts = Vec::new();
+                    let mut n = 0;
+                    while let Some(part) = queue.parts.front() {
+                        if !parts.is_empty() && n + part.changes.len() > limit {
+                            break;
+                        }
+                        if part.changes.iter().any(|q| busy.contains_key(&q.key)) {
+                            blocked = true;
+                            break;
+                        }
+                        n += part.changes.len();
+                        parts.extend(queue.parts.pop_front());
+                    }
+                    if parts.is_empty() && flights.is_empty() {
+                        queue.running = false;
+                        return;
+                    }
+                    parts
+                };
+                if parts.is_empty() {
+                    break;
+                }
+                let Ok(flight) = self.plan(&warehouse_id, lane, parts).await else {
+                    stop(&flights);
                     return;
                 };
-                let limit = self.settings.batch.max_changes;
-                let mut parts = Vec::new();
-                let mut n = 0;
-                while let Some(next) = queue.parts.front() {
-                    if !parts.is_empty() && n + next.changes.len() > limit {
-                        break;
+                for part in &flight.parts {
+                    for q in &part.changes {
+                        *busy.entry(q.key).or_default() += 1;
                     }
-                    n += next.changes.len();
-                    parts.extend(queue.parts.pop_front());
                 }
-                if parts.is_empty() {
-                    queue.running = false;
-                    return;
-                }
-                parts
-            };
-            match self.send_parts(&warehouse_id, lane, &parts).await {
-                Ok(counts) => {
-                    for (part, n) in parts.into_iter().zip(counts) {
+                order.push_back((next, None));
+                flights.push(tokio::spawn(self.clone().fly(
+                    warehouse_id.clone(),
+                    next,
+                    flight,
+                )));
+                next += 1;
+            }
+            tokio::select! {
+                landed = futures_util::StreamExt::next(&mut flights), if !flights.is_empty() => {
+                    let Some(Ok((number, flight, Ok(counts)))) = landed else {
+                        stop(&flights);
+                        return;
+                    };
+                    for part in &flight.parts {
+                        for q in &part.changes {
+                            if let Some(n) = busy.get_mut(&q.key) {
+                                *n -= 1;
+                                if *n == 0 {
+                                    busy.remove(&q.key);
+                                }
+                            }
+                        }
+                    }
+                    if let Some(entry) = order.iter_mut().find(|(n, _)| *n == number) {
+                        entry.1 = Some(flight.marks);
+                    }
+                    for (part, n) in flight.parts.into_iter().zip(counts) {
                         let _ = part.done.send(n);
                     }
-                }
-                Err(Cancelled) => {
-                    // Nothing more goes from this lane: what is queued has no outcome (the
-                    // bus replays it), and the batches waiting on it learn so.
-                    let mut queues = self.queues.lock().unwrap_or_else(|p| p.into_inner());
-                    if let Some(queue) = queues.get_mut(&warehouse_id).map(|q| &mut q[lane]) {
-                        queue.parts.clear();
-                        queue.running = false;
+                    // The oldest flights that landed: the lane's position in each stream
+                    // moves to their last change there (later flights hold later changes).
+                    let mut settled: Vec<(Arc<str>, String)> = Vec::new();
+                    while order.front().is_some_and(|(_, m)| m.is_some()) {
+                        for (stream, at) in order.pop_front().and_then(|(_, m)| m).unwrap_or_default() {
+                            match settled.iter_mut().find(|(s, _)| *s == stream) {
+                                Some(s) => s.1 = at,
+                                None => settled.push((stream, at)),
+                            }
+                        }
                     }
-                    return;
+                    if !settled.is_empty() {
+                        let marks: Vec<LaneMark<'_>> = settled
+                            .iter()
+                            .map(|(stream, at)| LaneMark {
+                                stream,
+                                lane: lane as i32,
+                                settled: at.clone(),
+                            })
+                            .collect();
+                        if self
+                            .persist(|| self.state.settle_lanes(&warehouse_id, LANES as i32, &marks))
+                            .await
+                            .is_err()
+                        {
+                            stop(&flights);
+                            return;
+                        }
+                    }
                 }
+                _ = wake.notified(), if !blocked => {}
             }
         }
     }
 
-    /// Delivers `parts` (lane `lane`'s, in source order) less what a replay brings again;
-    /// returns how many changes of each part were sent.
-    async fn send_parts(
+    /// The wake-up of `warehouse_id`'s lane `lane` (told when a share is queued).
+    fn lane_wake(&self, warehouse_id: &str, lane: usize) -> Option<Arc<tokio::sync::Notify>> {
+        let queues = self.queues.lock().unwrap_or_else(|p| p.into_inner());
+        queues.get(warehouse_id).map(|q| q[lane].wake.clone())
+    }
+
+    /// Readies `parts` (lane `lane`'s, in source order) for a flight: records their batches
+    /// as sent, drops what a replay brings again, and puts the rest in source order.
+    async fn plan(
         &self,
         warehouse_id: &str,
         lane: usize,
-        parts: &[LanePart],
-    ) -> Result<Vec<i64>, Cancelled> {
-        let Some(client) = &self.client else {
-            // The caller refuses to start with mappings but no central endpoint.
-            return Err(Cancelled);
-        };
+        parts: Vec<LanePart>,
+    ) -> Result<Flight, Cancelled> {
         // Versions up to each batch's highest may be at central from now on (recorded once
         // per batch, before any of its changes is sent).
-        for part in parts {
+        for part in &parts {
             part.batch
                 .noted
                 .get_or_init(|| async {
@@ -864,11 +983,15 @@ impl Stage {
             .iter()
             .enumerate()
             .flat_map(|(i, part)| {
-                part.changes.iter().map(move |queued| Sending {
-                    part: i,
-                    queued,
-                    json: &part.rendered[queued.json.clone()],
-                })
+                part.changes
+                    .iter()
+                    .enumerate()
+                    .map(move |(index, queued)| Sending {
+                        part: i,
+                        index,
+                        queued,
+                        json: &part.rendered[queued.json.clone()],
+                    })
             })
             .collect();
         // Here, in the lane's order, not in `prepare` (Kafka prepares batches concurrently).
@@ -884,21 +1007,65 @@ impl Stage {
             changes.sort_by(|a, b| position(a).cmp(&position(b)));
         }
         let mut counts = vec![0i64; parts.len()];
+        // Per stream, the position of its last change here.
+        let mut marks: Vec<(Arc<str>, String)> = Vec::new();
+        for c in changes.iter().rev() {
+            let stream = c.queued.item.stream();
+            if !marks.iter().any(|(s, _)| **s == *stream) {
+                marks.push((
+                    Arc::from(stream),
+                    position_text(&c.queued.change.version, c.queued.sub),
+                ));
+            }
+        }
         for c in &changes {
             counts[c.part] += 1;
         }
-        self.deliver_lane(warehouse_id, client, lane, &changes, &sent_high)
-            .await?;
-        Ok(counts)
+        let send = changes.iter().map(|c| (c.part, c.index)).collect();
+        drop(changes);
+        Ok(Flight {
+            parts,
+            send,
+            counts,
+            marks,
+            sent_high,
+        })
+    }
+
+    /// Sends a flight's changes and records their outcomes; hands the flight back.
+    async fn fly(self: Arc<Self>, warehouse_id: String, number: u64, flight: Flight) -> Landed {
+        let Some(client) = &self.client else {
+            // The caller refuses to start with mappings but no central endpoint.
+            return (number, flight, Err(Cancelled));
+        };
+        let changes: Vec<Sending<'_>> = flight
+            .send
+            .iter()
+            .map(|&(part, index)| {
+                let p = &flight.parts[part];
+                let queued = &p.changes[index];
+                Sending {
+                    part,
+                    index,
+                    queued,
+                    json: &p.rendered[queued.json.clone()],
+                }
+            })
+            .collect();
+        let r = self
+            .deliver_lane(&warehouse_id, client, &changes, &flight.sent_high)
+            .await;
+        drop(changes);
+        let counts = flight.counts.clone();
+        (number, flight, r.map(|()| counts))
     }
 
     /// Delivers one lane's changes, in order, in requests bounded by count and bytes, and
-    /// records each outcome.
+    /// records each outcome (the lane's position is the caller's to record).
     async fn deliver_lane(
         &self,
         warehouse_id: &str,
         client: &CentralClient,
-        lane: usize,
         queue: &[Sending<'_>],
         sent_high: &str,
     ) -> Result<(), Cancelled> {
@@ -962,22 +1129,6 @@ impl Stage {
                     tracing::info!(warehouse = %warehouse_id, resolved, "conflicts resolved: central now holds the warehouse's values");
                 }
             }
-            // Every change of the request has its outcome: the lane's position in each stream
-            // the request drew on moves to its last change there.
-            let mut marks: Vec<LaneMark<'_>> = Vec::new();
-            for c in queue[start..end].iter().rev() {
-                let q = c.queued;
-                let stream = q.item.stream();
-                if !marks.iter().any(|m| m.stream == stream) {
-                    marks.push(LaneMark {
-                        stream,
-                        lane: lane as i32,
-                        settled: position_text(&q.change.version, q.sub),
-                    });
-                }
-            }
-            self.persist(|| self.state.settle_lanes(warehouse_id, LANES as i32, &marks))
-                .await?;
             if let Some(last) = changes.last()
                 && let Some(micros) =
                     crate::time::parse_rfc3339_utc_micros(&last.change.source.committed_at)
@@ -1368,10 +1519,9 @@ pub const BATCH_REQUESTS: usize = 8;
 /// a few seconds while some wait on central.
 pub const IN_FLIGHT_CHANGES: usize = 32_768;
 
-/// The lane of an entity's key: a fixed-seed hash over the entity and the key's fields
-/// (one key always lands in one lane; foldhash reads eight bytes at a time where FNV-1a
-/// took one).
-fn lane_of(entity: &str, key: &serde_json::Map<String, Value>) -> usize {
+/// An entity's key, hashed: a fixed-seed hash over the entity and the key's fields (one key
+/// always lands in one lane; foldhash reads eight bytes at a time where FNV-1a took one).
+fn key_hash(entity: &str, key: &serde_json::Map<String, Value>) -> u64 {
     use std::hash::{BuildHasher, Hasher};
     let mut h = foldhash::fast::FixedState::with_seed(0x1a7e).build_hasher();
     h.write(entity.as_bytes());
@@ -1388,7 +1538,13 @@ fn lane_of(entity: &str, key: &serde_json::Map<String, Value>) -> usize {
             other => h.write(other.to_string().as_bytes()),
         }
     }
-    (h.finish() % LANES as u64) as usize
+    h.finish()
+}
+
+/// The lane of an entity's key.
+#[cfg(test)]
+fn lane_of(entity: &str, key: &serde_json::Map<String, Value>) -> usize {
+    (key_hash(entity, key) % LANES as u64) as usize
 }
 
 /// The central key of an event that failed validation, as far as it can be read.
