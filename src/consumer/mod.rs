@@ -153,6 +153,8 @@ pub struct Stage {
     lanes: tokio::sync::Mutex<HashMap<String, HashMap<Arc<str>, LaneMarks>>>,
     /// Per warehouse and lane, the batch shares its worker has yet to send, in source order.
     queues: std::sync::Mutex<HashMap<String, Vec<LaneQueue>>>,
+    /// Per warehouse, where its lanes' settled positions go to be written.
+    settlers: std::sync::Mutex<HashMap<String, tokio::sync::mpsc::UnboundedSender<Settled>>>,
     /// Reads back unchanged TOAST values, so that an upsert always carries the whole row.
     toast: ToastReader,
 }
@@ -257,6 +259,9 @@ struct Flight {
 /// Per stream, a lane's position (see [`position_text`]).
 type StreamMarks = Vec<(Arc<str>, String)>;
 
+/// A lane's settled position in a stream, on its way to `consumer_lanes`.
+type Settled = (usize, Arc<str>, String);
+
 /// A flight back: its number, the flight, and per part how many changes it sent.
 type Landed = (u64, Flight, Result<Vec<i64>, Cancelled>);
 
@@ -311,6 +316,7 @@ impl Stage {
             sent: tokio::sync::Mutex::new(HashMap::new()),
             lanes: tokio::sync::Mutex::new(HashMap::new()),
             queues: std::sync::Mutex::new(HashMap::new()),
+            settlers: std::sync::Mutex::new(HashMap::new()),
             toast,
         }
     }
@@ -923,25 +929,71 @@ impl Stage {
                         }
                     }
                     if !settled.is_empty() {
-                        let marks: Vec<LaneMark<'_>> = settled
-                            .iter()
-                            .map(|(stream, at)| LaneMark {
-                                stream,
-                                lane: lane as i32,
-                                settled: at.clone(),
-                            })
-                            .collect();
-                        if self
-                            .persist(|| self.state.settle_lanes(&warehouse_id, LANES as i32, &marks))
-                            .await
-                            .is_err()
-                        {
-                            stop(&flights);
-                            return;
-                        }
+                        self.settle_later(&warehouse_id, lane, settled);
                     }
                 }
                 _ = wake.notified(), if !blocked => {}
+            }
+        }
+    }
+
+    /// Hands a lane's settled positions to the warehouse's writer of `consumer_lanes`, which
+    /// writes what the lanes settled meanwhile in one statement. The positions only spare
+    /// central replays after a restart (what the bus acknowledges does not wait for them), so
+    /// they may trail; one write per request kept the state DB's pool busy and delayed the
+    /// writes that come before a request goes.
+    fn settle_later(self: &Arc<Self>, warehouse_id: &str, lane: usize, settled: StreamMarks) {
+        let mut writers = self.settlers.lock().unwrap_or_else(|p| p.into_inner());
+        let tx = writers.entry(warehouse_id.to_string()).or_insert_with(|| {
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+            tokio::spawn(self.clone().settle_lanes(warehouse_id.to_string(), rx));
+            tx
+        });
+        for (stream, at) in settled {
+            let _ = tx.send((lane, stream, at));
+        }
+    }
+
+    /// Writes the positions `rx` brings for `warehouse_id`, what is there at once in one
+    /// statement, until the stage is cancelled.
+    async fn settle_lanes(
+        self: Arc<Self>,
+        warehouse_id: String,
+        mut rx: tokio::sync::mpsc::UnboundedReceiver<Settled>,
+    ) {
+        let mut got = Vec::new();
+        loop {
+            got.clear();
+            tokio::select! {
+                n = rx.recv_many(&mut got, 4096) => if n == 0 { return },
+                _ = self.cancel.cancelled() => return,
+            }
+            // One row per stream and lane (a statement may not touch a row twice): the highest.
+            let mut latest: Vec<(usize, &Arc<str>, &String)> = Vec::new();
+            for (lane, stream, at) in &got {
+                match latest
+                    .iter_mut()
+                    .find(|(l, s, _)| l == lane && *s == stream)
+                {
+                    Some(m) if *m.2 < *at => m.2 = at,
+                    Some(_) => {}
+                    None => latest.push((*lane, stream, at)),
+                }
+            }
+            let marks: Vec<LaneMark<'_>> = latest
+                .iter()
+                .map(|(lane, stream, at)| LaneMark {
+                    stream,
+                    lane: *lane as i32,
+                    settled: (*at).clone(),
+                })
+                .collect();
+            if self
+                .persist(|| self.state.settle_lanes(&warehouse_id, LANES as i32, &marks))
+                .await
+                .is_err()
+            {
+                return;
             }
         }
     }
