@@ -116,7 +116,7 @@ pub async fn records_with(topic: &str, needles: &[&str]) -> Vec<String> {
 /// older checkpoint publishes again. Returns how many records were copied.
 pub async fn replay_tail(topic: &str, from_share: f64) -> usize {
     use rdkafka::message::{Header, OwnedHeaders};
-    use rdkafka::producer::{FutureProducer, FutureRecord};
+    use rdkafka::producer::FutureRecord;
     type Owned = (Vec<u8>, Vec<u8>, Vec<(String, Vec<u8>)>);
     let mut by_partition: std::collections::BTreeMap<i32, Vec<Owned>> = Default::default();
     read_topic(topic, |msg| {
@@ -135,7 +135,7 @@ pub async fn replay_tail(topic: &str, from_share: f64) -> usize {
         ));
     })
     .await;
-    let producer: FutureProducer = ClientConfig::new()
+    let producer: rdkafka::producer::FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", &broker().address)
         .set("enable.idempotence", "true")
         .create()
@@ -753,6 +753,16 @@ async fn run_without_kafka_uses_the_embedded_bus_and_checkpoints_after_the_consu
     assert!(log.contains("bus=\"embedded\""), "{log}");
 }
 
+/// An idempotent producer on the test broker that lingers `linger_ms`.
+fn idempotent_producer(linger_ms: &str) -> rdkafka::producer::FutureProducer {
+    ClientConfig::new()
+        .set("bootstrap.servers", &broker().address)
+        .set("enable.idempotence", "true")
+        .set("linger.ms", linger_ms)
+        .create()
+        .unwrap()
+}
+
 /// A new topic of one partition, named from `prefix`.
 async fn one_partition_topic(prefix: &str) -> String {
     let topic = format!("it.{prefix}.{}.{}", std::process::id(), rand_suffix());
@@ -782,16 +792,11 @@ async fn one_partition_topic(prefix: &str) -> String {
 #[tokio::test]
 async fn a_consumer_resuming_inside_a_record_batch_gets_every_record_from_its_offset() {
     use rdkafka::consumer::CommitMode;
-    use rdkafka::producer::{FutureProducer, FutureRecord};
+    use rdkafka::producer::FutureRecord;
     use rdkafka::{Offset, TopicPartitionList};
 
     let topic = one_partition_topic("midbatch").await;
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", &broker().address)
-        .set("enable.idempotence", "true")
-        .set("linger.ms", "200")
-        .create()
-        .unwrap();
+    let producer = idempotent_producer("200");
     // 500 records queued at once: they travel in a few large batches.
     let futures: Vec<_> = (0..500)
         .map(|i| {
@@ -850,7 +855,7 @@ async fn a_consumer_resuming_inside_a_record_batch_gets_every_record_from_its_of
 /// the Kafka chaos test losing the last changes of a partition.)
 #[tokio::test]
 async fn a_consumer_at_the_tail_reads_every_offset_while_producers_write_at_once() {
-    use rdkafka::producer::{FutureProducer, FutureRecord};
+    use rdkafka::producer::FutureRecord;
 
     const PRODUCERS: usize = 8;
     const EACH: usize = 2_000;
@@ -885,12 +890,7 @@ async fn a_consumer_at_the_tail_reads_every_offset_while_producers_write_at_once
             .map(|w| {
                 let topic = topic.clone();
                 tokio::spawn(async move {
-                    let producer: FutureProducer = ClientConfig::new()
-                        .set("bootstrap.servers", &broker().address)
-                        .set("enable.idempotence", "true")
-                        .set("linger.ms", "1")
-                        .create()
-                        .unwrap();
+                    let producer = idempotent_producer("1");
                     // A few records every few milliseconds, for a few seconds.
                     let mut futures = Vec::with_capacity(EACH);
                     for i in 0..EACH {
