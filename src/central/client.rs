@@ -494,6 +494,15 @@ impl CentralClient {
             self.settings.breaker_cooldown,
             Instant::now(),
         );
+        if probe && failed {
+            // Said in the same words, so that "circuit breaker open" in the log reads true
+            // for as long as it is.
+            tracing::info!(
+                reason = failure.unwrap_or_default(),
+                pause_s = self.settings.breaker_cooldown.as_secs(),
+                "the probe request failed; circuit breaker open again, consumption paused"
+            );
+        }
         if opened {
             crate::metrics::metrics()
                 .breaker_opened

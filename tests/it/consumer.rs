@@ -565,7 +565,8 @@ async fn central_errors_429s_and_timeouts_are_retried_and_nothing_is_dead_letter
         })
         .await;
     workload(&db.client, 7, 50).await;
-    // Every request times out now: the breaker opens (again, if the 500s opened it before).
+    // Every request times out now: the breaker opens, or, if the 500s opened it before, its
+    // probes fail and it opens again (each said as "circuit breaker open").
     let opened = count_in(&log, "circuit breaker open");
     wait_for_count(&log, "circuit breaker open", opened + 1).await;
     // Slow but in time.
