@@ -39,6 +39,10 @@ pub struct Metrics {
     pub produce_seconds: HistogramVec,
     /// Times the circuit breaker opened.
     pub breaker_opened: IntCounterVec,
+    /// Requests to central sent a second time because the first was stuck.
+    pub central_hedged: IntCounterVec,
+    /// The adaptive limit of requests in the air to central.
+    pub central_in_flight_limit: IntGaugeVec,
     /// Commit time (Unix seconds) of the newest change with an outcome, per warehouse.
     pub delivered_commit_time: IntGaugeVec,
     /// Bytes of WAL between the warehouse's current position and the slot's confirmed flush.
@@ -167,6 +171,18 @@ impl Metrics {
                 &r,
                 "inventorysync_central_breaker_opened_total",
                 "Times the circuit breaker opened (consumption paused).",
+                &[],
+            ),
+            central_hedged: counter(
+                &r,
+                "inventorysync_central_hedged_total",
+                "Requests to the central API sent a second time (same Idempotency-Key) because the first had no answer after several times the usual answer time.",
+                &["warehouse"],
+            ),
+            central_in_flight_limit: gauge(
+                &r,
+                "inventorysync_central_in_flight_limit",
+                "How many requests (of 64 changes or more) may be in the air to the central API at once; adapts to central's answer times.",
                 &[],
             ),
             delivered_commit_time: gauge(

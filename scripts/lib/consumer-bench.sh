@@ -49,7 +49,7 @@ url="postgres://postgres@127.0.0.1:$port/wh?sslmode=disable"
 { cat sql/demo_mapping.toml; printf "\n[[warehouses]]\nid = 'bench'\nurl = '%s'\n" "$url"; } >"$dir/run.toml"
 export DB_URL="postgres://postgres@127.0.0.1:$port/state?sslmode=disable"
 export WAREHOUSE_API_ENDPOINT="http://127.0.0.1:$cport/api/warehouse"
-export INVENTORYSYNC_LOG=warn
+export INVENTORYSYNC_LOG=${BENCH_LOG:-warn}
 
 cat >"$dir/steady.sql" <<'SQL'
 \set sku random(1, 2000)

@@ -12,6 +12,8 @@
 //!   last 10 in a row (and at least `breaker_threshold` failures): while it is open no request
 //!   is made (consumption pauses), then one request probes (half-open) whether central is
 //!   back; a lone failure among many successes never pauses delivery.
+//! - Every request: within the adaptive limit of requests in the air, and sent a second
+//!   time when it is stuck (see [`air`]).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -25,6 +27,7 @@ use tokio_util::sync::CancellationToken;
 
 #[cfg(doc)]
 use super::ChangeBatch;
+use super::air::{self, InAir};
 use super::{BatchResponse, ChangeResult, Outgoing};
 
 /// The central client's knobs.
@@ -43,6 +46,9 @@ pub struct CentralSettings {
     pub breaker_cooldown: Duration,
     /// Wait between retries while central refuses our credentials (401/403).
     pub credential_retry: Duration,
+    /// Most requests of [`air::SMALL`] changes or more in the air at once (the limit adapts
+    /// below it: see [`air`]).
+    pub max_in_flight_requests: usize,
 }
 
 impl Default for CentralSettings {
@@ -54,6 +60,7 @@ impl Default for CentralSettings {
             breaker_threshold: 5,
             breaker_cooldown: Duration::from_secs(2),
             credential_retry: Duration::from_secs(30),
+            max_in_flight_requests: 64,
         }
     }
 }
@@ -187,6 +194,7 @@ pub struct CentralClient {
     token: Option<SecretString>,
     settings: CentralSettings,
     breaker: Breaker,
+    air: Arc<InAir>,
     healthy: AtomicBool,
 }
 
@@ -220,6 +228,7 @@ impl CentralClient {
             breaker: Breaker {
                 state: std::sync::Mutex::new(BreakerState::default()),
             },
+            air: Arc::new(InAir::new(settings.max_in_flight_requests)),
             healthy: AtomicBool::new(true),
         })
     }
@@ -266,11 +275,13 @@ impl CentralClient {
     ) -> Result<Answer, Cancelled> {
         let idempotency_key = super::batch_id_of(warehouse_id, changes);
         let body = bytes::Bytes::from(super::request_body(warehouse_id, &idempotency_key, changes));
+        // Failed attempts (they lengthen the backoff), and every try (for the log).
         let mut attempt: u32 = 0;
+        let mut tries: u32 = 0;
         loop {
             let probe = self.wait_for_breaker(cancel).await?;
             let result = tokio::select! {
-                r = self.post(warehouse_id, &idempotency_key, body.clone(), changes.len()) => r,
+                r = self.post_hedged(warehouse_id, &idempotency_key, &body, changes.len()) => r,
                 _ = cancel.cancelled() => {
                     if probe {
                         self.record(false, true, None);
@@ -300,13 +311,16 @@ impl CentralClient {
                     after,
                     pacing,
                 } => {
-                    attempt += 1;
+                    tries += 1;
                     if pacing {
                         // Central says when to come back: pacing, not failure.
                         if probe {
                             self.record(false, true, None);
                         }
                     } else {
+                        // Only failures lengthen the backoff: a `Retry-After` is waited for
+                        // as told.
+                        attempt += 1;
                         self.record(true, probe, Some(&reason));
                     }
                     // While the breaker is open it paces every lane (one probe, then all at
@@ -319,7 +333,7 @@ impl CentralClient {
                             self.backoff(attempt)
                         }
                     });
-                    tracing::warn!(warehouse = %warehouse_id, attempt, reason = %reason, retry_in_ms = wait.as_millis() as u64, "central request failed; retrying");
+                    tracing::warn!(warehouse = %warehouse_id, attempt = tries, reason = %reason, retry_in_ms = wait.as_millis() as u64, "central request failed; retrying");
                     wait
                 }
             };
@@ -330,11 +344,71 @@ impl CentralClient {
         }
     }
 
-    /// Full jitter: a uniform wait in [0, min(cap, 200 ms × 2^attempt)].
+    /// Full jitter: a uniform wait in [0, min(cap, 50 ms × 2^attempt)].
     fn backoff(&self, attempt: u32) -> Duration {
-        let exp = Duration::from_millis(200).saturating_mul(1 << attempt.min(16));
+        let exp = Duration::from_millis(50).saturating_mul(1 << attempt.min(16));
         let cap = exp.min(self.settings.max_backoff);
         cap.mul_f64(rand::random::<f64>())
+    }
+
+    /// Posts a request within the limit of requests in the air; one stuck at central (see
+    /// [`air`]) gives its slot up and goes a second time, and the first answer counts (a
+    /// failure only when both failed).
+    async fn post_hedged(
+        &self,
+        warehouse_id: &str,
+        idempotency_key: &str,
+        body: &bytes::Bytes,
+        expected: usize,
+    ) -> Attempt {
+        let mut slot = self.air.acquire(expected).await;
+        let started = Instant::now();
+        let first = self.post(warehouse_id, idempotency_key, body.clone(), expected);
+        tokio::pin!(first);
+        let stuck = self.air.stuck_after();
+        tokio::select! {
+            r = &mut first => {
+                self.learn(&slot, &r, expected, started.elapsed());
+                return r;
+            }
+            _ = tokio::time::sleep(stuck) => {}
+        }
+        slot.release();
+        crate::metrics::metrics()
+            .central_hedged
+            .with_label_values(&[warehouse_id])
+            .inc();
+        tracing::debug!(warehouse = %warehouse_id, after_ms = stuck.as_millis() as u64, changes = expected, "no answer yet; sending the request a second time");
+        // The second goes at once, without a slot: it stands in for the stuck one, whose slot
+        // went to the next request (waiting behind every queued request, it would go last).
+        let mut slot = self.air.acquire(0).await;
+        let again = Instant::now();
+        let second = self.post(warehouse_id, idempotency_key, body.clone(), expected);
+        tokio::pin!(second);
+        let (r, other_first) = tokio::select! {
+            r = &mut first => (r, false),
+            r = &mut second => {
+                self.learn(&slot, &r, expected, again.elapsed());
+                (r, true)
+            }
+        };
+        if !matches!(r, Attempt::Retry { .. }) {
+            return r;
+        }
+        // The first answer is a failure: the other request may still bring a good one.
+        slot.release();
+        if other_first {
+            (&mut first).await
+        } else {
+            (&mut second).await
+        }
+    }
+
+    /// Tells the limit of requests in the air how long central's results took.
+    fn learn(&self, slot: &air::Slot, attempt: &Attempt, changes: usize, took: Duration) {
+        if matches!(attempt, Attempt::Results(_)) {
+            self.air.answered(slot, changes, took);
+        }
     }
 
     async fn post(

@@ -2,6 +2,7 @@
 //! bodies, the client the consumer stage pushes with, and the reference server that
 //! implements the contract for the demo and the tests.
 
+pub mod air;
 pub mod client;
 pub mod server;
 

@@ -10,10 +10,12 @@ use super::{Incoming, Stage};
 use crate::bus::embedded::EmbeddedReceiver;
 use crate::central::client::Cancelled;
 
-/// Batches delivered at once: while a lane waits on central (a slow answer, a `Retry-After`),
-/// the other lanes go on with the next batches (each lane's shares stay in order). The
-/// budget of changes in flight ([`super::IN_FLIGHT_CHANGES`]) bounds them first.
-const MAX_IN_FLIGHT: usize = 64;
+/// Batches in flight, counted from the oldest without an outcome: those after it that are
+/// done wait there too, since outcomes are reported in order. So it is no real bound: one
+/// share waiting on central (a `Retry-After`, a slow answer) must not hold back the rest,
+/// as 64 did (every lane idle for up to a second, waiting for it). The budget of changes in
+/// flight ([`super::IN_FLIGHT_CHANGES`]) is what bounds them.
+const MAX_IN_FLIGHT: usize = 4096;
 
 /// Consumes one warehouse's queue until `cancel`: batches events (by the stage's count and
 /// linger), hands them to the stage and reports their outcomes back to the bus, in order.

@@ -560,10 +560,12 @@ fn stop_partition(consumer: &Group, m: &BorrowedMessage<'_>, warehouse: &str, gr
     }
 }
 
-/// Batches prepared or delivered at once (each lane delivers its shares in order; a lane that
-/// waits on central lets the others go on with the next batches). The budget of changes in
-/// flight ([`super::IN_FLIGHT_CHANGES`]) bounds them first.
-const MAX_IN_FLIGHT: usize = 64;
+/// Batches in flight, counted from the oldest without an outcome: those after it that are
+/// done wait there too, since outcomes are reported in order. So it is no real bound: one
+/// share waiting on central (a `Retry-After`, a slow answer) must not hold back the rest,
+/// as 64 did (every lane idle for up to a second, waiting for it). The budget of changes in
+/// flight ([`super::IN_FLIGHT_CHANGES`]) is what bounds them.
+const MAX_IN_FLIGHT: usize = 4096;
 
 /// A batch in flight (its task: prepare, then deliver) and the positions it covers.
 type Inflight = (tokio::task::JoinHandle<bool>, Vec<Position>);

@@ -266,7 +266,7 @@ type Settled = (usize, Arc<str>, String);
 type Landed = (u64, Flight, Result<Vec<i64>, Cancelled>);
 
 /// Flights in the air at once per lane (their keys disjoint).
-const LANE_PIPELINE: usize = 4;
+const LANE_PIPELINE: usize = 16;
 
 /// A queued change about to be sent: which of the worker's parts it is of, and its JSON.
 struct Sending<'a> {

@@ -166,6 +166,7 @@ pub(crate) struct FileCentral {
     breaker_threshold: Option<u32>,
     breaker_cooldown_ms: Option<u64>,
     credential_retry_ms: Option<u64>,
+    max_in_flight_requests: Option<usize>,
 }
 
 /// The consumer's part of the TOML file (the rest is read by `config`).
@@ -306,7 +307,17 @@ impl ConsumerSettings {
                 .max(1),
             breaker_cooldown: ms(file.central.breaker_cooldown_ms, c.breaker_cooldown),
             credential_retry: ms(file.central.credential_retry_ms, c.credential_retry),
+            max_in_flight_requests: file
+                .central
+                .max_in_flight_requests
+                .unwrap_or(c.max_in_flight_requests),
         };
+        if central.max_in_flight_requests == 0 {
+            return Err(invalid(
+                "central.max_in_flight_requests",
+                "must be at least 1",
+            ));
+        }
         Ok(Self {
             mappings,
             rules,

@@ -801,6 +801,40 @@ async fn a_lane_central_keeps_waiting_holds_back_no_other_lane() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_stuck_at_central_is_sent_again_and_the_first_answer_counts() {
+    let db = demo_warehouse("chedge").await;
+    let state = pg().new_db("chedgestate").await;
+    // Half of the requests are stuck for a minute on their first try (within the request
+    // timeout): without a second try, convergence would wait for them (assert_converges
+    // gives up after 60 s), and each would hold its lane's keys all along.
+    let central = Central::start(Faults {
+        slow_rate: 0.5,
+        slow_ms: 60_000,
+        slow_first_try: true,
+        ..Faults::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), &db, "wh-hedge", "");
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("request_timeout_ms = 10000", "request_timeout_ms = 120000");
+    std::fs::write(&cfg, text).unwrap();
+    let log = dir.path().join("run.log");
+    let _run = start(run_command(&cfg, &state, &central, None), log.clone());
+    wait_streaming(&state, "wh-hedge", &log).await;
+    workload(&db.client, 11, 200).await;
+    assert_converges(&central, &db, "wh-hedge", &log).await;
+    assert!(
+        count_in(&log, "sending the request a second time") > 0,
+        "{}",
+        log_tail(&log)
+    );
+    assert_eq!(dead_letters(&state).await, Vec::<Value>::new());
+    assert_eq!(conflicts(&state).await, Vec::<Value>::new());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_of_run_mid_batch_still_converges_and_replays_are_duplicates() {
     let db = demo_warehouse("ckill").await;
     let state = pg().new_db("ckillstate").await;

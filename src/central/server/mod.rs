@@ -77,6 +77,9 @@ pub struct Faults {
     /// A request holding a change whose key (as JSON) contains this text is handled only
     /// after `slow_ms` (one slow key lane).
     pub slow_key_substring: Option<String>,
+    /// With `slow_rate`: only a request's first try (by `Idempotency-Key`) may be slow, as
+    /// when a request is stuck on one node of central and a second try meets another.
+    pub slow_first_try: bool,
 }
 
 /// One stored entity.
@@ -192,6 +195,8 @@ struct ServerState {
     store: CentralStore,
     token: Option<String>,
     faults: std::sync::Mutex<Faults>,
+    /// `Idempotency-Key`s seen (for `slow_first_try`; forgotten by the 100,000).
+    tried: std::sync::Mutex<std::collections::HashSet<String>>,
     stats: Stats,
 }
 
@@ -213,6 +218,7 @@ impl CentralServer {
             store: self.store,
             token: self.token,
             faults: std::sync::Mutex::new(self.faults),
+            tried: Default::default(),
             stats: Stats::default(),
         });
         Router::new()
@@ -306,7 +312,21 @@ async fn post_changes(
     if faults.latency_ms > 0 {
         tokio::time::sleep(Duration::from_millis(faults.latency_ms)).await;
     }
-    if faults.slow_rate > 0.0 && rand::random::<f64>() < faults.slow_rate {
+    let first_try = || {
+        let key = headers
+            .get("idempotency-key")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default();
+        let mut tried = state.tried.lock().unwrap_or_else(|p| p.into_inner());
+        if tried.len() >= 100_000 {
+            tried.clear();
+        }
+        tried.insert(key.to_string())
+    };
+    if faults.slow_rate > 0.0
+        && rand::random::<f64>() < faults.slow_rate
+        && (!faults.slow_first_try || first_try())
+    {
         tokio::time::sleep(Duration::from_millis(faults.slow_ms)).await;
     }
     // One draw decides between an error, a throttle and a normal answer, so the shares add.

@@ -1,0 +1,308 @@
+//! How many requests central holds unanswered at once, and when one that takes too long is
+//! sent a second time.
+//!
+//! A request central has not answered is what a crash leaves in doubt: after a restart its
+//! changes are sent again, and central answers `duplicate` for what it had applied. Beyond
+//! what central works on in parallel, more requests in the air add no speed: they wait in
+//! its queue (measured: 128 requests in the air against the reference central drained a
+//! backlog at 87,000 changes/s and left 20,000–34,000 changes in doubt at a kill -9; 4 in the
+//! air drained it at 108,000/s and left 552). So the client limits them, and finds the limit
+//! as TCP Vegas finds its window: from the shortest answer time seen lately (central with no
+//! queue) and the latest one, it estimates how many requests wait at central; it adds one
+//! while fewer than [`ALPHA`] wait and the limit is what holds requests back, and takes one
+//! away when more than [`BETA`] do. A far central (a long round trip, many cores) thus gets
+//! many requests in the air, a near and busy one few.
+//!
+//! Requests of fewer than [`SMALL`] changes (a quiet lane) pass without a slot: they leave
+//! little in doubt, and waiting for a slot would add latency where there is no load.
+//!
+//! A request whose answer takes [`HEDGE_FACTOR`] times longer than usual (at least
+//! [`HEDGE_FLOOR`]) is stuck at central: it gives its slot up, and the same request (same
+//! `Idempotency-Key`) goes a second time; the first answer of the two counts and the other
+//! request is dropped. One slow answer then holds back neither the other requests nor its
+//! own changes.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+/// Requests of fewer changes pass without a slot.
+pub const SMALL: usize = 64;
+/// The limit a client starts with.
+const INITIAL: usize = 8;
+/// The limit never goes below this (or the configured most, if lower).
+const MIN: usize = 2;
+/// Fewer requests than this waiting at central: the limit may grow.
+const ALPHA: f64 = 2.0;
+/// More requests than this waiting at central: the limit shrinks.
+const BETA: f64 = 4.0;
+/// Answers (of one size) after which the shortest answer time is learned again (central may
+/// have become slower for good).
+const MIN_WINDOW: u32 = 250;
+/// Sizes of requests whose answer times are compared with each other: 64–127 changes,
+/// 128–255, 256–511, and more (a request of 500 changes takes ten times one of 64).
+const SIZES: usize = 4;
+
+/// The size class of a request of `changes` changes (at least [`SMALL`]).
+fn size_class(changes: usize) -> usize {
+    ((changes / SMALL).max(1).ilog2() as usize).min(SIZES - 1)
+}
+
+/// The shortest answer time of requests of one size, in the previous window and this one.
+#[derive(Debug, Default)]
+struct Shortest {
+    before: Option<Duration>,
+    now: Option<Duration>,
+    samples: u32,
+}
+
+impl Shortest {
+    /// Learns `took`; the shortest answer time seen lately, if there are enough to tell.
+    fn learn(&mut self, took: Duration) -> Option<Duration> {
+        self.now = Some(self.now.map_or(took, |m| m.min(took)));
+        self.samples += 1;
+        if self.samples >= MIN_WINDOW {
+            self.before = self.now.take();
+            self.samples = 0;
+        }
+        match (self.before, self.now) {
+            (Some(b), Some(n)) => Some(b.min(n)),
+            (Some(m), None) => Some(m),
+            // Too few answers of this size yet to know central's quickest.
+            (None, _) if self.samples < 8 => None,
+            (None, n) => n,
+        }
+    }
+}
+/// A request is stuck once its answer takes this many times the usual (median) answer
+/// time...
+const HEDGE_FACTOR: f64 = 8.0;
+/// ...and at least this long.
+pub const HEDGE_FLOOR: Duration = Duration::from_millis(500);
+
+/// The limit on requests in the air, shared by every warehouse and lane of one client.
+pub struct InAir {
+    slots: Arc<Semaphore>,
+    state: std::sync::Mutex<State>,
+    max: usize,
+}
+
+#[derive(Debug)]
+struct State {
+    limit: usize,
+    /// Slots to take away as they come back (the limit shrank while they were out).
+    debt: usize,
+    /// Slots out now.
+    out: usize,
+    /// Per size (see [`size_class`]), the shortest answer times seen lately.
+    shortest: [Shortest; SIZES],
+    /// The usual answer time (a running median, seconds), of every answered request.
+    usual: Option<f64>,
+}
+
+/// A request's place in the air; given back when dropped.
+pub struct Slot {
+    air: Arc<InAir>,
+    permit: Option<OwnedSemaphorePermit>,
+}
+
+impl InAir {
+    /// A limit that grows to at most `max` requests.
+    pub fn new(max: usize) -> Self {
+        let max = max.max(1);
+        let limit = INITIAL.min(max);
+        Self {
+            slots: Arc::new(Semaphore::new(limit)),
+            state: std::sync::Mutex::new(State {
+                limit,
+                debt: 0,
+                out: 0,
+                shortest: Default::default(),
+                usual: None,
+            }),
+            max,
+        }
+    }
+
+    /// The current limit.
+    pub fn limit(&self) -> usize {
+        self.lock().limit
+    }
+
+    /// Waits for a slot for a request of `changes` changes (a small one gets none).
+    pub async fn acquire(self: &Arc<Self>, changes: usize) -> Slot {
+        let permit = if changes < SMALL {
+            None
+        } else {
+            // The semaphore is never closed.
+            self.slots.clone().acquire_owned().await.ok()
+        };
+        self.slot(permit)
+    }
+
+    fn slot(self: &Arc<Self>, permit: Option<OwnedSemaphorePermit>) -> Slot {
+        if permit.is_some() {
+            self.lock().out += 1;
+        }
+        Slot {
+            air: self.clone(),
+            permit,
+        }
+    }
+
+    /// How long a request may take before it counts as stuck.
+    pub fn stuck_after(&self) -> Duration {
+        let usual = self.lock().usual.unwrap_or(0.0);
+        HEDGE_FLOOR.max(Duration::from_secs_f64(usual * HEDGE_FACTOR))
+    }
+
+    /// Learns from central's results for a request, which took `took`; `slot` is the
+    /// request's (none if it gave its slot up as stuck, or is small). Only results count: an
+    /// error status comes back without the work, a timeout or a refused connection says
+    /// nothing about central's queue.
+    pub fn answered(&self, slot: &Slot, changes: usize, took: Duration) {
+        let mut s = self.lock();
+        let secs = took.as_secs_f64();
+        // The usual answer time is the median (a few slow answers do not move it; central
+        // slower for good does): each answer moves the estimate 2 % of it up or down.
+        s.usual = Some(match s.usual {
+            Some(u) if secs > u => u * 1.02,
+            Some(u) => (u * 0.98).max(secs),
+            None => secs,
+        });
+        if slot.permit.is_none() {
+            return;
+        }
+        let Some(min) = s.shortest[size_class(changes)].learn(took) else {
+            return;
+        };
+        let waiting = s.limit as f64 * (1.0 - min.as_secs_f64() / secs.max(1e-6));
+        let before = s.limit;
+        // Grow only when the limit is what holds requests back (all slots out).
+        if waiting < ALPHA && s.limit < self.max && s.out >= s.limit {
+            s.limit += 1;
+            if s.debt > 0 {
+                s.debt -= 1;
+            } else {
+                self.slots.add_permits(1);
+            }
+        } else if waiting > BETA && s.limit > MIN.min(self.max) {
+            s.limit -= 1;
+            match self.slots.try_acquire() {
+                Ok(p) => p.forget(),
+                Err(_) => s.debt += 1,
+            }
+        }
+        if s.limit != before {
+            crate::metrics::metrics()
+                .central_in_flight_limit
+                .with_label_values(&[] as &[&str])
+                .set(s.limit as i64);
+            tracing::trace!(
+                limit = s.limit,
+                waiting,
+                min_ms = min.as_secs_f64() * 1e3,
+                took_ms = secs * 1e3,
+                "requests in the air to central"
+            );
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl Slot {
+    /// Gives the slot up early (the request is stuck at central).
+    pub fn release(&mut self) {
+        if let Some(p) = self.permit.take() {
+            let mut s = self.air.lock();
+            s.out = s.out.saturating_sub(1);
+            if s.debt > 0 {
+                s.debt -= 1;
+                p.forget();
+            }
+        }
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{BETA, INITIAL, InAir, MIN, SMALL};
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    #[tokio::test]
+    async fn the_limit_grows_while_answers_stay_quick_and_shrinks_when_they_queue() {
+        let air = Arc::new(InAir::new(64));
+        assert_eq!(air.limit(), INITIAL);
+        // Every slot out, answers as quick as ever: grows.
+        for _ in 0..40 {
+            let slots: Vec<_> =
+                futures_util::future::join_all((0..air.limit()).map(|_| air.acquire(SMALL))).await;
+            air.answered(&slots[0], SMALL, 5 * MS);
+        }
+        assert!(air.limit() > 40, "{}", air.limit());
+        // Answers ten times slower: requests wait at central; it shrinks until no more
+        // than BETA are estimated to wait.
+        for _ in 0..200 {
+            let slot = air.acquire(SMALL).await;
+            air.answered(&slot, SMALL, 50 * MS);
+        }
+        let limit = air.limit();
+        assert!((MIN..=BETA as usize + 1).contains(&limit), "{limit}");
+        // The slots taken away are gone: only `limit` can be out.
+        let held: Vec<_> =
+            futures_util::future::join_all((0..limit).map(|_| air.acquire(SMALL))).await;
+        assert!(
+            tokio::time::timeout(10 * MS, air.acquire(SMALL))
+                .await
+                .is_err(),
+            "a slot beyond the limit"
+        );
+        drop(held);
+    }
+
+    #[tokio::test]
+    async fn a_limit_nobody_reaches_does_not_grow() {
+        let air = Arc::new(InAir::new(64));
+        for _ in 0..100 {
+            let slot = air.acquire(SMALL).await;
+            air.answered(&slot, SMALL, 5 * MS);
+        }
+        assert_eq!(air.limit(), INITIAL);
+    }
+
+    #[tokio::test]
+    async fn small_requests_and_stuck_ones_hold_no_slot() {
+        let air = Arc::new(InAir::new(MIN));
+        let mut held: Vec<_> =
+            futures_util::future::join_all((0..MIN).map(|_| air.acquire(SMALL))).await;
+        // A small request passes while every slot is out.
+        let small = air.acquire(SMALL - 1).await;
+        air.answered(&small, SMALL - 1, 5 * MS);
+        assert!(
+            tokio::time::timeout(10 * MS, air.acquire(SMALL))
+                .await
+                .is_err()
+        );
+        // One gives its slot up as stuck: another request goes.
+        held[0].release();
+        assert!(
+            tokio::time::timeout(10 * MS, air.acquire(SMALL))
+                .await
+                .is_ok()
+        );
+        assert_eq!(air.stuck_after(), super::HEDGE_FLOOR);
+    }
+}
