@@ -16,8 +16,10 @@
 //! Requests of fewer than [`SMALL`] changes (a quiet lane) pass without a slot: they leave
 //! little in doubt, and waiting for a slot would add latency where there is no load.
 //!
-//! A request whose answer takes [`HEDGE_FACTOR`] times longer than usual (at least
-//! [`HEDGE_FLOOR`]) is stuck at central: it gives its slot up, and the same request (same
+//! A request whose answer takes [`SLOW_FACTOR`] times longer than usual gives its slot up
+//! (held there for as long, 5 % of slow answers kept the others waiting for slots: a 200,000
+//! change backlog took 15 s instead of 5). One that takes [`HEDGE_FACTOR`] times longer
+//! (at least [`HEDGE_FLOOR`]) is stuck at central: the same request (same
 //! `Idempotency-Key`) goes a second time; the first answer of the two counts and the other
 //! request is dropped. One slow answer then holds back neither the other requests nor its
 //! own changes.
@@ -75,6 +77,11 @@ impl Shortest {
         }
     }
 }
+/// A request gives its slot up once its answer takes this many times the usual (median)
+/// answer time...
+const SLOW_FACTOR: f64 = 4.0;
+/// ...and at least this long.
+const SLOW_FLOOR: Duration = Duration::from_millis(10);
 /// A request is stuck once its answer takes this many times the usual (median) answer
 /// time...
 const HEDGE_FACTOR: f64 = 8.0;
@@ -151,7 +158,15 @@ impl InAir {
         }
     }
 
-    /// How long a request may take before it counts as stuck.
+    /// How long a request holds its slot: once its answer takes [`SLOW_FACTOR`] times the
+    /// usual answer time, it is no longer one of those central works through (a slow answer
+    /// holds no capacity there), and its slot goes to the next request.
+    pub fn slow_after(&self) -> Duration {
+        let usual = self.lock().usual.unwrap_or(0.0);
+        SLOW_FLOOR.max(Duration::from_secs_f64(usual * SLOW_FACTOR))
+    }
+
+    /// How long a request may take before it counts as stuck, and goes a second time.
     pub fn stuck_after(&self) -> Duration {
         let usual = self.lock().usual.unwrap_or(0.0);
         HEDGE_FLOOR.max(Duration::from_secs_f64(usual * HEDGE_FACTOR))
@@ -304,5 +319,6 @@ mod tests {
                 .is_ok()
         );
         assert_eq!(air.stuck_after(), super::HEDGE_FLOOR);
+        assert_eq!(air.slow_after(), 20 * MS);
     }
 }

@@ -365,15 +365,24 @@ impl CentralClient {
         let started = Instant::now();
         let first = self.post(warehouse_id, idempotency_key, body.clone(), expected);
         tokio::pin!(first);
-        let stuck = self.air.stuck_after();
+        let slow = self.air.slow_after();
+        let stuck = self.air.stuck_after().max(slow);
         tokio::select! {
             r = &mut first => {
                 self.learn(&slot, &r, expected, started.elapsed());
                 return r;
             }
-            _ = tokio::time::sleep(stuck) => {}
+            _ = tokio::time::sleep(slow) => {}
         }
+        // Slow: its slot goes to the next request.
         slot.release();
+        tokio::select! {
+            r = &mut first => {
+                self.learn(&slot, &r, expected, started.elapsed());
+                return r;
+            }
+            _ = tokio::time::sleep(stuck - slow) => {}
+        }
         crate::metrics::metrics()
             .central_hedged
             .with_label_values(&[warehouse_id])
