@@ -100,8 +100,6 @@ struct State {
     limit: usize,
     /// Slots to take away as they come back (the limit shrank while they were out).
     debt: usize,
-    /// Slots out now.
-    out: usize,
     /// Per size (see [`size_class`]), the shortest answer times seen lately.
     shortest: [Shortest; SIZES],
     /// The usual answer time (a running median, seconds), of every answered request.
@@ -124,7 +122,6 @@ impl InAir {
             state: std::sync::Mutex::new(State {
                 limit,
                 debt: 0,
-                out: 0,
                 shortest: Default::default(),
                 usual: None,
             }),
@@ -149,9 +146,6 @@ impl InAir {
     }
 
     fn slot(self: &Arc<Self>, permit: Option<OwnedSemaphorePermit>) -> Slot {
-        if permit.is_some() {
-            self.lock().out += 1;
-        }
         Slot {
             air: self.clone(),
             permit,
@@ -195,7 +189,10 @@ impl InAir {
         let waiting = s.limit as f64 * (1.0 - min.as_secs_f64() / secs.max(1e-6));
         let before = s.limit;
         // Grow only when the limit is what holds requests back (all slots out).
-        if waiting < ALPHA && s.limit < self.max && s.out >= s.limit {
+        // Slots out: those that exist (the limit, and those still to be taken away) but for
+        // the free ones.
+        let out = (s.limit + s.debt).saturating_sub(self.slots.available_permits());
+        if waiting < ALPHA && s.limit < self.max && out >= s.limit {
             s.limit += 1;
             if s.debt > 0 {
                 s.debt -= 1;
@@ -234,7 +231,6 @@ impl Slot {
     pub fn release(&mut self) {
         if let Some(p) = self.permit.take() {
             let mut s = self.air.lock();
-            s.out = s.out.saturating_sub(1);
             if s.debt > 0 {
                 s.debt -= 1;
                 p.forget();

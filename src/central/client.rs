@@ -367,21 +367,16 @@ impl CentralClient {
         tokio::pin!(first);
         let slow = self.air.slow_after();
         let stuck = self.air.stuck_after().max(slow);
-        tokio::select! {
-            r = &mut first => {
-                self.learn(&slot, &r, expected, started.elapsed());
-                return r;
+        for wait in [slow, stuck - slow] {
+            tokio::select! {
+                r = &mut first => {
+                    self.learn(&slot, &r, expected, started.elapsed());
+                    return r;
+                }
+                _ = tokio::time::sleep(wait) => {}
             }
-            _ = tokio::time::sleep(slow) => {}
-        }
-        // Slow: its slot goes to the next request.
-        slot.release();
-        tokio::select! {
-            r = &mut first => {
-                self.learn(&slot, &r, expected, started.elapsed());
-                return r;
-            }
-            _ = tokio::time::sleep(stuck - slow) => {}
+            // Slow (then stuck): its slot goes to the next request.
+            slot.release();
         }
         crate::metrics::metrics()
             .central_hedged
@@ -390,14 +385,14 @@ impl CentralClient {
         tracing::debug!(warehouse = %warehouse_id, after_ms = stuck.as_millis() as u64, changes = expected, "no answer yet; sending the request a second time");
         // The second goes at once, without a slot: it stands in for the stuck one, whose slot
         // went to the next request (waiting behind every queued request, it would go last).
-        let mut slot = self.air.acquire(0).await;
+        let none = self.air.acquire(0).await;
         let again = Instant::now();
         let second = self.post(warehouse_id, idempotency_key, body.clone(), expected);
         tokio::pin!(second);
         let (r, other_first) = tokio::select! {
             r = &mut first => (r, false),
             r = &mut second => {
-                self.learn(&slot, &r, expected, again.elapsed());
+                self.learn(&none, &r, expected, again.elapsed());
                 (r, true)
             }
         };
@@ -405,7 +400,6 @@ impl CentralClient {
             return r;
         }
         // The first answer is a failure: the other request may still bring a good one.
-        slot.release();
         if other_first {
             (&mut first).await
         } else {
