@@ -363,7 +363,15 @@ async fn run_pipeline<B: Bus>(
                 }
             }
             ack = acks_rx.recv() => {
-                let Some(ack) = ack else { break Ok(()) };
+                // The acks close when the publisher ends, which may be a moment before its
+                // task reads as finished here (it runs on another thread): its result, and
+                // then the source's, say why (a source that failed closes the publisher).
+                let Some(ack) = ack else {
+                    break match flatten((&mut publisher).await) {
+                        Ok(()) => flatten((&mut source).await),
+                        Err(e) => Err(e),
+                    };
+                };
                 // An ack may never come once the consumer stage stops at shutdown (the
                 // embedded consumer gives no outcome to what it was delivering): stopping
                 // must not wait for it. What it covers stays unconfirmed and is replayed.
