@@ -57,6 +57,9 @@ const LEASE_POLL: Duration = Duration::from_secs(3);
 const LEASE_CHECK: Duration = Duration::from_secs(5);
 /// Checkpoints of a busy stream are written at most this often.
 const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(200);
+/// At shutdown, how long a pipeline waits for the outcome of what its stream handed on
+/// before it stops without it (replayed at the next start).
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 /// Why a warehouse pipeline stopped.
 #[derive(Debug, thiserror::Error)]
@@ -344,43 +347,75 @@ async fn run_pipeline<B: Bus>(
     let mut lease_check = tokio::time::interval(LEASE_CHECK);
     let mut last_write = Instant::now();
     let mut unwritten: Option<Lsn> = None;
+    // Set at shutdown: the source stops reading, and what it handed on still gets its
+    // outcome (the consumer stage runs on until the pipelines are done) until this deadline.
+    let mut draining: Option<Instant> = None;
+    let (mut source_done, mut publisher_done) = (false, false);
     let result: Result<(), PipelineError> = loop {
+        let deadline = draining.unwrap_or_else(Instant::now);
         tokio::select! {
             // Biased: shutdown first; then the publisher, because when it failed the source
             // soon fails too (its consumer is gone) and the publisher's error says why; the
             // lease check before the acks, which may be ready all the time.
             biased;
-            _ = cancel.cancelled() => break Ok(()),
-            r = &mut publisher => match flatten(r) {
-                // The publisher ends cleanly when the source closed its channel: the
-                // source's own result says why.
-                Ok(()) => break flatten((&mut source).await),
-                Err(e) => break Err(e),
-            },
+            _ = cancel.cancelled(), if draining.is_none() => {
+                draining = Some(stop_reading(&w.id, &child));
+            }
+            _ = tokio::time::sleep_until(deadline), if draining.is_some() => {
+                gave_up(&w.id);
+                break Ok(());
+            }
+            r = &mut publisher, if !publisher_done => {
+                publisher_done = true;
+                match flatten(r) {
+                    // The publisher ends cleanly when the source closed its channel: the
+                    // source's own result says why (when stopping, the acks still due are
+                    // read on).
+                    Ok(()) if draining.is_some() => {}
+                    Ok(()) => break flatten((&mut source).await),
+                    Err(e) => break Err(e),
+                }
+            }
             _ = lease_check.tick() => {
                 if let Err(e) = lease.check().await {
                     break Err(e.into());
                 }
             }
             ack = acks_rx.recv() => {
-                // The acks close when the publisher ends, which may be a moment before its
+                // The acks close when the publisher ended, which may be a moment before its
                 // task reads as finished here (it runs on another thread): its result, and
                 // then the source's, say why (a source that failed closes the publisher).
+                // When stopping, every ack due has come: done.
                 let Some(ack) = ack else {
+                    if draining.is_some() {
+                        break Ok(());
+                    }
                     break match flatten((&mut publisher).await) {
                         Ok(()) => flatten((&mut source).await),
                         Err(e) => Err(e),
                     };
                 };
-                // An ack may never come once the consumer stage stops at shutdown (the
-                // embedded consumer gives no outcome to what it was delivering): stopping
-                // must not wait for it. What it covers stays unconfirmed and is replayed.
-                let end = tokio::select! {
-                    r = ack => match r {
-                        Ok(end) => end,
-                        Err(e) => break Err(e.into()),
-                    },
-                    _ = cancel.cancelled() => break Ok(()),
+                // An ack may never come (a consumer stage that stops gives no outcome to
+                // what it was delivering): stopping waits for it only until the deadline.
+                // What it covers stays unconfirmed and is replayed.
+                let mut ack = ack;
+                let answer = loop {
+                    let deadline = draining.unwrap_or_else(Instant::now);
+                    tokio::select! {
+                        r = &mut ack => break Some(r),
+                        _ = cancel.cancelled(), if draining.is_none() => {
+                            draining = Some(stop_reading(&w.id, &child));
+                        }
+                        _ = tokio::time::sleep_until(deadline), if draining.is_some() => break None,
+                    }
+                };
+                let end = match answer {
+                    Some(Ok(end)) => end,
+                    Some(Err(e)) => break Err(e.into()),
+                    None => {
+                        gave_up(&w.id);
+                        break Ok(());
+                    }
                 };
                 unwritten = Some(end);
                 if acks_rx.is_empty() || last_write.elapsed() >= CHECKPOINT_INTERVAL {
@@ -392,7 +427,15 @@ async fn run_pipeline<B: Bus>(
                     let _ = durable_tx.send(end);
                 }
             }
-            r = &mut source => break flatten(r),
+            r = &mut source, if !source_done => {
+                source_done = true;
+                if draining.is_none() {
+                    break flatten(r);
+                }
+                if let Err(e) = flatten(r) {
+                    tracing::debug!(warehouse = %w.id, error = %e, "the stream ended with an error while stopping");
+                }
+            }
         }
     };
     child.cancel();
@@ -405,6 +448,19 @@ async fn run_pipeline<B: Bus>(
     publisher.abort();
     let _ = lease.release().await;
     result
+}
+
+/// Shutdown asked: the pipeline's stream stops reading; returns the deadline for the
+/// outcomes of what it handed on.
+fn stop_reading(warehouse: &str, source: &CancellationToken) -> Instant {
+    tracing::info!(%warehouse, grace_s = SHUTDOWN_GRACE.as_secs(), "stopping: the stream stops reading; what it handed on gets its outcome first");
+    source.cancel();
+    Instant::now() + SHUTDOWN_GRACE
+}
+
+/// The shutdown's deadline passed with outcomes still due.
+fn gave_up(warehouse: &str) {
+    tracing::warn!(%warehouse, grace_s = SHUTDOWN_GRACE.as_secs(), "stopping without the outcome of everything handed on; it is replayed at the next start");
 }
 
 /// Schedules a slot's initial load as a `load` job (read in chunks through the stream by

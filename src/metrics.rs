@@ -43,6 +43,9 @@ pub struct Metrics {
     pub central_hedged: IntCounterVec,
     /// The adaptive limit of requests in the air to central.
     pub central_in_flight_limit: IntGaugeVec,
+    /// Changes in requests sent to central and not yet answered: those a crash leaves in
+    /// doubt (central may hold them; a restart sends them again).
+    pub central_changes_in_air: IntGaugeVec,
     /// Commit time (Unix seconds) of the newest change with an outcome, per warehouse.
     pub delivered_commit_time: IntGaugeVec,
     /// Bytes of WAL between the warehouse's current position and the slot's confirmed flush.
@@ -184,6 +187,12 @@ impl Metrics {
                 "inventorysync_central_in_flight_limit",
                 "How many requests (of 64 changes or more) may be in the air to the central API at once; adapts to central's answer times.",
                 &[],
+            ),
+            central_changes_in_air: gauge(
+                &r,
+                "inventorysync_central_changes_in_air",
+                "Changes in requests sent to the central API and not yet answered (after a crash, central may hold them and they are sent again).",
+                &["warehouse"],
             ),
             delivered_commit_time: gauge(
                 &r,

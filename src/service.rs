@@ -24,6 +24,7 @@ use crate::cli::{fail, shutdown_token};
 use crate::config::{Config, kafka_settings};
 use crate::consumer::{self, DeadLetters, Stage};
 use crate::store::StateDb;
+use tokio_util::sync::CancellationToken;
 
 /// Events each warehouse's embedded queue holds before the source waits.
 const EMBEDDED_QUEUE_EVENTS: usize = 16_384;
@@ -271,14 +272,16 @@ pub async fn run_service(config_path: &Path, stages: Stages) -> ExitCode {
                 let consumer_cancel = cancel.clone();
                 let failed = consumer_failed.clone();
                 consumers.spawn(async move {
-                    if let Err(e) =
-                        consumer::kafka::run(kafka, ids, stage, consumer_cancel.clone()).await
-                    {
+                    let result =
+                        consumer::kafka::run(kafka, ids, stage.clone(), consumer_cancel.clone())
+                            .await;
+                    if let Err(e) = result {
                         tracing::error!(error = %e, "the consumer stage stopped");
                         let code = if e.is_transient() { 1 } else { 2 };
                         failed.store(code, std::sync::atomic::Ordering::SeqCst);
                         consumer_cancel.cancel();
                     }
+                    stage.stopped().await;
                 });
             }
             if run_source {
@@ -301,13 +304,16 @@ pub async fn run_service(config_path: &Path, stages: Stages) -> ExitCode {
             let Some(bus) = embedded_bus else {
                 return fail("no bus: neither KAFKA_BROKERS nor the embedded bus", 1);
             };
+            // The consumer stage stops after the pipelines: at shutdown they wait (for a
+            // while) for the outcome of what their streams handed on, which it gives.
+            let stage_cancel = CancellationToken::new();
             let stage = Arc::new(Stage::new(
                 config.consumer,
                 client,
                 state.clone(),
                 DeadLetters::StateDb,
                 toast(),
-                cancel.clone(),
+                stage_cancel.clone(),
             ));
             for w in &warehouses {
                 let Some(rx) = bus.subscribe(&w.id) else {
@@ -317,11 +323,14 @@ pub async fn run_service(config_path: &Path, stages: Stages) -> ExitCode {
                     w.id.clone(),
                     rx,
                     stage.clone(),
-                    cancel.clone(),
+                    stage_cancel.clone(),
                 ));
             }
             tracing::info!(warehouses = warehouses.len(), bus = "embedded", "running");
             crate::app::run(warehouses, &statuses, state, bus, cancel.clone()).await;
+            stage_cancel.cancel();
+            while consumers.join_next().await.is_some() {}
+            stage.stopped().await;
         }
     }
     cancel.cancel();

@@ -278,6 +278,7 @@ impl CentralClient {
         // Failed attempts (they lengthen the backoff), and every try (for the log).
         let mut attempt: u32 = 0;
         let mut tries: u32 = 0;
+        let first_try = Instant::now();
         loop {
             let probe = self.wait_for_breaker(cancel).await?;
             let result = tokio::select! {
@@ -292,6 +293,9 @@ impl CentralClient {
             let wait = match result {
                 Attempt::Results(r) => {
                     self.record(false, probe, None);
+                    if tries > 0 {
+                        tracing::debug!(warehouse = %warehouse_id, tries = tries + 1, since_first_try_ms = first_try.elapsed().as_millis() as u64, changes = changes.len(), "central answered after retries");
+                    }
                     return Ok(Answer::Results(r));
                 }
                 Attempt::Invalid { status, message } => {
@@ -425,6 +429,10 @@ impl CentralClient {
         m.batch_changes
             .with_label_values(&[warehouse_id])
             .observe(expected as f64);
+        let _unanswered = Unanswered::new(
+            m.central_changes_in_air.with_label_values(&[warehouse_id]),
+            expected,
+        );
         let _timer = m
             .central_request_seconds
             .with_label_values(&[warehouse_id])
@@ -620,6 +628,27 @@ fn truncate(s: &str, max: usize) -> String {
     match s.char_indices().nth(max) {
         Some((i, _)) => format!("{}…", &s[..i]),
         None => s.to_string(),
+    }
+}
+
+/// Counts a request's changes in [`crate::metrics::Metrics::central_changes_in_air`] until
+/// its answer (or its end: a timeout, a cancellation).
+struct Unanswered {
+    gauge: prometheus::IntGauge,
+    changes: i64,
+}
+
+impl Unanswered {
+    fn new(gauge: prometheus::IntGauge, changes: usize) -> Self {
+        let changes = changes as i64;
+        gauge.add(changes);
+        Self { gauge, changes }
+    }
+}
+
+impl Drop for Unanswered {
+    fn drop(&mut self) {
+        self.gauge.sub(self.changes);
     }
 }
 

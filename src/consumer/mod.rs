@@ -155,6 +155,8 @@ pub struct Stage {
     queues: std::sync::Mutex<HashMap<String, Vec<LaneQueue>>>,
     /// Per warehouse, where its lanes' settled positions go to be written.
     settlers: std::sync::Mutex<HashMap<String, tokio::sync::mpsc::UnboundedSender<Settled>>>,
+    /// The tasks writing those positions (awaited by [`Stage::stopped`]).
+    writers: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
     /// Reads back unchanged TOAST values, so that an upsert always carries the whole row.
     toast: ToastReader,
 }
@@ -317,6 +319,7 @@ impl Stage {
             lanes: tokio::sync::Mutex::new(HashMap::new()),
             queues: std::sync::Mutex::new(HashMap::new()),
             settlers: std::sync::Mutex::new(HashMap::new()),
+            writers: std::sync::Mutex::new(Vec::new()),
             toast,
         }
     }
@@ -330,6 +333,19 @@ impl Stage {
     /// The settings.
     pub fn settings(&self) -> &ConsumerSettings {
         &self.settings
+    }
+
+    /// Once the stage is cancelled: waits until the lane positions settled last are written
+    /// (one attempt each), so that a restart does not send what this process delivered.
+    pub async fn stopped(&self) {
+        if !self.cancel.is_cancelled() {
+            // The writers run until the stage is cancelled: nothing to wait for yet.
+            return;
+        }
+        let writers = std::mem::take(&mut *self.writers.lock().unwrap_or_else(|p| p.into_inner()));
+        for w in writers {
+            let _ = w.await;
+        }
     }
 
     /// The central client, if one is configured.
@@ -946,7 +962,11 @@ impl Stage {
         let mut writers = self.settlers.lock().unwrap_or_else(|p| p.into_inner());
         let tx = writers.entry(warehouse_id.to_string()).or_insert_with(|| {
             let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-            tokio::spawn(self.clone().settle_lanes(warehouse_id.to_string(), rx));
+            let writer = tokio::spawn(self.clone().settle_lanes(warehouse_id.to_string(), rx));
+            self.writers
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(writer);
             tx
         });
         for (stream, at) in settled {
@@ -964,10 +984,22 @@ impl Stage {
         let mut got = Vec::new();
         loop {
             got.clear();
-            tokio::select! {
-                n = rx.recv_many(&mut got, 4096) => if n == 0 { return },
-                _ = self.cancel.cancelled() => return,
-            }
+            // Once the stage stops, what is here is written (once) and the writer ends: a
+            // restart then skips what this process settled last.
+            let stopping = tokio::select! {
+                n = rx.recv_many(&mut got, 4096) => {
+                    if n == 0 {
+                        return;
+                    }
+                    false
+                }
+                _ = self.cancel.cancelled() => {
+                    while let Ok(m) = rx.try_recv() {
+                        got.push(m);
+                    }
+                    true
+                }
+            };
             // One row per stream and lane (a statement may not touch a row twice): the highest.
             let mut latest: Vec<(usize, &Arc<str>, &String)> = Vec::new();
             for (lane, stream, at) in &got {
@@ -988,11 +1020,12 @@ impl Stage {
                     settled: (*at).clone(),
                 })
                 .collect();
-            if self
-                .persist(|| self.state.settle_lanes(&warehouse_id, LANES as i32, &marks))
-                .await
-                .is_err()
-            {
+            let written = marks.is_empty()
+                || self
+                    .persist(|| self.state.settle_lanes(&warehouse_id, LANES as i32, &marks))
+                    .await
+                    .is_ok();
+            if stopping || !written {
                 return;
             }
         }

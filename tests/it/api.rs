@@ -672,6 +672,59 @@ async fn metrics_parse_as_prometheus_text_and_move_when_changes_flow() {
     assert_eq!(sample(&jobs, "inventorysync_jobs", &succeeded), 1.0);
 }
 
+/// `inventorysync_central_changes_in_air` counts the changes of requests central holds
+/// without an answer (what a crash would leave in doubt), and none once it answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_changes_in_the_air_at_central_are_counted_until_it_answers() {
+    let db = demo_warehouse("apiinair").await;
+    let state = pg().new_db("apiinairstate").await;
+    let central = Central::start(Faults::default()).await;
+    let (_dir, log, _run, api, _) = start_with_api(&db, &state, &central, "wh-air", None);
+    wait_streaming(&state, "wh-air", &log).await;
+    let w = [("warehouse", "wh-air")];
+    let in_air = "inventorysync_central_changes_in_air";
+    assert_eq!(sample(&scrape(&api).await, in_air, &w), 0.0);
+    // Central applies, then holds its answer for 3 s.
+    central
+        .set_faults(Faults {
+            answer_delay_ms: 3000,
+            ..Faults::default()
+        })
+        .await;
+    db.exec("INSERT INTO products (sku, name) VALUES ('SKU-AIR', 'held')")
+        .await;
+    let mut seen = 0.0;
+    for _ in 0..100 {
+        seen = sample(&scrape(&api).await, in_air, &w);
+        if seen > 0.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // One change (two while a second try of the held request is out too).
+    assert!(
+        (1.0..=2.0).contains(&seen),
+        "{in_air} read {seen} while central held the request\n{}",
+        log_tail(&log)
+    );
+    central.set_faults(Faults::default()).await;
+    crate::consumer::assert_converges(&central, &db, "wh-air", &log).await;
+    let mut left = seen;
+    for _ in 0..250 {
+        left = sample(&scrape(&api).await, in_air, &w);
+        if left == 0.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        left,
+        0.0,
+        "{in_air} once central answered\n{}",
+        log_tail(&log)
+    );
+}
+
 /// Stock levels enough for several resync chunks (1,000 rows each).
 pub(crate) async fn seed_stock(db: &TestDb, skus: usize, locations: usize) {
     db.exec(&format!(

@@ -1393,6 +1393,68 @@ async fn sigterm_under_a_slow_central_stops_run_promptly_and_loses_nothing() {
     assert_converges(&central, &db, "wh-term", &log).await;
 }
 
+/// Issue 16: a graceful stop (SIGTERM) under a running workload stops reading, waits for the
+/// outcome of what was handed on (central answers each request 300 ms after applying it)
+/// and writes its checkpoint and lane positions: the next start sends central nothing it
+/// already has (no `duplicate`, no `stale` answer).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_under_load_then_a_restart_sends_central_nothing_again() {
+    let db = demo_warehouse("ctermload").await;
+    let state = pg().new_db("ctermloadstate").await;
+    let central = Central::start(Faults::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), &db, "wh-termload", "");
+    let log = dir.path().join("run.log");
+    let mut run = start(run_command(&cfg, &state, &central, None), log.clone());
+    wait_streaming(&state, "wh-termload", &log).await;
+    // Central applies at once and answers 300 ms later: requests are in the air at the signal.
+    central
+        .set_faults(Faults {
+            answer_delay_ms: 300,
+            ..Faults::default()
+        })
+        .await;
+    let url = db.url_as("postgres");
+    let writer = tokio::spawn(async move {
+        let c = crate::harness::connect(&url).await;
+        workload(&c, 43, 1500).await;
+    });
+    let applied = central.stats().await["applied"].as_u64().unwrap();
+    for _ in 0..500 {
+        if central.stats().await["applied"].as_u64().unwrap() > applied + 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // SAFETY: sending a signal to our own child process.
+    assert_eq!(
+        unsafe { libc::kill(run.child.id() as i32, libc::SIGTERM) },
+        0
+    );
+    let status = run.child.wait().unwrap();
+    assert!(status.success(), "{status}\n{}", log_tail(&log));
+    assert!(
+        count_in(&log, "the stream stops reading") > 0,
+        "{}",
+        log_tail(&log)
+    );
+    writer.await.unwrap();
+    let stats = central.stats().await;
+    let again = |s: &Value| s["duplicate"].as_u64().unwrap() + s["stale"].as_u64().unwrap();
+    assert_eq!(again(&stats), 0, "before the restart: {stats}");
+    let log = dir.path().join("again.log");
+    let _again = start(run_command(&cfg, &state, &central, None), log.clone());
+    assert_converges(&central, &db, "wh-termload", &log).await;
+    let stats = central.stats().await;
+    assert_eq!(
+        again(&stats),
+        0,
+        "the restart sent central what it had: {stats}\n{}",
+        log_tail(&log)
+    );
+    assert_eq!(conflicts(&state).await, Vec::<Value>::new());
+}
+
 /// Issue 14, item 4: group members whose configurations list disjoint warehouses (as in a
 /// rolling deploy) never commit the offset of a change they did not deliver: each stops the
 /// partition at the other warehouse's first change. Once a member that knows both takes
