@@ -547,7 +547,7 @@ fn check_data(
     rules: &Rules,
 ) -> Result<(), Violation> {
     for q in &rules.quantity_fields {
-        let Some(v) = data.get(q) else { continue };
+        let Some(v) = data.get_mut(q) else { continue };
         let n = integer(v)
             .ok_or_else(|| violation("quantity_integer", q, format!("{v} is not an integer")))?;
         if n < 0 {
@@ -557,7 +557,8 @@ fn check_data(
                 format!("{n} is negative; quantities must be >= 0"),
             ));
         }
-        data.insert(q.clone(), Value::from(n));
+        // In place: inserting again would allocate the key only to drop it.
+        *v = Value::from(n);
     }
     if entity == Entity::StockLevel {
         let on_hand = data
@@ -572,7 +573,12 @@ fn check_data(
                 format!("reserved {reserved} exceeds on_hand {on_hand}"),
             ));
         }
-        data.insert("reserved".into(), Value::from(reserved));
+        match data.get_mut("reserved") {
+            Some(v) => *v = Value::from(reserved),
+            None => {
+                data.insert("reserved".into(), Value::from(reserved));
+            }
+        }
         data.insert("available".into(), Value::from(on_hand - reserved));
     }
     Ok(())
