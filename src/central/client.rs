@@ -253,7 +253,7 @@ impl CentralClient {
             match self.send_until_answered(warehouse_id, part, cancel).await? {
                 Answer::Results(r) => out.extend(r.into_iter().map(Verdict::Result)),
                 Answer::Invalid { status, message } if part.len() == 1 => {
-                    tracing::warn!(warehouse = %warehouse_id, status, version = %part[0].change.version, message = %message, "central refuses this change");
+                    tracing::warn!(warehouse = %warehouse_id, status, version = %part[0].version, message = %message, "central refuses this change");
                     out.push(Verdict::Invalid { status, message });
                 }
                 Answer::Invalid { status, message } => {

@@ -92,8 +92,8 @@ pub struct ChangeBatch {
 /// can frame different content: the digest keeps a key from ever naming two contents.
 pub fn batch_id_of(warehouse_id: &str, changes: &[Outgoing<'_>]) -> String {
     use std::hash::{BuildHasher, Hasher};
-    let first = changes.first().map_or("", |c| c.change.version.as_str());
-    let last = changes.last().map_or("", |c| c.change.version.as_str());
+    let first = changes.first().map_or("", |c| c.version);
+    let last = changes.last().map_or("", |c| c.version);
     let mut digest = [0u64; 2];
     for (d, seed) in digest.iter_mut().zip([0x1d_e9_70_c3, 0x5b_2f_84_a1]) {
         let mut h = foldhash::quality::FixedState::with_seed(seed).build_hasher();
@@ -119,18 +119,21 @@ pub fn batch_id(warehouse_id: &str, changes: &[&Change]) -> String {
     let out: Vec<Outgoing<'_>> = changes
         .iter()
         .zip(&json)
-        .map(|(c, j)| Outgoing { change: c, json: j })
+        .map(|(c, j)| Outgoing {
+            version: &c.version,
+            json: j,
+        })
         .collect();
     batch_id_of(warehouse_id, &out)
 }
 
-/// A change ready to send: the change, and its JSON as serde renders it (rendered once, when
+/// A change ready to send: its version, and its JSON as serde renders it (rendered once, when
 /// it was mapped; requests copy it as it is).
 #[derive(Debug, Clone, Copy)]
 pub struct Outgoing<'a> {
-    /// The change.
-    pub change: &'a Change,
-    /// `serde_json::to_vec(change)`.
+    /// The change's version.
+    pub version: &'a str,
+    /// The change's JSON (`serde_json::to_vec` of a [`Change`]).
     pub json: &'a [u8],
 }
 
@@ -288,7 +291,10 @@ mod tests {
         let out: Vec<Outgoing<'_>> = [&a, &b]
             .iter()
             .zip(&json)
-            .map(|(c, j)| Outgoing { change: c, json: j })
+            .map(|(c, j)| Outgoing {
+                version: &c.version,
+                json: j,
+            })
             .collect();
         let id = batch_id("wh-\"east", &[&a, &b]);
         let body = request_body("wh-\"east", &id, &out);

@@ -262,17 +262,67 @@ fn violation(rule: &'static str, field: &str, reason: String) -> Violation {
     }
 }
 
+/// A central change mapped, checked and rendered: what the stage needs of it to route, order
+/// and settle it. The change itself is its JSON, rendered once into the caller's buffer at
+/// `json` (byte for byte what `serde_json` writes for the [`Change`]); [`MappedChange::full`]
+/// reads it back for the rare paths that need all of it (a conflict, TOAST values read back).
+/// No map of its data fields is built or dropped per change.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MappedChange {
+    /// Entity kind.
+    pub entity: Entity,
+    /// Upsert or delete.
+    pub op: ChangeOp,
+    /// Key fields.
+    pub key: Map<String, Value>,
+    /// The event's version (`{commit_lsn:016X}:{sequence:08X}`).
+    pub version: String,
+    /// Whether a snapshot (initial load, resync) read it.
+    pub snapshot: bool,
+    /// Commit time, microseconds since the Unix epoch.
+    pub committed_micros: i64,
+    /// Data fields (indices into the mapping's) the row did not hold: left out of the JSON.
+    pub missing: Vec<usize>,
+    /// Where its JSON is in the buffer it was rendered into.
+    pub json: std::ops::Range<usize>,
+}
+
+impl MappedChange {
+    /// The whole change, read back from its JSON (`json`: what was rendered for it).
+    pub fn full(&self, json: &[u8]) -> Change {
+        serde_json::from_slice(json).unwrap_or_else(|_| Change {
+            // Not reached: the JSON is ours, written from a Change's fields.
+            entity: self.entity,
+            op: self.op,
+            key: self.key.clone(),
+            data: None,
+            version: self.version.clone(),
+            source: ChangeSource {
+                table: String::new(),
+                lsn: String::new(),
+                committed_at: format_unix_micros(self.committed_micros),
+                snapshot: self.snapshot,
+            },
+        })
+    }
+}
+
 /// What a mapped event becomes.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Mapped {
-    /// Central changes to send (two when an update moved the row to a new key).
-    Changes(Vec<Change>),
+    /// Central changes to send (two when an update moved the row to a new key), rendered.
+    Changes(Vec<MappedChange>),
     /// A truncate: central cannot express it; recorded for an operator.
     Truncate,
 }
 
-/// Maps `ev` with `m` and checks `rules`.
-pub fn map_event(ev: &RawEvent<'_>, m: &TableMapping, rules: &Rules) -> Result<Mapped, Violation> {
+/// Maps `ev` with `m` and checks `rules`; the changes' JSON goes to the end of `out`.
+pub fn map_event(
+    ev: &RawEvent<'_>,
+    m: &TableMapping,
+    rules: &Rules,
+    out: &mut Vec<u8>,
+) -> Result<Mapped, Violation> {
     let table = format!("{}.{}", ev.source.schema, ev.source.table);
     let origin = Origin {
         op: &ev.op,
@@ -286,7 +336,14 @@ pub fn map_event(ev: &RawEvent<'_>, m: &TableMapping, rules: &Rules) -> Result<M
             .unwrap_or(ev.source.ts_ms.saturating_mul(1000)),
         snapshot: ev.source.snapshot != "false",
     };
-    map_rows(&origin, ev.before.as_ref(), ev.after.as_ref(), m, rules)
+    map_rows(
+        &origin,
+        ev.before.as_ref(),
+        ev.after.as_ref(),
+        m,
+        rules,
+        out,
+    )
 }
 
 /// Maps an in-process event the way [`map_event`] maps its JSON envelope, reading only the
@@ -295,6 +352,7 @@ pub fn map_change_event(
     ev: &ChangeEvent,
     m: &TableMapping,
     rules: &Rules,
+    out: &mut Vec<u8>,
 ) -> Result<Mapped, Violation> {
     let origin = Origin {
         op: ev.op.code(),
@@ -305,10 +363,16 @@ pub fn map_change_event(
         micros: ev.source.ts_us,
         snapshot: ev.source.snapshot.as_str() != "false",
     };
-    map_rows(&origin, ev.before.as_ref(), ev.after.as_ref(), m, rules)
+    map_rows(
+        &origin,
+        ev.before.as_ref(),
+        ev.after.as_ref(),
+        m,
+        rules,
+        out,
+    )
 }
 
-/// What the mapping reads of an event besides its rows.
 struct Origin<'a> {
     op: &'a str,
     table: &'a str,
@@ -319,9 +383,9 @@ struct Origin<'a> {
     snapshot: bool,
 }
 
-/// A row the mapping reads columns from: a parsed JSON row or an in-process row.
+/// A row's columns by name, as JSON values.
 trait Columns {
-    /// The column's value as the JSON envelope carries it.
+    /// The column's value, if the row has it.
     fn column(&self, name: &str) -> Option<Cow<'_, Value>>;
 }
 
@@ -337,27 +401,35 @@ impl Columns for Row {
     }
 }
 
+/// Data fields by name (the mapping's, and those the rules compute), each once.
+type Fields<'m> = Vec<(&'m str, Value)>;
+
 fn map_rows<R: Columns>(
     ev: &Origin<'_>,
     before: Option<&R>,
     after: Option<&R>,
     m: &TableMapping,
     rules: &Rules,
+    out: &mut Vec<u8>,
 ) -> Result<Mapped, Violation> {
     let version = crate::event::format_version(Lsn(ev.commit_lsn), ev.sequence);
-    let source = ChangeSource {
-        table: ev.table.to_string(),
-        lsn: Lsn(ev.lsn).to_string(),
-        committed_at: format_unix_micros(ev.micros),
-        snapshot: ev.snapshot,
-    };
-    let change = |op, key, data, version, source| Change {
-        entity: m.entity,
-        op,
-        key,
-        data,
-        version,
-        source,
+    let mut rendered = |op: ChangeOp,
+                        key: Map<String, Value>,
+                        data: Option<&[(&str, Value)]>,
+                        missing: Vec<usize>,
+                        version: String| {
+        let start = out.len();
+        render(out, m.entity, op, &key, data, &version, ev);
+        MappedChange {
+            entity: m.entity,
+            op,
+            key,
+            version,
+            snapshot: ev.snapshot,
+            committed_micros: ev.micros,
+            missing,
+            json: start..out.len(),
+        }
     };
     match ev.op {
         "t" => Ok(Mapped::Truncate),
@@ -370,13 +442,13 @@ fn map_rows<R: Columns>(
                         .into(),
                 )
             })?;
-            let key = fields(&m.key, row, rules, true)?;
-            Ok(Mapped::Changes(vec![change(
+            let key = key_fields(&m.key, row, rules)?;
+            Ok(Mapped::Changes(vec![rendered(
                 ChangeOp::Delete,
                 key,
                 None,
+                Vec::new(),
                 version,
-                source,
             )]))
         }
         "c" | "u" | "r" => {
@@ -387,11 +459,17 @@ fn map_rows<R: Columns>(
                     format!("op {:?} without a new row", ev.op),
                 )
             })?;
-            let key = fields(&m.key, row, rules, true)?;
-            let mut data = fields(&m.data, row, rules, false)?;
+            let key = key_fields(&m.key, row, rules)?;
+            let mut missing = Vec::new();
+            let mut data = field_values(&m.data, row, rules, false, Some(&mut missing))?;
             check_data(m.entity, &mut data, rules)?;
+            // A field the rules filled in is not missing.
+            missing.retain(|&f| !data.iter().any(|(n, _)| *n == m.data[f].0));
+            data.sort_unstable_by(|a, b| a.0.cmp(b.0));
             if let Some(sku_pattern) = &rules.sku_pattern
-                && let Some(sku) = key.get("sku").or_else(|| data.get("sku"))
+                && let Some(sku) = key
+                    .get("sku")
+                    .or_else(|| data.iter().find(|(n, _)| *n == "sku").map(|(_, v)| v))
             {
                 let text = sku.as_str().unwrap_or_default();
                 if !sku_pattern.is_match(text) {
@@ -405,26 +483,19 @@ fn map_rows<R: Columns>(
             // An update that changed the key columns moves the entity: the old key goes.
             if ev.op == "u"
                 && let Some(before) = before
-                && let Ok(old_key) = fields(&m.key, before, rules, true)
+                && let Ok(old_key) = key_fields(&m.key, before, rules)
                 && old_key != key
             {
-                return Ok(Mapped::Changes(vec![
-                    change(
-                        ChangeOp::Delete,
-                        old_key,
-                        None,
-                        version.clone(),
-                        source.clone(),
-                    ),
-                    change(ChangeOp::Upsert, key, Some(data), version, source),
-                ]));
+                let gone = rendered(ChangeOp::Delete, old_key, None, Vec::new(), version.clone());
+                let moved = rendered(ChangeOp::Upsert, key, Some(&data), missing, version);
+                return Ok(Mapped::Changes(vec![gone, moved]));
             }
-            Ok(Mapped::Changes(vec![change(
+            Ok(Mapped::Changes(vec![rendered(
                 ChangeOp::Upsert,
                 key,
-                Some(data),
+                Some(&data),
+                missing,
                 version,
-                source,
             )]))
         }
         other => Err(Violation {
@@ -435,15 +506,77 @@ fn map_rows<R: Columns>(
     }
 }
 
-/// Reads the mapped fields from `row`; key fields must be present and non-empty.
-fn fields<R: Columns>(
+/// Writes a change's JSON as `serde_json` writes the [`Change`] (fields in declaration order,
+/// map keys sorted), without building it. Writing into a `Vec` cannot fail.
+fn render(
+    out: &mut Vec<u8>,
+    entity: Entity,
+    op: ChangeOp,
+    key: &Map<String, Value>,
+    data: Option<&[(&str, Value)]>,
+    version: &str,
+    ev: &Origin<'_>,
+) {
+    use std::io::Write;
+    out.extend_from_slice(b"{\"entity\":");
+    let _ = serde_json::to_writer(&mut *out, &entity);
+    out.extend_from_slice(b",\"op\":");
+    let _ = serde_json::to_writer(&mut *out, &op);
+    out.extend_from_slice(b",\"key\":");
+    let _ = serde_json::to_writer(&mut *out, key);
+    out.extend_from_slice(b",\"data\":");
+    match data {
+        None => out.extend_from_slice(b"null"),
+        Some(fields) => {
+            out.push(b'{');
+            for (i, (name, value)) in fields.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                let _ = serde_json::to_writer(&mut *out, name);
+                out.push(b':');
+                let _ = serde_json::to_writer(&mut *out, value);
+            }
+            out.push(b'}');
+        }
+    }
+    out.extend_from_slice(b",\"version\":");
+    let _ = serde_json::to_writer(&mut *out, version);
+    out.extend_from_slice(b",\"source\":{\"table\":");
+    let _ = serde_json::to_writer(&mut *out, ev.table);
+    let _ = write!(
+        out,
+        ",\"lsn\":\"{}\",\"committed_at\":\"{}\",\"snapshot\":{}}}}}",
+        Lsn(ev.lsn),
+        format_unix_micros(ev.micros),
+        ev.snapshot
+    );
+}
+
+/// The key fields of `row`: each must be present and non-empty.
+fn key_fields<R: Columns>(
     spec: &[(String, FieldSource)],
     row: &R,
     rules: &Rules,
-    is_key: bool,
 ) -> Result<Map<String, Value>, Violation> {
-    let mut out = Map::new();
-    for (name, src) in spec {
+    Ok(field_values(spec, row, rules, true, None)?
+        .into_iter()
+        .map(|(name, v)| (name.to_string(), v))
+        .collect())
+}
+
+/// Reads the mapped fields from `row`; key fields must be present and non-empty. A data field
+/// the row does not hold (unchanged TOAST, or not in the row) is left out, its index noted in
+/// `missing`.
+fn field_values<'m, R: Columns>(
+    spec: &'m [(String, FieldSource)],
+    row: &R,
+    rules: &Rules,
+    is_key: bool,
+    mut missing: Option<&mut Vec<usize>>,
+) -> Result<Fields<'m>, Violation> {
+    let mut out = Vec::with_capacity(spec.len() + 1);
+    for (i, (name, src)) in spec.iter().enumerate() {
         let value = match row.column(&src.column) {
             Some(v) => v,
             None if is_key => {
@@ -454,7 +587,12 @@ fn fields<R: Columns>(
                 ));
             }
             // Unchanged TOAST (listed in source.unchanged_toast) or not in the row.
-            None => continue,
+            None => {
+                if let Some(m) = missing.as_deref_mut() {
+                    m.push(i);
+                }
+                continue;
+            }
         };
         let value = checked_value(name, src, value, rules)?;
         if is_key {
@@ -474,7 +612,7 @@ fn fields<R: Columns>(
                 ));
             }
         }
-        out.insert(name.clone(), value);
+        out.push((name.as_str(), value));
     }
     Ok(out)
 }
@@ -541,13 +679,20 @@ fn convert(name: &str, column: &str, v: Cow<'_, Value>, how: Convert) -> Result<
 
 /// Quantities are integers ≥ 0; for stock levels `reserved ≤ on_hand` and
 /// `available = on_hand - reserved`.
-fn check_data(
-    entity: Entity,
-    data: &mut Map<String, Value>,
-    rules: &Rules,
-) -> Result<(), Violation> {
+fn check_data(entity: Entity, data: &mut Fields<'_>, rules: &Rules) -> Result<(), Violation> {
+    fn get<'a>(data: &'a Fields<'_>, name: &str) -> Option<&'a Value> {
+        data.iter().find(|(n, _)| *n == name).map(|(_, v)| v)
+    }
+    fn set(data: &mut Fields<'_>, name: &'static str, value: Value) {
+        match data.iter_mut().find(|(n, _)| *n == name) {
+            Some((_, v)) => *v = value,
+            None => data.push((name, value)),
+        }
+    }
     for q in &rules.quantity_fields {
-        let Some(v) = data.get_mut(q) else { continue };
+        let Some((_, v)) = data.iter_mut().find(|(n, _)| *n == q.as_str()) else {
+            continue;
+        };
         let n = integer(v)
             .ok_or_else(|| violation("quantity_integer", q, format!("{v} is not an integer")))?;
         if n < 0 {
@@ -557,15 +702,13 @@ fn check_data(
                 format!("{n} is negative; quantities must be >= 0"),
             ));
         }
-        // In place: inserting again would allocate the key only to drop it.
         *v = Value::from(n);
     }
     if entity == Entity::StockLevel {
-        let on_hand = data
-            .get("on_hand")
+        let on_hand = get(data, "on_hand")
             .and_then(integer)
             .ok_or_else(|| violation("quantity_integer", "on_hand", "on_hand is missing".into()))?;
-        let reserved = data.get("reserved").and_then(integer).unwrap_or(0);
+        let reserved = get(data, "reserved").and_then(integer).unwrap_or(0);
         if reserved > on_hand {
             return Err(violation(
                 "reserved_le_on_hand",
@@ -573,13 +716,8 @@ fn check_data(
                 format!("reserved {reserved} exceeds on_hand {on_hand}"),
             ));
         }
-        match data.get_mut("reserved") {
-            Some(v) => *v = Value::from(reserved),
-            None => {
-                data.insert("reserved".into(), Value::from(reserved));
-            }
-        }
-        data.insert("available".into(), Value::from(on_hand - reserved));
+        set(data, "reserved", Value::from(reserved));
+        set(data, "available", Value::from(on_hand - reserved));
     }
     Ok(())
 }
@@ -626,25 +764,62 @@ mod tests {
         .expect("event")
     }
 
-    fn map(op: &str, before: Value, after: Value) -> Result<Mapped, Violation> {
+    /// Each change of `mapped` read back whole from its JSON in `out`, which must be
+    /// byte for byte what serde_json writes for it.
+    fn whole(mapped: Mapped, out: &[u8]) -> Vec<Change> {
+        let Mapped::Changes(changes) = mapped else {
+            panic!("changes")
+        };
+        changes
+            .iter()
+            .map(|c| {
+                let json = &out[c.json.clone()];
+                let full = c.full(json);
+                assert_eq!(
+                    String::from_utf8_lossy(&serde_json::to_vec(&full).expect("json")),
+                    String::from_utf8_lossy(json),
+                    "rendered as serde_json renders the change"
+                );
+                assert_eq!(
+                    (full.entity, full.op, &full.key, &full.version),
+                    (c.entity, c.op, &c.key, &c.version)
+                );
+                assert_eq!(full.source.snapshot, c.snapshot);
+                full
+            })
+            .collect()
+    }
+
+    fn map_raw(op: &str, before: Value, after: Value) -> Result<Mapped, Violation> {
         let s = settings();
         map_event(
             &RawEvent::parse(&event(op, before, after)).expect("parses"),
             &s.mappings["public.stock_levels"],
             &s.rules,
+            &mut Vec::new(),
         )
+    }
+
+    fn map(op: &str, before: Value, after: Value) -> Result<Vec<Change>, Violation> {
+        let s = settings();
+        let mut out = b"(what came before)".to_vec();
+        let mapped = map_event(
+            &RawEvent::parse(&event(op, before, after)).expect("parses"),
+            &s.mappings["public.stock_levels"],
+            &s.rules,
+            &mut out,
+        )?;
+        Ok(whole(mapped, &out))
     }
 
     #[test]
     fn a_stock_level_maps_to_the_contract_with_available_computed() {
-        let Mapped::Changes(c) = map(
+        let c = map(
             "u",
             json!({"sku": "SKU-1", "location_code": "A-01"}),
             json!({"sku": "SKU-1", "location_code": "A-01", "qty_on_hand": 5, "qty_reserved": "1", "raw": "b2s="}),
         )
-        .expect("maps") else {
-            panic!("changes")
-        };
+        .expect("maps");
         assert_eq!(c.len(), 1);
         let got = serde_json::to_value(&c[0]).expect("json");
         assert_eq!(
@@ -660,21 +835,19 @@ mod tests {
 
     #[test]
     fn a_delete_uses_the_old_key_and_a_key_change_deletes_the_old_entity() {
-        let Ok(Mapped::Changes(d)) = map(
+        let d = map(
             "d",
             json!({"sku": "SKU-1", "location_code": "A-01"}),
             Value::Null,
-        ) else {
-            panic!("delete maps")
-        };
+        )
+        .expect("delete maps");
         assert_eq!((d[0].op, d[0].data.is_none()), (ChangeOp::Delete, true));
-        let Ok(Mapped::Changes(moved)) = map(
+        let moved = map(
             "u",
             json!({"sku": "SKU-1", "location_code": "A-01"}),
             json!({"sku": "SKU-1", "location_code": "B-02", "qty_on_hand": 1}),
-        ) else {
-            panic!("update maps")
-        };
+        )
+        .expect("update maps");
         assert_eq!(moved.len(), 2);
         assert_eq!(moved[0].op, ChangeOp::Delete);
         assert_eq!(moved[0].key["location"], "A-01");
@@ -765,19 +938,20 @@ mod tests {
             key: None,
         };
         let all_ways = |ev: &ChangeEvent| {
-            let direct = map_change_event(ev, m, &s.rules);
+            let (mut a, mut b) = (Vec::new(), Vec::new());
+            let direct = map_change_event(ev, m, &s.rules, &mut a);
             let json = ev.to_json();
             let via_json = map_event(
                 &RawEvent::parse(json.as_bytes()).expect("json"),
                 m,
                 &s.rules,
+                &mut b,
             );
             assert_eq!(direct, via_json);
-            direct
+            assert_eq!(String::from_utf8_lossy(&a), String::from_utf8_lossy(&b));
+            direct.map(|d| whole(d, &a))
         };
-        let Ok(Mapped::Changes(c)) = all_ways(&ev) else {
-            panic!("maps")
-        };
+        let c = all_ways(&ev).expect("maps");
         assert_eq!(c.len(), 2, "a key move: delete and upsert");
         assert_eq!(c[1].data.as_ref().expect("data")["available"], 10);
         // A poison row is refused the same way on both paths.
@@ -800,10 +974,10 @@ mod tests {
             "lsn":1,"commit_lsn":2,"sequence":0,"txId":9},"transaction":null}"#;
         let ev = RawEvent::parse(raw).expect("parses");
         let s = settings();
-        let Ok(Mapped::Changes(c)) = map_event(&ev, &s.mappings["public.stock_levels"], &s.rules)
-        else {
-            panic!("maps")
-        };
+        let mut out = Vec::new();
+        let mapped =
+            map_event(&ev, &s.mappings["public.stock_levels"], &s.rules, &mut out).expect("maps");
+        let c = whole(mapped, &out);
         assert_eq!(c[0].key["sku"], "SKU-9");
         assert_eq!(c[0].data.as_ref().expect("data")["available"], 5);
         let missing = RawEvent::parse(br#"{"before":null,"after":{},"op":"c"}"#)
@@ -830,6 +1004,76 @@ mod tests {
 
     #[test]
     fn a_truncate_is_reported_not_sent() {
-        assert_eq!(map("t", Value::Null, Value::Null), Ok(Mapped::Truncate));
+        assert_eq!(map_raw("t", Value::Null, Value::Null), Ok(Mapped::Truncate));
+    }
+
+    /// The JSON written without building the change is serde_json's, whatever the values:
+    /// escapes, non-ASCII text, decimals, JSON columns, nulls, a snapshot row, a missing
+    /// data column (left out, and noted as missing).
+    #[test]
+    fn a_change_renders_exactly_as_serde_json_renders_it() {
+        let file = toml::from_str(
+            r#"
+            [[mappings]]
+            table = "public.products"
+            entity = "product"
+            key = { sku = "sku" }
+            data = { name = "name", unit_price = "unit_price", attributes = "attributes" }
+            "#,
+        )
+        .expect("toml");
+        let s = ConsumerSettings::from_file(file).expect("valid");
+        let products = &s.mappings["public.products"];
+        let raw = |after: Value, snapshot: &str| {
+            serde_json::to_vec(&json!({
+                "before": null, "after": after, "op": "r",
+                "source": {"warehouse_id": "wh", "schema": "public", "table": "products",
+                           "ts_ms": 1, "ts_us": 1_795_557_622_000_001i64, "snapshot": snapshot,
+                           "lsn": 0x1_0000_0000u64, "commit_lsn": 7, "sequence": 0}
+            }))
+            .expect("event")
+        };
+        let cases = [
+            (
+                json!({"sku": "SKU-\"q\"\n\u{1}", "name": "Äpfel – 🍎", "unit_price": "12.50",
+                    "attributes": {"b": [1, 2.5, null], "a": "x"}}),
+                "true",
+            ),
+            (
+                json!({"sku": "SKU-2", "name": null, "unit_price": 3, "attributes": null}),
+                "false",
+            ),
+            (
+                json!({"sku": "SKU-3", "name": "n", "unit_price": "1e3"}),
+                "incremental",
+            ),
+        ];
+        for (after, snapshot) in cases {
+            let bytes = raw(after.clone(), snapshot);
+            let mut out = Vec::new();
+            let mapped = map_event(
+                &RawEvent::parse(&bytes).expect("parses"),
+                products,
+                &s.rules,
+                &mut out,
+            )
+            .expect("maps");
+            let c = whole(mapped.clone(), &out);
+            assert_eq!(c.len(), 1, "{after}");
+            let Mapped::Changes(lean) = mapped else {
+                panic!("changes")
+            };
+            let absent: Vec<&str> = lean[0]
+                .missing
+                .iter()
+                .map(|&f| products.data[f].0.as_str())
+                .collect();
+            let expected: Vec<&str> = if after.get("attributes").is_some() {
+                vec![]
+            } else {
+                vec!["attributes"]
+            };
+            assert_eq!(absent, expected, "{after}");
+        }
     }
 }

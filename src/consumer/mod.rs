@@ -30,10 +30,10 @@ use tokio_util::sync::CancellationToken;
 use crate::backoff::Backoff;
 use crate::bus::kafka::KafkaBus;
 use crate::central::client::{Cancelled, CentralClient, Verdict};
-use crate::central::{Change, ChangeOp, ChangeResult, Outgoing, ResultStatus};
+use crate::central::{ChangeOp, ChangeResult, Outgoing, ResultStatus};
 use crate::event::ChangeEvent;
 use crate::store::{LaneMark, NewConflict, NewDeadLetter, StateDb, StoreError};
-use mapping::{EventView, Mapped, RawEvent, Violation, map_change_event, map_event};
+use mapping::{EventView, Mapped, MappedChange, RawEvent, Violation, map_change_event, map_event};
 use settings::ConsumerSettings;
 use toast::{ToastReader, Want};
 
@@ -192,7 +192,8 @@ struct Pending {
     sub: u8,
     /// Its entity and key, hashed (see [`key_hash`]): its lane is this modulo [`LANES`].
     key: u64,
-    change: Change,
+    change: MappedChange,
+    /// Where its JSON is in [`Prepared::rendered`].
     json: std::ops::Range<usize>,
 }
 
@@ -208,7 +209,7 @@ struct Queued {
     key: u64,
     /// Its index among its event's changes (with the version, its position in the stream).
     sub: u8,
-    change: Change,
+    change: MappedChange,
     /// Where its JSON is in its [`LanePart`]'s `rendered`.
     json: std::ops::Range<usize>,
 }
@@ -376,7 +377,7 @@ impl Stage {
             // Columns the event lacks because their TOASTed value did not change.
             let (mapped, unchanged): (_, Vec<String>) = match item {
                 Incoming::Event(ev) => (
-                    map_change_event(ev, m, rules),
+                    map_change_event(ev, m, rules, &mut rendered),
                     ev.source
                         .unchanged_toast
                         .iter()
@@ -400,7 +401,7 @@ impl Stage {
                         continue;
                     }
                     Ok(view) => (
-                        map_event(&view, m, rules),
+                        map_event(&view, m, rules, &mut rendered),
                         view.source
                             .unchanged_toast
                             .iter()
@@ -449,25 +450,14 @@ impl Stage {
                                 fields,
                                 want: Want { key, columns },
                             });
-                            // Rendered once its fields are filled.
-                            pending.push(Pending {
-                                item: i,
-                                sub,
-                                key: hash,
-                                change,
-                                json: 0..0,
-                            });
-                            continue;
+                            // Rendered again once its fields are filled.
                         }
-                        let start = rendered.len();
-                        // Serializing plain structs and JSON maps into a Vec cannot fail.
-                        let _ = serde_json::to_writer(&mut rendered, &change);
                         pending.push(Pending {
                             item: i,
                             sub,
                             key: hash,
+                            json: change.json.clone(),
                             change,
-                            json: start..rendered.len(),
                         });
                     }
                 }
@@ -662,7 +652,7 @@ impl Stage {
         let mut by_table: HashMap<String, Vec<&Unfilled>> = HashMap::new();
         for u in &unfilled {
             by_table
-                .entry(pending[u.pending].change.source.table.clone())
+                .entry(items[pending[u.pending].item].table().to_string())
                 .or_default()
                 .push(u);
         }
@@ -687,6 +677,8 @@ impl Stage {
                     superseded += 1;
                     continue;
                 };
+                // Read back whole, filled, and rendered again (at the end of `rendered`).
+                let mut change = p.change.full(&rendered[p.json.clone()]);
                 let mut refused = None;
                 for &f in &u.fields {
                     let (name, src) = &m.data[f];
@@ -694,7 +686,7 @@ impl Stage {
                     match mapping::checked_value(name, src, Cow::Owned(value), &self.settings.rules)
                     {
                         Ok(v) => {
-                            if let Some(data) = p.change.data.as_mut() {
+                            if let Some(data) = change.data.as_mut() {
                                 data.insert(name.clone(), v);
                             }
                         }
@@ -721,7 +713,8 @@ impl Stage {
                 }
                 let p = &mut pending[u.pending];
                 let start = rendered.len();
-                let _ = serde_json::to_writer(&mut *rendered, &p.change);
+                // Serializing plain structs and JSON maps into a Vec cannot fail.
+                let _ = serde_json::to_writer(&mut *rendered, &change);
                 p.json = start..rendered.len();
             }
         }
@@ -1170,7 +1163,7 @@ impl Stage {
             let changes: Vec<Outgoing<'_>> = queue[start..end]
                 .iter()
                 .map(|c| Outgoing {
-                    change: &c.queued.change,
+                    version: &c.queued.change.version,
                     json: c.json,
                 })
                 .collect();
@@ -1181,7 +1174,7 @@ impl Stage {
             let mut outcomes: Vec<(&'static str, u64)> = Vec::new();
             for (c, verdict) in queue[start..end].iter().zip(verdicts) {
                 let q = c.queued;
-                if q.change.source.snapshot
+                if q.change.snapshot
                     && let Verdict::Result(r) = &verdict
                     && matches!(r.status, ResultStatus::Applied | ResultStatus::Duplicate)
                 {
@@ -1191,7 +1184,7 @@ impl Stage {
                     ));
                 }
                 let outcome = self
-                    .settle(warehouse_id, &q.item, &q.change, verdict, sent_high)
+                    .settle(warehouse_id, &q.item, &q.change, c.json, verdict, sent_high)
                     .await?;
                 match outcomes.iter_mut().find(|(o, _)| *o == outcome) {
                     Some((_, n)) => *n += 1,
@@ -1214,10 +1207,8 @@ impl Stage {
                     tracing::info!(warehouse = %warehouse_id, resolved, "conflicts resolved: central now holds the warehouse's values");
                 }
             }
-            if let Some(last) = changes.last()
-                && let Some(micros) =
-                    crate::time::parse_rfc3339_utc_micros(&last.change.source.committed_at)
-            {
+            if let Some(last) = queue[start..end].last() {
+                let micros = last.queued.change.committed_micros;
                 let g = crate::metrics::metrics()
                     .delivered_commit_time
                     .with_label_values(&[warehouse_id]);
@@ -1268,7 +1259,8 @@ impl Stage {
         &self,
         warehouse_id: &str,
         item: &Incoming,
-        change: &Change,
+        mapped: &MappedChange,
+        json: &[u8],
         verdict: Verdict,
         sent_high: &str,
     ) -> Result<&'static str, Cancelled> {
@@ -1280,8 +1272,7 @@ impl Stage {
             Verdict::Invalid { status, message } => {
                 let size = if status == 413 {
                     rule = "too_large";
-                    let bytes = serde_json::to_vec(change).map_or(0, |v| v.len());
-                    format!(" (the change is {bytes} bytes as JSON)")
+                    format!(" (the change is {} bytes as JSON)", json.len())
                 } else {
                     String::new()
                 };
@@ -1314,6 +1305,7 @@ impl Stage {
             }
             ResultStatus::Stale => {
                 outcome = "stale";
+                let change = &mapped.full(json);
                 let central = result
                     .current_version
                     .clone()
@@ -1349,6 +1341,7 @@ impl Stage {
             }
             ResultStatus::Rejected => {
                 outcome = "rejected";
+                let change = &mapped.full(json);
                 let violation = Violation {
                     rule,
                     field: None,
@@ -1573,21 +1566,18 @@ impl Stage {
 
 /// The data fields of an upsert whose columns the event left out as unchanged TOAST.
 fn unfilled_fields(
-    change: &Change,
+    change: &MappedChange,
     m: &settings::TableMapping,
     unchanged: &[String],
 ) -> Vec<usize> {
-    let (ChangeOp::Upsert, Some(data)) = (change.op, change.data.as_ref()) else {
-        return Vec::new();
-    };
-    if unchanged.is_empty() {
+    if change.op != ChangeOp::Upsert || unchanged.is_empty() {
         return Vec::new();
     }
-    m.data
+    change
+        .missing
         .iter()
-        .enumerate()
-        .filter(|(_, (name, src))| unchanged.contains(&src.column) && !data.contains_key(name))
-        .map(|(i, _)| i)
+        .copied()
+        .filter(|&f| unchanged.contains(&m.data[f].1.column))
         .collect()
 }
 
