@@ -273,8 +273,10 @@ pub struct MappedChange {
     pub entity: Entity,
     /// Upsert or delete.
     pub op: ChangeOp,
-    /// Key fields.
-    pub key: Map<String, Value>,
+    /// Its entity and key, hashed (see [`key_hash`]): which lane it takes.
+    pub key_hash: u64,
+    /// Where its key's JSON object is in its JSON.
+    pub key: std::ops::Range<usize>,
     /// The event's version (`{commit_lsn:016X}:{sequence:08X}`).
     pub version: String,
     /// Whether a snapshot (initial load, resync) read it.
@@ -288,13 +290,30 @@ pub struct MappedChange {
 }
 
 impl MappedChange {
+    /// Its key (`json`: what was rendered for it).
+    pub fn key_value(&self, json: &[u8]) -> Value {
+        json.get(self.key.clone())
+            .and_then(|k| serde_json::from_slice(k).ok())
+            .unwrap_or_else(|| Value::Object(Map::new()))
+    }
+
+    /// Its key as JSON text (`json`: what was rendered for it), for the log.
+    pub fn key_text<'a>(&self, json: &'a [u8]) -> &'a str {
+        json.get(self.key.clone())
+            .and_then(|k| std::str::from_utf8(k).ok())
+            .unwrap_or_default()
+    }
+
     /// The whole change, read back from its JSON (`json`: what was rendered for it).
     pub fn full(&self, json: &[u8]) -> Change {
         serde_json::from_slice(json).unwrap_or_else(|_| Change {
             // Not reached: the JSON is ours, written from a Change's fields.
             entity: self.entity,
             op: self.op,
-            key: self.key.clone(),
+            key: match self.key_value(json) {
+                Value::Object(k) => k,
+                _ => Map::new(),
+            },
             data: None,
             version: self.version.clone(),
             source: ChangeSource {
@@ -414,16 +433,17 @@ fn map_rows<R: Columns>(
 ) -> Result<Mapped, Violation> {
     let version = crate::event::format_version(Lsn(ev.commit_lsn), ev.sequence);
     let mut rendered = |op: ChangeOp,
-                        key: Map<String, Value>,
+                        key: &[(&str, Value)],
                         data: Option<&[(&str, Value)]>,
                         missing: Vec<usize>,
                         version: String| {
         let start = out.len();
-        render(out, m.entity, op, &key, data, &version, ev);
+        let key_at = render(out, m.entity, op, key, data, &version, ev);
         MappedChange {
             entity: m.entity,
             op,
-            key,
+            key_hash: key_hash(m.entity.as_str(), key.iter().map(|(n, v)| (*n, v))),
+            key: key_at.start - start..key_at.end - start,
             version,
             snapshot: ev.snapshot,
             committed_micros: ev.micros,
@@ -445,7 +465,7 @@ fn map_rows<R: Columns>(
             let key = key_fields(&m.key, row, rules)?;
             Ok(Mapped::Changes(vec![rendered(
                 ChangeOp::Delete,
-                key,
+                &key,
                 None,
                 Vec::new(),
                 version,
@@ -467,9 +487,7 @@ fn map_rows<R: Columns>(
             missing.retain(|&f| !data.iter().any(|(n, _)| *n == m.data[f].0));
             data.sort_unstable_by(|a, b| a.0.cmp(b.0));
             if let Some(sku_pattern) = &rules.sku_pattern
-                && let Some(sku) = key
-                    .get("sku")
-                    .or_else(|| data.iter().find(|(n, _)| *n == "sku").map(|(_, v)| v))
+                && let Some((_, sku)) = key.iter().chain(data.iter()).find(|(n, _)| *n == "sku")
             {
                 let text = sku.as_str().unwrap_or_default();
                 if !sku_pattern.is_match(text) {
@@ -486,13 +504,19 @@ fn map_rows<R: Columns>(
                 && let Ok(old_key) = key_fields(&m.key, before, rules)
                 && old_key != key
             {
-                let gone = rendered(ChangeOp::Delete, old_key, None, Vec::new(), version.clone());
-                let moved = rendered(ChangeOp::Upsert, key, Some(&data), missing, version);
+                let gone = rendered(
+                    ChangeOp::Delete,
+                    &old_key,
+                    None,
+                    Vec::new(),
+                    version.clone(),
+                );
+                let moved = rendered(ChangeOp::Upsert, &key, Some(&data), missing, version);
                 return Ok(Mapped::Changes(vec![gone, moved]));
             }
             Ok(Mapped::Changes(vec![rendered(
                 ChangeOp::Upsert,
-                key,
+                &key,
                 Some(&data),
                 missing,
                 version,
@@ -507,38 +531,42 @@ fn map_rows<R: Columns>(
 }
 
 /// Writes a change's JSON as `serde_json` writes the [`Change`] (fields in declaration order,
-/// map keys sorted), without building it. Writing into a `Vec` cannot fail.
+/// map keys sorted), without building it; returns where its key's object went. Writing into a
+/// `Vec` cannot fail.
 fn render(
     out: &mut Vec<u8>,
     entity: Entity,
     op: ChangeOp,
-    key: &Map<String, Value>,
+    key: &[(&str, Value)],
     data: Option<&[(&str, Value)]>,
     version: &str,
     ev: &Origin<'_>,
-) {
+) -> std::ops::Range<usize> {
     use std::io::Write;
+    fn object(out: &mut Vec<u8>, fields: &[(&str, Value)]) {
+        out.push(b'{');
+        for (i, (name, value)) in fields.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            let _ = serde_json::to_writer(&mut *out, name);
+            out.push(b':');
+            let _ = serde_json::to_writer(&mut *out, value);
+        }
+        out.push(b'}');
+    }
     out.extend_from_slice(b"{\"entity\":");
     let _ = serde_json::to_writer(&mut *out, &entity);
     out.extend_from_slice(b",\"op\":");
     let _ = serde_json::to_writer(&mut *out, &op);
     out.extend_from_slice(b",\"key\":");
-    let _ = serde_json::to_writer(&mut *out, key);
+    let key_start = out.len();
+    object(out, key);
+    let key_at = key_start..out.len();
     out.extend_from_slice(b",\"data\":");
     match data {
         None => out.extend_from_slice(b"null"),
-        Some(fields) => {
-            out.push(b'{');
-            for (i, (name, value)) in fields.iter().enumerate() {
-                if i > 0 {
-                    out.push(b',');
-                }
-                let _ = serde_json::to_writer(&mut *out, name);
-                out.push(b':');
-                let _ = serde_json::to_writer(&mut *out, value);
-            }
-            out.push(b'}');
-        }
+        Some(fields) => object(out, fields),
     }
     out.extend_from_slice(b",\"version\":");
     let _ = serde_json::to_writer(&mut *out, version);
@@ -551,18 +579,44 @@ fn render(
         format_unix_micros(ev.micros),
         ev.snapshot
     );
+    key_at
 }
 
-/// The key fields of `row`: each must be present and non-empty.
-fn key_fields<R: Columns>(
-    spec: &[(String, FieldSource)],
+/// An entity's key, hashed: a fixed-seed hash over the entity and the key's fields in name
+/// order (one key always lands in one lane; foldhash reads eight bytes at a time where FNV-1a
+/// took one). Stored lane positions (`consumer_lanes`) depend on it: it must not change.
+pub(crate) fn key_hash<'a>(
+    entity: &str,
+    key: impl IntoIterator<Item = (&'a str, &'a Value)>,
+) -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = foldhash::fast::FixedState::with_seed(0x1a7e).build_hasher();
+    h.write(entity.as_bytes());
+    for (k, v) in key {
+        h.write_u8(0xff);
+        h.write(k.as_bytes());
+        h.write_u8(0xfe);
+        match v {
+            Value::String(s) => h.write(s.as_bytes()),
+            Value::Number(n) => match n.as_i64() {
+                Some(i) => h.write_i64(i),
+                None => h.write(n.to_string().as_bytes()),
+            },
+            other => h.write(other.to_string().as_bytes()),
+        }
+    }
+    h.finish()
+}
+
+/// The key fields of `row`, in name order: each must be present and non-empty.
+fn key_fields<'m, R: Columns>(
+    spec: &'m [(String, FieldSource)],
     row: &R,
     rules: &Rules,
-) -> Result<Map<String, Value>, Violation> {
-    Ok(field_values(spec, row, rules, true, None)?
-        .into_iter()
-        .map(|(name, v)| (name.to_string(), v))
-        .collect())
+) -> Result<Fields<'m>, Violation> {
+    let mut key = field_values(spec, row, rules, true, None)?;
+    key.sort_unstable_by(|a, b| a.0.cmp(b.0));
+    Ok(key)
 }
 
 /// Reads the mapped fields from `row`; key fields must be present and non-empty. A data field
@@ -781,9 +835,17 @@ mod tests {
                     "rendered as serde_json renders the change"
                 );
                 assert_eq!(
-                    (full.entity, full.op, &full.key, &full.version),
-                    (c.entity, c.op, &c.key, &c.version)
+                    (
+                        full.entity,
+                        full.op,
+                        Value::Object(full.key.clone()),
+                        &full.version
+                    ),
+                    (c.entity, c.op, c.key_value(json), &c.version)
                 );
+                let key: Vec<(&str, &Value)> =
+                    full.key.iter().map(|(k, v)| (k.as_str(), v)).collect();
+                assert_eq!(c.key_hash, key_hash(c.entity.as_str(), key));
                 assert_eq!(full.source.snapshot, c.snapshot);
                 full
             })
@@ -1075,5 +1137,15 @@ mod tests {
             };
             assert_eq!(absent, expected, "{after}");
         }
+    }
+
+    /// Lanes are stored (`consumer_lanes`): a key's hash must be the one earlier versions
+    /// computed from the key's map, or a restart would read another key's position.
+    #[test]
+    fn a_key_hashes_as_it_always_did() {
+        let (loc, sku) = (Value::from("A-01"), Value::from("SKU-1"));
+        let h = key_hash("stock_level", [("location", &loc), ("sku", &sku)]);
+        // What the map-based hash of the versions before gave (checked against it).
+        assert_eq!(h, 580_489_607_395_649_296);
     }
 }

@@ -419,7 +419,7 @@ impl Stage {
                 Ok(Mapped::Changes(changes)) => {
                     for (sub, change) in changes.into_iter().enumerate() {
                         let sub = sub as u8;
-                        let hash = key_hash(change.entity.as_str(), &change.key);
+                        let hash = change.key_hash;
                         let fields = unfilled_fields(&change, m, &unchanged);
                         if !fields.is_empty() {
                             let Some(key) = item.row_key() else {
@@ -431,7 +431,7 @@ impl Stage {
                                         m.data[fields[0]].1.column
                                     ),
                                 };
-                                let view_key = Value::Object(change.key.clone());
+                                let view_key = change.key_value(&rendered[change.json.clone()]);
                                 self.refuse(
                                     warehouse_id,
                                     item,
@@ -590,7 +590,7 @@ impl Stage {
             let seen = mark.is_some_and(|m| (q.change.version.as_str(), q.sub) <= m);
             if seen {
                 replayed += 1;
-                tracing::trace!(warehouse = %warehouse_id, stream, lane, version = %q.change.version, sub = q.sub, mark = ?mark, key = %serde_json::to_string(&q.change.key).unwrap_or_default(), entity = q.change.entity.as_str(), "replayed: skipped");
+                tracing::trace!(warehouse = %warehouse_id, stream, lane, version = %q.change.version, sub = q.sub, mark = ?mark, key = q.change.key_text(c.json), entity = q.change.entity.as_str(), "replayed: skipped");
             } else {
                 *last = Some((q.change.version.as_str(), q.sub));
             }
@@ -698,7 +698,7 @@ impl Stage {
                 }
                 if let Some(v) = refused {
                     dropped[u.pending] = true;
-                    let key = Value::Object(p.change.key.clone());
+                    let key = Value::Object(change.key.clone());
                     let version = p.change.version.clone();
                     self.refuse(
                         warehouse_id,
@@ -1180,7 +1180,7 @@ impl Stage {
                 {
                     landed.push((
                         q.change.entity.as_str().to_string(),
-                        Value::Object(q.change.key.clone()),
+                        q.change.key_value(c.json),
                     ));
                 }
                 let outcome = self
@@ -1594,32 +1594,11 @@ pub const BATCH_REQUESTS: usize = 8;
 /// a few seconds while some wait on central.
 pub const IN_FLIGHT_CHANGES: usize = 32_768;
 
-/// An entity's key, hashed: a fixed-seed hash over the entity and the key's fields (one key
-/// always lands in one lane; foldhash reads eight bytes at a time where FNV-1a took one).
-fn key_hash(entity: &str, key: &serde_json::Map<String, Value>) -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = foldhash::fast::FixedState::with_seed(0x1a7e).build_hasher();
-    h.write(entity.as_bytes());
-    for (k, v) in key {
-        h.write_u8(0xff);
-        h.write(k.as_bytes());
-        h.write_u8(0xfe);
-        match v {
-            Value::String(s) => h.write(s.as_bytes()),
-            Value::Number(n) => match n.as_i64() {
-                Some(i) => h.write_i64(i),
-                None => h.write(n.to_string().as_bytes()),
-            },
-            other => h.write(other.to_string().as_bytes()),
-        }
-    }
-    h.finish()
-}
-
 /// The lane of an entity's key.
 #[cfg(test)]
 fn lane_of(entity: &str, key: &serde_json::Map<String, Value>) -> usize {
-    (key_hash(entity, key) % LANES as u64) as usize
+    let key = key.iter().map(|(k, v)| (k.as_str(), v));
+    (mapping::key_hash(entity, key) % LANES as u64) as usize
 }
 
 /// The central key of an event that failed validation, as far as it can be read.
