@@ -285,7 +285,8 @@ pub struct MappedChange {
     pub committed_micros: i64,
     /// Data fields (indices into the mapping's) the row did not hold: left out of the JSON.
     pub missing: Vec<usize>,
-    /// Where its JSON is in the buffer it was rendered into.
+    /// Where its JSON is in the buffer that holds it (the one it was rendered into, until the
+    /// stage moves it).
     pub json: std::ops::Range<usize>,
 }
 

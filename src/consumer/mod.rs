@@ -190,11 +190,8 @@ struct Pending {
     /// Its index among its event's changes (a key move gives two changes one version): with
     /// the version, its position in the stream.
     sub: u8,
-    /// Its entity and key, hashed (see [`key_hash`]): its lane is this modulo [`LANES`].
-    key: u64,
+    /// Its lane is its key hash modulo [`LANES`]; its JSON is in [`Prepared::rendered`].
     change: MappedChange,
-    /// Where its JSON is in [`Prepared::rendered`].
-    json: std::ops::Range<usize>,
 }
 
 /// Per lane, the position (version, index among its event's changes) of the last change
@@ -205,13 +202,10 @@ type LaneMarks = [Option<(String, u8)>; LANES];
 /// event's other changes, freed with the last of them).
 struct Queued {
     item: Arc<Incoming>,
-    /// Its entity and key, hashed (see [`key_hash`]).
-    key: u64,
     /// Its index among its event's changes (with the version, its position in the stream).
     sub: u8,
+    /// Its JSON is in its [`LanePart`]'s `rendered`.
     change: MappedChange,
-    /// Where its JSON is in its [`LanePart`]'s `rendered`.
-    json: std::ops::Range<usize>,
 }
 
 /// A lane's share of a batch, queued for the lane's worker.
@@ -419,7 +413,6 @@ impl Stage {
                 Ok(Mapped::Changes(changes)) => {
                     for (sub, change) in changes.into_iter().enumerate() {
                         let sub = sub as u8;
-                        let hash = change.key_hash;
                         let fields = unfilled_fields(&change, m, &unchanged);
                         if !fields.is_empty() {
                             let Some(key) = item.row_key() else {
@@ -455,8 +448,6 @@ impl Stage {
                         pending.push(Pending {
                             item: i,
                             sub,
-                            key: hash,
-                            json: change.json.clone(),
                             change,
                         });
                     }
@@ -678,7 +669,7 @@ impl Stage {
                     continue;
                 };
                 // Read back whole, filled, and rendered again (at the end of `rendered`).
-                let mut change = p.change.full(&rendered[p.json.clone()]);
+                let mut change = p.change.full(&rendered[p.change.json.clone()]);
                 let mut refused = None;
                 for &f in &u.fields {
                     let (name, src) = &m.data[f];
@@ -715,7 +706,7 @@ impl Stage {
                 let start = rendered.len();
                 // Serializing plain structs and JSON maps into a Vec cannot fail.
                 let _ = serde_json::to_writer(&mut *rendered, &change);
-                p.json = start..rendered.len();
+                p.change.json = start..rendered.len();
             }
         }
         if superseded > 0 {
@@ -765,12 +756,10 @@ impl Stage {
         let items: Vec<Arc<Incoming>> = items.into_iter().map(Arc::new).collect();
         let mut lanes: Vec<Vec<Queued>> = (0..LANES).map(|_| Vec::new()).collect();
         for p in pending {
-            lanes[(p.key % LANES as u64) as usize].push(Queued {
+            lanes[(p.change.key_hash % LANES as u64) as usize].push(Queued {
                 item: items[p.item].clone(),
-                key: p.key,
                 sub: p.sub,
                 change: p.change,
-                json: p.json,
             });
         }
         drop(items);
@@ -786,11 +775,11 @@ impl Stage {
                     continue;
                 }
                 // Its own JSON, so that it is freed with the lane's share.
-                let mut own = Vec::with_capacity(changes.iter().map(|q| q.json.len()).sum());
+                let mut own = Vec::with_capacity(changes.iter().map(|q| q.change.json.len()).sum());
                 for q in &mut changes {
                     let start = own.len();
-                    own.extend_from_slice(&rendered[q.json.clone()]);
-                    q.json = start..own.len();
+                    own.extend_from_slice(&rendered[q.change.json.clone()]);
+                    q.change.json = start..own.len();
                 }
                 let permit = budget
                     .as_mut()
@@ -871,7 +860,11 @@ impl Stage {
                         if !parts.is_empty() && n + part.changes.len() > limit {
                             break;
                         }
-                        if part.changes.iter().any(|q| busy.contains_key(&q.key)) {
+                        if part
+                            .changes
+                            .iter()
+                            .any(|q| busy.contains_key(&q.change.key_hash))
+                        {
                             blocked = true;
                             break;
                         }
@@ -893,7 +886,7 @@ impl Stage {
                 };
                 for part in &flight.parts {
                     for q in &part.changes {
-                        *busy.entry(q.key).or_default() += 1;
+                        *busy.entry(q.change.key_hash).or_default() += 1;
                     }
                 }
                 order.push_back((next, None));
@@ -912,10 +905,10 @@ impl Stage {
                     };
                     for part in &flight.parts {
                         for q in &part.changes {
-                            if let Some(n) = busy.get_mut(&q.key) {
+                            if let Some(n) = busy.get_mut(&q.change.key_hash) {
                                 *n -= 1;
                                 if *n == 0 {
-                                    busy.remove(&q.key);
+                                    busy.remove(&q.change.key_hash);
                                 }
                             }
                         }
@@ -1068,7 +1061,7 @@ impl Stage {
                         part: i,
                         index,
                         queued,
-                        json: &part.rendered[queued.json.clone()],
+                        json: &part.rendered[queued.change.json.clone()],
                     })
             })
             .collect();
@@ -1126,7 +1119,7 @@ impl Stage {
                     part,
                     index,
                     queued,
-                    json: &p.rendered[queued.json.clone()],
+                    json: &p.rendered[queued.change.json.clone()],
                 }
             })
             .collect();
