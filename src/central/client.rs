@@ -44,6 +44,8 @@ pub struct CentralSettings {
     pub breaker_threshold: u32,
     /// How long the breaker stays open before one request may try again.
     pub breaker_cooldown: Duration,
+    /// While it stays open, the wait after a failed trial request before the next one.
+    pub breaker_probe_interval: Duration,
     /// Wait between retries while central refuses our credentials (401/403).
     pub credential_retry: Duration,
     /// Most requests of [`air::SMALL`] changes or more in the air at once (the limit adapts
@@ -59,6 +61,7 @@ impl Default for CentralSettings {
             max_backoff: Duration::from_secs(30),
             breaker_threshold: 5,
             breaker_cooldown: Duration::from_secs(2),
+            breaker_probe_interval: Duration::from_millis(250),
             credential_retry: Duration::from_secs(30),
             max_in_flight_requests: 64,
         }
@@ -122,6 +125,8 @@ struct BreakerState {
     open_until: Option<Instant>,
     /// Half-open: the probe request is out; everyone else waits for its outcome.
     probing: bool,
+    /// Probes that failed since it opened (for the log).
+    failed_probes: u64,
 }
 
 /// What a request may do, as the breaker says.
@@ -149,18 +154,23 @@ impl BreakerState {
     }
 
     /// Records an outcome; true when this one opened the breaker.
+    ///
+    /// Once open it waits `breaker_cooldown` (central gets a pause from the full load), then
+    /// tries one request every `breaker_probe_interval`: one request at a time costs central
+    /// next to nothing, and the first that succeeds lets every lane go, so catching up
+    /// starts within an interval of central's return, not a cooldown.
     fn record(
         &mut self,
         failed: bool,
         probe: bool,
-        threshold: u32,
-        cooldown: Duration,
+        settings: &CentralSettings,
         now: Instant,
     ) -> bool {
         if probe {
             self.probing = false;
             if failed {
-                self.open_until = Some(now + cooldown);
+                self.failed_probes += 1;
+                self.open_until = Some(now + settings.breaker_probe_interval);
             } else {
                 *self = BreakerState::default();
             }
@@ -176,11 +186,11 @@ impl BreakerState {
         }
         let failures = self.window.iter().filter(|f| **f).count();
         let in_a_row = self.window.iter().rev().take_while(|f| **f).count();
-        let open = failures >= threshold as usize
+        let open = failures >= settings.breaker_threshold as usize
             && (in_a_row >= BREAKER_MIN_VOLUME
                 || (self.window.len() == BREAKER_WINDOW && failures * 2 >= BREAKER_WINDOW));
         if open {
-            self.open_until = Some(now + cooldown);
+            self.open_until = Some(now + settings.breaker_cooldown);
             self.window.clear();
         }
         open
@@ -572,21 +582,27 @@ impl CentralClient {
     fn record(&self, failed: bool, probe: bool, failure: Option<&str>) {
         let mut s = self.breaker.state.lock().unwrap_or_else(|p| p.into_inner());
         let was_open = s.open_until.is_some();
-        let opened = s.record(
-            failed,
-            probe,
-            self.settings.breaker_threshold,
-            self.settings.breaker_cooldown,
-            Instant::now(),
-        );
+        let opened = s.record(failed, probe, &self.settings, Instant::now());
         if probe && failed {
             // Said in the same words, so that "circuit breaker open" in the log reads true
-            // for as long as it is.
-            tracing::info!(
-                reason = failure.unwrap_or_default(),
-                pause_s = self.settings.breaker_cooldown.as_secs(),
-                "the probe request failed; circuit breaker open again, consumption paused"
-            );
+            // for as long as it is; the 1st, 2nd, 4th, 8th… failed probe, as they come often.
+            let failed_probes = s.failed_probes;
+            let retry_in_ms = self.settings.breaker_probe_interval.as_millis() as u64;
+            if failed_probes.is_power_of_two() {
+                tracing::info!(
+                    reason = failure.unwrap_or_default(),
+                    failed_probes,
+                    retry_in_ms,
+                    "the probe request failed; circuit breaker open again, consumption paused"
+                );
+            } else {
+                tracing::debug!(
+                    reason = failure.unwrap_or_default(),
+                    failed_probes,
+                    retry_in_ms,
+                    "the probe request failed; circuit breaker open again, consumption paused"
+                );
+            }
         }
         if opened {
             crate::metrics::metrics()
@@ -595,7 +611,7 @@ impl CentralClient {
                 .inc();
             tracing::warn!(
                 reason = failure.unwrap_or_default(),
-                pause_s = self.settings.breaker_cooldown.as_secs(),
+                pause_ms = self.settings.breaker_cooldown.as_millis() as u64,
                 "central keeps failing (half of the latest requests or more); circuit breaker open, consumption paused"
             );
         }
@@ -654,21 +670,29 @@ impl Drop for Unanswered {
 
 #[cfg(test)]
 mod tests {
-    use super::{BreakerState, Gate};
+    use super::{BreakerState, CentralSettings, Gate};
     use std::time::Duration;
     use tokio::time::Instant;
 
     const COOLDOWN: Duration = Duration::from_secs(10);
+    const PROBE_INTERVAL: Duration = Duration::from_secs(1);
+    const SETTINGS: CentralSettings = CentralSettings {
+        request_timeout: Duration::from_secs(10),
+        connect_timeout: Duration::from_secs(5),
+        max_backoff: Duration::from_secs(30),
+        breaker_threshold: 5,
+        breaker_cooldown: COOLDOWN,
+        breaker_probe_interval: PROBE_INTERVAL,
+        credential_retry: Duration::from_secs(30),
+        max_in_flight_requests: 64,
+    };
 
     #[test]
     fn a_quarter_of_failures_never_opens_the_breaker() {
         let mut b = BreakerState::default();
         let now = Instant::now();
         for i in 0..1000 {
-            assert!(
-                !b.record(i % 4 == 0, false, 5, COOLDOWN, now),
-                "request {i}"
-            );
+            assert!(!b.record(i % 4 == 0, false, &SETTINGS, now), "request {i}");
             assert_eq!(b.gate(now), Gate::Pass);
         }
     }
@@ -679,16 +703,13 @@ mod tests {
         let now = Instant::now();
         // Nine failures in a row among the first requests: not enough to tell yet.
         for _ in 0..9 {
-            assert!(!b.record(true, false, 5, COOLDOWN, now));
+            assert!(!b.record(true, false, &SETTINGS, now));
         }
         // Then every other one fails: half of a full window.
         for i in 0..30 {
-            assert!(
-                !b.record(i % 2 == 1, false, 5, COOLDOWN, now),
-                "request {i}"
-            );
+            assert!(!b.record(i % 2 == 1, false, &SETTINGS, now), "request {i}");
         }
-        assert!(b.record(false, false, 5, COOLDOWN, now), "24 of 40 failed");
+        assert!(b.record(false, false, &SETTINGS, now), "24 of 40 failed");
         assert_eq!(b.gate(now), Gate::Wait(now + COOLDOWN));
         let later = now + COOLDOWN;
         assert_eq!(b.gate(later), Gate::Probe);
@@ -696,15 +717,19 @@ mod tests {
             matches!(b.gate(later), Gate::Wait(_)),
             "one probe at a time"
         );
-        b.record(true, true, 5, COOLDOWN, later);
+        b.record(true, true, &SETTINGS, later);
         assert_eq!(
             b.gate(later),
-            Gate::Wait(later + COOLDOWN),
-            "a failed probe reopens it"
+            Gate::Wait(later + PROBE_INTERVAL),
+            "a failed probe reopens it until the next probe"
         );
-        let after = later + COOLDOWN;
+        let after = later + PROBE_INTERVAL;
         assert_eq!(b.gate(after), Gate::Probe);
-        b.record(false, true, 5, COOLDOWN, after);
+        b.record(true, true, &SETTINGS, after);
+        assert_eq!(b.failed_probes, 2);
+        let after = after + PROBE_INTERVAL;
+        assert_eq!(b.gate(after), Gate::Probe);
+        b.record(false, true, &SETTINGS, after);
         assert_eq!(b.gate(after), Gate::Pass, "a good probe closes it");
         assert!(b.window.is_empty());
     }
@@ -714,7 +739,7 @@ mod tests {
         let mut b = BreakerState::default();
         let now = Instant::now();
         let opened = (0..10)
-            .filter(|_| b.record(true, false, 5, COOLDOWN, now))
+            .filter(|_| b.record(true, false, &SETTINGS, now))
             .count();
         assert_eq!(opened, 1);
         assert!(matches!(b.gate(now), Gate::Wait(_)));

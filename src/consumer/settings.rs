@@ -165,6 +165,7 @@ pub(crate) struct FileCentral {
     max_backoff_ms: Option<u64>,
     breaker_threshold: Option<u32>,
     breaker_cooldown_ms: Option<u64>,
+    breaker_probe_interval_ms: Option<u64>,
     credential_retry_ms: Option<u64>,
     max_in_flight_requests: Option<usize>,
 }
@@ -306,12 +307,26 @@ impl ConsumerSettings {
                 .unwrap_or(c.breaker_threshold)
                 .max(1),
             breaker_cooldown: ms(file.central.breaker_cooldown_ms, c.breaker_cooldown),
+            breaker_probe_interval: ms(
+                file.central.breaker_probe_interval_ms,
+                c.breaker_probe_interval,
+            ),
             credential_retry: ms(file.central.credential_retry_ms, c.credential_retry),
             max_in_flight_requests: file
                 .central
                 .max_in_flight_requests
                 .unwrap_or(c.max_in_flight_requests),
         };
+        if central.breaker_probe_interval < Duration::from_millis(10) {
+            // Back-to-back probes against a central that refuses connections spin.
+            return Err(invalid(
+                "central.breaker_probe_interval_ms",
+                format!(
+                    "{} is too short: must be at least 10",
+                    central.breaker_probe_interval.as_millis()
+                ),
+            ));
+        }
         if central.max_in_flight_requests == 0 {
             return Err(invalid(
                 "central.max_in_flight_requests",
@@ -385,6 +400,14 @@ mod tests {
             ),
             ("[rules]\nsku_pattern = '('", "rules.sku_pattern"),
             ("[batch]\nmax_changes = 0", "batch.max_changes"),
+            (
+                "[central]\nbreaker_probe_interval_ms = 0",
+                "central.breaker_probe_interval_ms",
+            ),
+            (
+                "[central]\nmax_in_flight_requests = 0",
+                "central.max_in_flight_requests",
+            ),
         ];
         for (text, key) in cases {
             let e = parse(text).expect_err(text).to_string();
