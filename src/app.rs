@@ -10,6 +10,7 @@
 //! A failing warehouse is retried with backoff and reported; it never stops the others. A
 //! definite error (bad setup, lost slot) stops that warehouse only, with the error logged.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,7 +24,8 @@ use crate::pg::ConnInfo;
 use crate::source::SourceError;
 use crate::source::slot::SlotHealth;
 use crate::source::stream::{self, InitialLoad, LoadHook, LoadNeeded, OriginGuard, SourceOptions};
-use crate::store::{StateDb, StoreError, WarehouseLease};
+use crate::ownership;
+use crate::store::{Leases, StateDb, StoreError, WarehouseLease, WorkerIdentity, WorkerRow};
 
 /// Which pgoutput protocol to ask for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,8 +55,9 @@ pub struct WarehouseConfig {
 
 /// How often a standby asks for a warehouse it does not own.
 const LEASE_POLL: Duration = Duration::from_secs(3);
-/// How often the owner checks that its lease connection is alive.
-const LEASE_CHECK: Duration = Duration::from_secs(5);
+/// A handover waits for the outcome of everything its stream handed on, however long that
+/// takes (central down: until it answers), unless the process is stopped meanwhile.
+const HANDOVER_FOREVER: Duration = Duration::from_secs(100 * 365 * 86_400);
 /// Checkpoints of a busy stream are written at most this often.
 const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(200);
 /// At shutdown, how long a pipeline waits for the outcome of what its stream handed on
@@ -76,6 +79,9 @@ pub enum PipelineError {
     /// A task of the pipeline panicked or vanished.
     #[error("pipeline task failed: {0}")]
     Task(String),
+    /// The lease connection dropped: another process may own the warehouse now.
+    #[error("the lease connection to the state DB dropped")]
+    LeaseLost,
 }
 
 impl PipelineError {
@@ -84,7 +90,7 @@ impl PipelineError {
         match self {
             PipelineError::Source(e) => e.is_transient(),
             PipelineError::Bus(e) => e.is_transient(),
-            PipelineError::Store(_) | PipelineError::Task(_) => true,
+            PipelineError::Store(_) | PipelineError::Task(_) | PipelineError::LeaseLost => true,
         }
     }
 }
@@ -112,6 +118,9 @@ pub struct WarehouseStatus {
     pub slot_health: Arc<watch::Sender<Option<SlotHealth>>>,
     /// The pipeline's state.
     pub state: watch::Sender<StreamState>,
+    /// The worker id of the process that owns the warehouse (this one or another), as far as
+    /// this process knows; none while nobody does.
+    pub owner: watch::Sender<Option<String>>,
     /// Forced-resync chunk requests for this warehouse's stream.
     pub chunks: mpsc::Sender<crate::source::resync::ChunkRequest>,
     /// The stream's end of `chunks` (each stream session holds it while it runs).
@@ -128,6 +137,7 @@ impl WarehouseStatus {
             id: id.to_string(),
             slot_health: Arc::new(watch::Sender::new(None)),
             state: watch::Sender::new(StreamState::Starting),
+            owner: watch::Sender::new(None),
             chunks,
             chunk_inbox: Arc::new(tokio::sync::Mutex::new(inbox)),
             generation: std::sync::atomic::AtomicU64::new(0),
@@ -165,79 +175,340 @@ impl WarehouseStatus {
     }
 }
 
-/// Runs every warehouse until `cancel`; returns when all pipelines have stopped.
-/// `statuses` holds one status per warehouse (by id); missing ones are created.
+/// What this process is among the `run` processes sharing the state DB, and what it does
+/// when it comes to own a warehouse.
+pub struct Membership {
+    /// This process in `sync_workers`.
+    pub me: WorkerIdentity,
+    /// Called when this process comes to own a warehouse, before its pipeline starts (the
+    /// embedded consumer forgets what it knew of the warehouse's lanes: another process may
+    /// have moved them on meanwhile).
+    pub on_owned: Option<Arc<dyn Fn(String) -> futures_util::future::BoxFuture<'static, ()> + Send + Sync>>,
+}
+
+impl Membership {
+    /// A process known by `me` that needs no hook.
+    pub fn new(me: WorkerIdentity) -> Self {
+        Self { me, on_owned: None }
+    }
+}
+
+/// A warehouse this process owns: its pipeline's task and how to hand it over.
+struct Owned {
+    /// Cancelled to hand the warehouse over (a child of the shutdown token).
+    release: CancellationToken,
+    /// Handing over: counts as owned (the lock is held) but no longer as kept.
+    releasing: bool,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// Runs this process's share of the warehouses until `cancel`, balancing ownership with the
+/// other processes of the state DB (see [`crate::ownership`]); at `cancel` hands every owned
+/// warehouse over (or stops it, with [`SHUTDOWN_GRACE`] for its outcomes) and waits a while
+/// for the others to take them. `statuses` holds one status per warehouse (by id); missing
+/// ones are created.
 pub async fn run<B: Bus + Clone>(
     warehouses: Vec<WarehouseConfig>,
     statuses: &[Arc<WarehouseStatus>],
     state: StateDb,
     bus: B,
+    membership: Membership,
     cancel: CancellationToken,
 ) {
-    let mut tasks = tokio::task::JoinSet::new();
-    for w in warehouses {
-        let (state, bus, cancel) = (state.clone(), bus.clone(), cancel.clone());
-        let status = statuses
+    let statuses: Vec<Arc<WarehouseStatus>> = warehouses
+        .iter()
+        .map(|w| {
+            statuses
+                .iter()
+                .find(|s| s.id == w.id)
+                .cloned()
+                .unwrap_or_else(|| WarehouseStatus::new(&w.id))
+        })
+        .collect();
+    let me = &membership.me;
+    let expiry = ownership::HEARTBEAT_EXPIRY.as_secs_f64();
+    // The lease connection and this process's row, retried until the state DB answers.
+    let leases = loop {
+        match register(&state, me, expiry).await {
+            Ok(l) => break l,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot reach the state DB to own warehouses; retrying")
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(LEASE_POLL) => {}
+            _ = cancel.cancelled() => return,
+        }
+    };
+    tracing::info!(worker = %me.worker_id, warehouses = warehouses.len(), "balancing warehouses with the other run processes of this state DB");
+    let mut owned: HashMap<String, Owned> = HashMap::new();
+    let mut tick = tokio::time::interval(ownership::HEARTBEAT_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = cancel.cancelled() => break,
+        }
+        owned.retain(|id, o| {
+            if o.task.is_finished() {
+                ownership_ended(id, &statuses);
+                false
+            } else {
+                true
+            }
+        });
+        let held: Vec<String> = owned.keys().cloned().collect();
+        let rows = match state.heartbeat(me, &held, false, expiry).await {
+            Ok(Some(rows)) => rows,
+            Ok(None) => {
+                tracing::error!(worker = %me.worker_id, "another run process took this process's row in sync_workers: two processes share one worker id (set WORKER_ID to tell them apart); taking it back");
+                if let Err(e) = state.register_worker(me, expiry).await {
+                    tracing::warn!(error = %e, "cannot write this process's heartbeat");
+                }
+                continue;
+            }
+            Err(e) => {
+                // Without the rows nothing is balanced; what is owned stays owned (the locks
+                // say so, not the rows).
+                tracing::warn!(error = %e, "cannot write this process's heartbeat; keeping what it owns");
+                continue;
+            }
+        };
+        show_owners(&rows, &me.worker_id, &owned, &statuses);
+        if !leases.is_up() {
+            continue;
+        }
+        let mut live: Vec<(&str, usize)> = rows
             .iter()
-            .find(|s| s.id == w.id)
-            .cloned()
-            .unwrap_or_else(|| WarehouseStatus::new(&w.id));
-        tasks.spawn(async move {
-            let id = w.id.clone();
-            if let Err(e) = supervise(w, state, bus, status.clone(), cancel).await {
-                tracing::error!(warehouse = %id, error = %e, "warehouse stopped; fix the cause and restart");
-                status.state.send_replace(StreamState::Failed(e.to_string()));
+            .filter(|r| r.alive && !r.draining && r.worker_id != me.worker_id)
+            .map(|r| (r.worker_id.as_str(), r.owned.len()))
+            .collect();
+        live.push((me.worker_id.as_str(), owned.len()));
+        let target = ownership::target(&me.worker_id, &live, warehouses.len());
+        let kept = owned.values().filter(|o| !o.releasing).count();
+        if kept > target {
+            // The least preferred go; each stops at a commit boundary, gets the outcome of
+            // everything in flight and its checkpoint written, then unlocks.
+            let mut keep: Vec<&String> = owned
+                .iter()
+                .filter(|(_, o)| !o.releasing)
+                .map(|(id, _)| id)
+                .collect();
+            keep.sort_by_key(|id| ownership::preference(&me.worker_id, id));
+            let give: Vec<String> = keep[..kept - target].iter().map(|s| (*s).clone()).collect();
+            for id in give {
+                if let Some(o) = owned.get_mut(&id) {
+                    tracing::info!(warehouse = %id, worker = %me.worker_id, target, processes = live.len(), "handing the warehouse over to balance the processes");
+                    o.releasing = true;
+                    o.release.cancel();
+                }
+            }
+        } else if kept < target {
+            // Warehouses nobody live owns, the preferred first.
+            let taken: std::collections::HashSet<&str> = rows
+                .iter()
+                .filter(|r| r.alive && r.worker_id != me.worker_id)
+                .flat_map(|r| r.owned.iter().map(String::as_str))
+                .collect();
+            let mut free: Vec<&WarehouseConfig> = warehouses
+                .iter()
+                .filter(|w| !owned.contains_key(&w.id) && !taken.contains(w.id.as_str()))
+                .collect();
+            free.sort_by_key(|w| std::cmp::Reverse(ownership::preference(&me.worker_id, &w.id)));
+            let mut want = target - kept;
+            for w in free {
+                if want == 0 {
+                    break;
+                }
+                let lease = match leases.try_acquire(&w.id).await {
+                    Ok(Some(l)) => l,
+                    Ok(None) => continue,
+                    Err(e) => {
+                        tracing::warn!(warehouse = %w.id, error = %e, "cannot take the warehouse's lease");
+                        break;
+                    }
+                };
+                want -= 1;
+                if let Some(hook) = &membership.on_owned {
+                    hook(w.id.clone()).await;
+                }
+                let Some(status) = statuses.iter().find(|s| s.id == w.id).cloned() else {
+                    continue;
+                };
+                let release = cancel.child_token();
+                let task = tokio::spawn(supervise(
+                    w.clone(),
+                    state.clone(),
+                    bus.clone(),
+                    status,
+                    lease,
+                    release.clone(),
+                    cancel.clone(),
+                ));
+                owned.insert(
+                    w.id.clone(),
+                    Owned {
+                        release,
+                        releasing: false,
+                        task,
+                    },
+                );
+            }
+        }
+    }
+    // Shutdown: the others take over as soon as each warehouse is unlocked.
+    let handed: Vec<String> = owned.keys().cloned().collect();
+    if let Err(e) = state.heartbeat(me, &handed, true, expiry).await {
+        tracing::warn!(error = %e, "cannot tell the other processes that this one stops");
+    }
+    for (id, o) in owned {
+        let _ = o.task.await;
+        ownership_ended(&id, &statuses);
+    }
+    let _ = state.heartbeat(me, &[], true, expiry).await;
+    wait_for_handover(&state, me, &handed).await;
+    if let Err(e) = state.retire_worker(me).await {
+        tracing::warn!(error = %e, "cannot remove this process's row from sync_workers; it expires");
+    }
+}
+
+/// Opens the lease connection and writes this process's row.
+async fn register(
+    state: &StateDb,
+    me: &WorkerIdentity,
+    expiry: f64,
+) -> Result<Leases, StoreError> {
+    let leases = Leases::open(state).await?;
+    state.register_worker(me, expiry).await?;
+    Ok(leases)
+}
+
+/// A warehouse's pipeline ended here (handed over, lease lost, or stopped).
+fn ownership_ended(id: &str, statuses: &[Arc<WarehouseStatus>]) {
+    crate::metrics::metrics()
+        .warehouse_owned
+        .with_label_values(&[id])
+        .set(0);
+    if let Some(s) = statuses.iter().find(|s| s.id == id) {
+        s.owner.send_replace(None);
+        s.state.send_if_modified(|st| {
+            if matches!(st, StreamState::Failed(_)) {
+                false
+            } else {
+                *st = StreamState::Standby;
+                true
             }
         });
     }
-    while tasks.join_next().await.is_some() {}
 }
 
-/// Owns, runs and restarts one warehouse's pipeline.
+/// Tells each warehouse's status who owns it, as the rows say (this process's own from what
+/// it holds).
+fn show_owners(
+    rows: &[WorkerRow],
+    me: &str,
+    owned: &HashMap<String, Owned>,
+    statuses: &[Arc<WarehouseStatus>],
+) {
+    for s in statuses {
+        let owner = if owned.contains_key(&s.id) {
+            Some(me.to_string())
+        } else {
+            rows.iter()
+                .find(|r| r.alive && r.worker_id != me && r.owned.contains(&s.id))
+                .map(|r| r.worker_id.clone())
+        };
+        s.owner.send_if_modified(|o| {
+            if *o == owner {
+                false
+            } else {
+                *o = owner;
+                true
+            }
+        });
+        if !owned.contains_key(&s.id) {
+            s.state.send_if_modified(|st| {
+                if *st == StreamState::Starting {
+                    *st = StreamState::Standby;
+                    true
+                } else {
+                    false
+                }
+            });
+        }
+    }
+}
+
+/// After a stop, waits (up to [`ownership::HANDOVER_WAIT`]) until another live process owns
+/// each warehouse this one handed over, when there is one.
+async fn wait_for_handover(state: &StateDb, me: &WorkerIdentity, handed: &[String]) {
+    if handed.is_empty() {
+        return;
+    }
+    let deadline = Instant::now() + ownership::HANDOVER_WAIT;
+    while Instant::now() < deadline {
+        let Ok(rows) = state.workers().await else { return };
+        let others: Vec<&WorkerRow> = rows
+            .iter()
+            .filter(|r| r.alive && !r.draining && r.worker_id != me.worker_id)
+            .collect();
+        if others.is_empty() {
+            return;
+        }
+        let waiting: Vec<&String> = handed
+            .iter()
+            .filter(|id| !others.iter().any(|r| r.owned.contains(id)))
+            .collect();
+        if waiting.is_empty() {
+            tracing::info!(warehouses = handed.len(), "every warehouse this process owned is owned by another process now");
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    tracing::warn!(wait_s = ownership::HANDOVER_WAIT.as_secs(), "stopping before another process owned every warehouse this one handed over; they take them over on their next balance");
+}
+
+/// Runs and restarts one warehouse's pipeline while this process owns it: until `release`
+/// (handing it over, or the process stopping: `cancel`) or until the lease is lost; then
+/// unlocks it.
 async fn supervise<B: Bus>(
     w: WarehouseConfig,
     state: StateDb,
     bus: B,
     status: Arc<WarehouseStatus>,
+    lease: WarehouseLease,
+    release: CancellationToken,
     cancel: CancellationToken,
-) -> Result<(), PipelineError> {
+) {
+    tracing::info!(warehouse = %w.id, "owning warehouse");
+    crate::metrics::metrics()
+        .warehouse_owned
+        .with_label_values(&[&w.id])
+        .set(1);
+    status.state.send_replace(StreamState::Streaming);
     let mut backoff = crate::backoff::Backoff::new();
-    loop {
-        let lease = loop {
-            match WarehouseLease::try_acquire(&state, &w.id).await {
-                Ok(Some(l)) => break l,
-                Ok(None) => {
-                    status.state.send_replace(StreamState::Standby);
-                    tracing::debug!(warehouse = %w.id, "owned by another process; standing by")
-                }
-                Err(e) => {
-                    tracing::warn!(warehouse = %w.id, error = %e, "cannot reach the state DB for the lease")
-                }
-            }
-            tokio::select! {
-                _ = tokio::time::sleep(LEASE_POLL) => {}
-                _ = cancel.cancelled() => return Ok(()),
-            }
-        };
-        tracing::info!(warehouse = %w.id, "owning warehouse");
-        status.state.send_replace(StreamState::Streaming);
+    let result = loop {
         let started = Instant::now();
+        status.state.send_replace(StreamState::Streaming);
         // Why the pipeline is restarted from the checkpoint (after a backoff), if it is.
-        let retry = match run_pipeline(&w, &state, &bus, &status, lease, &cancel).await {
-            Ok(()) if cancel.is_cancelled() => return Ok(()),
+        let retry = match run_pipeline(&w, &state, &bus, &status, &lease, &release, &cancel).await {
+            Ok(()) if release.is_cancelled() => break Ok(()),
             // A pipeline only ends cleanly when asked to; ending otherwise (a stream or bus
             // that closed without saying why) is restarted, never a silent stop of the
             // warehouse (with one warehouse, that ended the whole process with status 0).
             Ok(()) => "the pipeline ended without an error".to_string(),
+            Err(PipelineError::LeaseLost) => break Err(PipelineError::LeaseLost),
             Err(e) if e.is_transient() => e.to_string(),
             Err(PipelineError::Source(SourceError::SlotInvalidated { slot })) => {
-                recover_lost_slot(&w, &slot, &state, &status, &cancel).await?;
-                if cancel.is_cancelled() {
-                    return Ok(());
+                if let Err(e) = recover_lost_slot(&w, &slot, &state, &status, &release).await {
+                    break Err(e);
+                }
+                if release.is_cancelled() {
+                    break Ok(());
                 }
                 continue;
             }
-            Err(e) => return Err(e),
+            Err(e) => break Err(e),
         };
         status
             .state
@@ -246,7 +517,28 @@ async fn supervise<B: Bus>(
         tracing::warn!(warehouse = %w.id, error = %retry, retry_in_ms = wait.as_millis() as u64, "pipeline failed; restarting from the checkpoint");
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
-            _ = cancel.cancelled() => return Ok(()),
+            _ = release.cancelled() => break Ok(()),
+            _ = lease.lost() => break Err(PipelineError::LeaseLost),
+        }
+    };
+    match result {
+        Ok(()) => {
+            lease.release().await;
+            tracing::info!(warehouse = %w.id, "warehouse released");
+        }
+        Err(PipelineError::LeaseLost) => {
+            tracing::error!(warehouse = %w.id, "lease lost: the warehouse stopped at once; whoever owns it next resumes from its checkpoint");
+        }
+        Err(e) => {
+            // Kept (locked) while failed: a restart of the process, after the cause is fixed,
+            // tries it again; another process taking it would fail the same way.
+            tracing::error!(warehouse = %w.id, error = %e, "warehouse stopped; fix the cause and restart");
+            status.state.send_replace(StreamState::Failed(e.to_string()));
+            tokio::select! {
+                _ = release.cancelled() => {}
+                _ = lease.lost() => {}
+            }
+            lease.release().await;
         }
     }
 }
@@ -295,7 +587,8 @@ async fn run_pipeline<B: Bus>(
     state: &StateDb,
     bus: &B,
     status: &WarehouseStatus,
-    mut lease: WarehouseLease,
+    lease: &WarehouseLease,
+    release: &CancellationToken,
     cancel: &CancellationToken,
 ) -> Result<(), PipelineError> {
     // A checkpoint of another slot (the configuration named a new one) says nothing of this
@@ -312,7 +605,7 @@ async fn run_pipeline<B: Bus>(
     let (items_tx, items_rx) = mpsc::channel(16);
     let (acks_tx, mut acks_rx) = mpsc::channel::<CommitAck>(1024);
     let (durable_tx, durable_rx) = watch::channel(checkpoint);
-    let child = cancel.child_token();
+    let child = release.child_token();
     let mut opts = SourceOptions::new(&w.id, w.conn.clone(), &w.slot, &w.publication);
     opts.create_slot = true;
     opts.initial_load = InitialLoad::Incremental(load_hook(state.clone(), w.id.clone()));
@@ -344,11 +637,12 @@ async fn run_pipeline<B: Bus>(
     let mut source =
         tokio::spawn(async move { stream::run(&opts, items_tx, durable_rx, source_cancel).await });
     let mut publisher = tokio::spawn(bus::publish(bus.publisher(&w.id)?, items_rx, acks_tx));
-    let mut lease_check = tokio::time::interval(LEASE_CHECK);
     let mut last_write = Instant::now();
     let mut unwritten: Option<Lsn> = None;
-    // Set at shutdown: the source stops reading, and what it handed on still gets its
-    // outcome (the consumer stage runs on until the pipelines are done) until this deadline.
+    // Set when handing over or stopping: the source stops reading, and what it handed on
+    // still gets its outcome (the consumer stage runs on until the pipelines are done): a
+    // handover waits for all of it (so that the next owner finds the checkpoint at the last
+    // commit handed on and nothing of this one in flight), a shutdown until the deadline.
     let mut draining: Option<Instant> = None;
     let (mut source_done, mut publisher_done) = (false, false);
     let result: Result<(), PipelineError> = loop {
@@ -358,9 +652,13 @@ async fn run_pipeline<B: Bus>(
             // soon fails too (its consumer is gone) and the publisher's error says why; the
             // lease check before the acks, which may be ready all the time.
             biased;
-            _ = cancel.cancelled(), if draining.is_none() => {
-                draining = Some(stop_reading(&w.id, &child));
+            _ = release.cancelled(), if draining.is_none() => {
+                draining = Some(stop_reading(&w.id, &child, cancel));
             }
+            _ = cancel.cancelled(), if draining.is_some_and(|d| d > Instant::now() + SHUTDOWN_GRACE) => {
+                draining = Some(Instant::now() + SHUTDOWN_GRACE);
+            }
+            _ = lease.lost() => break Err(PipelineError::LeaseLost),
             _ = tokio::time::sleep_until(deadline), if draining.is_some() => {
                 gave_up(&w.id);
                 break Ok(());
@@ -374,11 +672,6 @@ async fn run_pipeline<B: Bus>(
                     Ok(()) if draining.is_some() => {}
                     Ok(()) => break flatten((&mut source).await),
                     Err(e) => break Err(e),
-                }
-            }
-            _ = lease_check.tick() => {
-                if let Err(e) = lease.check().await {
-                    break Err(e.into());
                 }
             }
             ack = acks_rx.recv() => {
@@ -402,17 +695,22 @@ async fn run_pipeline<B: Bus>(
                 let answer = loop {
                     let deadline = draining.unwrap_or_else(Instant::now);
                     tokio::select! {
-                        r = &mut ack => break Some(r),
-                        _ = cancel.cancelled(), if draining.is_none() => {
-                            draining = Some(stop_reading(&w.id, &child));
+                        r = &mut ack => break Ok(Some(r)),
+                        _ = release.cancelled(), if draining.is_none() => {
+                            draining = Some(stop_reading(&w.id, &child, cancel));
                         }
-                        _ = tokio::time::sleep_until(deadline), if draining.is_some() => break None,
+                        _ = cancel.cancelled(), if draining.is_some_and(|d| d > Instant::now() + SHUTDOWN_GRACE) => {
+                            draining = Some(Instant::now() + SHUTDOWN_GRACE);
+                        }
+                        _ = lease.lost() => break Err(PipelineError::LeaseLost),
+                        _ = tokio::time::sleep_until(deadline), if draining.is_some() => break Ok(None),
                     }
                 };
                 let end = match answer {
-                    Some(Ok(end)) => end,
-                    Some(Err(e)) => break Err(e.into()),
-                    None => {
+                    Err(e) => break Err(e),
+                    Ok(Some(Ok(end))) => end,
+                    Ok(Some(Err(e))) => break Err(e.into()),
+                    Ok(None) => {
                         gave_up(&w.id);
                         break Ok(());
                     }
@@ -446,16 +744,21 @@ async fn run_pipeline<B: Bus>(
     }
     source.abort();
     publisher.abort();
-    let _ = lease.release().await;
     result
 }
 
-/// Shutdown asked: the pipeline's stream stops reading; returns the deadline for the
-/// outcomes of what it handed on.
-fn stop_reading(warehouse: &str, source: &CancellationToken) -> Instant {
-    tracing::info!(%warehouse, grace_s = SHUTDOWN_GRACE.as_secs(), "stopping: the stream stops reading; what it handed on gets its outcome first");
+/// Stopping or handing over: the pipeline's stream stops reading; returns the deadline for
+/// the outcomes of what it handed on (a handover has none: the next owner must not start
+/// while this one still delivers).
+fn stop_reading(warehouse: &str, source: &CancellationToken, shutdown: &CancellationToken) -> Instant {
     source.cancel();
-    Instant::now() + SHUTDOWN_GRACE
+    if shutdown.is_cancelled() {
+        tracing::info!(%warehouse, grace_s = SHUTDOWN_GRACE.as_secs(), "stopping: the stream stops reading; what it handed on gets its outcome first");
+        Instant::now() + SHUTDOWN_GRACE
+    } else {
+        tracing::info!(%warehouse, "handing over: the stream stops reading; what it handed on gets its outcome and its checkpoint first");
+        Instant::now() + HANDOVER_FOREVER
+    }
 }
 
 /// The shutdown's deadline passed with outcomes still due.

@@ -102,6 +102,9 @@ pub struct Config {
     pub api_keys: crate::api::ApiKeys,
     /// How long a sync cycle may take before it fails (`SYNC_JOB_TIMEOUT_SECS`, default 600).
     pub job_timeout: std::time::Duration,
+    /// This process's id among the `run` processes of the state DB (`WORKER_ID`; default
+    /// `{host}:{API port}`).
+    pub worker_id: Option<String>,
 }
 
 /// The HTTP API's default address.
@@ -168,6 +171,7 @@ impl Config {
             api_listen,
             api_keys,
             job_timeout,
+            worker_id: env("WORKER_ID"),
         })
     }
 }

@@ -18,6 +18,7 @@ pub mod jobs;
 pub mod json;
 pub mod lsn;
 pub mod metrics;
+pub mod ownership;
 pub mod pg;
 pub mod rebase;
 pub mod service;

@@ -65,6 +65,8 @@ pub struct Metrics {
     /// 1 when the warehouse is served (streamed by this process, or by the lease holder
     /// while this one stands by), 0 while it starts, restarts or has stopped.
     pub warehouse_ready: IntGaugeVec,
+    /// 1 while this process owns the warehouse (holds its lease and streams it).
+    pub warehouse_owned: IntGaugeVec,
     /// Times this process stopped a Kafka partition at a change of a warehouse its
     /// configuration does not list, by that warehouse.
     pub consumer_stopped_partitions: IntCounterVec,
@@ -240,6 +242,12 @@ impl Metrics {
                 &r,
                 "inventorysync_warehouse_ready",
                 "1 when the warehouse is served (streamed here or by the lease holder), 0 while it starts, restarts or has stopped.",
+                &["warehouse"],
+            ),
+            warehouse_owned: gauge(
+                &r,
+                "inventorysync_warehouse_owned",
+                "1 while this process owns the warehouse (holds its lease and streams it), 0 while another process does or nobody does yet.",
                 &["warehouse"],
             ),
             consumer_stopped_partitions: counter(

@@ -228,6 +228,17 @@ pub async fn run_service(config_path: &Path, stages: Stages) -> ExitCode {
         Ok(l) => l,
         Err(e) => return fail(format!("API_LISTEN {}: {e}", config.api_listen), 1),
     };
+    let api_address = listener
+        .local_addr()
+        .unwrap_or(config.api_listen);
+    let host = crate::ownership::host_name();
+    let me = crate::store::WorkerIdentity {
+        worker_id: crate::ownership::worker_id(config.worker_id.as_deref(), &host, api_address),
+        session: format!("{:016x}", rand::random::<u64>()),
+        host,
+        pid: std::process::id(),
+        api: api_address.to_string(),
+    };
     let api_cancel = cancel.clone();
     let api = tokio::spawn(async move {
         if let Err(e) = crate::api::serve(listener, api_state, api_cancel.clone()).await {
@@ -285,8 +296,10 @@ pub async fn run_service(config_path: &Path, stages: Stages) -> ExitCode {
                 });
             }
             if run_source {
-                tracing::info!(warehouses = warehouses.len(), bus = "kafka", "running");
-                crate::app::run(warehouses, &statuses, state, bus, cancel.clone()).await;
+                tracing::info!(warehouses = warehouses.len(), bus = "kafka", worker = %me.worker_id, "running");
+                let membership = crate::app::Membership::new(me);
+                crate::app::run(warehouses, &statuses, state, bus, membership, cancel.clone())
+                    .await;
             } else {
                 // The sources run in other processes; this one answers for them as a standby.
                 for s in &statuses {
@@ -326,8 +339,19 @@ pub async fn run_service(config_path: &Path, stages: Stages) -> ExitCode {
                     stage_cancel.clone(),
                 ));
             }
-            tracing::info!(warehouses = warehouses.len(), bus = "embedded", "running");
-            crate::app::run(warehouses, &statuses, state, bus, cancel.clone()).await;
+            tracing::info!(warehouses = warehouses.len(), bus = "embedded", worker = %me.worker_id, "running");
+            // A warehouse this process comes to own may have been delivered by another since
+            // this one last knew its lanes: they are read again from the state DB.
+            let lanes = stage.clone();
+            let membership = crate::app::Membership {
+                me,
+                on_owned: Some(Arc::new(move |id: String| {
+                    let lanes = lanes.clone();
+                    Box::pin(async move { lanes.forget_lanes(Some(&id)).await })
+                })),
+            };
+            crate::app::run(warehouses, &statuses, state, bus, membership, cancel.clone())
+                .await;
             stage_cancel.cancel();
             while consumers.join_next().await.is_some() {}
             stage.stopped().await;

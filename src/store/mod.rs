@@ -8,6 +8,7 @@ mod conflicts;
 mod jobs;
 mod lease;
 mod progress;
+mod workers;
 
 pub use checkpoints::{Checkpoint, Origin};
 pub use conflicts::{ConflictQuery, ConflictRow, NewConflict, NewDeadLetter};
@@ -15,8 +16,9 @@ pub use jobs::{
     ActiveWarehouse, Job, JobQuery, JobWarehouse, LOAD_JOB, RESYNC_TIMEOUT, ResyncProgress,
     new_job_id,
 };
-pub use lease::WarehouseLease;
+pub use lease::{Leases, WarehouseLease};
 pub use progress::LaneMark;
+pub use workers::{WorkerIdentity, WorkerRow};
 
 use std::time::Duration;
 

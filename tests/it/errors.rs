@@ -295,7 +295,18 @@ async fn a_failing_publisher_always_retries_and_never_fails_the_warehouse() {
                 state.clone(),
                 cancel.clone(),
             );
-            async move { inventorysync::app::run(vec![w], &[status], state, FailingBus, cancel).await }
+            let me = inventorysync::store::WorkerIdentity {
+                worker_id: format!("failpub-{round}"),
+                session: format!("{round}"),
+                host: "test".into(),
+                pid: std::process::id(),
+                api: "-".into(),
+            };
+            let membership = inventorysync::app::Membership::new(me);
+            async move {
+                inventorysync::app::run(vec![w], &[status], state, FailingBus, membership, cancel)
+                    .await
+            }
         });
         let mut seen = status.state.subscribe();
         let settled = tokio::time::timeout(Duration::from_secs(20), async {

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use inventorysync::Lsn;
 use inventorysync::config::ConnInfo;
-use inventorysync::store::{StateDb, WarehouseLease};
+use inventorysync::store::{Leases, StateDb};
 
 use crate::harness::pg;
 
@@ -51,34 +51,36 @@ async fn migrations_are_idempotent_and_checkpoints_only_move_forward() {
 async fn one_process_owns_a_warehouse_and_a_standby_takes_over_when_it_goes() {
     let (_db, state) = state_db("lease").await;
     let id = format!("wh-{}", std::process::id());
-    let owner = WarehouseLease::try_acquire(&state, &id)
-        .await
-        .unwrap()
-        .expect("first owner");
+    // Two processes: each holds all of its locks on one lease connection.
+    let first = Leases::open(&state).await.unwrap();
+    let second = Leases::open(&state).await.unwrap();
+    let owner = first.try_acquire(&id).await.unwrap().expect("first owner");
+    assert!(owner.holds());
     assert!(
-        WarehouseLease::try_acquire(&state, &id)
-            .await
-            .unwrap()
-            .is_none(),
-        "taken"
+        second.try_acquire(&id).await.unwrap().is_none(),
+        "taken by the first process"
     );
+    let again = first.try_acquire(&id).await.unwrap().expect("its own lock");
+    drop(again);
     assert!(
-        WarehouseLease::try_acquire(&state, &format!("{id}-other"))
+        second
+            .try_acquire(&format!("{id}-other"))
             .await
             .unwrap()
             .is_some()
     );
-    owner.release().await.unwrap();
-    let mut standby = WarehouseLease::try_acquire(&state, &id)
-        .await
-        .unwrap()
-        .expect("free again");
-    standby.check().await.unwrap();
-    // An owner that dies without releasing: its connection closes and the lock goes with it.
-    drop(standby);
+    owner.release().await;
+    let standby = second.try_acquire(&id).await.unwrap().expect("free again");
+    // A lock is taken once per connection however often it is asked for: one release frees it.
+    standby.release().await;
+    let taken = first.try_acquire(&id).await.unwrap().expect("free after one release");
+    // A process that dies without releasing: its lease connection closes and every lock
+    // goes with it.
+    drop(taken);
+    drop(first);
     let mut taken = None;
     for _ in 0..50 {
-        taken = WarehouseLease::try_acquire(&state, &id).await.unwrap();
+        taken = second.try_acquire(&id).await.unwrap();
         if taken.is_some() {
             break;
         }
@@ -86,8 +88,37 @@ async fn one_process_owns_a_warehouse_and_a_standby_takes_over_when_it_goes() {
     }
     assert!(
         taken.is_some(),
-        "the lock of a dropped connection is released"
+        "the locks of a closed lease connection are released"
     );
+}
+
+#[tokio::test]
+async fn a_dropped_lease_connection_stops_its_leases_and_comes_back() {
+    let (db, state) = state_db("leaselost").await;
+    let leases = Leases::open(&state).await.unwrap();
+    let lease = leases.try_acquire("wh-lost").await.unwrap().expect("owner");
+    // The state DB ends the lease connection (a failover, an operator, a network cut).
+    db.client
+        .execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'inventorysync lease' AND datname = current_database()",
+            &[],
+        )
+        .await
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(10), lease.lost())
+        .await
+        .expect("the lease is lost within a ping");
+    assert!(!lease.holds());
+    // The connection comes back; the warehouse can be owned again (by whoever asks first).
+    let mut again = None;
+    for _ in 0..100 {
+        again = leases.try_acquire("wh-lost").await.unwrap();
+        if again.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(again.expect("owned again").holds());
 }
 
 fn migrate(db_url: Option<&str>) -> (i32, String, String) {
