@@ -20,11 +20,11 @@ use tokio_util::sync::CancellationToken;
 
 use crate::Lsn;
 use crate::bus::{self, Bus, BusError, CommitAck};
+use crate::ownership;
 use crate::pg::ConnInfo;
 use crate::source::SourceError;
 use crate::source::slot::SlotHealth;
 use crate::source::stream::{self, InitialLoad, LoadHook, LoadNeeded, OriginGuard, SourceOptions};
-use crate::ownership;
 use crate::store::{Leases, StateDb, StoreError, WarehouseLease, WorkerIdentity, WorkerRow};
 
 /// Which pgoutput protocol to ask for.
@@ -183,7 +183,8 @@ pub struct Membership {
     /// Called when this process comes to own a warehouse, before its pipeline starts (the
     /// embedded consumer forgets what it knew of the warehouse's lanes: another process may
     /// have moved them on meanwhile).
-    pub on_owned: Option<Arc<dyn Fn(String) -> futures_util::future::BoxFuture<'static, ()> + Send + Sync>>,
+    pub on_owned:
+        Option<Arc<dyn Fn(String) -> futures_util::future::BoxFuture<'static, ()> + Send + Sync>>,
 }
 
 impl Membership {
@@ -373,11 +374,7 @@ pub async fn run<B: Bus + Clone>(
 }
 
 /// Opens the lease connection and writes this process's row.
-async fn register(
-    state: &StateDb,
-    me: &WorkerIdentity,
-    expiry: f64,
-) -> Result<Leases, StoreError> {
+async fn register(state: &StateDb, me: &WorkerIdentity, expiry: f64) -> Result<Leases, StoreError> {
     let leases = Leases::open(state).await?;
     state.register_worker(me, expiry).await?;
     Ok(leases)
@@ -447,7 +444,9 @@ async fn wait_for_handover(state: &StateDb, me: &WorkerIdentity, handed: &[Strin
     }
     let deadline = Instant::now() + ownership::HANDOVER_WAIT;
     while Instant::now() < deadline {
-        let Ok(rows) = state.workers().await else { return };
+        let Ok(rows) = state.workers().await else {
+            return;
+        };
         let others: Vec<&WorkerRow> = rows
             .iter()
             .filter(|r| r.alive && !r.draining && r.worker_id != me.worker_id)
@@ -460,12 +459,18 @@ async fn wait_for_handover(state: &StateDb, me: &WorkerIdentity, handed: &[Strin
             .filter(|id| !others.iter().any(|r| r.owned.contains(id)))
             .collect();
         if waiting.is_empty() {
-            tracing::info!(warehouses = handed.len(), "every warehouse this process owned is owned by another process now");
+            tracing::info!(
+                warehouses = handed.len(),
+                "every warehouse this process owned is owned by another process now"
+            );
             return;
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    tracing::warn!(wait_s = ownership::HANDOVER_WAIT.as_secs(), "stopping before another process owned every warehouse this one handed over; they take them over on their next balance");
+    tracing::warn!(
+        wait_s = ownership::HANDOVER_WAIT.as_secs(),
+        "stopping before another process owned every warehouse this one handed over; they take them over on their next balance"
+    );
 }
 
 /// Runs and restarts one warehouse's pipeline while this process owns it: until `release`
@@ -533,7 +538,9 @@ async fn supervise<B: Bus>(
             // Kept (locked) while failed: a restart of the process, after the cause is fixed,
             // tries it again; another process taking it would fail the same way.
             tracing::error!(warehouse = %w.id, error = %e, "warehouse stopped; fix the cause and restart");
-            status.state.send_replace(StreamState::Failed(e.to_string()));
+            status
+                .state
+                .send_replace(StreamState::Failed(e.to_string()));
             tokio::select! {
                 _ = release.cancelled() => {}
                 _ = lease.lost() => {}
@@ -750,7 +757,11 @@ async fn run_pipeline<B: Bus>(
 /// Stopping or handing over: the pipeline's stream stops reading; returns the deadline for
 /// the outcomes of what it handed on (a handover has none: the next owner must not start
 /// while this one still delivers).
-fn stop_reading(warehouse: &str, source: &CancellationToken, shutdown: &CancellationToken) -> Instant {
+fn stop_reading(
+    warehouse: &str,
+    source: &CancellationToken,
+    shutdown: &CancellationToken,
+) -> Instant {
     source.cancel();
     if shutdown.is_cancelled() {
         tracing::info!(%warehouse, grace_s = SHUTDOWN_GRACE.as_secs(), "stopping: the stream stops reading; what it handed on gets its outcome first");

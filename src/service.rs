@@ -228,9 +228,7 @@ pub async fn run_service(config_path: &Path, stages: Stages) -> ExitCode {
         Ok(l) => l,
         Err(e) => return fail(format!("API_LISTEN {}: {e}", config.api_listen), 1),
     };
-    let api_address = listener
-        .local_addr()
-        .unwrap_or(config.api_listen);
+    let api_address = listener.local_addr().unwrap_or(config.api_listen);
     let host = crate::ownership::host_name();
     let me = crate::store::WorkerIdentity {
         worker_id: crate::ownership::worker_id(config.worker_id.as_deref(), &host, api_address),
@@ -298,8 +296,15 @@ pub async fn run_service(config_path: &Path, stages: Stages) -> ExitCode {
             if run_source {
                 tracing::info!(warehouses = warehouses.len(), bus = "kafka", worker = %me.worker_id, "running");
                 let membership = crate::app::Membership::new(me);
-                crate::app::run(warehouses, &statuses, state, bus, membership, cancel.clone())
-                    .await;
+                crate::app::run(
+                    warehouses,
+                    &statuses,
+                    state,
+                    bus,
+                    membership,
+                    cancel.clone(),
+                )
+                .await;
             } else {
                 // The sources run in other processes; this one answers for them as a standby.
                 for s in &statuses {
@@ -350,8 +355,15 @@ pub async fn run_service(config_path: &Path, stages: Stages) -> ExitCode {
                     Box::pin(async move { lanes.forget_lanes(Some(&id)).await })
                 })),
             };
-            crate::app::run(warehouses, &statuses, state, bus, membership, cancel.clone())
-                .await;
+            crate::app::run(
+                warehouses,
+                &statuses,
+                state,
+                bus,
+                membership,
+                cancel.clone(),
+            )
+            .await;
             stage_cancel.cancel();
             while consumers.join_next().await.is_some() {}
             stage.stopped().await;

@@ -117,7 +117,7 @@ impl IntoResponse for ApiError {
         description = "Sync cycles, forced resyncs, jobs, conflicts, health and metrics of an InventorySync engine."
     ),
     modifiers(&BearerAuth),
-    components(schemas(ErrorBody))
+    components(schemas(ErrorBody, crate::store::WorkerRow))
 )]
 struct ApiDoc;
 
@@ -161,6 +161,7 @@ pub fn router_and_doc(state: Arc<ApiState>) -> (Router, utoipa::openapi::OpenApi
         .routes(routes!(resync))
         .routes(routes!(list_jobs))
         .routes(routes!(list_conflicts))
+        .routes(routes!(list_workers))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_key));
     let (router, doc) = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(health))
@@ -274,9 +275,16 @@ async fn ready(State(state): State<Arc<ApiState>>) -> Response {
         if let Some(r) = &reason {
             problems.push(format!("warehouse {}: {r}", w.id));
         }
+        let owner = w.owner.borrow().clone();
+        let here = matches!(
+            &*w.state.borrow(),
+            crate::app::StreamState::Streaming
+                | crate::app::StreamState::Retrying(_)
+                | crate::app::StreamState::Failed(_)
+        );
         warehouses.insert(
             w.id.clone(),
-            json!({"streaming": streaming, "reason": reason}),
+            json!({"streaming": streaming, "reason": reason, "owner": owner, "ownedHere": here}),
         );
     }
     let status = if problems.is_empty() {
@@ -325,6 +333,29 @@ where
                 ApiError::new(StatusCode::BAD_REQUEST, "bad_request", e.body_text())
             })
     }
+}
+
+/// The `run` processes sharing the state DB: their heartbeats and the warehouses each owns
+/// (from `sync_workers`; a process whose heartbeat expired reads `alive: false` for an hour).
+#[utoipa::path(get, path = "/sync/workers", tag = "sync", security(("bearer" = [])),
+    responses(
+        (status = 200, description = "`{items: [WorkerRow], unowned: [warehouse id]}`: every process by worker id, and the configured warehouses no live process owns", body = Object),
+        (status = 401, description = "No or wrong API key", body = ErrorBody)))]
+async fn list_workers(
+    State(state): State<Arc<ApiState>>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let rows = state.state.workers().await.map_err(ApiError::internal)?;
+    let unowned: Vec<&str> = state
+        .warehouses
+        .iter()
+        .map(|w| w.id.as_str())
+        .filter(|id| {
+            !rows
+                .iter()
+                .any(|r| r.alive && r.owned.iter().any(|o| o == id))
+        })
+        .collect();
+    Ok(Json(json!({"items": rows, "unowned": unowned})))
 }
 
 /// Conflicts, newest first, in pages (`next` is the `before` of the next page).

@@ -249,7 +249,9 @@ async fn hold(
             }
             match lease_connection(&db).await {
                 Ok(c) => break c,
-                Err(e) => tracing::warn!(error = %e, "cannot open the lease connection to the state DB; retrying"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot open the lease connection to the state DB; retrying")
+                }
             }
         };
         backoff = crate::backoff::Backoff::new();

@@ -142,17 +142,18 @@ impl StateDb {
         if updated.rows_affected() == 0 {
             return Ok(None);
         }
-        sqlx::query("DELETE FROM sync_workers WHERE expires_at < now() - make_interval(secs => $1)")
-            .bind(FORGET_AFTER_SECS as f64)
-            .execute(self.pool())
-            .await?;
+        sqlx::query(
+            "DELETE FROM sync_workers WHERE expires_at < now() - make_interval(secs => $1)",
+        )
+        .bind(FORGET_AFTER_SECS as f64)
+        .execute(self.pool())
+        .await?;
         self.workers().await.map(Some)
     }
 
     /// Every process the state DB knows, by worker id.
     pub async fn workers(&self) -> Result<Vec<WorkerRow>, StoreError> {
-        let rows: Vec<Row> = sqlx::query_as(SELECT_ALL).fetch_all(self.pool())
-        .await?;
+        let rows: Vec<Row> = sqlx::query_as(SELECT_ALL).fetch_all(self.pool()).await?;
         Ok(rows.into_iter().map(worker).collect())
     }
 

@@ -12,3 +12,4 @@ mod load;
 mod partitions;
 mod store;
 mod stream;
+mod workers;

@@ -73,7 +73,11 @@ async fn one_process_owns_a_warehouse_and_a_standby_takes_over_when_it_goes() {
     let standby = second.try_acquire(&id).await.unwrap().expect("free again");
     // A lock is taken once per connection however often it is asked for: one release frees it.
     standby.release().await;
-    let taken = first.try_acquire(&id).await.unwrap().expect("free after one release");
+    let taken = first
+        .try_acquire(&id)
+        .await
+        .unwrap()
+        .expect("free after one release");
     // A process that dies without releasing: its lease connection closes and every lock
     // goes with it.
     drop(taken);

@@ -1,0 +1,501 @@
+//! Several `run` processes sharing one state DB: warehouses balanced between them, handed
+//! over without loss when one joins or stops, taken over when one dies.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use inventorysync::central::server::Faults;
+use serde_json::Value;
+
+use crate::consumer::{
+    Central, Run, conflicts, dead_letters, demo_warehouse, expected_state, log_tail, run_command,
+    start, wait_streaming, workload,
+};
+use crate::harness::{TestDb, free_port, pg};
+
+const KEY: &str = "workers-test-key-0123456789";
+
+/// A configuration for every warehouse of `dbs` (ids `{prefix}-{i}`) with the demo mapping.
+fn config_for(dir: &Path, prefix: &str, dbs: &[TestDb]) -> PathBuf {
+    let mut text = include_str!("../../sql/demo_mapping.toml").to_string();
+    for (i, db) in dbs.iter().enumerate() {
+        text.push_str(&format!(
+            "\n[[warehouses]]\nid = '{prefix}-{i}'\nurl = '{}'\nslot = '{}'\n",
+            db.url_as("postgres"),
+            db.slot("run")
+        ));
+    }
+    let cfg = dir.join("inventorysync.toml");
+    std::fs::write(&cfg, text).unwrap();
+    cfg
+}
+
+/// Live (not draining) workers and how many warehouses each owns; panics when two list one
+/// warehouse.
+async fn split(state: &TestDb) -> BTreeMap<String, usize> {
+    let rows = state
+        .client
+        .query(
+            "SELECT worker_id, owned FROM sync_workers WHERE expires_at > now() AND NOT draining",
+            &[],
+        )
+        .await
+        .unwrap_or_default();
+    let mut seen = std::collections::HashSet::new();
+    let mut out = BTreeMap::new();
+    for r in rows {
+        let owned: Vec<String> = r.get(1);
+        for w in &owned {
+            assert!(seen.insert(w.clone()), "{w} is owned twice");
+        }
+        out.insert(r.get::<_, String>(0), owned.len());
+    }
+    out
+}
+
+/// Waits until the live workers own exactly `want` warehouses each (by worker id); returns
+/// how long that took, or panics after `limit` with the split and the logs.
+async fn wait_split(
+    state: &TestDb,
+    want: &[(&str, usize)],
+    limit: Duration,
+    logs: &[PathBuf],
+) -> Duration {
+    let started = Instant::now();
+    let want: BTreeMap<String, usize> = want.iter().map(|(w, n)| (w.to_string(), *n)).collect();
+    let mut got = BTreeMap::new();
+    while started.elapsed() < limit {
+        got = split(state).await;
+        if got == want {
+            return started.elapsed();
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let tails: Vec<String> = logs.iter().map(|l| log_tail(l)).collect();
+    panic!(
+        "after {limit:?} the split is {got:?}, not {want:?}; logs:\n{}",
+        tails.join("\n---\n")
+    );
+}
+
+/// Waits until central holds exactly each warehouse's state.
+async fn converge_all(central: &Central, dbs: &[TestDb], prefix: &str, logs: &[PathBuf]) {
+    for (i, db) in dbs.iter().enumerate() {
+        let id = format!("{prefix}-{i}");
+        let want = expected_state(db).await;
+        let mut got = BTreeMap::new();
+        for _ in 0..600 {
+            got = central.state(&id).await;
+            if got == want {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        if got != want {
+            let tails: Vec<String> = logs.iter().map(|l| log_tail(l)).collect();
+            panic!(
+                "{id}: central holds {} entities, the warehouse {}; logs:\n{}",
+                got.len(),
+                want.len(),
+                tails.join("\n---\n")
+            );
+        }
+    }
+}
+
+/// Central's count of changes it already had (answered `duplicate` or `stale`).
+async fn again(central: &Central) -> u64 {
+    let s = central.stats().await;
+    s["duplicate"].as_u64().unwrap_or(0) + s["stale"].as_u64().unwrap_or(0)
+}
+
+/// State-DB connections of the lease connections (one per process).
+async fn lease_connections(state: &TestDb) -> i64 {
+    state
+        .client
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'inventorysync lease' AND datname = current_database()",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twelve_warehouses_balance_over_the_processes_and_move_without_loss() {
+    const PREFIX: &str = "wh-own";
+    let mut dbs = Vec::new();
+    for i in 0..12 {
+        let db = demo_warehouse(&format!("own{i}")).await;
+        db.exec(
+            "INSERT INTO products (sku, name) SELECT 'SKU-' || g, 'p' || g FROM generate_series(0, 39) g;
+             INSERT INTO locations (location_code, zone) SELECT 'L-' || g, 'z' FROM generate_series(0, 5) g;",
+        )
+        .await;
+        dbs.push(db);
+    }
+    let dbs = Arc::new(dbs);
+    let state = pg().new_db("ownstate").await;
+    let central = Central::start(Faults::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config_for(dir.path(), PREFIX, &dbs);
+    let logs: Vec<PathBuf> = (1..=4)
+        .map(|i| dir.path().join(format!("p{i}.log")))
+        .collect();
+    let ports: Vec<u16> = (0..4).map(|_| free_port()).collect();
+    let spawn = |i: usize| -> Run {
+        let mut c = run_command(&cfg, &state, &central, None);
+        c.env("WORKER_ID", format!("p{i}"))
+            .env("API_LISTEN", format!("127.0.0.1:{}", ports[i - 1]))
+            .env("API_KEYS", KEY);
+        start(c, logs[i - 1].clone())
+    };
+    let p1 = spawn(1);
+    let mut p2 = spawn(2);
+    let mut p3 = spawn(3);
+    wait_split(
+        &state,
+        &[("p1", 4), ("p2", 4), ("p3", 4)],
+        Duration::from_secs(60),
+        &logs,
+    )
+    .await;
+    for i in 0..12 {
+        wait_streaming(&state, &format!("{PREFIX}-{i}"), &logs[0]).await;
+    }
+    assert_eq!(
+        lease_connections(&state).await,
+        3,
+        "one lease connection per process"
+    );
+    // Who owns what, as each process tells it: /sync/workers (Bearer), /ready, /metrics.
+    let http = reqwest::Client::new();
+    let base = format!("http://127.0.0.1:{}", ports[0]);
+    let refused = http
+        .get(format!("{base}/sync/workers"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 401, "/sync/workers needs the key");
+    let workers: Value = http
+        .get(format!("{base}/sync/workers"))
+        .bearer_auth(KEY)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let items = workers["items"].as_array().expect("items");
+    let listed: Vec<(&str, bool, usize)> = items
+        .iter()
+        .map(|w| {
+            (
+                w["worker_id"].as_str().unwrap_or_default(),
+                w["alive"].as_bool().unwrap_or(false),
+                w["owned"].as_array().map_or(0, Vec::len),
+            )
+        })
+        .collect();
+    assert_eq!(
+        listed,
+        [("p1", true, 4), ("p2", true, 4), ("p3", true, 4)],
+        "{workers}"
+    );
+    assert_eq!(workers["unowned"], serde_json::json!([]), "{workers}");
+    let ready: Value = http
+        .get(format!("{base}/ready"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let owners: BTreeMap<String, (String, bool)> = ready["warehouses"]
+        .as_object()
+        .expect("warehouses")
+        .iter()
+        .map(|(id, w)| {
+            (
+                id.clone(),
+                (
+                    w["owner"].as_str().unwrap_or("nobody").to_string(),
+                    w["ownedHere"].as_bool().unwrap_or(false),
+                ),
+            )
+        })
+        .collect();
+    assert_eq!(owners.len(), 12, "{ready}");
+    assert_eq!(
+        owners
+            .values()
+            .filter(|(o, here)| o == "p1" && *here)
+            .count(),
+        4,
+        "{ready}"
+    );
+    assert!(
+        owners
+            .values()
+            .all(|(o, _)| ["p1", "p2", "p3"].contains(&o.as_str())),
+        "{ready}"
+    );
+    let metrics = http
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let owned_here = metrics
+        .lines()
+        .filter(|l| l.starts_with("inventorysync_warehouse_owned{") && l.ends_with(" 1"))
+        .count();
+    assert_eq!(owned_here, 4, "{metrics}");
+
+    // At each warehouse: its owner's replication connection and at most one SQL connection
+    // (the standbys hold none).
+    for db in dbs.iter() {
+        let n: i64 = db
+            .client
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert!(
+            n <= 2,
+            "{}: {n} connections from the run processes",
+            db.name
+        );
+    }
+
+    // A workload on every warehouse from here on.
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut writers = Vec::new();
+    for i in 0..12 {
+        let (dbs, stop) = (dbs.clone(), stop.clone());
+        writers.push(tokio::spawn(async move {
+            let mut seed = 1000 * i as u64;
+            while !stop.load(Ordering::Relaxed) {
+                workload(&dbs[i].client, seed, 3).await;
+                seed += 1;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }));
+    }
+    let pause = |stop: Arc<AtomicBool>, writers: Vec<tokio::task::JoinHandle<()>>| async move {
+        stop.store(true, Ordering::Relaxed);
+        for w in writers {
+            w.await.unwrap();
+        }
+    };
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    // A fourth process joins: 3/3/3/3, handed over gracefully: central gets nothing twice.
+    let before = again(&central).await;
+    let _p4 = spawn(4);
+    let took = wait_split(
+        &state,
+        &[("p1", 3), ("p2", 3), ("p3", 3), ("p4", 3)],
+        Duration::from_secs(30),
+        &logs,
+    )
+    .await;
+    eprintln!("a fourth process had its share after {took:?}");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    pause(stop.clone(), writers).await;
+    converge_all(&central, &dbs, PREFIX, &logs).await;
+    assert_eq!(
+        again(&central).await - before,
+        0,
+        "a graceful handover sends central nothing it has"
+    );
+
+    // kill -9 of one, restarted at once under its worker id: it takes its own share back and
+    // nothing else moves (its row had not expired).
+    p2.child.kill().unwrap();
+    p2.child.wait().unwrap();
+    let mut p2 = spawn(2);
+    let quick = Instant::now();
+    while quick.elapsed() < Duration::from_secs(8) {
+        let s = split(&state).await;
+        assert!(
+            s.iter().all(|(w, n)| w == "p2" || *n <= 3),
+            "a quick restart moves nothing to the others: {s:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    wait_split(
+        &state,
+        &[("p1", 3), ("p2", 3), ("p3", 3), ("p4", 3)],
+        Duration::from_secs(15),
+        &logs,
+    )
+    .await;
+
+    // kill -9 of one: the three others take its share within 15 s.
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut writers = Vec::new();
+    for i in 0..12 {
+        let (dbs, stop) = (dbs.clone(), stop.clone());
+        writers.push(tokio::spawn(async move {
+            let mut seed = 5000 + 1000 * i as u64;
+            while !stop.load(Ordering::Relaxed) {
+                workload(&dbs[i].client, seed, 3).await;
+                seed += 1;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    p2.child.kill().unwrap();
+    p2.child.wait().unwrap();
+    let took = wait_split(
+        &state,
+        &[("p1", 4), ("p3", 4), ("p4", 4)],
+        Duration::from_secs(15),
+        &logs,
+    )
+    .await;
+    eprintln!("the others took a killed process's share after {took:?}");
+
+    // SIGTERM of another: it hands its warehouses over and waits for the others to own them.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    pause(stop.clone(), writers).await;
+    converge_all(&central, &dbs, PREFIX, &logs).await;
+    let before = again(&central).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut writers = Vec::new();
+    for i in 0..12 {
+        let (dbs, stop) = (dbs.clone(), stop.clone());
+        writers.push(tokio::spawn(async move {
+            let mut seed = 9000 + 1000 * i as u64;
+            while !stop.load(Ordering::Relaxed) {
+                workload(&dbs[i].client, seed, 3).await;
+                seed += 1;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let sigterm = Instant::now();
+    assert_eq!(
+        unsafe { libc::kill(p3.child.id() as i32, libc::SIGTERM) },
+        0
+    );
+    let status = p3.child.wait().unwrap();
+    assert!(status.success(), "SIGTERM ends run cleanly: {status:?}");
+    let split_at_exit = split(&state).await;
+    eprintln!(
+        "p3 stopped after {:?}, the split then: {split_at_exit:?}",
+        sigterm.elapsed()
+    );
+    assert_eq!(
+        split_at_exit.values().sum::<usize>(),
+        12,
+        "SIGTERM waits until the others own what it handed over: {split_at_exit:?}\n{}",
+        log_tail(&logs[2])
+    );
+    wait_split(
+        &state,
+        &[("p1", 6), ("p4", 6)],
+        Duration::from_secs(15),
+        &logs,
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    pause(stop, writers).await;
+    converge_all(&central, &dbs, PREFIX, &logs).await;
+    assert_eq!(
+        again(&central).await - before,
+        0,
+        "a SIGTERM handover sends central nothing it has"
+    );
+    assert_eq!(conflicts(&state).await, Vec::<Value>::new());
+    assert_eq!(dead_letters(&state).await, Vec::<Value>::new());
+    drop(p1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handover_waits_for_central_to_answer_what_is_in_flight() {
+    const PREFIX: &str = "wh-wait";
+    let mut dbs = Vec::new();
+    for i in 0..2 {
+        let db = demo_warehouse(&format!("ownwait{i}")).await;
+        db.exec(
+            "INSERT INTO products (sku, name) SELECT 'SKU-' || g, 'p' || g FROM generate_series(0, 39) g;
+             INSERT INTO locations (location_code, zone) SELECT 'L-' || g, 'z' FROM generate_series(0, 5) g;",
+        )
+        .await;
+        dbs.push(db);
+    }
+    let state = pg().new_db("ownwaitstate").await;
+    let central = Central::start(Faults::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config_for(dir.path(), PREFIX, &dbs);
+    let logs: Vec<PathBuf> = (1..=2)
+        .map(|i| dir.path().join(format!("p{i}.log")))
+        .collect();
+    let spawn = |i: usize| -> Run {
+        let mut c = run_command(&cfg, &state, &central, None);
+        c.env("WORKER_ID", format!("p{i}"));
+        start(c, logs[i - 1].clone())
+    };
+    let _p1 = spawn(1);
+    wait_split(&state, &[("p1", 2)], Duration::from_secs(30), &logs).await;
+    for i in 0..2 {
+        wait_streaming(&state, &format!("{PREFIX}-{i}"), &logs[0]).await;
+    }
+    // Central goes down with changes in flight; then a second process joins.
+    central
+        .set_faults(Faults {
+            error_rate: 1.0,
+            error_status: Some(503),
+            ..Faults::default()
+        })
+        .await;
+    for (i, db) in dbs.iter().enumerate() {
+        workload(&db.client, 77 + i as u64, 40).await;
+    }
+    let before = again(&central).await;
+    let _p2 = spawn(2);
+    // The first process may hand one over only once central answered what it handed on: for
+    // as long as central is down, it keeps both.
+    let down = Instant::now();
+    while down.elapsed() < Duration::from_secs(12) {
+        let s = split(&state).await;
+        assert_eq!(
+            s.get("p2").copied().unwrap_or(0),
+            0,
+            "the handover waits for central: {s:?}\n{}",
+            log_tail(&logs[0])
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    central.set_faults(Faults::default()).await;
+    wait_split(
+        &state,
+        &[("p1", 1), ("p2", 1)],
+        Duration::from_secs(30),
+        &logs,
+    )
+    .await;
+    for (i, db) in dbs.iter().enumerate() {
+        workload(&db.client, 99 + i as u64, 20).await;
+    }
+    converge_all(&central, &dbs, PREFIX, &logs).await;
+    assert_eq!(
+        again(&central).await - before,
+        0,
+        "the new owner starts where the old one's outcomes end: nothing is sent twice"
+    );
+    assert_eq!(conflicts(&state).await, Vec::<Value>::new());
+}
