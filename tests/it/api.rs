@@ -971,6 +971,7 @@ async fn the_openapi_document_lists_exactly_the_routes_the_server_answers() {
         ("GET", "/sync/conflicts"),
         ("GET", "/sync/jobs"),
         ("GET", "/sync/status/{job_id}"),
+        ("GET", "/sync/workers"),
         ("POST", "/sync/trigger"),
         ("POST", "/sync/warehouses/{warehouse_id}"),
     ];

@@ -499,3 +499,68 @@ async fn a_handover_waits_for_central_to_answer_what_is_in_flight() {
     );
     assert_eq!(conflicts(&state).await, Vec::<Value>::new());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_lease_connection_stops_every_warehouse_at_once_and_loses_nothing() {
+    const PREFIX: &str = "wh-lease";
+    let mut dbs = Vec::new();
+    for i in 0..2 {
+        let db = demo_warehouse(&format!("ownlease{i}")).await;
+        db.exec(
+            "INSERT INTO products (sku, name) SELECT 'SKU-' || g, 'p' || g FROM generate_series(0, 39) g;
+             INSERT INTO locations (location_code, zone) SELECT 'L-' || g, 'z' FROM generate_series(0, 5) g;",
+        )
+        .await;
+        dbs.push(db);
+    }
+    let state = pg().new_db("ownleasestate").await;
+    let central = Central::start(Faults::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config_for(dir.path(), PREFIX, &dbs);
+    let logs = vec![dir.path().join("p1.log")];
+    let mut c = run_command(&cfg, &state, &central, None);
+    c.env("WORKER_ID", "p1");
+    let _p1 = start(c, logs[0].clone());
+    wait_split(&state, &[("p1", 2)], Duration::from_secs(30), &logs).await;
+    for i in 0..2 {
+        wait_streaming(&state, &format!("{PREFIX}-{i}"), &logs[0]).await;
+    }
+    for (i, db) in dbs.iter().enumerate() {
+        workload(&db.client, 31 + i as u64, 20).await;
+    }
+    // The state DB ends the lease connection (a failover, an operator, a cut).
+    state
+        .client
+        .execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'inventorysync lease' AND datname = current_database()",
+            &[],
+        )
+        .await
+        .unwrap();
+    for (i, db) in dbs.iter().enumerate() {
+        workload(&db.client, 41 + i as u64, 20).await;
+    }
+    let text = || std::fs::read_to_string(&logs[0]).unwrap_or_default();
+    for _ in 0..100 {
+        if text().matches("lease lost: the warehouse stopped at once").count() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        text().contains("every warehouse this process owned stops now"),
+        "{}",
+        log_tail(&logs[0])
+    );
+    assert_eq!(
+        text().matches("lease lost: the warehouse stopped at once").count(),
+        2,
+        "both warehouses stopped: {}",
+        log_tail(&logs[0])
+    );
+    // Back on a new lease connection, it owns both again and central misses nothing.
+    wait_split(&state, &[("p1", 2)], Duration::from_secs(30), &logs).await;
+    assert_eq!(lease_connections(&state).await, 1);
+    converge_all(&central, &dbs, PREFIX, &logs).await;
+    assert_eq!(conflicts(&state).await, Vec::<Value>::new());
+}
