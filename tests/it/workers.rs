@@ -207,14 +207,25 @@ async fn twelve_warehouses_balance_over_the_processes_and_move_without_loss() {
         "{workers}"
     );
     assert_eq!(workers["unowned"], serde_json::json!([]), "{workers}");
-    let ready: Value = http
-        .get(format!("{base}/ready"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    // Each process learns the others' warehouses from their rows at its next heartbeat.
+    let mut ready = Value::Null;
+    for _ in 0..50 {
+        ready = http
+            .get(format!("{base}/ready"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let known = ready["warehouses"]
+            .as_object()
+            .is_some_and(|w| w.values().all(|w| w["owner"].is_string()));
+        if known {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let owners: BTreeMap<String, (String, bool)> = ready["warehouses"]
         .as_object()
         .expect("warehouses")
@@ -542,7 +553,11 @@ async fn a_dropped_lease_connection_stops_every_warehouse_at_once_and_loses_noth
     }
     let text = || std::fs::read_to_string(&logs[0]).unwrap_or_default();
     for _ in 0..100 {
-        if text().matches("lease lost: the warehouse stopped at once").count() == 2 {
+        if text()
+            .matches("lease lost: the warehouse stopped at once")
+            .count()
+            == 2
+        {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -553,14 +568,24 @@ async fn a_dropped_lease_connection_stops_every_warehouse_at_once_and_loses_noth
         log_tail(&logs[0])
     );
     assert_eq!(
-        text().matches("lease lost: the warehouse stopped at once").count(),
+        text()
+            .matches("lease lost: the warehouse stopped at once")
+            .count(),
         2,
         "both warehouses stopped: {}",
         log_tail(&logs[0])
     );
     // Back on a new lease connection, it owns both again and central misses nothing.
+    let mut leases = 0;
+    for _ in 0..100 {
+        leases = lease_connections(&state).await;
+        if leases == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(leases, 1, "a new lease connection: {}", log_tail(&logs[0]));
     wait_split(&state, &[("p1", 2)], Duration::from_secs(30), &logs).await;
-    assert_eq!(lease_connections(&state).await, 1);
     converge_all(&central, &dbs, PREFIX, &logs).await;
     assert_eq!(conflicts(&state).await, Vec::<Value>::new());
 }
