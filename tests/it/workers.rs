@@ -33,6 +33,22 @@ fn config_for(dir: &Path, prefix: &str, dbs: &[TestDb]) -> PathBuf {
     cfg
 }
 
+/// `n` demo warehouses (databases `{prefix}{i}`) with 40 products and 6 locations each, for
+/// the workload.
+async fn seeded_warehouses(prefix: &str, n: usize) -> Vec<TestDb> {
+    let mut dbs = Vec::new();
+    for i in 0..n {
+        let db = demo_warehouse(&format!("{prefix}{i}")).await;
+        db.exec(
+            "INSERT INTO products (sku, name) SELECT 'SKU-' || g, 'p' || g FROM generate_series(0, 39) g;
+             INSERT INTO locations (location_code, zone) SELECT 'L-' || g, 'z' FROM generate_series(0, 5) g;",
+        )
+        .await;
+        dbs.push(db);
+    }
+    dbs
+}
+
 /// Live (not draining) workers and how many warehouses each owns; panics when two list one
 /// warehouse.
 async fn split(state: &TestDb) -> BTreeMap<String, usize> {
@@ -128,16 +144,7 @@ async fn lease_connections(state: &TestDb) -> i64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn twelve_warehouses_balance_over_the_processes_and_move_without_loss() {
     const PREFIX: &str = "wh-own";
-    let mut dbs = Vec::new();
-    for i in 0..12 {
-        let db = demo_warehouse(&format!("own{i}")).await;
-        db.exec(
-            "INSERT INTO products (sku, name) SELECT 'SKU-' || g, 'p' || g FROM generate_series(0, 39) g;
-             INSERT INTO locations (location_code, zone) SELECT 'L-' || g, 'z' FROM generate_series(0, 5) g;",
-        )
-        .await;
-        dbs.push(db);
-    }
+    let dbs = seeded_warehouses("own", 12).await;
     let dbs = Arc::new(dbs);
     let state = pg().new_db("ownstate").await;
     let central = Central::start(Faults::default()).await;
@@ -442,16 +449,7 @@ async fn twelve_warehouses_balance_over_the_processes_and_move_without_loss() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_handover_waits_for_central_to_answer_what_is_in_flight() {
     const PREFIX: &str = "wh-wait";
-    let mut dbs = Vec::new();
-    for i in 0..2 {
-        let db = demo_warehouse(&format!("ownwait{i}")).await;
-        db.exec(
-            "INSERT INTO products (sku, name) SELECT 'SKU-' || g, 'p' || g FROM generate_series(0, 39) g;
-             INSERT INTO locations (location_code, zone) SELECT 'L-' || g, 'z' FROM generate_series(0, 5) g;",
-        )
-        .await;
-        dbs.push(db);
-    }
+    let dbs = seeded_warehouses("ownwait", 2).await;
     let state = pg().new_db("ownwaitstate").await;
     let central = Central::start(Faults::default()).await;
     let dir = tempfile::tempdir().unwrap();
@@ -518,16 +516,7 @@ async fn a_handover_waits_for_central_to_answer_what_is_in_flight() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dropped_lease_connection_stops_every_warehouse_at_once_and_loses_nothing() {
     const PREFIX: &str = "wh-lease";
-    let mut dbs = Vec::new();
-    for i in 0..2 {
-        let db = demo_warehouse(&format!("ownlease{i}")).await;
-        db.exec(
-            "INSERT INTO products (sku, name) SELECT 'SKU-' || g, 'p' || g FROM generate_series(0, 39) g;
-             INSERT INTO locations (location_code, zone) SELECT 'L-' || g, 'z' FROM generate_series(0, 5) g;",
-        )
-        .await;
-        dbs.push(db);
-    }
+    let dbs = seeded_warehouses("ownlease", 2).await;
     let state = pg().new_db("ownleasestate").await;
     let central = Central::start(Faults::default()).await;
     let dir = tempfile::tempdir().unwrap();
