@@ -15,6 +15,7 @@
 //! `flush_lsn` is only ever what the consumer says is durable: a crash replays, never loses.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
@@ -36,6 +37,10 @@ use crate::store::Origin;
 
 /// Events per batch handed downstream at most.
 const MAX_BATCH_ITEMS: usize = 1024;
+/// How long a stop waits for the stream to read to the commit of the transaction it is
+/// inside: handed on in part, the next owner would send that part again.
+const STOP_AT_COMMIT_LIMIT: Duration = Duration::from_secs(60);
+
 /// How often an idle stream confirms the position a keepalive reports.
 const IDLE_CONFIRM_EVERY: Duration = Duration::from_secs(1);
 /// How far a keepalive's position may run ahead before it is confirmed at once.
@@ -180,11 +185,17 @@ pub async fn run(
     cancel: CancellationToken,
 ) -> Result<(), SourceError> {
     let mut backoff = crate::backoff::Backoff::new();
+    // Set while the session is inside a transaction (between its Begin and its Commit): a
+    // stop then lets the session read on to the commit on its own, for a while.
+    let open_tx = Arc::new(AtomicBool::new(false));
     loop {
         let started = Instant::now();
         let result = tokio::select! {
-            r = run_once(opts, &out, &mut durable, &cancel) => r,
-            _ = cancel.cancelled() => Ok(()),
+            r = run_once(opts, &out, &mut durable, &cancel, &open_tx) => r,
+            _ = stopped(&cancel, &open_tx) => {
+                tracing::warn!(warehouse = %opts.warehouse_id, limit_s = STOP_AT_COMMIT_LIMIT.as_secs(), "stopping inside a transaction: its commit did not come in time; the next start sends what of it was handed on again");
+                Ok(())
+            }
         };
         match result {
             Ok(()) => return Ok(()),
@@ -207,11 +218,22 @@ pub async fn run(
     }
 }
 
+/// Completes once `cancel` fired and the session cannot stop on its own: at once when it is
+/// not inside a transaction (it was still connecting, or stops at the next frame anyway),
+/// after [`STOP_AT_COMMIT_LIMIT`] when it is reading on to a commit.
+async fn stopped(cancel: &CancellationToken, open_tx: &AtomicBool) {
+    cancel.cancelled().await;
+    if open_tx.load(Ordering::SeqCst) {
+        tokio::time::sleep(STOP_AT_COMMIT_LIMIT).await;
+    }
+}
+
 async fn run_once(
     opts: &SourceOptions,
     out: &mpsc::Sender<Vec<StreamItem>>,
     durable: &mut watch::Receiver<Lsn>,
     cancel: &CancellationToken,
+    open_tx: &Arc<AtomicBool>,
 ) -> Result<(), SourceError> {
     let mut conn = ReplicationConnection::connect(&opts.conn).await?;
     let (system_id, timeline, xlogpos) = conn.identify_system().await?;
@@ -351,6 +373,10 @@ async fn run_once(
         sql,
         pending: Vec::with_capacity(MAX_BATCH_ITEMS),
         in_transaction: false,
+        open_tx: {
+            open_tx.store(false, Ordering::SeqCst);
+            open_tx.clone()
+        },
         last_commit_end: start,
         last_idle_confirm: Instant::now(),
         endpos: opts.endpos,
@@ -548,6 +574,8 @@ struct Session {
     sql: tokio_postgres::Client,
     pending: Vec<StreamItem>,
     in_transaction: bool,
+    /// Mirrors `in_transaction` for [`run`], which decides how long a stop may wait.
+    open_tx: Arc<AtomicBool>,
     last_commit_end: Lsn,
     /// When a keepalive's position was last confirmed as an empty commit.
     last_idle_confirm: Instant,
@@ -655,13 +683,22 @@ async fn tick_opt(interval: &mut Option<Interval>) {
 
 impl Session {
     async fn run(&mut self, cancel: &CancellationToken) -> Result<(), SourceError> {
+        // Stopping inside a transaction: part of it may be downstream already (a large
+        // transaction is handed on in batches, and Kafka takes each event as it comes), and
+        // the next start resumes at the last commit, so the stream reads on to the commit.
+        let mut stopping = false;
         loop {
+            if (stopping || cancel.is_cancelled()) && !self.in_transaction {
+                self.deliver().await?;
+                let _ = self.feedback.send_status(false).await;
+                return Ok(());
+            }
             let frame = tokio::select! {
                 biased;
-                _ = cancel.cancelled() => {
-                    self.deliver().await?;
-                    let _ = self.feedback.send_status(false).await;
-                    return Ok(());
+                _ = cancel.cancelled(), if !stopping => {
+                    stopping = true;
+                    tracing::info!(slot = %self.slot, "stopping: reading on to the commit of the open transaction");
+                    continue;
                 }
                 r = self.feedback.durable.changed() => {
                     if r.is_err() {
@@ -689,7 +726,7 @@ impl Session {
                     sql_within(self.silence, "writing a heartbeat", heartbeat(&self.sql)).await?;
                     continue;
                 }
-                req = next_chunk(&mut self.chunks), if self.chunk.is_none() => {
+                req = next_chunk(&mut self.chunks), if self.chunk.is_none() && !stopping => {
                     let silence = self.silence;
                     sql_within(silence, "starting a resync chunk", self.begin_chunk(req)).await?;
                     continue;
@@ -850,10 +887,12 @@ impl Session {
             }
             LogicalMessage::Begin(b) => {
                 self.in_transaction = true;
+                self.open_tx.store(true, Ordering::SeqCst);
                 self.current_tx = Some((b.final_lsn, b.xid));
             }
             LogicalMessage::Commit(c) => {
                 self.in_transaction = false;
+                self.open_tx.store(false, Ordering::SeqCst);
                 self.last_commit_end = c.end_lsn;
                 if let Some((_, xid)) = self.current_tx {
                     self.recent_commits.add(xid);

@@ -489,18 +489,21 @@ async fn a_restored_warehouse_is_refused_until_rebased_and_then_reloaded_whole()
     let run = start(run_command(&cfg, &state, &central, None), log.clone());
     assert_converges(&central, &db, "wh-restored", &log).await;
     drop(run);
-    // The "restore": the slot is gone, the WAL ends 64 MB below the checkpoint, and central
+    // The "restore": the slot is gone, the WAL ends 1 GB below the checkpoint, and central
     // holds SKU-1 at a version of the lost history.
     // (The killed run's walsender may still hold the slot for a moment.)
     db.drop_slot_when_free(&db.slot("run")).await;
     let now = db.current_lsn().await;
-    let ahead = inventorysync::Lsn(now.0 + (64 << 20));
+    // Far enough ahead that the tests running beside this one (one PostgreSQL cluster) do
+    // not write as much WAL meanwhile (64 MB was once passed during the 10 s the killed
+    // run's worker row takes to expire).
+    let ahead = inventorysync::Lsn(now.0 + (1 << 30));
     state
         .exec(&format!(
             "UPDATE replication_checkpoints SET flush_lsn = '{ahead}' WHERE warehouse_id = 'wh-restored'"
         ))
         .await;
-    let lost = inventorysync::event::format_version(inventorysync::Lsn(now.0 + (60 << 20)), 0);
+    let lost = inventorysync::event::format_version(inventorysync::Lsn(ahead.0 - (4 << 20)), 0);
     let r = reqwest::Client::new()
         .post(format!("{}/wh-restored/changes", central.endpoint()))
         .json(&serde_json::json!({

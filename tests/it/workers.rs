@@ -122,10 +122,28 @@ async fn converge_all(central: &Central, dbs: &[TestDb], prefix: &str, logs: &[P
     }
 }
 
-/// Central's count of changes it already had (answered `duplicate` or `stale`).
+/// Central's count of changes it already had (answered `duplicate` or `stale`) that came in
+/// a new request: replays. A second try of a request central applied (the same
+/// `Idempotency-Key`: the client hedged a slow answer, or lost one) is not one; a loaded
+/// machine makes those (one clean-clone CI run saw a request of 10 changes hedged during a
+/// join).
 async fn again(central: &Central) -> u64 {
     let s = central.stats().await;
-    s["duplicate"].as_u64().unwrap_or(0) + s["stale"].as_u64().unwrap_or(0)
+    let n = |k: &str| s[k].as_u64().unwrap_or(0);
+    (n("duplicate") + n("stale")).saturating_sub(n("second_tries"))
+}
+
+/// The warnings, errors and ownership moves a process logged.
+fn notable_lines(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    text.lines()
+        .filter(|l| {
+            ["WARN", "ERROR", "lease", "handing over", "owning"]
+                .iter()
+                .any(|w| l.contains(w))
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// State-DB connections of the lease connections (one per process).
@@ -331,14 +349,16 @@ async fn twelve_warehouses_balance_over_the_processes_and_move_without_loss() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     pause(stop.clone(), writers).await;
     converge_all(&central, &dbs, PREFIX, &logs).await;
-    // Should be 0 (a graceful handover resumes at the last outcome): one clean-clone CI run
-    // saw 10 sent again here, not yet explained (issue 17's note). Duplicates change nothing
-    // at central (converge_all above is exact); the bound keeps a regression visible.
+    // A graceful handover resumes at the last outcome: nothing is replayed.
     let sent_again = again(&central).await - before;
-    eprintln!("the join sent central {sent_again} changes it had");
-    assert!(
-        sent_again <= 50,
-        "a graceful handover sends central next to nothing it has: {sent_again}"
+    if sent_again > 0 {
+        for l in &logs {
+            eprintln!("--- {}:\n{}", l.display(), notable_lines(l));
+        }
+    }
+    assert_eq!(
+        sent_again, 0,
+        "a graceful handover sends central nothing it has (second tries aside)"
     );
 
     // kill -9 of one, restarted at once under its worker id: it takes its own share back and
@@ -580,5 +600,74 @@ async fn a_dropped_lease_connection_stops_every_warehouse_at_once_and_loses_noth
     assert_eq!(leases, 1, "a new lease connection: {}", log_tail(&logs[0]));
     wait_split(&state, &[("p1", 2)], Duration::from_secs(30), &logs).await;
     converge_all(&central, &dbs, PREFIX, &logs).await;
+    assert_eq!(conflicts(&state).await, Vec::<Value>::new());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_join_hands_over_a_warehouse_at_a_commit_boundary_not_inside_a_transaction() {
+    const PREFIX: &str = "wh-big";
+    const ROWS: i64 = 100_000;
+    let dbs = seeded_warehouses("ownbig", 2).await;
+    let state = pg().new_db("ownbigstate").await;
+    let central = Central::start(Faults::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config_for(dir.path(), PREFIX, &dbs);
+    let logs: Vec<PathBuf> = (1..=2)
+        .map(|i| dir.path().join(format!("p{i}.log")))
+        .collect();
+    let spawn = |i: usize| -> Run {
+        let mut c = run_command(&cfg, &state, &central, None);
+        c.env("WORKER_ID", format!("p{i}"));
+        start(c, logs[i - 1].clone())
+    };
+    let _p1 = spawn(1);
+    wait_split(&state, &[("p1", 2)], Duration::from_secs(30), &logs).await;
+    for i in 0..2 {
+        wait_streaming(&state, &format!("{PREFIX}-{i}"), &logs[0]).await;
+    }
+    // A slow central, and one large transaction per warehouse: the stream is still inside
+    // it (held back by the full bus) when a second process joins and one warehouse moves.
+    // Handing it over there would leave part of the transaction delivered and the rest to
+    // the next owner, which resumes at the last commit: the old owner reads on to the commit
+    // first.
+    central
+        .set_faults(Faults {
+            latency_ms: 600,
+            ..Faults::default()
+        })
+        .await;
+    for db in dbs.iter() {
+        db.exec(&format!(
+            "INSERT INTO products (sku, name, unit_price) SELECT 'BIG-' || g, 'big ' || g, g % 500 FROM generate_series(1, {ROWS}) g"
+        ))
+        .await;
+    }
+    let before = again(&central).await;
+    let _p2 = spawn(2);
+    wait_split(
+        &state,
+        &[("p1", 1), ("p2", 1)],
+        Duration::from_secs(120),
+        &logs,
+    )
+    .await;
+    let moved = central.stats().await;
+    eprintln!(
+        "moved with {} of {} changes applied",
+        moved["applied"],
+        2 * ROWS
+    );
+    central.set_faults(Faults::default()).await;
+    for (i, db) in dbs.iter().enumerate() {
+        workload(&db.client, 7 + i as u64, 10).await;
+    }
+    converge_all(&central, &dbs, PREFIX, &logs).await;
+    let sent_again = again(&central).await - before;
+    assert_eq!(
+        sent_again,
+        0,
+        "the old owner reads its open transaction to the commit before it hands over; the new one starts after it\n{}",
+        log_tail(&logs[0])
+    );
     assert_eq!(conflicts(&state).await, Vec::<Value>::new());
 }

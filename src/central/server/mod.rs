@@ -167,6 +167,10 @@ struct Stats {
     rejected: AtomicU64,
     /// Changes that repeat a key of their request at a version not above the earlier one's.
     reordered: AtomicU64,
+    /// Changes answered `duplicate` or `stale` in a second try of a request already applied
+    /// (same `Idempotency-Key`): what a hedge or a lost answer sends again, as opposed to a
+    /// replay of changes in a new request.
+    second_tries: AtomicU64,
 }
 
 /// Commit-to-applied latencies of applied changes, in microseconds (bounded).
@@ -197,6 +201,9 @@ struct ServerState {
     faults: std::sync::Mutex<Faults>,
     /// `Idempotency-Key`s seen (for `slow_first_try`; forgotten by the 100,000).
     tried: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// `Idempotency-Key`s of requests applied (forgotten by the 100,000): a request that
+    /// comes again is a second try (a hedge, or a retry after a lost answer), not a replay.
+    applied_keys: std::sync::Mutex<std::collections::HashSet<String>>,
     stats: Stats,
 }
 
@@ -219,6 +226,7 @@ impl CentralServer {
             token: self.token,
             faults: std::sync::Mutex::new(self.faults),
             tried: Default::default(),
+            applied_keys: Default::default(),
             stats: Stats::default(),
         });
         Router::new()
@@ -440,6 +448,19 @@ async fn post_changes(
                 .flatten()
         })
         .collect();
+    let second_try = {
+        let key = headers
+            .get("idempotency-key")
+            .and_then(|v| v.to_str().ok())
+            .filter(|k| !k.is_empty());
+        key.is_some_and(|key| {
+            let mut seen = state.applied_keys.lock().unwrap_or_else(|p| p.into_inner());
+            if seen.len() >= 100_000 {
+                seen.clear();
+            }
+            !seen.insert(key.to_string())
+        })
+    };
     let results = match state.store.apply(&id, batch.changes, &faults).await {
         Ok((r, reordered)) => {
             if reordered > 0 {
@@ -481,6 +502,9 @@ async fn post_changes(
             ResultStatus::Rejected => &state.stats.rejected,
         };
         counter.fetch_add(1, Ordering::Relaxed);
+        if second_try && matches!(r.status, ResultStatus::Duplicate | ResultStatus::Stale) {
+            state.stats.second_tries.fetch_add(1, Ordering::Relaxed);
+        }
     }
     if faults.answer_delay_ms > 0 {
         tokio::time::sleep(Duration::from_millis(faults.answer_delay_ms)).await;
@@ -551,6 +575,7 @@ async fn get_stats(
         "stale": n(&s.stale),
         "rejected": n(&s.rejected),
         "reordered": n(&s.reordered),
+        "second_tries": n(&s.second_tries),
         "latency": latency,
     }))
 }
