@@ -51,6 +51,9 @@ pub struct WarehouseConfig {
     pub streaming: Streaming,
     /// How often `run` writes a heartbeat message into the warehouse's WAL (none: never).
     pub heartbeat_interval: Option<std::time::Duration>,
+    /// Whether the slot is a failover slot (PostgreSQL 17+), kept on standbys that
+    /// synchronize slots, so that a promoted standby has it.
+    pub failover: bool,
 }
 
 /// How often a standby asks for a warehouse it does not own.
@@ -618,6 +621,7 @@ async fn run_pipeline<B: Bus>(
     opts.initial_load = InitialLoad::Incremental(load_hook(state.clone(), w.id.clone()));
     opts.streaming = w.streaming == Streaming::On;
     opts.heartbeat_interval = w.heartbeat_interval;
+    opts.failover = w.failover;
     opts.health = Some(status.slot_health.clone());
     opts.chunks = Some(status.chunk_inbox.clone());
     opts.origin = Some(OriginGuard {

@@ -456,6 +456,115 @@ async fn check_warehouse(
         }
         Err(e) => r.fail(&t, "slot", e.to_string(), "grant access to pg_replication_slots"),
     }
+    if w.failover {
+        check_failover(r, &t, &sql, w).await;
+    }
+}
+
+/// `failover = true`: the server has failover slots (17+), the slot is one, and a standby
+/// synchronizes it (its slot sync worker is connected, and the primary waits for the
+/// standbys named in `synchronized_standby_slots`).
+async fn check_failover(
+    r: &mut Report,
+    t: &str,
+    sql: &tokio_postgres::Client,
+    w: &WarehouseConfig,
+) {
+    let version = match sql
+        .query_one("SELECT current_setting('server_version_num')::int", &[])
+        .await
+    {
+        Ok(row) => row.get::<_, i32>(0) as u32,
+        Err(e) => {
+            return r.fail(
+                t,
+                "failover",
+                e.to_string(),
+                "grant access to the server's settings",
+            );
+        }
+    };
+    if version < crate::source::slot::FAILOVER_SINCE {
+        return r.fail(
+            t,
+            "failover",
+            format!(
+                "failover = true needs PostgreSQL 17 or later; this server is PostgreSQL {}",
+                crate::source::slot::version_text(version)
+            ),
+            "remove failover from this warehouse, or upgrade the server",
+        );
+    }
+    let flag = sql
+        .query_opt("SELECT (to_jsonb(s) ->> 'failover')::bool FROM pg_replication_slots s WHERE slot_name = $1", &[&w.slot])
+        .await;
+    match flag {
+        Ok(None) => r.add(
+            t,
+            "failover",
+            Status::Ok,
+            format!("{} is created as a failover slot by the first run", w.slot),
+        ),
+        Ok(Some(row)) if row.get::<_, Option<bool>>(0) == Some(true) => r.add(
+            t,
+            "failover",
+            Status::Ok,
+            format!("{} is a failover slot", w.slot),
+        ),
+        Ok(Some(_)) => r.warn(
+            t,
+            "failover",
+            format!("{} is not a failover slot yet", w.slot),
+            "the next run makes it one (ALTER_REPLICATION_SLOT … (FAILOVER true))",
+        ),
+        Err(e) => {
+            return r.fail(
+                t,
+                "failover",
+                e.to_string(),
+                "grant access to pg_replication_slots",
+            );
+        }
+    }
+    // A standby's slot sync worker: a plain connection named `… slotsync worker`, or after the
+    // application_name of its primary_conninfo, which its physical stream (a walsender that
+    // holds no logical slot) shares.
+    let standby = sql
+        .query_one(
+            "SELECT (SELECT count(*) FROM pg_stat_activity a
+                      WHERE a.backend_type = 'client backend'
+                        AND (a.application_name LIKE '%slotsync worker'
+                             OR a.application_name IN (
+                                  SELECT r.application_name FROM pg_stat_replication r
+                                   WHERE NOT EXISTS (SELECT 1 FROM pg_replication_slots s
+                                                      WHERE s.active_pid = r.pid AND s.slot_type = 'logical'))))::int,
+                    current_setting('synchronized_standby_slots')",
+            &[],
+        )
+        .await;
+    match standby {
+        Ok(row) => {
+            let (workers, slots): (i32, String) = (row.get(0), row.get(1));
+            if workers == 0 {
+                r.warn(t, "failover standby", "no standby is synchronizing slots from this server", "on the standby: sync_replication_slots = on, hot_standby_feedback = on, primary_slot_name, and dbname in primary_conninfo");
+            } else if slots.trim().is_empty() {
+                r.warn(t, "failover standby", format!("{workers} standby(s) synchronize slots, but synchronized_standby_slots is empty: this slot may confirm changes a standby has not received, and a failover to it would then skip them"), "on this server: synchronized_standby_slots = '<the standby\'s physical slot>'");
+            } else {
+                r.add(
+                    t,
+                    "failover standby",
+                    Status::Ok,
+                    format!("{workers} standby(s) synchronize slots; the slot waits for {slots}"),
+                );
+            }
+        }
+        Err(e) => r.fail(
+            t,
+            "failover standby",
+            e.to_string(),
+            "grant access to pg_stat_activity (pg_read_all_stats)",
+        ),
+    }
 }
 
 /// Warns for a mapped table whose mapped columns can be TOASTed while its replica identity

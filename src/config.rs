@@ -76,6 +76,9 @@ struct FileWarehouse {
     streaming: bool,
     /// Seconds between heartbeats; 0 turns them off.
     heartbeat_secs: Option<u64>,
+    /// A failover slot (PostgreSQL 17+).
+    #[serde(default)]
+    failover: bool,
 }
 
 /// A sync cycle fails unless done within this long (`SYNC_JOB_TIMEOUT_SECS`).
@@ -236,6 +239,7 @@ fn parse_file(
                 0 => None,
                 secs => Some(std::time::Duration::from_secs(secs)),
             },
+            failover: w.failover,
         });
     }
     Ok((out, consumer))
@@ -250,6 +254,68 @@ pub fn validate_name(key: &str, v: &str) -> Result<(), ConfigError> {
 mod tests {
     use super::*;
     use secrecy::ExposeSecret;
+
+    #[test]
+    fn several_hosts_are_tried_in_order_as_libpq_takes_them() {
+        let c = ConnInfo::parse(
+            "url",
+            "postgres://inv:pw@db1:5433,db2:5434,[::1]/wh?target_session_attrs=read-write",
+        )
+        .unwrap();
+        assert_eq!((c.host.as_str(), c.port), ("db1", 5433));
+        assert_eq!(
+            c.more_hosts,
+            [("db2".to_string(), 5434), ("::1".to_string(), 5432)]
+        );
+        assert_eq!(c.dbname, "wh");
+        assert_eq!(c.target_session_attrs, crate::pg::SessionAttrs::ReadWrite);
+        assert_eq!(
+            c.redacted(),
+            "postgres://inv:***@db1:5433,db2:5434,::1:5432/wh?target_session_attrs=read-write"
+        );
+        let each: Vec<(String, u16)> = c
+            .candidates()
+            .into_iter()
+            .map(|one| {
+                assert!(one.more_hosts.is_empty());
+                (one.host, one.port)
+            })
+            .collect();
+        assert_eq!(each.len(), 3);
+        assert_eq!(each[1], ("db2".to_string(), 5434));
+        // The key/value spelling in the query: one port for all, or one per host.
+        let q = ConnInfo::parse("url", "postgres:///wh?host=a,b&port=6000,6001").unwrap();
+        assert_eq!((q.host.as_str(), q.port), ("a", 6000));
+        assert_eq!(q.more_hosts, [("b".to_string(), 6001)]);
+        let one_port = ConnInfo::parse("url", "postgres:///wh?host=a,b&port=6000").unwrap();
+        assert_eq!(one_port.more_hosts, [("b".to_string(), 6000)]);
+        for (url, says) in [
+            (
+                "postgres:///wh?host=a,b&port=1,2,3",
+                "3 ports for 2 hosts; give one port, or one per host",
+            ),
+            (
+                "postgres://u@db1:5432,db2:x/wh",
+                "host \"db2:x\": port \"x\" is not a TCP port",
+            ),
+            (
+                "postgres://u@db1,,db2/wh",
+                "an empty host name in the host list",
+            ),
+            (
+                "postgres://u@db1,db2/wh?target_session_attrs=prefer-standby",
+                "target_session_attrs \"prefer-standby\" is not supported; expected any, read-write, primary or standby",
+            ),
+        ] {
+            let e = ConnInfo::parse("warehouses[0].url", url)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("warehouses[0].url") && e.contains(says),
+                "{url}: {e}"
+            );
+        }
+    }
 
     #[test]
     fn parses_urls_and_hides_the_password() {

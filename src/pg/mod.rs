@@ -43,6 +43,61 @@ impl std::str::FromStr for SslMode {
     }
 }
 
+/// Which of several servers a connection takes (`target_session_attrs`, as libpq names it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SessionAttrs {
+    /// The first server that accepts the connection.
+    #[default]
+    Any,
+    /// A server that accepts writes (`transaction_read_only` off): after a failover, the
+    /// promoted standby.
+    ReadWrite,
+    /// A server not in recovery.
+    Primary,
+    /// A server in recovery (a hot standby).
+    Standby,
+}
+
+impl SessionAttrs {
+    /// The libpq name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SessionAttrs::Any => "any",
+            SessionAttrs::ReadWrite => "read-write",
+            SessionAttrs::Primary => "primary",
+            SessionAttrs::Standby => "standby",
+        }
+    }
+
+    /// The query that tells, on a server, whether it fits (`true` when it does); none for
+    /// any.
+    pub fn probe(self) -> Option<&'static str> {
+        match self {
+            SessionAttrs::Any => None,
+            SessionAttrs::ReadWrite => {
+                Some("SELECT (current_setting('transaction_read_only') = 'off')::text")
+            }
+            SessionAttrs::Primary => Some("SELECT (NOT pg_is_in_recovery())::text"),
+            SessionAttrs::Standby => Some("SELECT pg_is_in_recovery()::text"),
+        }
+    }
+}
+
+impl std::str::FromStr for SessionAttrs {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "any" => Ok(SessionAttrs::Any),
+            "read-write" => Ok(SessionAttrs::ReadWrite),
+            "primary" => Ok(SessionAttrs::Primary),
+            "standby" => Ok(SessionAttrs::Standby),
+            other => Err(format!(
+                "target_session_attrs {other:?} is not supported; expected any, read-write, primary or standby"
+            )),
+        }
+    }
+}
+
 /// A parsed Postgres connection URL. The password is secret.
 #[derive(Clone)]
 pub struct ConnInfo {
@@ -50,6 +105,11 @@ pub struct ConnInfo {
     pub host: String,
     /// TCP port.
     pub port: u16,
+    /// The servers after the first, tried in order when it is down or does not fit
+    /// `target_session_attrs` (`postgres://h1:p1,h2:p2/db`, or `host=h1,h2&port=p1,p2`).
+    pub more_hosts: Vec<(String, u16)>,
+    /// Which server of several to take.
+    pub target_session_attrs: SessionAttrs,
     /// Role name.
     pub user: String,
     /// Password, if any.
@@ -118,7 +178,8 @@ impl ConnInfo {
     pub fn parse(key: &str, input: &str) -> Result<Self, ConfigError> {
         let raw = input.trim();
         let raw = raw.strip_prefix("jdbc:").unwrap_or(raw);
-        let url = url::Url::parse(raw).map_err(|e| {
+        let (raw, listed) = split_host_list(key, raw)?;
+        let url = url::Url::parse(&raw).map_err(|e| {
             invalid(
                 key,
                 format!("not a URL ({e}); expected postgres://user:password@host:port/database"),
@@ -153,6 +214,9 @@ impl ConnInfo {
         let mut keepalives = Some(Keepalives::default());
         let mut ka = Keepalives::default();
         let mut tcp_user_timeout_ms = 0;
+        let mut query_hosts: Option<Vec<String>> = None;
+        let mut query_ports: Option<Vec<u16>> = None;
+        let mut target_session_attrs = SessionAttrs::Any;
         let number = |name: &str, v: &str, what: &str| -> Result<u64, ConfigError> {
             v.trim()
                 .parse()
@@ -189,12 +253,27 @@ impl ConnInfo {
                         )
                     })?
                 }
+                "host" => query_hosts = Some(v.split(',').map(|h| h.trim().to_string()).collect()),
+                "port" => {
+                    query_ports = Some(
+                        v.split(',')
+                            .map(|p| {
+                                p.trim().parse::<u16>().map_err(|_| {
+                                    invalid(key, format!("port {p:?} is not a TCP port"))
+                                })
+                            })
+                            .collect::<Result<_, _>>()?,
+                    )
+                }
+                "target_session_attrs" => {
+                    target_session_attrs = v.parse().map_err(|e: String| invalid(key, e))?
+                }
                 "application_name" | "options" | "ssl" => {}
                 other => {
                     return Err(invalid(
                         key,
                         format!(
-                            "unknown connection parameter {other:?}; expected sslmode, sslrootcert, user, password, dbname, connect_timeout, keepalives, keepalives_idle, keepalives_interval, keepalives_count or tcp_user_timeout"
+                            "unknown connection parameter {other:?}; expected sslmode, sslrootcert, user, password, dbname, host, port, target_session_attrs, connect_timeout, keepalives, keepalives_idle, keepalives_interval, keepalives_count or tcp_user_timeout"
                         ),
                     ));
                 }
@@ -209,9 +288,34 @@ impl ConnInfo {
         if dbname.is_empty() {
             dbname = user.clone();
         }
+        let mut hosts: Vec<(String, u16)> = std::iter::once((host, port)).chain(listed).collect();
+        if let Some(names) = query_hosts {
+            hosts = names.into_iter().map(|h| (h, 5432)).collect();
+        }
+        if let Some(ports) = query_ports {
+            match ports.len() {
+                1 => hosts.iter_mut().for_each(|h| h.1 = ports[0]),
+                n if n == hosts.len() => hosts.iter_mut().zip(ports).for_each(|(h, p)| h.1 = p),
+                n => {
+                    return Err(invalid(
+                        key,
+                        format!(
+                            "{n} ports for {} hosts; give one port, or one per host",
+                            hosts.len()
+                        ),
+                    ));
+                }
+            }
+        }
+        if hosts.iter().any(|(h, _)| h.is_empty()) {
+            return Err(invalid(key, "an empty host name in the host list"));
+        }
+        let (host, port) = hosts.remove(0);
         Ok(Self {
             host,
             port,
+            more_hosts: hosts,
+            target_session_attrs,
             user,
             password: password.map(SecretString::from),
             dbname,
@@ -226,10 +330,31 @@ impl ConnInfo {
     /// The URL with the password replaced by `***`, safe to log.
     pub fn redacted(&self) -> String {
         let pw = if self.password.is_some() { ":***" } else { "" };
+        let mut hosts = format!("{}:{}", self.host, self.port);
+        for (h, p) in &self.more_hosts {
+            hosts.push_str(&format!(",{h}:{p}"));
+        }
+        let attrs = match self.target_session_attrs {
+            SessionAttrs::Any => String::new(),
+            a => format!("?target_session_attrs={}", a.as_str()),
+        };
         format!(
-            "postgres://{}{}@{}:{}/{}",
-            self.user, pw, self.host, self.port, self.dbname
+            "postgres://{}{pw}@{hosts}/{}{attrs}",
+            self.user, self.dbname
         )
+    }
+
+    /// Each server to try, in order, as a connection to that one server.
+    pub fn candidates(&self) -> Vec<ConnInfo> {
+        std::iter::once((self.host.clone(), self.port))
+            .chain(self.more_hosts.iter().cloned())
+            .map(|(host, port)| ConnInfo {
+                host,
+                port,
+                more_hosts: Vec::new(),
+                ..self.clone()
+            })
+            .collect()
     }
 
     /// A `tokio_postgres::Config` for ordinary SQL on the same server.
@@ -266,6 +391,49 @@ impl ConnInfo {
         });
         c
     }
+}
+
+/// Takes a host list (`h1:p1,h2:p2`) out of a URL's authority: the URL keeps the first host,
+/// the others are returned.
+fn split_host_list(key: &str, raw: &str) -> Result<(String, Vec<(String, u16)>), ConfigError> {
+    let Some(scheme_end) = raw.find("://") else {
+        return Ok((raw.to_string(), Vec::new()));
+    };
+    let rest = &raw[scheme_end + 3..];
+    let authority_len = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let authority = &rest[..authority_len];
+    let hosts_at = authority.rfind('@').map_or(0, |i| i + 1);
+    let list = &authority[hosts_at..];
+    if !list.contains(',') {
+        return Ok((raw.to_string(), Vec::new()));
+    }
+    let mut entries = list.split(',');
+    let first = entries.next().unwrap_or_default();
+    let more = entries
+        .map(|entry| {
+            let entry = entry.trim();
+            let (host, port) = match entry.rsplit_once(':') {
+                Some((h, p)) if !h.starts_with('[') || h.ends_with(']') => {
+                    let port = p.parse::<u16>().map_err(|_| {
+                        invalid(key, format!("host {entry:?}: port {p:?} is not a TCP port"))
+                    })?;
+                    (h, port)
+                }
+                _ => (entry, 5432),
+            };
+            let host = host.trim_start_matches('[').trim_end_matches(']');
+            if host.is_empty() {
+                return Err(invalid(
+                    key,
+                    format!("an empty host name in the host list {list:?}"),
+                ));
+            }
+            Ok((host.to_string(), port))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let start = scheme_end + 3 + hosts_at;
+    let rebuilt = format!("{}{first}{}", &raw[..start], &rest[hosts_at + list.len()..]);
+    Ok((rebuilt, more))
 }
 
 fn percent_decode(s: &str) -> Result<String, std::string::FromUtf8Error> {

@@ -125,8 +125,43 @@ impl ServerCertVerifier for NoVerification {
 
 /// Opens an ordinary SQL connection (tokio-postgres) to the same server, with TLS per
 /// `sslmode`, within the connect timeout (startup and authentication included).
+///
+/// Several hosts are tried in order until one accepts the connection and fits
+/// `target_session_attrs`, as libpq does; the error is the last host's.
 pub async fn connect_sql(conn: &ConnInfo) -> Result<tokio_postgres::Client, ConnectError> {
-    within_connect_timeout(conn, "SQL connection", connect_sql_now(conn)).await
+    let mut last = None;
+    for one in conn.candidates() {
+        let attempt = async {
+            let client = connect_sql_now(&one).await?;
+            if let Some(probe) = conn.target_session_attrs.probe() {
+                let fits: String = client.query_one(probe, &[]).await?.get(0);
+                if fits != "true" {
+                    return Err(wrong_session(&one));
+                }
+            }
+            Ok(client)
+        };
+        match within_connect_timeout(&one, "SQL connection", attempt).await {
+            Ok(client) => return Ok(client),
+            Err(e) => {
+                tracing::debug!(target = %format!("{}:{}", one.host, one.port), error = %e, "server not taken");
+                last = Some(e);
+            }
+        }
+    }
+    Err(last.unwrap_or_else(|| wrong_session(conn)))
+}
+
+/// A server that does not fit `target_session_attrs` (a standby where writes are wanted):
+/// an I/O error, so that the connection is tried again (a failover may be under way).
+pub fn wrong_session(conn: &ConnInfo) -> ConnectError {
+    ConnectError::Io {
+        target: format!("{}:{}", conn.host, conn.port),
+        source: std::io::Error::other(format!(
+            "the server does not fit target_session_attrs={}",
+            conn.target_session_attrs.as_str()
+        )),
+    }
 }
 
 /// Runs a connection's whole setup (`what`) within `conn`'s connect timeout, as libpq

@@ -165,13 +165,42 @@ pub struct ReplicationConnection {
 impl ReplicationConnection {
     /// Connects, negotiates TLS per `sslmode`, and authenticates, all within the connect
     /// timeout (a server that accepts the connection and then says nothing is given up).
+    ///
+    /// Several hosts are tried in order until one accepts and fits `target_session_attrs`
+    /// (libpq's rule); [`ReplicationConnection::server`] tells which one it is.
     pub async fn connect(conn: &ConnInfo) -> Result<Self, SourceError> {
-        crate::pg::tls::within_connect_timeout(
-            conn,
-            "replication connection",
-            Self::connect_now(conn),
-        )
-        .await
+        let mut last = None;
+        for one in conn.candidates() {
+            let attempt = async {
+                let mut c = Self::connect_now(&one).await?;
+                if let Some(probe) = conn.target_session_attrs.probe() {
+                    let rows = c.simple_query(probe).await?;
+                    let fits = rows.first().and_then(|r| r.first()).cloned().flatten();
+                    if fits.as_deref() != Some("true") {
+                        return Err(SourceError::from(crate::pg::tls::wrong_session(&one)));
+                    }
+                }
+                Ok(c)
+            };
+            match crate::pg::tls::within_connect_timeout(&one, "replication connection", attempt)
+                .await
+            {
+                Ok(c) => return Ok(c),
+                // A definite refusal (a bad password, no such database) is the same on every
+                // server of a cluster: said at once.
+                Err(e) if !e.is_transient() => return Err(e),
+                Err(e) => {
+                    tracing::debug!(target = %format!("{}:{}", one.host, one.port), error = %e, "server not taken");
+                    last = Some(e);
+                }
+            }
+        }
+        Err(last.unwrap_or_else(|| SourceError::from(crate::pg::tls::wrong_session(conn))))
+    }
+
+    /// The one server this connection went to (of the URL's hosts).
+    pub fn server(&self) -> &ConnInfo {
+        &self.conn
     }
 
     async fn connect_now(conn: &ConnInfo) -> Result<Self, SourceError> {

@@ -15,6 +15,45 @@ use crate::Lsn;
 pub struct SlotState {
     /// `confirmed_flush_lsn`.
     pub confirmed_flush: Lsn,
+    /// Whether it is a failover slot (none: the server is older than 17 and has none).
+    pub failover: Option<bool>,
+}
+
+/// The first server version with failover slots (`server_version_num`).
+pub const FAILOVER_SINCE: u32 = 170_000;
+
+/// `failover = true` on a server without failover slots is a configuration error.
+pub fn check_failover_support(warehouse: &str, server_version: u32) -> Result<(), SourceError> {
+    if server_version < FAILOVER_SINCE {
+        return Err(SourceError::Config(format!(
+            "warehouses.{warehouse}.failover = true needs PostgreSQL 17 or later (failover slots); this server is PostgreSQL {}: remove failover, or upgrade",
+            version_text(server_version)
+        )));
+    }
+    Ok(())
+}
+
+/// `150018` as `15.18`, `90624` as `9.6.24`.
+pub fn version_text(num: u32) -> String {
+    if num >= 100_000 {
+        format!("{}.{}", num / 10_000, num % 10_000)
+    } else {
+        format!("{}.{}.{}", num / 10_000, num / 100 % 100, num % 100)
+    }
+}
+
+/// Makes an existing slot a failover slot (it must not be streaming).
+pub async fn make_failover(
+    conn: &mut ReplicationConnection,
+    slot: &str,
+) -> Result<(), SourceError> {
+    conn.simple_query(&format!("ALTER_REPLICATION_SLOT {slot} (FAILOVER true)"))
+        .await?;
+    tracing::info!(
+        slot,
+        "the slot is a failover slot now: standbys with sync_replication_slots keep a copy"
+    );
+    Ok(())
 }
 
 /// A slot created by us, with the exported snapshot of its consistent point.
@@ -69,8 +108,11 @@ pub async fn inspect_slot(
     loop {
         let rows = sql
             .query(
-                "SELECT active_pid, wal_status, confirmed_flush_lsn::text, plugin, database = current_database() \
-                 FROM pg_replication_slots WHERE slot_name = $1",
+                // `failover` is a column from PostgreSQL 17 on: read through jsonb, it is
+                // null before.
+                "SELECT active_pid, wal_status, confirmed_flush_lsn::text, plugin, database = current_database(), \
+                        (to_jsonb(s) ->> 'failover')::bool \
+                 FROM pg_replication_slots s WHERE slot_name = $1",
                 &[&slot],
             )
             .await?;
@@ -82,6 +124,7 @@ pub async fn inspect_slot(
         let flush: Option<String> = row.get(2);
         let plugin: Option<String> = row.get(3);
         let same_db: Option<bool> = row.get(4);
+        let failover: Option<bool> = row.get(5);
         if plugin.as_deref() != Some("pgoutput") || same_db != Some(true) {
             return Err(SourceError::Config(format!(
                 "replication slot {slot:?} already exists for another database or output plugin (plugin {}); choose another slot name",
@@ -111,7 +154,10 @@ pub async fn inspect_slot(
                     .transpose()
                     .map_err(|e| SourceError::Protocol(format!("confirmed_flush_lsn: {e}")))?
                     .unwrap_or(Lsn::ZERO);
-                return Ok(Some(SlotState { confirmed_flush }));
+                return Ok(Some(SlotState {
+                    confirmed_flush,
+                    failover,
+                }));
             }
         }
     }
@@ -122,11 +168,19 @@ pub async fn create_slot(
     conn: &mut ReplicationConnection,
     slot: &str,
     temporary: bool,
+    failover: bool,
 ) -> Result<CreatedSlot, SourceError> {
     let temporary = if temporary { " TEMPORARY" } else { "" };
+    // The option list is PostgreSQL 15+ syntax (failover slots are 17+); the old keyword
+    // works on every version.
+    let options = if failover {
+        "(SNAPSHOT 'export', FAILOVER)"
+    } else {
+        "EXPORT_SNAPSHOT"
+    };
     let rows = conn
         .simple_query(&format!(
-            "CREATE_REPLICATION_SLOT {slot}{temporary} LOGICAL pgoutput EXPORT_SNAPSHOT"
+            "CREATE_REPLICATION_SLOT {slot}{temporary} LOGICAL pgoutput {options}"
         ))
         .await
         .map_err(|e| match e {

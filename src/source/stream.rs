@@ -59,6 +59,9 @@ pub struct SourceOptions {
     pub publication: String,
     /// Create the slot (with an initial load) when it does not exist.
     pub create_slot: bool,
+    /// The slot is a failover slot (PostgreSQL 17+), synchronized to standbys: created as
+    /// one, or altered into one when it is not.
+    pub failover: bool,
     /// Protocol 2 with streaming of in-progress transactions.
     pub streaming: bool,
     /// Stop once everything committed up to here is delivered.
@@ -116,6 +119,7 @@ impl SourceOptions {
             slot: slot.to_string(),
             publication: publication.to_string(),
             create_slot: false,
+            failover: false,
             streaming: false,
             endpos: None,
             stream_memory_bytes: 64 << 20,
@@ -263,7 +267,11 @@ async fn run_once(
         }
     }
     slot::check_wal_level(&mut conn).await?;
-    let mut sql = tls::connect_sql(&opts.conn).await?;
+    if opts.failover {
+        slot::check_failover_support(&opts.warehouse_id, conn.server_version)?;
+    }
+    // On the server the replication connection went to (of several hosts: the one that fit).
+    let mut sql = tls::connect_sql(conn.server()).await?;
     // What this session writes (resync watermarks, heartbeats) must reach the walsender at
     // once: with the server's synchronous_commit off, WAL is flushed only every
     // wal_writer_delay (200 ms), and a chunk waits for its high watermark to be decoded.
@@ -276,6 +284,9 @@ async fn run_once(
         db: Arc::from(opts.conn.dbname.as_str()),
     };
     let existing = slot::inspect_slot(&sql, &opts.slot, opts.slot_busy_wait).await?;
+    if opts.failover && existing.as_ref().is_some_and(|s| s.failover == Some(false)) {
+        slot::make_failover(&mut conn, &opts.slot).await?;
+    }
     // What downstream holds as durable for this slot (zero: nothing yet).
     let checkpoint = *durable.borrow();
     let start = match (existing, &opts.initial_load) {
@@ -300,7 +311,7 @@ async fn run_once(
         }
         (Some(state), InitialLoad::Snapshot) => state.confirmed_flush.max(checkpoint),
         (None, InitialLoad::Incremental(hook)) if opts.create_slot => {
-            let created = slot::create_slot(&mut conn, &opts.slot, false).await?;
+            let created = slot::create_slot(&mut conn, &opts.slot, false, opts.failover).await?;
             tracing::info!(slot = %opts.slot, consistent_point = %created.consistent_point, "slot created; its initial load is read in chunks while it streams");
             schedule_load(
                 hook,
@@ -312,7 +323,7 @@ async fn run_once(
             created.consistent_point
         }
         (None, InitialLoad::Snapshot) if opts.create_slot => {
-            let created = slot::create_slot(&mut conn, &opts.slot, false).await?;
+            let created = slot::create_slot(&mut conn, &opts.slot, false, opts.failover).await?;
             tracing::info!(slot = %opts.slot, consistent_point = %created.consistent_point, "slot created; reading the initial load");
             load_published(&mut sql, opts, &identity, &created, out).await?;
             // Stream only once the load is durable downstream, so that nothing confirmed to

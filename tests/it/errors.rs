@@ -273,6 +273,7 @@ async fn a_failing_publisher_always_retries_and_never_fails_the_warehouse() {
         slot: db.slot("run"),
         streaming: inventorysync::config::Streaming::Off,
         heartbeat_interval: None,
+        failover: false,
     };
     // The slot exists before the first change, so that every change is streamed.
     db.exec(&format!(

@@ -1,4 +1,4 @@
-//! Test services: real PostgreSQL 15 servers started with `initdb`, one per kind, shared by
+//! Test services: real PostgreSQL servers (15 by default, 14–18 by choice) started with `initdb`, one per kind, shared by
 //! every test of this binary; each test gets its own database, slot and publication names.
 //!
 //! `INVENTORYSYNC_TEST_PG_BIN` names the Postgres bin directory (default: the Debian
@@ -29,10 +29,39 @@ pub struct Pg {
     pub dir: PathBuf,
 }
 
+/// The Postgres bin directory: `INVENTORYSYNC_TEST_PG_BIN`, else Debian's PostgreSQL 15. With
+/// `INVENTORYSYNC_TEST_PG_VERSION` (14–18, as `scripts/test` installs them), its server must
+/// be of that major version.
 fn pg_bin() -> PathBuf {
-    std::env::var_os("INVENTORYSYNC_TEST_PG_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/usr/lib/postgresql/15/bin"))
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let wanted = std::env::var("INVENTORYSYNC_TEST_PG_VERSION").ok();
+        let bin = match std::env::var_os("INVENTORYSYNC_TEST_PG_BIN") {
+            Some(b) => PathBuf::from(b),
+            None if wanted.is_some() => panic!(
+                "INVENTORYSYNC_TEST_PG_VERSION={} needs INVENTORYSYNC_TEST_PG_BIN: run the tests with scripts/test, which installs that version",
+                wanted.unwrap_or_default()
+            ),
+            None => PathBuf::from("/usr/lib/postgresql/15/bin"),
+        };
+        if let Some(wanted) = wanted {
+            let out = Command::new(bin.join("postgres"))
+                .arg("--version")
+                .output()
+                .expect("postgres --version runs");
+            let version = String::from_utf8_lossy(&out.stdout).to_string();
+            assert!(
+                version
+                    .split_whitespace()
+                    .nth(2)
+                    .is_some_and(|v| v.split('.').next() == Some(wanted.as_str())),
+                "INVENTORYSYNC_TEST_PG_VERSION={wanted}, but {} is {version}",
+                bin.display()
+            );
+        }
+        bin
+    })
+    .clone()
 }
 
 fn is_root() -> bool {
@@ -125,8 +154,17 @@ impl Pg {
             "pg_ctl start failed: {}",
             std::fs::read_to_string(dir.join("log")).unwrap_or_default()
         );
-        // Stop the server and remove its files when this process goes away, however it ends
-        // (each run's clusters take over a gigabyte).
+        let pg = Pg { port, dir };
+        watch_and_remove(&pg);
+        pg
+    }
+}
+
+/// Stops the server and removes its files when this process goes away, however it ends
+/// (each run's clusters take over a gigabyte).
+fn watch_and_remove(pg: &Pg) {
+    let (dir, data) = (&pg.dir, pg.dir.join("data"));
+    {
         let watchdog = format!(
             "while [ -d /proc/{pid} ]; do sleep 1; done; {ctl} -D {data} -m immediate stop >/dev/null 2>&1; rm -rf {dir}",
             pid = std::process::id(),
@@ -149,7 +187,67 @@ impl Pg {
         // The watchdog must outlive this process, so it is never waited for.
         #[allow(clippy::zombie_processes)]
         w.spawn().expect("watchdog starts");
-        Pg { port, dir }
+    }
+}
+
+impl Pg {
+    /// Runs `pg_ctl` on this server's data directory; whether it succeeded.
+    pub fn ctl(&self, args: &[&str]) -> bool {
+        as_pg_user(&pg_bin().join("pg_ctl"))
+            .arg("-D")
+            .arg(self.dir.join("data"))
+            .arg("-l")
+            .arg(self.dir.join("log"))
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    }
+
+    /// A physical standby of this server, from a copy of its cleanly stopped data directory
+    /// (the npm packages have no `pg_basebackup`), streaming through the physical slot
+    /// `slot` (created here) with `conf` added; both servers run when it returns.
+    pub fn standby(&self, name: &str, slot: &str, conf: &str) -> Pg {
+        run_sql_blocking(
+            self.port,
+            &format!("SELECT pg_create_physical_replication_slot('{slot}')"),
+        );
+        assert!(self.ctl(&["-m", "fast", "-w", "stop"]), "the primary stops");
+        let dir =
+            std::env::temp_dir().join(format!("inventorysync-it-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let ok = Command::new("cp")
+            .arg("-a")
+            .arg(self.dir.join("data"))
+            .arg(dir.join("data"))
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "copy of the primary's data directory");
+        let data = dir.join("data");
+        let _ = std::fs::remove_file(data.join("postmaster.pid"));
+        let port = free_port();
+        let mut text = std::fs::read_to_string(data.join("postgresql.conf")).unwrap();
+        text.push_str(&format!(
+            "port = {port}\nunix_socket_directories = '{}'\nhot_standby = on\n\
+             primary_conninfo = 'host=127.0.0.1 port={} user=postgres dbname=postgres application_name={name}'\n\
+             primary_slot_name = '{slot}'\n{conf}\n",
+            dir.display(),
+            self.port
+        ));
+        std::fs::write(data.join("postgresql.conf"), text).unwrap();
+        std::fs::write(data.join("standby.signal"), "").unwrap();
+        give_to_postgres(&dir);
+        let standby = Pg { port, dir };
+        assert!(self.ctl(&["-w", "start"]), "the primary starts again");
+        assert!(
+            standby.ctl(&["-w", "start"]),
+            "the standby starts: {}",
+            std::fs::read_to_string(standby.dir.join("log")).unwrap_or_default()
+        );
+        watch_and_remove(&standby);
+        standby
     }
 
     /// URL for `user` (password auth unless postgres) on `db`.
@@ -164,6 +262,16 @@ impl Pg {
                 "postgres://{user}:{PASSWORD}@127.0.0.1:{}/{db}?sslmode=disable",
                 self.port
             )
+        }
+    }
+
+    /// The existing database `name` (on a standby: the primary's, copied), with a client.
+    pub async fn db(&self, name: &str) -> TestDb {
+        TestDb {
+            name: name.to_string(),
+            port: self.port,
+            url: self.url("postgres", "x"),
+            client: connect(&self.url("postgres", name)).await,
         }
     }
 
@@ -189,6 +297,39 @@ impl Pg {
             client,
         }
     }
+}
+
+/// Runs SQL on a server's postgres database from outside any runtime.
+fn run_sql_blocking(port: u16, sql: &str) {
+    let url = format!("postgres://postgres@127.0.0.1:{port}/postgres?sslmode=disable");
+    let sql = sql.to_string();
+    std::thread::spawn(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(async {
+                connect(&url).await.batch_execute(&sql).await.unwrap();
+            })
+    })
+    .join()
+    .unwrap();
+}
+
+/// The major version of the servers the tests run (14 to 18).
+pub fn pg_major() -> u32 {
+    static MAJOR: OnceLock<u32> = OnceLock::new();
+    *MAJOR.get_or_init(|| {
+        let out = Command::new(pg_bin().join("postgres"))
+            .arg("--version")
+            .output()
+            .expect("postgres --version runs");
+        String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .nth(2)
+            .and_then(|v| v.split('.').next()?.parse().ok())
+            .expect("a version in postgres --version")
+    })
 }
 
 /// Sends the engine's logs to the test output when `INVENTORYSYNC_LOG` is set.

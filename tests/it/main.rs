@@ -12,4 +12,5 @@ mod load;
 mod partitions;
 mod store;
 mod stream;
+mod versions;
 mod workers;
