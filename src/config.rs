@@ -119,9 +119,7 @@ impl Config {
     pub fn load(path: &Path, required: bool) -> Result<Self, ConfigError> {
         let _ = dotenvy::dotenv();
         let env = |k: &str| std::env::var(k).ok().filter(|v| !v.trim().is_empty());
-        let db_url = env("DB_URL")
-            .map(|v| ConnInfo::parse("DB_URL", &v))
-            .transpose()?;
+        let db_url = env("DB_URL").map(|v| state_db_url(&v)).transpose()?;
         let kafka_brokers = env("KAFKA_BROKERS");
         let warehouse_api_endpoint = env("WAREHOUSE_API_ENDPOINT")
             .map(|v| {
@@ -245,6 +243,19 @@ fn parse_file(
     Ok((out, consumer))
 }
 
+/// Parses `DB_URL`: one server (the state DB's client takes no host list; a failover of the
+/// state DB goes through a proxy or a DNS name that follows the primary).
+pub fn state_db_url(v: &str) -> Result<ConnInfo, ConfigError> {
+    let conn = ConnInfo::parse("DB_URL", v)?;
+    if !conn.more_hosts.is_empty() || conn.target_session_attrs != crate::pg::SessionAttrs::Any {
+        return Err(invalid(
+            "DB_URL",
+            "takes one host, without target_session_attrs (several hosts are for warehouse URLs); point it at the state DB's primary, a proxy, or a DNS name that follows the primary",
+        ));
+    }
+    Ok(conn)
+}
+
 /// Checks a slot or publication name given on the command line.
 pub fn validate_name(key: &str, v: &str) -> Result<(), ConfigError> {
     check_identifier(key, v)
@@ -315,6 +326,16 @@ mod tests {
                 "{url}: {e}"
             );
         }
+    }
+
+    #[test]
+    fn the_state_db_url_takes_one_host() {
+        let e = state_db_url("postgres://u@db1,db2/state")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("DB_URL") && e.contains("takes one host"), "{e}");
+        assert!(state_db_url("postgres://u@db1/state?target_session_attrs=read-write").is_err());
+        assert!(state_db_url("postgres://u@db1/state").is_ok());
     }
 
     #[test]
