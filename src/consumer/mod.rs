@@ -516,14 +516,21 @@ impl Stage {
     /// Forgets the lane positions handed to deliveries (of `warehouse_id`, or of every
     /// warehouse): a consumer that starts (again) reads them from `consumer_lanes`, where
     /// only positions with an outcome are, since what an ended consumer had in flight is
-    /// replayed.
+    /// replayed. It forgets the highest version sent too: another process that owned the
+    /// warehouse meanwhile sent newer ones, and a replay that central answers `stale` with
+    /// one of those is superseded, not a conflict (read again from `consumer_progress`).
     pub async fn forget_lanes(&self, warehouse_id: Option<&str>) {
-        let mut lanes = self.lanes.lock().await;
-        match warehouse_id {
-            Some(w) => {
-                lanes.remove(w);
+        {
+            let mut lanes = self.lanes.lock().await;
+            match warehouse_id {
+                Some(w) => drop(lanes.remove(w)),
+                None => lanes.clear(),
             }
-            None => lanes.clear(),
+        }
+        let mut sent = self.sent.lock().await;
+        match warehouse_id {
+            Some(w) => drop(sent.remove(w)),
+            None => sent.clear(),
         }
     }
 
