@@ -466,27 +466,70 @@ async fn twelve_warehouses_balance_over_the_processes_and_move_without_loss() {
     drop(p1);
 }
 
+/// Two seeded warehouses (ids `{prefix}-0`, `{prefix}-1`, databases `{db}0`, `{db}1`), a
+/// state DB and a healthy central, with process p1 owning and streaming both; p2 is spawned
+/// by the test.
+struct TwoWarehouses {
+    dbs: Vec<TestDb>,
+    state: TestDb,
+    central: Central,
+    cfg: PathBuf,
+    logs: Vec<PathBuf>,
+    _p1: Run,
+    _dir: tempfile::TempDir,
+}
+
+impl TwoWarehouses {
+    async fn start(prefix: &str, db: &str) -> Self {
+        let dbs = seeded_warehouses(db, 2).await;
+        let state = pg().new_db(&format!("{db}state")).await;
+        let central = Central::start(Faults::default()).await;
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config_for(dir.path(), prefix, &dbs);
+        let logs: Vec<PathBuf> = (1..=2)
+            .map(|i| dir.path().join(format!("p{i}.log")))
+            .collect();
+        let p1 = spawn_worker(&cfg, &state, &central, &logs, 1);
+        wait_split(&state, &[("p1", 2)], Duration::from_secs(30), &logs).await;
+        for i in 0..2 {
+            wait_streaming(&state, &format!("{prefix}-{i}"), &logs[0]).await;
+        }
+        Self {
+            dbs,
+            state,
+            central,
+            cfg,
+            logs,
+            _p1: p1,
+            _dir: dir,
+        }
+    }
+
+    /// Starts process `p{i}`.
+    fn spawn(&self, i: usize) -> Run {
+        spawn_worker(&self.cfg, &self.state, &self.central, &self.logs, i)
+    }
+}
+
+/// Starts `run` as process `p{i}` (worker id), logging to `logs[i - 1]`.
+fn spawn_worker(cfg: &Path, state: &TestDb, central: &Central, logs: &[PathBuf], i: usize) -> Run {
+    let mut c = run_command(cfg, state, central, None);
+    c.env("WORKER_ID", format!("p{i}"));
+    start(c, logs[i - 1].clone())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_handover_waits_for_central_to_answer_what_is_in_flight() {
     const PREFIX: &str = "wh-wait";
-    let dbs = seeded_warehouses("ownwait", 2).await;
-    let state = pg().new_db("ownwaitstate").await;
-    let central = Central::start(Faults::default()).await;
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = config_for(dir.path(), PREFIX, &dbs);
-    let logs: Vec<PathBuf> = (1..=2)
-        .map(|i| dir.path().join(format!("p{i}.log")))
-        .collect();
-    let spawn = |i: usize| -> Run {
-        let mut c = run_command(&cfg, &state, &central, None);
-        c.env("WORKER_ID", format!("p{i}"));
-        start(c, logs[i - 1].clone())
-    };
-    let _p1 = spawn(1);
-    wait_split(&state, &[("p1", 2)], Duration::from_secs(30), &logs).await;
-    for i in 0..2 {
-        wait_streaming(&state, &format!("{PREFIX}-{i}"), &logs[0]).await;
-    }
+    let setup = TwoWarehouses::start(PREFIX, "ownwait").await;
+    let TwoWarehouses {
+        dbs,
+        state,
+        central,
+        logs,
+        ..
+    } = &setup;
+    let spawn = |i| setup.spawn(i);
     // Central goes down with changes in flight; then a second process joins.
     central
         .set_faults(Faults {
@@ -498,13 +541,13 @@ async fn a_handover_waits_for_central_to_answer_what_is_in_flight() {
     for (i, db) in dbs.iter().enumerate() {
         workload(&db.client, 77 + i as u64, 40).await;
     }
-    let before = again(&central).await;
+    let before = again(central).await;
     let _p2 = spawn(2);
     // The first process may hand one over only once central answered what it handed on: for
     // as long as central is down, it keeps both.
     let down = Instant::now();
     while down.elapsed() < Duration::from_secs(12) {
-        let s = split(&state).await;
+        let s = split(state).await;
         assert_eq!(
             s.get("p2").copied().unwrap_or(0),
             0,
@@ -515,22 +558,22 @@ async fn a_handover_waits_for_central_to_answer_what_is_in_flight() {
     }
     central.set_faults(Faults::default()).await;
     wait_split(
-        &state,
+        state,
         &[("p1", 1), ("p2", 1)],
         Duration::from_secs(30),
-        &logs,
+        logs,
     )
     .await;
     for (i, db) in dbs.iter().enumerate() {
         workload(&db.client, 99 + i as u64, 20).await;
     }
-    converge_all(&central, &dbs, PREFIX, &logs).await;
+    converge_all(central, dbs, PREFIX, logs).await;
     assert_eq!(
-        again(&central).await - before,
+        again(central).await - before,
         0,
         "the new owner starts where the old one's outcomes end: nothing is sent twice"
     );
-    assert_eq!(conflicts(&state).await, Vec::<Value>::new());
+    assert_eq!(conflicts(state).await, Vec::<Value>::new());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -607,24 +650,15 @@ async fn a_dropped_lease_connection_stops_every_warehouse_at_once_and_loses_noth
 async fn a_join_hands_over_a_warehouse_at_a_commit_boundary_not_inside_a_transaction() {
     const PREFIX: &str = "wh-big";
     const ROWS: i64 = 100_000;
-    let dbs = seeded_warehouses("ownbig", 2).await;
-    let state = pg().new_db("ownbigstate").await;
-    let central = Central::start(Faults::default()).await;
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = config_for(dir.path(), PREFIX, &dbs);
-    let logs: Vec<PathBuf> = (1..=2)
-        .map(|i| dir.path().join(format!("p{i}.log")))
-        .collect();
-    let spawn = |i: usize| -> Run {
-        let mut c = run_command(&cfg, &state, &central, None);
-        c.env("WORKER_ID", format!("p{i}"));
-        start(c, logs[i - 1].clone())
-    };
-    let _p1 = spawn(1);
-    wait_split(&state, &[("p1", 2)], Duration::from_secs(30), &logs).await;
-    for i in 0..2 {
-        wait_streaming(&state, &format!("{PREFIX}-{i}"), &logs[0]).await;
-    }
+    let setup = TwoWarehouses::start(PREFIX, "ownbig").await;
+    let TwoWarehouses {
+        dbs,
+        state,
+        central,
+        logs,
+        ..
+    } = &setup;
+    let spawn = |i| setup.spawn(i);
     // A slow central, and one large transaction per warehouse: the stream is still inside
     // it (held back by the full bus) when a second process joins and one warehouse moves.
     // Handing it over there would leave part of the transaction delivered and the rest to
@@ -642,13 +676,13 @@ async fn a_join_hands_over_a_warehouse_at_a_commit_boundary_not_inside_a_transac
         ))
         .await;
     }
-    let before = again(&central).await;
+    let before = again(central).await;
     let _p2 = spawn(2);
     wait_split(
-        &state,
+        state,
         &[("p1", 1), ("p2", 1)],
         Duration::from_secs(120),
-        &logs,
+        logs,
     )
     .await;
     let moved = central.stats().await;
@@ -661,13 +695,13 @@ async fn a_join_hands_over_a_warehouse_at_a_commit_boundary_not_inside_a_transac
     for (i, db) in dbs.iter().enumerate() {
         workload(&db.client, 7 + i as u64, 10).await;
     }
-    converge_all(&central, &dbs, PREFIX, &logs).await;
-    let sent_again = again(&central).await - before;
+    converge_all(central, dbs, PREFIX, logs).await;
+    let sent_again = again(central).await - before;
     assert_eq!(
         sent_again,
         0,
         "the old owner reads its open transaction to the commit before it hands over; the new one starts after it\n{}",
         log_tail(&logs[0])
     );
-    assert_eq!(conflicts(&state).await, Vec::<Value>::new());
+    assert_eq!(conflicts(state).await, Vec::<Value>::new());
 }
