@@ -26,7 +26,7 @@ pub enum ConnectError {
         source: std::io::Error,
     },
     /// Connecting or authenticating failed.
-    #[error("query on the warehouse failed: {0}")]
+    #[error("query on the warehouse failed: {}", crate::pg::error_text(.0))]
     Sql(#[from] tokio_postgres::Error),
 }
 

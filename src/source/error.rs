@@ -177,7 +177,7 @@ pub enum SourceError {
         source: std::io::Error,
     },
     /// A SQL query on the warehouse failed.
-    #[error("query on the warehouse failed: {0}")]
+    #[error("query on the warehouse failed: {}", crate::pg::error_text(.0))]
     Sql(#[from] tokio_postgres::Error),
     /// Writing the output failed.
     #[error("writing output: {0}")]

@@ -59,7 +59,11 @@ pub async fn published_tables(
 ) -> Result<Vec<PublishedTable>, SourceError> {
     let rows = sql
         .query(
-            "SELECT c.oid, pt.schemaname::text, pt.tablename::text, pt.attnames::text[], pt.rowfilter, c.relreplident::text, \
+            // Column lists and row filters are PostgreSQL 15+ (`attnames`, `rowfilter`):
+            // read through jsonb, they are null before, where every column is published.
+            "SELECT c.oid, pt.schemaname::text, pt.tablename::text, \
+                    CASE WHEN to_jsonb(pt) ? 'attnames' THEN ARRAY(SELECT jsonb_array_elements_text(to_jsonb(pt) -> 'attnames')) END, \
+                    to_jsonb(pt) ->> 'rowfilter', c.relreplident::text, \
                     c.relkind = 'p' \
              FROM pg_publication_tables pt \
              JOIN pg_namespace n ON n.nspname = pt.schemaname \
