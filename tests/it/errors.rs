@@ -133,6 +133,34 @@ async fn wrong_password_is_definite_and_secret_free() {
     assert!(!err.to_string().contains("not-the-password"));
 }
 
+/// A role without `SELECT` on a published table: the initial load's query fails, and the
+/// error says what the server said (message and SQLSTATE), not tokio-postgres's bare
+/// "db error" (as the first run on PostgreSQL 14 said of a missing catalog column).
+#[tokio::test]
+async fn a_refused_query_says_the_servers_message_and_sqlstate() {
+    let db = pg().new_db("nosel").await;
+    let role = format!("{}_user", db.name);
+    db.exec(&format!(
+        "CREATE ROLE {role} LOGIN REPLICATION PASSWORD '{PASSWORD}';
+         CREATE TABLE t (id int PRIMARY KEY); INSERT INTO t VALUES (1);
+         CREATE PUBLICATION inventorysync FOR TABLE t;"
+    ))
+    .await;
+    let url = format!(
+        "postgres://{role}:{PASSWORD}@127.0.0.1:{}/{}?sslmode=disable",
+        db.port, db.name
+    );
+    let mut o = db.options("s", "inventorysync");
+    o.conn = inventorysync::config::ConnInfo::parse("test", &url).unwrap();
+    o.create_slot = true;
+    let err = drain(o).await.unwrap_err().to_string();
+    assert!(
+        err.contains("permission denied for table t") && err.contains("SQLSTATE 42501"),
+        "{err}"
+    );
+    assert!(!err.contains(PASSWORD), "{err}");
+}
+
 #[tokio::test]
 async fn scram_md5_and_cleartext_passwords_all_stream() {
     let db = pg().new_db("auth").await;
