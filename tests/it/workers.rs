@@ -133,14 +133,53 @@ async fn again(central: &Central) -> u64 {
     (n("duplicate") + n("stale")).saturating_sub(n("second_tries"))
 }
 
+/// Waits (up to 60 s in all) until warehouses `{prefix}-0..n` each delivered their initial
+/// load and hold a checkpoint; panics naming those that did not, with what every process
+/// logged about ownership, handovers and failures.
+async fn wait_all_streaming(state: &TestDb, prefix: &str, n: usize, logs: &[PathBuf]) {
+    let started = Instant::now();
+    let mut waiting: Vec<String> = (0..n).map(|i| format!("{prefix}-{i}")).collect();
+    while !waiting.is_empty() && started.elapsed() < Duration::from_secs(60) {
+        let mut still = Vec::new();
+        for id in waiting {
+            let done = crate::consumer::load_delivered(state, &id).await
+                && crate::kafka::checkpoint(state, &id).await.is_some();
+            if !done {
+                still.push(id);
+            }
+        }
+        waiting = still;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    if !waiting.is_empty() {
+        let said: Vec<String> = logs
+            .iter()
+            .map(|l| format!("--- {}:\n{}", l.display(), notable_lines(l)))
+            .collect();
+        panic!(
+            "{waiting:?} never checkpointed their initial load within 60 s; split {:?}\n{}",
+            split(state).await,
+            said.join("\n")
+        );
+    }
+}
+
 /// The warnings, errors and ownership moves a process logged.
 fn notable_lines(path: &Path) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     text.lines()
         .filter(|l| {
-            ["WARN", "ERROR", "lease", "handing over", "owning"]
-                .iter()
-                .any(|w| l.contains(w))
+            [
+                "WARN",
+                "ERROR",
+                "lease",
+                "handing over",
+                "owning",
+                "reading on to the commit",
+                "initial load",
+            ]
+            .iter()
+            .any(|w| l.contains(w))
         })
         .collect::<Vec<_>>()
         .join("\n")
@@ -189,9 +228,7 @@ async fn twelve_warehouses_balance_over_the_processes_and_move_without_loss() {
         &logs,
     )
     .await;
-    for i in 0..12 {
-        wait_streaming(&state, &format!("{PREFIX}-{i}"), &logs[0]).await;
-    }
+    wait_all_streaming(&state, PREFIX, 12, &logs).await;
     assert_eq!(
         lease_connections(&state).await,
         3,
