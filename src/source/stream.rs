@@ -196,8 +196,10 @@ pub async fn run(
         let started = Instant::now();
         let result = tokio::select! {
             r = run_once(opts, &out, &mut durable, &cancel, &open_tx) => r,
-            _ = stopped(&cancel, &open_tx) => {
-                tracing::warn!(warehouse = %opts.warehouse_id, limit_s = STOP_AT_COMMIT_LIMIT.as_secs(), "stopping inside a transaction: its commit did not come in time; the next start sends what of it was handed on again");
+            waited = stopped(&cancel, &open_tx) => {
+                if waited {
+                    tracing::warn!(warehouse = %opts.warehouse_id, limit_s = STOP_AT_COMMIT_LIMIT.as_secs(), "stopping inside a transaction: its commit did not come in time; the next start sends what of it was handed on again");
+                }
                 Ok(())
             }
         };
@@ -224,12 +226,14 @@ pub async fn run(
 
 /// Completes once `cancel` fired and the session cannot stop on its own: at once when it is
 /// not inside a transaction (it was still connecting, or stops at the next frame anyway),
-/// after [`STOP_AT_COMMIT_LIMIT`] when it is reading on to a commit.
-async fn stopped(cancel: &CancellationToken, open_tx: &AtomicBool) {
+/// after [`STOP_AT_COMMIT_LIMIT`] when it is reading on to a commit; whether it waited.
+async fn stopped(cancel: &CancellationToken, open_tx: &AtomicBool) -> bool {
     cancel.cancelled().await;
-    if open_tx.load(Ordering::SeqCst) {
+    let inside = open_tx.load(Ordering::SeqCst);
+    if inside {
         tokio::time::sleep(STOP_AT_COMMIT_LIMIT).await;
     }
+    inside
 }
 
 async fn run_once(

@@ -131,7 +131,7 @@ impl Pg {
         std::fs::write(data.join("pg_hba.conf"), hba).unwrap();
         let conf_all = format!(
             "port = {port}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{}'\n\
-             max_wal_senders = 100\nmax_replication_slots = 100\nmax_connections = 300\n\
+             max_wal_senders = 200\nmax_replication_slots = 400\nmax_connections = 300\n\
              fsync = off\nsynchronous_commit = off\nfull_page_writes = off\n\
              password_encryption = 'scram-sha-256'\nshared_buffers = '128MB'\n{conf}\n",
             dir.display()
