@@ -164,30 +164,28 @@ impl Pg {
 /// (each run's clusters take over a gigabyte).
 fn watch_and_remove(pg: &Pg) {
     let (dir, data) = (&pg.dir, pg.dir.join("data"));
-    {
-        let watchdog = format!(
-            "while [ -d /proc/{pid} ]; do sleep 1; done; {ctl} -D {data} -m immediate stop >/dev/null 2>&1; rm -rf {dir}",
-            pid = std::process::id(),
-            ctl = pg_bin().join("pg_ctl").display(),
-            data = data.display(),
-            dir = dir.display(),
-        );
-        let mut w = if is_root() {
-            let mut c = Command::new("runuser");
-            c.args(["-u", "postgres", "--", "sh", "-c", &watchdog]);
-            c
-        } else {
-            let mut c = Command::new("sh");
-            c.args(["-c", &watchdog]);
-            c
-        };
-        w.stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        // The watchdog must outlive this process, so it is never waited for.
-        #[allow(clippy::zombie_processes)]
-        w.spawn().expect("watchdog starts");
-    }
+    let watchdog = format!(
+        "while [ -d /proc/{pid} ]; do sleep 1; done; {ctl} -D {data} -m immediate stop >/dev/null 2>&1; rm -rf {dir}",
+        pid = std::process::id(),
+        ctl = pg_bin().join("pg_ctl").display(),
+        data = data.display(),
+        dir = dir.display(),
+    );
+    let mut w = if is_root() {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "postgres", "--", "sh", "-c", &watchdog]);
+        c
+    } else {
+        let mut c = Command::new("sh");
+        c.args(["-c", &watchdog]);
+        c
+    };
+    w.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    // The watchdog must outlive this process, so it is never waited for.
+    #[allow(clippy::zombie_processes)]
+    w.spawn().expect("watchdog starts");
 }
 
 impl Pg {
