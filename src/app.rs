@@ -54,6 +54,9 @@ pub struct WarehouseConfig {
     /// Whether the slot is a failover slot (PostgreSQL 17+), kept on standbys that
     /// synchronize slots, so that a promoted standby has it.
     pub failover: bool,
+    /// The primary of the standby `conn` points at (PostgreSQL 16+ decodes on a standby):
+    /// where heartbeats, sync-cycle markers and resync watermarks are written.
+    pub primary: Option<ConnInfo>,
 }
 
 /// How often a standby asks for a warehouse it does not own.
@@ -621,6 +624,7 @@ async fn run_pipeline<B: Bus>(
     opts.initial_load = InitialLoad::Incremental(load_hook(state.clone(), w.id.clone()));
     opts.streaming = w.streaming == Streaming::On;
     opts.heartbeat_interval = w.heartbeat_interval;
+    opts.primary = w.primary.clone();
     opts.failover = w.failover;
     opts.health = Some(status.slot_health.clone());
     opts.chunks = Some(status.chunk_inbox.clone());

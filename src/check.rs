@@ -424,7 +424,7 @@ async fn check_warehouse(
     match sql
         .query_opt(
             "SELECT active, coalesce(wal_status, 'unknown'),
-                    coalesce(pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn), 0)::bigint, plugin::text
+                    coalesce(pg_wal_lsn_diff(CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END, restart_lsn), 0)::bigint, plugin::text
                FROM pg_replication_slots WHERE slot_name = $1",
             &[&w.slot],
         )

@@ -79,6 +79,8 @@ struct FileWarehouse {
     /// A failover slot (PostgreSQL 17+).
     #[serde(default)]
     failover: bool,
+    /// The primary of a standby that `url` points at: where logical messages are written.
+    primary_url: Option<String>,
 }
 
 /// A sync cycle fails unless done within this long (`SYNC_JOB_TIMEOUT_SECS`).
@@ -238,6 +240,11 @@ fn parse_file(
                 secs => Some(std::time::Duration::from_secs(secs)),
             },
             failover: w.failover,
+            primary: w
+                .primary_url
+                .as_deref()
+                .map(|u| ConnInfo::parse(&key("primary_url"), u))
+                .transpose()?,
         });
     }
     Ok((out, consumer))

@@ -1,9 +1,9 @@
 //! Sync cycles (`POST /sync/trigger`): proof that everything committed at the warehouses
 //! before a moment has an outcome at the central system.
 //!
-//! A cycle captures each warehouse's `pg_current_wal_lsn()` and writes a logical message
-//! right after it, so a commit past the target reaches the stream even when the warehouse is
-//! otherwise idle. A warehouse is done once its checkpoint passes the target: with the
+//! A cycle writes a logical message into each warehouse's WAL (on its primary, when the
+//! warehouse URL points at a standby) and takes the message's position as the target, so a
+//! commit past the target reaches the stream even when the warehouse is otherwise idle. A warehouse is done once its checkpoint passes the target: with the
 //! embedded bus a commit is checkpointed only after each of its changes has an outcome; with
 //! Kafka the checkpoint means "published", so the job then records the change topics' ends
 //! and waits for the consumer group's committed offsets to reach them. Jobs live in the state
@@ -20,6 +20,8 @@ use crate::app::WarehouseConfig;
 use crate::app::{StreamState, WarehouseStatus};
 use crate::consumer::kafka::{GroupProgress, PartitionEnd};
 use crate::event::SnapshotMarker;
+use crate::source::SourceError;
+use crate::source::marker::Markers;
 use crate::source::resync::ChunkDone;
 use crate::store::{ActiveWarehouse, StateDb, StoreError};
 
@@ -122,7 +124,8 @@ impl Runner {
                         .set_job_target(&w.job_id, &w.warehouse_id, target)
                         .await?;
                 }
-                Err(e) => {
+                Err(Capture::Refused(reason)) => return Ok(Some(reason)),
+                Err(Capture::Retry(e)) => {
                     self.state
                         .update_job_warehouse(w, None, false, Some(&e))
                         .await?;
@@ -203,26 +206,43 @@ async fn ask_group<T: Send + 'static>(
         .map_err(|e| e.to_string())?
 }
 
-/// Reads the warehouse's current WAL position and writes a logical message after it.
-async fn capture(w: &WarehouseConfig) -> Result<Lsn, String> {
+/// Reads the warehouse's current WAL position and writes a logical message after it (on
+/// the primary, when the warehouse URL points at a standby).
+async fn capture(w: &WarehouseConfig) -> Result<Lsn, Capture> {
     let sql = crate::pg::connect_sql(&w.conn)
         .await
-        .map_err(|e| format!("cannot connect to warehouse {}: {e}", w.id))?;
-    let row = sql
-        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .map_err(|e| Capture::Retry(format!("cannot connect to warehouse {}: {e}", w.id)))?;
+    let markers = Markers::open(&sql, w.primary.as_ref(), &w.id)
         .await
-        .map_err(|e| format!("cannot read the WAL position of warehouse {}: {e}", w.id))?;
-    let text: String = row.get(0);
-    let lsn: Lsn = text.parse().map_err(|e| format!("{e}"))?;
+        .map_err(|e| match e {
+            SourceError::Config(reason) => Capture::Refused(reason),
+            e => Capture::Retry(format!(
+                "cannot reach the primary of warehouse {}: {e}",
+                w.id
+            )),
+        })?;
+    if !markers.available() {
+        return Err(Capture::Refused(crate::source::marker::refusal(
+            &w.id,
+            "a sync cycle",
+        )));
+    }
     // A commit after the target: the stream reaches the target even if nothing else is
-    // written (pgoutput sends the message's transaction: the slot asks for messages).
-    sql.execute(
-        "SELECT pg_logical_emit_message(true, 'inventorysync', 'sync cycle')",
-        &[],
-    )
-    .await
-    .map_err(|e| format!("cannot write to warehouse {}: {e}", w.id))?;
-    Ok(lsn)
+    // written (pgoutput sends the message's transaction: the slot asks for messages). The
+    // message's own position is past every commit the warehouse had when it was written.
+    let lsn = markers
+        .emit(&sql, "inventorysync", "sync cycle")
+        .await
+        .map_err(|e| Capture::Retry(format!("cannot write to warehouse {}: {e}", w.id)))?;
+    lsn.ok_or_else(|| Capture::Refused(crate::source::marker::refusal(&w.id, "a sync cycle")))
+}
+
+/// Why a sync cycle's target could not be captured.
+enum Capture {
+    /// Worth another try (the warehouse or its primary did not answer).
+    Retry(String),
+    /// Never works as configured: the job fails with this reason.
+    Refused(String),
 }
 
 pub use crate::store::{LOAD_JOB, RESYNC_TIMEOUT, new_job_id};

@@ -7,6 +7,7 @@
 pub mod assemble;
 pub mod conn;
 mod error;
+pub mod marker;
 pub mod pgoutput;
 pub mod relation;
 pub mod resync;

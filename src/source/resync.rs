@@ -16,6 +16,7 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
 
 use super::SourceError;
+use super::marker::Markers;
 use super::snapshot::PublishedTable;
 use crate::Lsn;
 use crate::event::{ChangeEvent, Op, Row, SnapshotMarker, SourceInfo};
@@ -178,18 +179,20 @@ impl OpenChunk {
     }
 }
 
-/// Writes a watermark into the warehouse's WAL.
+/// Writes a watermark into the warehouse's WAL (on the primary, for a standby) and returns
+/// its position.
 pub(crate) async fn watermark(
     sql: &tokio_postgres::Client,
+    markers: &Markers,
     which: &str,
     id: &str,
-) -> Result<(), SourceError> {
-    sql.execute(
-        "SELECT pg_logical_emit_message(true, $1, $2)",
-        &[&WATERMARK_PREFIX, &format!("{which} {id}")],
-    )
-    .await?;
-    Ok(())
+) -> Result<Lsn, SourceError> {
+    let at = markers
+        .emit(sql, WATERMARK_PREFIX, &format!("{which} {id}"))
+        .await?;
+    at.ok_or_else(|| {
+        SourceError::Config("a standby without primary_url writes no watermark".into())
+    })
 }
 
 /// How long a chunk waits for transactions still listed in progress after its low watermark.
@@ -245,6 +248,7 @@ pub(crate) fn parse_watermark(content: &[u8]) -> Option<(&str, &str)> {
 /// primary key cannot be read in chunks: the request is answered with that error.
 pub(crate) async fn start_chunk(
     sql: &tokio_postgres::Client,
+    markers: &Markers,
     table: &PublishedTable,
     req: ChunkRequest,
 ) -> Result<Option<OpenChunk>, SourceError> {
@@ -265,7 +269,10 @@ pub(crate) async fn start_chunk(
         .iter()
         .map(|&i| rel.columns[i].name.clone())
         .collect();
-    watermark(sql, "low", &req.id).await?;
+    let low = watermark(sql, markers, "low", &req.id).await?;
+    // On a standby the chunk's read must see everything before the low watermark, which was
+    // written on the primary.
+    markers.replayed(sql, low).await?;
     settle_commits_before_low_watermark(sql).await?;
     let cols: Vec<String> = rel.columns.iter().map(|c| quote_ident(&c.name)).collect();
     let key_list: Vec<String> = key_names.iter().map(|n| quote_ident(n)).collect();
@@ -362,7 +369,7 @@ pub(crate) async fn start_chunk(
             key: Some(key),
         }));
     }
-    watermark(sql, "high", &req.id).await?;
+    watermark(sql, markers, "high", &req.id).await?;
     let read = fetched.len() as u64;
     Ok(Some(OpenChunk {
         id: req.id,

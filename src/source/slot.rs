@@ -247,9 +247,9 @@ pub async fn slot_health(
     let row = sql
         .query_opt(
             "SELECT coalesce(wal_status, 'unknown'), \
-                    coalesce(pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn), 0)::bigint, \
+                    coalesce(pg_wal_lsn_diff(CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END, restart_lsn), 0)::bigint, \
                     safe_wal_size, \
-                    coalesce(pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn), 0)::bigint \
+                    coalesce(pg_wal_lsn_diff(CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END, confirmed_flush_lsn), 0)::bigint \
              FROM pg_replication_slots WHERE slot_name = $1",
             &[&slot],
         )

@@ -24,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::assemble::{Assembler, Next, SourceIdentity, StreamItem};
 use super::conn::{Frame, FrameReader, FrameWriter, ReplicationConnection};
+use super::marker::Markers;
 use super::pgoutput::{
     LogicalMessage, PG_EPOCH_OFFSET_MICROS, PgOutputDecoder, ReplicationMessage,
     decode_logical_message, decode_replication_message, encode_standby_status_update,
@@ -81,6 +82,9 @@ pub struct SourceOptions {
     /// Write a heartbeat into the warehouse's WAL this often (none: never; `tail` writes
     /// nothing to the database).
     pub heartbeat_interval: Option<Duration>,
+    /// The primary of the standby `conn` points at, where logical messages are written (see
+    /// [`super::marker`]).
+    pub primary: Option<ConnInfo>,
     /// Where forced-resync chunk requests come from (none: `tail`, which never resyncs).
     pub chunks: Option<super::resync::ChunkInbox>,
     /// Checks, at each connection, that the server still has the WAL history the checkpoint
@@ -126,6 +130,7 @@ impl SourceOptions {
             slot_busy_wait: Duration::from_secs(10),
             max_reconnects: None,
             heartbeat_interval: None,
+            primary: None,
             health_interval: Duration::from_secs(10),
             health: None,
             initial_load: InitialLoad::Snapshot,
@@ -283,6 +288,14 @@ async fn run_once(
     // needs the local flush), so a slow or absent standby never holds a chunk up.
     sql.batch_execute("SET synchronous_commit TO local").await?;
     slot::check_publication(&sql, &opts.publication).await?;
+    let markers = Markers::open(&sql, opts.primary.as_ref(), &opts.warehouse_id).await?;
+    match &markers {
+        Markers::Primary(p) => p.batch_execute("SET synchronous_commit TO local").await?,
+        Markers::Refused if opts.heartbeat_interval.is_some() => {
+            tracing::info!(slot = %opts.slot, "the warehouse URL points at a standby and no primary_url is set: no heartbeats (sync cycles and resyncs are refused)");
+        }
+        _ => {}
+    }
     let identity = SourceIdentity {
         warehouse_id: Arc::from(opts.warehouse_id.as_str()),
         db: Arc::from(opts.conn.dbname.as_str()),
@@ -315,7 +328,7 @@ async fn run_once(
         }
         (Some(state), InitialLoad::Snapshot) => state.confirmed_flush.max(checkpoint),
         (None, InitialLoad::Incremental(hook)) if opts.create_slot => {
-            let created = slot::create_slot(&mut conn, &opts.slot, false, opts.failover).await?;
+            let created = create_slot(&mut conn, opts, &markers).await?;
             tracing::info!(slot = %opts.slot, consistent_point = %created.consistent_point, "slot created; its initial load is read in chunks while it streams");
             schedule_load(
                 hook,
@@ -327,7 +340,7 @@ async fn run_once(
             created.consistent_point
         }
         (None, InitialLoad::Snapshot) if opts.create_slot => {
-            let created = slot::create_slot(&mut conn, &opts.slot, false, opts.failover).await?;
+            let created = create_slot(&mut conn, opts, &markers).await?;
             tracing::info!(slot = %opts.slot, consistent_point = %created.consistent_point, "slot created; reading the initial load");
             load_published(&mut sql, opts, &identity, &created, out).await?;
             // Stream only once the load is durable downstream, so that nothing confirmed to
@@ -373,6 +386,7 @@ async fn run_once(
     let mut ticker = tokio::time::interval(status_interval);
     ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let flushed = (*durable.borrow_and_update()).max(start);
+    let heartbeats = markers.available();
     let mut session = Session {
         reader,
         feedback: Feedback {
@@ -386,6 +400,7 @@ async fn run_once(
         assembler: Assembler::new(identity, opts.stream_memory_bytes),
         decoder: PgOutputDecoder::new(),
         sql,
+        markers,
         pending: Vec::with_capacity(MAX_BATCH_ITEMS),
         in_transaction: false,
         open_tx: {
@@ -402,7 +417,7 @@ async fn run_once(
         },
         slot: opts.slot.clone(),
         health: opts.health.clone(),
-        heartbeat: opts.heartbeat_interval.map(|every| {
+        heartbeat: opts.heartbeat_interval.filter(|_| heartbeats).map(|every| {
             let mut i = tokio::time::interval_at(Instant::now() + every, every);
             i.set_missed_tick_behavior(MissedTickBehavior::Delay);
             i
@@ -423,6 +438,39 @@ async fn run_once(
         },
     };
     session.run(cancel).await
+}
+
+/// Creates the slot. On a standby a new slot is consistent once the standby replays a
+/// running-transactions record of the primary's, which the primary writes every 15 s while
+/// busy and not at all while idle: with the primary at hand, it is asked for one meanwhile.
+async fn create_slot(
+    conn: &mut ReplicationConnection,
+    opts: &SourceOptions,
+    markers: &Markers,
+) -> Result<slot::CreatedSlot, SourceError> {
+    let nudge = match (markers, &opts.primary) {
+        (Markers::Primary(_), Some(primary)) => {
+            let primary = primary.clone();
+            Some(tokio::spawn(async move {
+                let Ok(client) = crate::pg::connect_sql(&primary).await else {
+                    return;
+                };
+                loop {
+                    // Needs a superuser or a grant; without it the 15 s record serves.
+                    let _ = client
+                        .execute("SELECT pg_log_standby_snapshot()", &[])
+                        .await;
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            }))
+        }
+        _ => None,
+    };
+    let created = slot::create_slot(conn, &opts.slot, false, opts.failover).await;
+    if let Some(n) = nudge {
+        n.abort();
+    }
+    created
 }
 
 async fn wait_durable(durable: &mut watch::Receiver<Lsn>, target: Lsn, cancel: &CancellationToken) {
@@ -587,6 +635,8 @@ struct Session {
     assembler: Assembler,
     decoder: PgOutputDecoder,
     sql: tokio_postgres::Client,
+    /// Where heartbeats and watermarks are written (the primary, for a standby).
+    markers: Markers,
     pending: Vec<StreamItem>,
     in_transaction: bool,
     /// Mirrors `in_transaction` for [`run`], which decides how long a stop may wait.
@@ -662,12 +712,8 @@ async fn next_chunk(
 /// Writes a heartbeat into the warehouse's WAL: a transactional logical message that makes
 /// the walsender send a commit, so a slot whose tables are quiet still advances. The message
 /// itself is not a row and is never published.
-async fn heartbeat(sql: &tokio_postgres::Client) -> Result<(), SourceError> {
-    sql.execute(
-        "SELECT pg_logical_emit_message(true, 'inventorysync', 'heartbeat')",
-        &[],
-    )
-    .await?;
+async fn heartbeat(sql: &tokio_postgres::Client, markers: &Markers) -> Result<(), SourceError> {
+    markers.emit(sql, "inventorysync", "heartbeat").await?;
     Ok(())
 }
 
@@ -738,7 +784,7 @@ impl Session {
                     continue;
                 }
                 _ = tick_opt(&mut self.heartbeat) => {
-                    sql_within(self.silence, "writing a heartbeat", heartbeat(&self.sql)).await?;
+                    sql_within(self.silence, "writing a heartbeat", heartbeat(&self.sql, &self.markers)).await?;
                     continue;
                 }
                 req = next_chunk(&mut self.chunks), if self.chunk.is_none() && !stopping => {
@@ -995,6 +1041,13 @@ impl Session {
 
     /// Starts a resync chunk: watermarks and the read, on this session's SQL connection.
     async fn begin_chunk(&mut self, req: super::resync::ChunkRequest) -> Result<(), SourceError> {
+        if !self.markers.available() {
+            let _ = req.reply.send(Err(super::marker::refusal(
+                &self.identity.warehouse_id,
+                "a chunk's watermarks",
+            )));
+            return Ok(());
+        }
         let tables = published_tables(&self.sql, &self.publication, &self.identity).await?;
         let Some(table) = tables
             .iter()
@@ -1006,7 +1059,7 @@ impl Session {
             )));
             return Ok(());
         };
-        self.chunk = super::resync::start_chunk(&self.sql, table, req).await?;
+        self.chunk = super::resync::start_chunk(&self.sql, &self.markers, table, req).await?;
         Ok(())
     }
 

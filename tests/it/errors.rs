@@ -302,6 +302,7 @@ async fn a_failing_publisher_always_retries_and_never_fails_the_warehouse() {
         streaming: inventorysync::config::Streaming::Off,
         heartbeat_interval: None,
         failover: false,
+        primary: None,
     };
     // The slot exists before the first change, so that every change is streamed.
     db.exec(&format!(

@@ -226,3 +226,194 @@ async fn a_promoted_standby_streams_on_from_the_checkpoint_with_nothing_lost_or_
     );
     assert_eq!(conflicts(&state).await, Vec::<Value>::new());
 }
+
+/// Issue 18: a warehouse whose URL points at a hot standby (PostgreSQL 16+) streams from a
+/// slot on the standby, so the primary carries no decoding load. Heartbeats and sync-cycle
+/// markers are logical messages, which a standby cannot write: with `primary_url` they are
+/// written on the primary and reach the standby's slot through the WAL. Without it the
+/// stream still works and a sync cycle fails with a message that says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_streams_from_its_own_slot_and_markers_go_through_the_primary() {
+    if pg_major() < 16 {
+        eprintln!(
+            "skipped: decoding on a standby needs PostgreSQL 16 (this is {})",
+            pg_major()
+        );
+        return;
+    }
+    let primary = Pg::start("sb-primary", "wal_level = logical\n");
+    let standby = primary.standby("sb-standby", "sb_standby", "hot_standby_feedback = on\n");
+    let wh = primary.new_db("sb").await;
+    wh.exec(include_str!("../../sql/demo_schema.sql")).await;
+    wh.exec(
+        "CREATE PUBLICATION inventorysync FOR TABLE products, locations, stock_levels;
+         INSERT INTO products (sku, name) SELECT 'SKU-' || g, 'p' || g FROM generate_series(0, 39) g;
+         INSERT INTO locations (location_code, zone) SELECT 'L-' || g, 'z' FROM generate_series(0, 5) g;",
+    )
+    .await;
+    // wh-sb-alone starts empty: without primary_url its initial load is refused.
+    let alone = primary.new_db("sbalone").await;
+    alone.exec(include_str!("../../sql/demo_schema.sql")).await;
+    alone
+        .exec("CREATE PUBLICATION inventorysync FOR TABLE products, locations, stock_levels;")
+        .await;
+    let state = pg().new_db("sbstate").await;
+    let central = Central::start(Faults::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("inventorysync.toml");
+    let url =
+        |port: u16, db: &str| format!("postgres://postgres@127.0.0.1:{port}/{db}?sslmode=disable");
+    std::fs::write(
+        &cfg,
+        format!(
+            "{}\n[[warehouses]]\nid = 'wh-sb'\nurl = '{}'\nprimary_url = '{}'\nslot = 'sb_run'\nheartbeat_secs = 1\n\
+             [[warehouses]]\nid = 'wh-sb-alone'\nurl = '{}'\nslot = 'sb_alone'\n\
+             [[warehouses]]\nid = 'wh-sb-wrong'\nurl = '{}'\nprimary_url = '{}'\nslot = 'sb_wrong'\n",
+            include_str!("../../sql/demo_mapping.toml"),
+            url(standby.port, &wh.name),
+            url(primary.port, &wh.name),
+            url(standby.port, &alone.name),
+            url(standby.port, &alone.name),
+            url(standby.port, &alone.name),
+        ),
+    )
+    .unwrap();
+    let log = dir.path().join("run.log");
+    let (_run, api) = crate::api::run_with_api(&cfg, &state, &central, log.clone(), &[]);
+    wait_streaming(&state, "wh-sb", &log).await;
+    // Without primary_url the chunked initial load has no watermarks: it fails saying so,
+    // and the stream goes on.
+    let refused = Instant::now();
+    loop {
+        let row = state
+            .client
+            .query_opt(
+                "SELECT coalesce(w.error, j.error) FROM sync_jobs j JOIN sync_job_warehouses w ON w.job_id = j.id
+                  WHERE j.kind = 'load' AND j.status = 'failed' AND w.warehouse_id = 'wh-sb-alone'",
+                &[],
+            )
+            .await
+            .unwrap();
+        if let Some(r) = row {
+            let error: Option<String> = r.get(0);
+            let error = error.unwrap_or_default();
+            assert!(
+                error.contains("standby") && error.contains("primary_url"),
+                "{error}"
+            );
+            break;
+        }
+        assert!(
+            refused.elapsed() < Duration::from_secs(30),
+            "wh-sb-alone's load never failed: {}",
+            log_tail(&log)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    while crate::kafka::checkpoint(&state, "wh-sb-alone")
+        .await
+        .is_none()
+    {
+        assert!(
+            refused.elapsed() < Duration::from_secs(30),
+            "{}",
+            log_tail(&log)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // A primary_url that is no primary is a configuration error that names it.
+    loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.contains("warehouses[wh-sb-wrong].primary_url")
+            && text.contains("is a standby too, expected the primary")
+        {
+            break;
+        }
+        assert!(
+            refused.elapsed() < Duration::from_secs(30),
+            "{}",
+            log_tail(&log)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // The slots are on the standby, none on the primary but its physical one.
+    let copy = standby.db(&wh.name).await;
+    let alone_copy = standby.db(&alone.name).await;
+    let on_standby: i64 = copy
+        .client
+        .query_one(
+            "SELECT count(*) FROM pg_replication_slots WHERE slot_name IN ('sb_run', 'sb_alone')",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(on_standby, 2);
+    let on_primary: i64 = wh
+        .client
+        .query_one(
+            "SELECT count(*) FROM pg_replication_slots WHERE slot_type = 'logical'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(on_primary, 0, "no logical slot on the primary");
+    workload(&wh.client, 1, 30).await;
+    alone
+        .exec(
+            "INSERT INTO products (sku, name) SELECT 'SKU-' || g, 'p' || g FROM generate_series(0, 19) g;
+             INSERT INTO locations (location_code, zone) SELECT 'L-' || g, 'z' FROM generate_series(0, 3) g;",
+        )
+        .await;
+    workload(&alone.client, 2, 20).await;
+    // Central equals the standby (which equals the primary) field by field, for both.
+    assert_converges(&central, &copy, "wh-sb", &log).await;
+    assert_converges(&central, &alone_copy, "wh-sb-alone", &log).await;
+    // A heartbeat goes through the primary: a quiet slot moves on past the primary's WAL.
+    let before: String = wh
+        .client
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let before: Lsn = before.parse().unwrap();
+    let moved = Instant::now();
+    loop {
+        let row = copy
+            .client
+            .query_one(
+                "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = 'sb_run'",
+                &[],
+            )
+            .await
+            .unwrap();
+        let at: Option<String> = row.get(0);
+        if at
+            .and_then(|t| t.parse::<Lsn>().ok())
+            .is_some_and(|l| l > before)
+        {
+            break;
+        }
+        assert!(
+            moved.elapsed() < Duration::from_secs(30),
+            "the standby's slot never moved past {before}: {}",
+            log_tail(&log)
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    // A sync cycle: its marker goes through the primary for wh-sb; wh-sb-alone has no
+    // primary_url, and its cycle fails saying so.
+    let id = api.trigger(r#"{"warehouses": ["wh-sb"]}"#).await;
+    let job = api.finished(&id, &log).await;
+    assert_eq!(job["status"], "succeeded", "{job}\n{}", log_tail(&log));
+    let id = api.trigger(r#"{"warehouses": ["wh-sb-alone"]}"#).await;
+    let job = api.finished(&id, &log).await;
+    assert_eq!(job["status"], "failed", "{job}");
+    let text = job.to_string();
+    assert!(
+        text.contains("standby") && text.contains("primary_url"),
+        "the failure says the standby needs primary_url: {job}"
+    );
+    assert_eq!(conflicts(&state).await, Vec::<Value>::new());
+}

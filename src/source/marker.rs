@@ -1,0 +1,145 @@
+//! Where the engine writes its logical messages: heartbeats, sync-cycle markers and resync
+//! watermarks.
+//!
+//! A warehouse URL may point at a hot standby (PostgreSQL 16+ decodes on one), so that the
+//! primary carries no decoding load. A standby is read-only and cannot write a message; one
+//! written on its primary (`primary_url`) reaches the standby's slot through the WAL, at the
+//! same position. Without a primary, the features that need a message are refused with a
+//! message that says so, and streaming goes on.
+
+use std::time::Duration;
+
+use crate::lsn::Lsn;
+use crate::pg::ConnInfo;
+
+use super::SourceError;
+
+/// How often a wait for the standby's replay looks again.
+const REPLAY_POLL: Duration = Duration::from_millis(20);
+
+/// Where a warehouse's logical messages are written.
+pub enum Markers {
+    /// The warehouse server is a primary: on the server itself.
+    Here,
+    /// The warehouse server is a standby: on its primary, over this connection.
+    Primary(tokio_postgres::Client),
+    /// The warehouse server is a standby and no `primary_url` is set: nowhere.
+    Refused,
+}
+
+impl Markers {
+    /// Finds where messages go for the server `here` is connected to (`primary`: the
+    /// warehouse's `primary_url`). A `primary_url` that is not the primary of the same
+    /// cluster and database is a configuration error.
+    pub async fn open(
+        here: &tokio_postgres::Client,
+        primary: Option<&ConnInfo>,
+        warehouse: &str,
+    ) -> Result<Markers, SourceError> {
+        let row = here
+            .query_one(
+                "SELECT pg_is_in_recovery(), (SELECT system_identifier::text FROM pg_control_system()), current_database()::text",
+                &[],
+            )
+            .await?;
+        let (standby, system, db): (bool, String, String) = (row.get(0), row.get(1), row.get(2));
+        if !standby {
+            return Ok(Markers::Here);
+        }
+        let Some(p) = primary else {
+            return Ok(Markers::Refused);
+        };
+        let client = crate::pg::connect_sql(p).await?;
+        let row = client
+            .query_one(
+                "SELECT pg_is_in_recovery(), (SELECT system_identifier::text FROM pg_control_system()), current_database()::text",
+                &[],
+            )
+            .await?;
+        let (p_standby, p_system, p_db): (bool, String, String) =
+            (row.get(0), row.get(1), row.get(2));
+        let wrong = if p_standby {
+            Some("is a standby too, expected the primary".to_string())
+        } else if p_system != system {
+            Some(format!(
+                "is another cluster (system identifier {p_system}, the standby's is {system})"
+            ))
+        } else if p_db != db {
+            Some(format!(
+                "is database {p_db:?}, expected the standby's database {db:?} (a message reaches only the slots of its own database)"
+            ))
+        } else {
+            None
+        };
+        match wrong {
+            Some(why) => Err(SourceError::Config(format!(
+                "warehouses[{warehouse}].primary_url ({}:{}/{}) {why}",
+                p.host, p.port, p.dbname
+            ))),
+            None => Ok(Markers::Primary(client)),
+        }
+    }
+
+    /// Whether messages can be written.
+    pub fn available(&self) -> bool {
+        !matches!(self, Markers::Refused)
+    }
+
+    /// Writes a transactional logical message and returns its position, or `None` when the
+    /// server is a standby without a primary to write on.
+    pub async fn emit(
+        &self,
+        here: &tokio_postgres::Client,
+        prefix: &str,
+        content: &str,
+    ) -> Result<Option<Lsn>, SourceError> {
+        let client = match self {
+            Markers::Here => here,
+            Markers::Primary(c) => c,
+            Markers::Refused => return Ok(None),
+        };
+        let row = client
+            .query_one(
+                "SELECT pg_logical_emit_message(true, $1, $2)::text",
+                &[&prefix, &content],
+            )
+            .await?;
+        let text: String = row.get(0);
+        text.parse::<Lsn>().map(Some).map_err(|e| {
+            SourceError::Protocol(format!("pg_logical_emit_message returned {text:?}: {e}"))
+        })
+    }
+
+    /// Waits until the server `here` is connected to has replayed the WAL up to `lsn`: a
+    /// standby's snapshots see a message written on the primary only from then on. At once on
+    /// a primary.
+    pub async fn replayed(
+        &self,
+        here: &tokio_postgres::Client,
+        lsn: Lsn,
+    ) -> Result<(), SourceError> {
+        if !matches!(self, Markers::Primary(_)) {
+            return Ok(());
+        }
+        loop {
+            let row = here
+                .query_one("SELECT pg_last_wal_replay_lsn()::text", &[])
+                .await?;
+            let at: Option<String> = row.get(0);
+            if at
+                .and_then(|t| t.parse::<Lsn>().ok())
+                .is_some_and(|at| at >= lsn)
+            {
+                return Ok(());
+            }
+            tokio::time::sleep(REPLAY_POLL).await;
+        }
+    }
+}
+
+/// Why a feature that writes a message is refused on a standby without `primary_url`.
+pub fn refusal(warehouse: &str, what: &str) -> String {
+    format!(
+        "warehouse {warehouse}'s URL points at a standby, which cannot write the logical message {what} needs: set primary_url in its [[warehouses]] entry to the primary (same database)"
+    )
+}
