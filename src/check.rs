@@ -459,6 +459,40 @@ async fn check_warehouse(
     if w.failover {
         check_failover(r, &t, &sql, w).await;
     }
+    check_standby(r, &t, &sql, w).await;
+}
+
+/// A URL at a hot standby (decoding there, PostgreSQL 16+): whether `primary_url` is set and
+/// is the standby's primary, which writes the logical messages a standby cannot.
+async fn check_standby(r: &mut Report, t: &str, sql: &tokio_postgres::Client, w: &WarehouseConfig) {
+    use crate::source::marker::Markers;
+    match Markers::open(sql, w.primary.as_ref(), &w.id).await {
+        Ok(Markers::Here) if w.primary.is_some() => r.warn(
+            t,
+            "standby",
+            "the URL points at a primary: primary_url is not used",
+            "remove primary_url, or point url at the standby that should decode",
+        ),
+        Ok(Markers::Here) => {}
+        Ok(Markers::Primary(_)) => r.add(
+            t,
+            "standby",
+            Status::Ok,
+            "decoding on a standby; heartbeats, sync-cycle markers and chunk watermarks are written on primary_url",
+        ),
+        Ok(Markers::Refused) => r.warn(
+            t,
+            "standby",
+            "the URL points at a standby and no primary_url is set: streaming works, but heartbeats are off and the initial load, forced resyncs and sync cycles fail",
+            "set primary_url to the standby's primary (same database)",
+        ),
+        Err(e) => r.fail(
+            t,
+            "standby",
+            e.to_string(),
+            "point primary_url at the standby's primary, same database",
+        ),
+    }
 }
 
 /// `failover = true`: the server has failover slots (17+), the slot is one, and a standby

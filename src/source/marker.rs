@@ -37,12 +37,9 @@ impl Markers {
         warehouse: &str,
     ) -> Result<Markers, SourceError> {
         let row = here
-            .query_one(
-                "SELECT pg_is_in_recovery(), (SELECT system_identifier::text FROM pg_control_system()), current_database()::text",
-                &[],
-            )
+            .query_one("SELECT pg_is_in_recovery(), current_database()::text", &[])
             .await?;
-        let (standby, system, db): (bool, String, String) = (row.get(0), row.get(1), row.get(2));
+        let (standby, db): (bool, String) = (row.get(0), row.get(1));
         if !standby {
             return Ok(Markers::Here);
         }
@@ -51,16 +48,17 @@ impl Markers {
         };
         let client = crate::pg::connect_sql(p).await?;
         let row = client
-            .query_one(
-                "SELECT pg_is_in_recovery(), (SELECT system_identifier::text FROM pg_control_system()), current_database()::text",
-                &[],
-            )
+            .query_one("SELECT pg_is_in_recovery(), current_database()::text", &[])
             .await?;
-        let (p_standby, p_system, p_db): (bool, String, String) =
-            (row.get(0), row.get(1), row.get(2));
+        let (p_standby, p_db): (bool, String) = (row.get(0), row.get(1));
+        // pg_control_system() needs a superuser or pg_monitor: without it, the comparison of
+        // the clusters is skipped.
+        let (system, p_system) = (system_id(here).await, system_id(&client).await);
         let wrong = if p_standby {
             Some("is a standby too, expected the primary".to_string())
-        } else if p_system != system {
+        } else if let (Some(system), Some(p_system)) = (&system, &p_system)
+            && p_system != system
+        {
             Some(format!(
                 "is another cluster (system identifier {p_system}, the standby's is {system})"
             ))
@@ -135,6 +133,18 @@ impl Markers {
             tokio::time::sleep(REPLAY_POLL).await;
         }
     }
+}
+
+/// The server's system identifier, when this role may read it.
+async fn system_id(client: &tokio_postgres::Client) -> Option<String> {
+    client
+        .query_one(
+            "SELECT system_identifier::text FROM pg_control_system()",
+            &[],
+        )
+        .await
+        .ok()
+        .map(|r| r.get(0))
 }
 
 /// Why a feature that writes a message is refused on a standby without `primary_url`.

@@ -336,6 +336,20 @@ async fn a_standby_streams_from_its_own_slot_and_markers_go_through_the_primary(
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    // `check` says which of them decode on a standby, and what each lacks.
+    let toml = std::fs::read_to_string(&cfg).unwrap();
+    let env = vec![
+        ("DB_URL", state.url_as("postgres")),
+        ("WAREHOUSE_API_ENDPOINT", central.endpoint()),
+    ];
+    let (_, out) = crate::cli::run_check(&toml, &env);
+    for want in [
+        "decoding on a standby; heartbeats, sync-cycle markers and chunk watermarks are written on primary_url",
+        "the URL points at a standby and no primary_url is set",
+        "is a standby too, expected the primary",
+    ] {
+        assert!(out.contains(want), "check says {want:?}: {out}");
+    }
     // The slots are on the standby, none on the primary but its physical one.
     let copy = standby.db(&wh.name).await;
     let alone_copy = standby.db(&alone.name).await;
