@@ -17,6 +17,27 @@ use crate::consumer::{
 };
 use crate::harness::{Pg, TestDb, pg, pg_major};
 
+/// What `check` prints for the configuration `cfg`.
+fn check_output(cfg: &std::path::Path, state: &TestDb, central: &Central) -> String {
+    let toml = std::fs::read_to_string(cfg).unwrap();
+    let env = vec![
+        ("DB_URL", state.url_as("postgres")),
+        ("WAREHOUSE_API_ENDPOINT", central.endpoint()),
+    ];
+    crate::cli::run_check(&toml, &env).1
+}
+
+/// The demo schema in `wh`, published, with 40 products and 6 locations.
+async fn demo_warehouse(wh: &TestDb) {
+    wh.exec(include_str!("../../sql/demo_schema.sql")).await;
+    wh.exec(
+        "CREATE PUBLICATION inventorysync FOR TABLE products, locations, stock_levels;
+         INSERT INTO products (sku, name) SELECT 'SKU-' || g, 'p' || g FROM generate_series(0, 39) g;
+         INSERT INTO locations (location_code, zone) SELECT 'L-' || g, 'z' FROM generate_series(0, 5) g;",
+    )
+    .await;
+}
+
 /// Whether `slot` is a failover slot (none: no such slot, or no failover slots here).
 async fn is_failover(db: &TestDb, slot: &str) -> Option<bool> {
     db.client
@@ -121,13 +142,7 @@ async fn a_promoted_standby_streams_on_from_the_checkpoint_with_nothing_lost_or_
         admin.batch_execute(sql).await.unwrap();
     }
     let wh = primary.new_db("fo").await;
-    wh.exec(include_str!("../../sql/demo_schema.sql")).await;
-    wh.exec(
-        "CREATE PUBLICATION inventorysync FOR TABLE products, locations, stock_levels;
-         INSERT INTO products (sku, name) SELECT 'SKU-' || g, 'p' || g FROM generate_series(0, 39) g;
-         INSERT INTO locations (location_code, zone) SELECT 'L-' || g, 'z' FROM generate_series(0, 5) g;",
-    )
-    .await;
+    demo_warehouse(&wh).await;
     let state = pg().new_db("fostate").await;
     let central = Central::start(Faults::default()).await;
     let dir = tempfile::tempdir().unwrap();
@@ -173,12 +188,7 @@ async fn a_promoted_standby_streams_on_from_the_checkpoint_with_nothing_lost_or_
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     // `check` says the slot is a failover slot and a standby synchronizes it.
-    let toml = std::fs::read_to_string(&cfg).unwrap();
-    let env = vec![
-        ("DB_URL", state.url_as("postgres")),
-        ("WAREHOUSE_API_ENDPOINT", central.endpoint()),
-    ];
-    let (_, out) = crate::cli::run_check(&toml, &env);
+    let out = check_output(&cfg, &state, &central);
     assert!(
         out.contains("fo_run is a failover slot")
             && out.contains("1 standby(s) synchronize slots; the slot waits for fo_standby"),
@@ -244,13 +254,7 @@ async fn a_standby_streams_from_its_own_slot_and_markers_go_through_the_primary(
     let primary = Pg::start("sb-primary", "wal_level = logical\n");
     let standby = primary.standby("sb-standby", "sb_standby", "hot_standby_feedback = on\n");
     let wh = primary.new_db("sb").await;
-    wh.exec(include_str!("../../sql/demo_schema.sql")).await;
-    wh.exec(
-        "CREATE PUBLICATION inventorysync FOR TABLE products, locations, stock_levels;
-         INSERT INTO products (sku, name) SELECT 'SKU-' || g, 'p' || g FROM generate_series(0, 39) g;
-         INSERT INTO locations (location_code, zone) SELECT 'L-' || g, 'z' FROM generate_series(0, 5) g;",
-    )
-    .await;
+    demo_warehouse(&wh).await;
     // wh-sb-alone starts empty: without primary_url its initial load is refused.
     let alone = primary.new_db("sbalone").await;
     alone.exec(include_str!("../../sql/demo_schema.sql")).await;
@@ -337,12 +341,7 @@ async fn a_standby_streams_from_its_own_slot_and_markers_go_through_the_primary(
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     // `check` says which of them decode on a standby, and what each lacks.
-    let toml = std::fs::read_to_string(&cfg).unwrap();
-    let env = vec![
-        ("DB_URL", state.url_as("postgres")),
-        ("WAREHOUSE_API_ENDPOINT", central.endpoint()),
-    ];
-    let (_, out) = crate::cli::run_check(&toml, &env);
+    let out = check_output(&cfg, &state, &central);
     for want in [
         "decoding on a standby; heartbeats, sync-cycle markers and chunk watermarks are written on primary_url",
         "the URL points at a standby and no primary_url is set",
