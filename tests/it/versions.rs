@@ -261,6 +261,54 @@ async fn a_standby_streams_from_its_own_slot_and_markers_go_through_the_primary(
     alone
         .exec("CREATE PUBLICATION inventorysync FOR TABLE products, locations, stock_levels;")
         .await;
+    // The standby has replayed the setup (its databases and publications) before the
+    // engine looks.
+    let setup: String = wh
+        .client
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let setup: Lsn = setup.parse().unwrap();
+    let standby_admin = standby.db("postgres").await;
+    let since = Instant::now();
+    loop {
+        let at: Option<String> = standby_admin
+            .client
+            .query_one("SELECT pg_last_wal_replay_lsn()::text", &[])
+            .await
+            .unwrap()
+            .get(0);
+        if at
+            .and_then(|t| t.parse::<Lsn>().ok())
+            .is_some_and(|at| at >= setup)
+        {
+            break;
+        }
+        assert!(
+            since.elapsed() < Duration::from_secs(30),
+            "the standby never replayed the setup"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for db in [&wh.name, &alone.name] {
+        let copy = standby.db(db).await;
+        let since = Instant::now();
+        while copy
+            .client
+            .query_one("SELECT count(*) FROM pg_publication", &[])
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+            == 0
+        {
+            assert!(
+                since.elapsed() < Duration::from_secs(30),
+                "the standby never replayed {db}'s publication"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
     let state = pg().new_db("sbstate").await;
     let central = Central::start(Faults::default()).await;
     let dir = tempfile::tempdir().unwrap();
