@@ -165,7 +165,12 @@ impl StateDb {
         .execute(&mut *tx)
         .await?;
         sqlx::query(
-            "INSERT INTO sync_job_warehouses (job_id, warehouse_id) SELECT $1, unnest($2::text[])",
+            // The baseline of changesDelivered is taken when the job is asked for: a job
+            // that waits in the queue still counts what was delivered meanwhile.
+            "INSERT INTO sync_job_warehouses (job_id, warehouse_id, delivered_baseline)
+             SELECT $1, w, coalesce(
+                    (SELECT delivered FROM consumer_progress WHERE warehouse_id = w), 0)
+               FROM unnest($2::text[]) AS w",
         )
         .bind(id)
         .bind(warehouses)
@@ -290,8 +295,8 @@ impl StateDb {
             .collect()
     }
 
-    /// Sets a job warehouse's target and progress baseline, once (a second capture by another
-    /// process keeps the first).
+    /// Sets a job warehouse's target once (a second capture by another process keeps the
+    /// first), and its progress baseline if the job was created without one.
     pub async fn set_job_target(
         &self,
         job_id: &str,
@@ -301,7 +306,7 @@ impl StateDb {
         sqlx::query(
             "UPDATE sync_job_warehouses
                 SET target_lsn = $3::text::pg_lsn,
-                    delivered_baseline = coalesce(
+                    delivered_baseline = coalesce(delivered_baseline,
                         (SELECT delivered FROM consumer_progress WHERE warehouse_id = $2), 0),
                     error = NULL
               WHERE job_id = $1 AND warehouse_id = $2 AND target_lsn IS NULL",
