@@ -108,17 +108,26 @@ impl Markers {
         })
     }
 
-    /// Waits until the server `here` is connected to has replayed the WAL up to `lsn`: a
-    /// standby's snapshots see a message written on the primary only from then on. At once on
-    /// a primary.
-    pub async fn replayed(
-        &self,
-        here: &tokio_postgres::Client,
-        lsn: Lsn,
-    ) -> Result<(), SourceError> {
-        if !matches!(self, Markers::Primary(_)) {
+    /// Waits until the server `here` is connected to has replayed everything its primary
+    /// had written when this is called, so that a standby's snapshots see every transaction
+    /// that committed on the primary before (the message just written and its commit among
+    /// them). At once on a primary.
+    ///
+    /// Why the primary's position now and not the message's own: a message is transactional
+    /// and decoded at its transaction's commit, which comes after the message record. A
+    /// transaction that commits between the two is decoded before the message, yet a standby
+    /// that had replayed only the message record would not see it yet.
+    pub async fn caught_up(&self, here: &tokio_postgres::Client) -> Result<(), SourceError> {
+        let Markers::Primary(primary) = self else {
             return Ok(());
-        }
+        };
+        let row = primary
+            .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
+            .await?;
+        let text: String = row.get(0);
+        let lsn = text.parse::<Lsn>().map_err(|e| {
+            SourceError::Protocol(format!("pg_current_wal_insert_lsn returned {text:?}: {e}"))
+        })?;
         loop {
             let row = here
                 .query_one("SELECT pg_last_wal_replay_lsn()::text", &[])

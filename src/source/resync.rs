@@ -269,10 +269,10 @@ pub(crate) async fn start_chunk(
         .iter()
         .map(|&i| rel.columns[i].name.clone())
         .collect();
-    let low = watermark(sql, markers, "low", &req.id).await?;
-    // On a standby the chunk's read must see everything before the low watermark, which was
-    // written on the primary.
-    markers.replayed(sql, low).await?;
+    watermark(sql, markers, "low", &req.id).await?;
+    // On a standby the chunk's read must see everything committed before the low watermark's
+    // own commit, which was written on the primary.
+    markers.caught_up(sql).await?;
     settle_commits_before_low_watermark(sql).await?;
     let cols: Vec<String> = rel.columns.iter().map(|c| quote_ident(&c.name)).collect();
     let key_list: Vec<String> = key_names.iter().map(|n| quote_ident(n)).collect();

@@ -737,10 +737,12 @@ pub(crate) async fn seed_stock(db: &TestDb, skus: usize, locations: usize) {
     .await;
 }
 
-/// Keeps changing stock levels until `stop`.
-fn keep_writing(
+/// Keeps changing (and deleting) stock levels until `stop`, from step `from` of the sequence
+/// on (writers with different `from` touch different rows at a time).
+pub(crate) fn keep_writing(
     db: &TestDb,
     stop: tokio_util::sync::CancellationToken,
+    from: u64,
 ) -> tokio::task::JoinHandle<u64> {
     let url = db.url_as("postgres");
     tokio::spawn(async move {
@@ -748,7 +750,7 @@ fn keep_writing(
             .await
             .unwrap();
         tokio::spawn(conn);
-        let mut n = 0u64;
+        let mut n = from;
         while !stop.is_cancelled() {
             n += 1;
             client
@@ -765,7 +767,7 @@ fn keep_writing(
                 .unwrap();
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        n
+        n - from
     })
 }
 
@@ -805,7 +807,7 @@ async fn a_resync_repairs_a_wiped_or_tampered_central_while_writes_go_on() {
     for (round, tamper) in [(0, false), (1, true)] {
         central.damage("wh-resync", tamper).await;
         let stop = tokio_util::sync::CancellationToken::new();
-        let writer = keep_writing(&db, stop.clone());
+        let writer = keep_writing(&db, stop.clone(), 0);
         let (status, v) = api.post("/sync/warehouses/wh-resync", "").await;
         assert_eq!(status, 202, "{v}");
         let id = v["jobId"].as_str().unwrap().to_string();

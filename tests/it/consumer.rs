@@ -205,10 +205,12 @@ pub async fn converges_except(
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // Each as (key, the warehouse's, central's).
     let missing: Vec<_> = want
         .iter()
         .filter(|(k, v)| got.get(*k) != Some(v))
         .take(5)
+        .map(|(k, v)| (k, v, got.get(k)))
         .collect();
     let extra: Vec<_> = got
         .iter()
@@ -216,7 +218,7 @@ pub async fn converges_except(
         .take(5)
         .collect();
     panic!(
-        "central differs from the warehouse (but {except:?}: {} vs {} entities); missing or different: {missing:?}; extra: {extra:?}; run's log ends:\n{}",
+        "central differs from the warehouse (but {except:?}: {} vs {} entities); missing or different (key, warehouse, central): {missing:?}; extra: {extra:?}; run's log ends:\n{}",
         got.len(),
         want.len(),
         log_tail(log)
