@@ -237,6 +237,25 @@ async fn a_promoted_standby_streams_on_from_the_checkpoint_with_nothing_lost_or_
     assert_eq!(conflicts(&state).await, Vec::<Value>::new());
 }
 
+/// A primary and a hot standby (`hot_standby_feedback`, physical slot `{name}_standby`),
+/// or `None` (saying so) before PostgreSQL 16, which cannot decode on a standby.
+fn standby_pair(name: &str) -> Option<(Pg, Pg)> {
+    if pg_major() < 16 {
+        eprintln!(
+            "skipped: decoding on a standby needs PostgreSQL 16 (this is {})",
+            pg_major()
+        );
+        return None;
+    }
+    let primary = Pg::start(&format!("{name}-primary"), "wal_level = logical\n");
+    let standby = primary.standby(
+        &format!("{name}-standby"),
+        &format!("{name}_standby"),
+        "hot_standby_feedback = on\n",
+    );
+    Some((primary, standby))
+}
+
 /// Waits until `standby` has replayed everything `primary` (a database on its primary) had
 /// written, and sees a publication in each of `dbs`: an engine started earlier could find
 /// no publication there yet. The insert position, not the write position: the test clusters
@@ -292,20 +311,15 @@ async fn standby_ready(primary: &TestDb, standby: &Pg, dbs: &[&str]) {
 /// Issue 18: resyncs read on a standby while writers race their watermarks undo no write. A
 /// watermark is a transactional message, decoded at its transaction's commit, so a write
 /// that commits between the message record and that commit comes before the chunk's window
-/// in the stream: the chunk's read must see it. A standby that had replayed only the
-/// message record did not, and the chunk sent the row as it was before, at a newer version
-/// (CI's PG 18 smoke run: central held rows at their initial-load values).
+/// in the stream: the chunk's read must see it. A standby that has replayed only the
+/// message record may not see it yet, and the chunk would send the row as it was before, at
+/// a newer version. (The window is microseconds: this test guards the wait, it did not catch
+/// the race before the fix.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resyncs_read_on_a_standby_while_writers_race_their_watermarks_undo_no_write() {
-    if pg_major() < 16 {
-        eprintln!(
-            "skipped: decoding on a standby needs PostgreSQL 16 (this is {})",
-            pg_major()
-        );
+    let Some((primary, standby)) = standby_pair("sbr") else {
         return;
-    }
-    let primary = Pg::start("sbr-primary", "wal_level = logical\n");
-    let standby = primary.standby("sbr-standby", "sbr_standby", "hot_standby_feedback = on\n");
+    };
     let wh = primary.new_db("sbr").await;
     wh.exec(include_str!("../../sql/demo_schema.sql")).await;
     wh.exec("CREATE PUBLICATION inventorysync FOR TABLE products, locations, stock_levels")
@@ -368,15 +382,9 @@ async fn resyncs_read_on_a_standby_while_writers_race_their_watermarks_undo_no_w
 /// stream still works and a sync cycle fails with a message that says why.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_standby_streams_from_its_own_slot_and_markers_go_through_the_primary() {
-    if pg_major() < 16 {
-        eprintln!(
-            "skipped: decoding on a standby needs PostgreSQL 16 (this is {})",
-            pg_major()
-        );
+    let Some((primary, standby)) = standby_pair("sb") else {
         return;
-    }
-    let primary = Pg::start("sb-primary", "wal_level = logical\n");
-    let standby = primary.standby("sb-standby", "sb_standby", "hot_standby_feedback = on\n");
+    };
     let wh = primary.new_db("sb").await;
     demo_warehouse(&wh).await;
     // wh-sb-alone starts empty: without primary_url its initial load is refused.
