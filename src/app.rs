@@ -59,6 +59,11 @@ pub struct WarehouseConfig {
     pub primary: Option<ConnInfo>,
 }
 
+/// Commits handed to the bus and not yet acknowledged, at most. The bus and the consumer
+/// stage's budget bound what is in flight, in events; this only bounds the acks' memory (a
+/// small future each). At 1,024, transactions of 10 rows capped the pipeline at about
+/// 10,000 events in flight, too few to keep central busy while the next batch was prepared.
+const UNACKED_COMMITS: usize = 65_536;
 /// How often a standby asks for a warehouse it does not own.
 const LEASE_POLL: Duration = Duration::from_secs(3);
 /// A handover waits for the outcome of everything its stream handed on, however long that
@@ -616,7 +621,7 @@ async fn run_pipeline<B: Bus>(
         .generation
         .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     let (items_tx, items_rx) = mpsc::channel(16);
-    let (acks_tx, mut acks_rx) = mpsc::channel::<CommitAck>(1024);
+    let (acks_tx, mut acks_rx) = mpsc::channel::<CommitAck>(UNACKED_COMMITS);
     let (durable_tx, durable_rx) = watch::channel(checkpoint);
     let child = release.child_token();
     let mut opts = SourceOptions::new(&w.id, w.conn.clone(), &w.slot, &w.publication);

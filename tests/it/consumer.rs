@@ -458,6 +458,52 @@ async fn json_rows(state: &TestDb, query: &str) -> Vec<Value> {
         .unwrap_or_default()
 }
 
+/// The benchmarks wait for central's count with one request each (polling every 20 ms
+/// took CPU from the engine they measure): `applied_at_least` answers once the count is
+/// reached, and after `wait_s` with the count as it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_reference_central_answers_a_count_wait_once_it_is_reached() {
+    let central = Central::start(Faults::default()).await;
+    let url = |n: u64, wait: u64| {
+        format!(
+            "http://{}/admin/stats?latency=false&applied_at_least={n}&wait_s={wait}",
+            central.addr
+        )
+    };
+    let started = std::time::Instant::now();
+    let timed_out = central.get(&url(1, 1)).await;
+    assert_eq!(timed_out["applied"], 0, "{timed_out}");
+    assert!(started.elapsed() >= Duration::from_secs(1), "it waited");
+    let waiting = tokio::spawn({
+        let (http, url) = (central.http.clone(), url(1, 30));
+        async move {
+            http.get(url)
+                .send()
+                .await
+                .unwrap()
+                .json::<Value>()
+                .await
+                .unwrap()
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!waiting.is_finished(), "nothing applied yet: still waiting");
+    let change = json!({
+        "entity": "product", "op": "upsert", "key": {"sku": "SKU-1"},
+        "data": {"name": "one", "unit_price": null, "attributes": {}},
+        "version": "0000000000000010:00000000",
+        "source": {"table": "public.products", "lsn": "0/10",
+                   "committed_at": "2026-12-01T00:00:00Z", "snapshot": false}
+    });
+    let answer = central.post("wh", change).await;
+    assert_eq!(answer["results"][0]["status"], "applied", "{answer}");
+    let woken = tokio::time::timeout(Duration::from_secs(10), waiting)
+        .await
+        .expect("answered once the change was applied")
+        .unwrap();
+    assert_eq!(woken["applied"], 1, "{woken}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn embedded_bus_end_to_end_central_equals_the_warehouse() {
     let db = demo_warehouse("cemb").await;
