@@ -4,12 +4,14 @@
 # Source it after scripts/lib/pg.sh with ROWS set; it defines bin, dir, port, cport, url,
 # psql, pids (killed on exit), central_pid and the functions below.
 
-# BENCH_BIN=PATH measures that binary instead of building this tree's (to compare two builds).
+# BENCH_BIN=PATH measures that binary instead of building this tree's (to compare two builds);
+# BENCH_CENTRAL_BIN=PATH runs the reference central server from another binary (an older
+# engine against this tree's central, whose `applied_at_least` the waits use).
 if [ -n "${BENCH_BIN:-}" ]; then
   bin=$BENCH_BIN
 else
   cargo build --release --quiet
-  bin="$PWD/target/release/inventorysync"
+  bin="${CARGO_TARGET_DIR:-$PWD/target}/release/inventorysync"
 fi
 
 dir=$(mktemp -d /tmp/inventorysync-bench.XXXXXX)
@@ -33,7 +35,7 @@ psql=(psql -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$port" -U postgres)
   INSERT INTO products (sku, name, unit_price) SELECT 'SKU-' || g, 'product ' || g, g / 100.0 FROM generate_series(1, 2000) g;
   INSERT INTO locations SELECT 'L-' || g, 'zone ' || (g % 7) FROM generate_series(1, 100) g;"
 
-"$bin" central --listen "127.0.0.1:$cport" 2>"$dir/central.log" &
+"${BENCH_CENTRAL_BIN:-$bin}" central --listen "127.0.0.1:$cport" 2>"$dir/central.log" &
 central_pid=$!
 pids+=($central_pid)
 cpu_s() { awk '{printf "%.2f", ($14 + $15) / 100}' "/proc/$1/stat"; }
