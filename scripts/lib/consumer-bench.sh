@@ -40,9 +40,10 @@ central_pid=$!
 pids+=($central_pid)
 cpu_s() { awk '{printf "%.2f", ($14 + $15) / 100}' "/proc/$1/stat"; }
 stats() { curl -sf "http://127.0.0.1:$cport/admin/stats${1:-}"; }
-applied() { # without a Python start per poll: the polling must not take CPU from the run
+applied() { # [at least]: central's count of applied changes (once it reached that many,
+  # or after 60 s); without a Python start per call
   local s
-  s=$(stats "?latency=false") # counting only: no sorting of the samples per poll
+  s=$(stats "?latency=false${1:+&applied_at_least=$1&wait_s=60}") # no sorting of the samples
   [[ $s =~ \"applied\":([0-9]+) ]] && echo "${BASH_REMATCH[1]}"
 }
 until curl -sf "http://127.0.0.1:$cport/health" >/dev/null; do sleep 0.1; done
@@ -63,11 +64,8 @@ SQL
 wait_applied() { # target: waits until central has applied at least that many changes, in
   # requests that central answers only then (polling every 20 ms took a third of the two
   # cores from the run measured: a curl costs about 10 ms of CPU)
-  local s
-  until s=$(stats "?latency=false&applied_at_least=$1&wait_s=60") &&
-    [[ $s =~ \"applied\":([0-9]+) ]] && [ "${BASH_REMATCH[1]}" -ge "$1" ]; do
-    sleep 0.1
-  done
+  local n
+  until n=$(applied "$1") && [ "$n" -ge "$1" ]; do sleep 0.1; done
 }
 
 load_stock() { # ROWS stock levels in transactions of 1,000

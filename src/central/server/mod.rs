@@ -207,8 +207,8 @@ struct ServerState {
     /// comes again is a second try (a hedge, or a retry after a lost answer), not a replay.
     applied_keys: std::sync::Mutex<std::collections::HashSet<String>>,
     stats: Stats,
-    /// The count of applied changes, told to those waiting for one (`applied_at_least`).
-    applied_now: tokio::sync::watch::Sender<u64>,
+    /// Told when changes were applied, to those waiting for a count (`applied_at_least`).
+    applied_more: tokio::sync::Notify,
 }
 
 /// The server's settings.
@@ -232,7 +232,7 @@ impl CentralServer {
             tried: Default::default(),
             applied_keys: Default::default(),
             stats: Stats::default(),
-            applied_now: tokio::sync::watch::Sender::new(0),
+            applied_more: tokio::sync::Notify::new(),
         });
         Router::new()
             .route("/api/warehouse/{id}/changes", post(post_changes))
@@ -512,12 +512,7 @@ async fn post_changes(
         }
     }
     if results.iter().any(|r| r.status == ResultStatus::Applied) {
-        let applied = state.stats.applied.load(Ordering::Relaxed);
-        state.applied_now.send_if_modified(|n| {
-            let moved = applied > *n;
-            *n = (*n).max(applied);
-            moved
-        });
+        state.applied_more.notify_waiters();
     }
     if faults.answer_delay_ms > 0 {
         tokio::time::sleep(Duration::from_millis(faults.answer_delay_ms)).await;
@@ -571,9 +566,20 @@ async fn get_stats(
 ) -> Json<Value> {
     if let Some(target) = q.applied_at_least {
         let wait = Duration::from_secs(q.wait_s.unwrap_or(60).min(600));
-        let mut applied = state.applied_now.subscribe();
+        let reached = async {
+            loop {
+                // Listening before the count is read: an apply in between is not missed.
+                let more = state.applied_more.notified();
+                tokio::pin!(more);
+                more.as_mut().enable();
+                if state.stats.applied.load(Ordering::Relaxed) >= target {
+                    return;
+                }
+                more.await;
+            }
+        };
         // Timed out: the counts as they are (the caller compares them with its target).
-        let _ = tokio::time::timeout(wait, applied.wait_for(|n| *n >= target)).await;
+        let _ = tokio::time::timeout(wait, reached).await;
     }
     let s = &state.stats;
     let n = |c: &AtomicU64| c.load(Ordering::Relaxed);
