@@ -501,11 +501,11 @@ async fn supervise<B: Bus>(
         .warehouse_owned
         .with_label_values(&[&w.id])
         .set(1);
-    status.state.send_replace(StreamState::Streaming);
+    // Streaming once the replication stream is open (the pipeline says so), not before.
+    status.state.send_replace(StreamState::Starting);
     let mut backoff = crate::backoff::Backoff::new();
     let result = loop {
         let started = Instant::now();
-        status.state.send_replace(StreamState::Streaming);
         // Why the pipeline is restarted from the checkpoint (after a backoff), if it is.
         let retry = match run_pipeline(&w, &state, &bus, &status, &lease, &release, &cancel).await {
             Ok(()) if release.is_cancelled() => break Ok(()),
@@ -604,7 +604,7 @@ async fn run_pipeline<B: Bus>(
     w: &WarehouseConfig,
     state: &StateDb,
     bus: &B,
-    status: &WarehouseStatus,
+    status: &Arc<WarehouseStatus>,
     lease: &WarehouseLease,
     release: &CancellationToken,
     cancel: &CancellationToken,
@@ -632,6 +632,12 @@ async fn run_pipeline<B: Bus>(
     opts.primary = w.primary.clone();
     opts.failover = w.failover;
     opts.health = Some(status.slot_health.clone());
+    opts.on_streaming = Some({
+        let state = status.clone();
+        stream::OnStreaming(Arc::new(move || {
+            state.state.send_replace(StreamState::Streaming);
+        }))
+    });
     opts.chunks = Some(status.chunk_inbox.clone());
     opts.origin = Some(OriginGuard {
         expected: expected_origin,

@@ -77,6 +77,9 @@ pub struct SourceOptions {
     pub health_interval: Duration,
     /// Where the latest slot health goes (for metrics and readiness).
     pub health: Option<Arc<watch::Sender<Option<slot::SlotHealth>>>>,
+    /// Called each time the server has opened the replication stream (after
+    /// `START_REPLICATION`): from then on the warehouse streams, not before.
+    pub on_streaming: Option<OnStreaming>,
     /// How a slot's tables are read before (or while) its changes stream.
     pub initial_load: InitialLoad,
     /// Write a heartbeat into the warehouse's WAL this often (none: never; `tail` writes
@@ -109,6 +112,16 @@ impl std::fmt::Debug for OriginGuard {
     }
 }
 
+/// Told each time the replication stream opens (see [`SourceOptions::on_streaming`]).
+#[derive(Clone)]
+pub struct OnStreaming(pub Arc<dyn Fn() + Send + Sync>);
+
+impl std::fmt::Debug for OnStreaming {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("OnStreaming")
+    }
+}
+
 /// Records the WAL history a stream reads (see [`OriginGuard`]).
 pub type OriginHook = Arc<
     dyn Fn(Origin) -> futures_util::future::BoxFuture<'static, Result<(), String>> + Send + Sync,
@@ -133,6 +146,7 @@ impl SourceOptions {
             primary: None,
             health_interval: Duration::from_secs(10),
             health: None,
+            on_streaming: None,
             initial_load: InitialLoad::Snapshot,
             chunks: None,
             origin: None,
@@ -383,6 +397,9 @@ async fn run_once(
         .start_replication(&sql_cmd)
         .await
         .map_err(|e| slot::classify_start_error(e, &opts.slot, &opts.publication))?;
+    if let Some(streaming) = &opts.on_streaming {
+        (streaming.0)();
+    }
     let mut ticker = tokio::time::interval(status_interval);
     ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let flushed = (*durable.borrow_and_update()).max(start);
