@@ -9,8 +9,11 @@ use std::sync::Arc;
 
 use crate::Lsn;
 
-/// Immutable UTF-8 text, cheap to clone, usually a slice of the received message.
-pub type Text = bytestring::ByteString;
+/// UTF-8 text of a value: up to 24 bytes inline (most keys, numbers, names), longer ones on
+/// the heap. A copy, not a slice of the received message, so that an event held downstream
+/// does not keep the whole read buffer it came in alive, and moving one costs no reference
+/// count.
+pub type Text = compact_str::CompactString;
 
 /// A converted column value.
 #[derive(Debug, Clone, PartialEq)]

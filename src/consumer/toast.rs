@@ -234,15 +234,13 @@ impl ToastReader {
                 let v = match text {
                     None => Value::Null,
                     Some(t) => {
-                        let v = crate::values::convert_text(
-                            c.type_oid,
-                            bytes::Bytes::copy_from_slice(t.as_bytes()),
-                        )
-                        .map_err(|source| FillError::Value {
-                            table: table.to_string(),
-                            column: c.name.clone(),
-                            source,
-                        })?;
+                        let v = crate::values::convert_text(c.type_oid, t.as_bytes()).map_err(
+                            |source| FillError::Value {
+                                table: table.to_string(),
+                                column: c.name.clone(),
+                                source,
+                            },
+                        )?;
                         super::mapping::json_value(&v)
                     }
                 };

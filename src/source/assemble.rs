@@ -364,8 +364,7 @@ fn convert(rel: &RelationInfo, col: usize, t: &TupleData, at: Lsn) -> Result<Val
     match t.get(col) {
         None | Some(TupleValue::Null | TupleValue::UnchangedToast) => Ok(Value::Null),
         Some(TupleValue::Binary(b)) => Ok(convert_binary(b)),
-        Some(TupleValue::Text(_)) => {
-            let raw = t.value_bytes(col).unwrap_or_default();
+        Some(TupleValue::Text(raw)) => {
             convert_text(c.type_oid, raw).map_err(|source| SourceError::Value {
                 table: rel.table.qualified_name().to_string(),
                 column: c.name.to_string(),

@@ -163,13 +163,14 @@ pub(crate) fn row_from_text(
     for (i, c) in rel.columns.iter().enumerate() {
         let v = match r.get(i) {
             None => Value::Null,
-            Some(text) => convert_text(c.type_oid, bytes::Bytes::copy_from_slice(text.as_bytes()))
-                .map_err(|source| SourceError::Value {
+            Some(text) => {
+                convert_text(c.type_oid, text.as_bytes()).map_err(|source| SourceError::Value {
                     table: rel.table.qualified_name().to_string(),
                     column: c.name.to_string(),
                     lsn,
                     source,
-                })?,
+                })?
+            }
         };
         after.push(i, v);
     }

@@ -363,14 +363,6 @@ impl TupleData {
         })
     }
 
-    /// The bytes of column `i` as a slice sharing the message buffer (text and binary
-    /// columns only).
-    pub fn value_bytes(&self, i: usize) -> Option<Bytes> {
-        let c = self.cols.get(i)?;
-        matches!(c.kind, ColumnKind::Text | ColumnKind::Binary)
-            .then(|| self.buf.slice(c.start as usize..c.end as usize))
-    }
-
     /// All values in column order.
     pub fn iter(&self) -> impl Iterator<Item = TupleValue<'_>> {
         (0..self.cols.len()).filter_map(|i| self.get(i))
