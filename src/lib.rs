@@ -12,6 +12,7 @@ pub mod central;
 pub mod check;
 pub mod cli;
 pub mod config;
+pub mod console;
 pub mod consumer;
 pub mod event;
 pub mod jobs;

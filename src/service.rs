@@ -186,12 +186,19 @@ pub async fn run_service(config_path: &Path, stages: Stages) -> ExitCode {
         (None, Some(bus)) => crate::api::ConsumerLag::Embedded(bus.clone()),
         (None, None) => return fail("no bus: neither KAFKA_BROKERS nor the embedded bus", 1),
     };
+    // The console's sparklines: every warehouse's figures, sampled while the process runs.
+    let history = Arc::new(crate::console::History::default());
+    tokio::spawn(history.clone().run(statuses.clone(), cancel.clone()));
+    // The consumer stage, for the API's replays of dead letters, once it exists.
+    let replayer: Arc<std::sync::OnceLock<Arc<Stage>>> = Default::default();
     let api_state = Arc::new(crate::api::ApiState {
         state: state.clone(),
         keys: config.api_keys.clone(),
         warehouses: statuses.clone(),
         job_timeout: config.job_timeout,
         consumer_lag,
+        replayer: replayer.clone(),
+        history: history.clone(),
     });
     let job_warehouses = || -> Vec<crate::jobs::Warehouse> {
         warehouses
@@ -281,6 +288,7 @@ pub async fn run_service(config_path: &Path, stages: Stages) -> ExitCode {
                     toast(),
                     cancel.clone(),
                 ));
+                let _ = replayer.set(stage.clone());
                 let consumer_cancel = cancel.clone();
                 let failed = consumer_failed.clone();
                 consumers.spawn(async move {
@@ -336,6 +344,7 @@ pub async fn run_service(config_path: &Path, stages: Stages) -> ExitCode {
                 toast(),
                 stage_cancel.clone(),
             ));
+            let _ = replayer.set(stage.clone());
             for w in &warehouses {
                 let Some(rx) = bus.subscribe(&w.id) else {
                     return fail(format!("warehouse {} is configured twice", w.id), 2);

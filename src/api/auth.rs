@@ -66,6 +66,14 @@ impl ApiKeys {
     }
 }
 
+/// Who presented `key`, as records name them: `key sha256:` and the first 12 hexadecimal
+/// digits of its digest (what `sha256:` entries of `API_KEYS` begin with), never the key.
+pub fn fingerprint(key: &str) -> String {
+    let digest = Sha256::digest(key.as_bytes());
+    let hex: String = digest[..6].iter().map(|b| format!("{b:02x}")).collect();
+    format!("key sha256:{hex}")
+}
+
 fn parse_digest(hex: &str) -> Result<[u8; 32], String> {
     let hex = hex.trim();
     if hex.len() != 64 {

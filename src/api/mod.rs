@@ -47,6 +47,11 @@ pub struct ApiState {
     pub job_timeout: Duration,
     /// Where the consumer's lag is read.
     pub consumer_lag: ConsumerLag,
+    /// The consumer stage that sends dead letters again, once it runs (none in a process
+    /// without one: `--stages source`, or no central endpoint).
+    pub replayer: Arc<std::sync::OnceLock<Arc<crate::consumer::Stage>>>,
+    /// The warehouses' last 15 minutes, for the console.
+    pub history: Arc<crate::console::History>,
 }
 
 /// Where `/metrics` reads the consumer stage's lag.
@@ -117,7 +122,8 @@ impl IntoResponse for ApiError {
         description = "Sync cycles, forced resyncs, jobs, conflicts, health and metrics of an InventorySync engine."
     ),
     modifiers(&BearerAuth),
-    components(schemas(ErrorBody, crate::store::WorkerRow))
+    components(schemas(ErrorBody, crate::store::WorkerRow, crate::store::ConflictRow, crate::store::DeadLetterRow,
+        crate::console::WarehouseView, crate::console::Sample))
 )]
 struct ApiDoc;
 
@@ -140,7 +146,7 @@ impl utoipa::Modify for BearerAuth {
 #[serde(rename_all = "camelCase")]
 pub struct ErrorBody {
     /// A stable code: `unauthorized`, `not_found`, `bad_request`, `payload_too_large`,
-    /// `unprocessable`, `conflict`, `method_not_allowed`, `internal`.
+    /// `unprocessable`, `conflict`, `method_not_allowed`, `unavailable`, `internal`.
     pub error: String,
     /// What was wrong, naming the field or value.
     pub message: String,
@@ -161,6 +167,10 @@ pub fn router_and_doc(state: Arc<ApiState>) -> (Router, utoipa::openapi::OpenApi
         .routes(routes!(resync))
         .routes(routes!(list_jobs))
         .routes(routes!(list_conflicts))
+        .routes(routes!(close_conflict))
+        .routes(routes!(list_dead_letters))
+        .routes(routes!(replay_dead_letter))
+        .routes(routes!(overview))
         .routes(routes!(list_workers))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_key));
     let (router, doc) = OpenApiRouter::with_openapi(ApiDoc::openapi())
@@ -168,6 +178,9 @@ pub fn router_and_doc(state: Arc<ApiState>) -> (Router, utoipa::openapi::OpenApi
         .routes(routes!(ready))
         .routes(routes!(metrics))
         .routes(routes!(openapi_json))
+        .routes(routes!(console_page))
+        .routes(routes!(console_style))
+        .routes(routes!(console_script))
         .merge(sync)
         .split_for_parts();
     let router = router
@@ -205,25 +218,32 @@ pub async fn serve(
         .await
 }
 
-async fn require_key(State(state): State<Arc<ApiState>>, req: Request, next: Next) -> Response {
+/// Who made a `/sync` request: the fingerprint of the key it presented.
+#[derive(Debug, Clone)]
+struct Caller(String);
+
+async fn require_key(State(state): State<Arc<ApiState>>, mut req: Request, next: Next) -> Response {
     let presented = req
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer ").map(str::trim));
-    let refusal = match presented {
+    let caller = match presented {
         _ if state.keys.is_empty() => {
-            Some("no API keys are configured: set API_KEYS to use the /sync routes".to_string())
+            Err("no API keys are configured: set API_KEYS to use the /sync routes")
         }
-        None => Some("an API key is required: Authorization: Bearer <key>".to_string()),
-        Some(k) if !state.keys.accepts(k) => Some("the API key is not valid".to_string()),
-        Some(_) => None,
+        None => Err("an API key is required: Authorization: Bearer <key>"),
+        Some(k) if !state.keys.accepts(k) => Err("the API key is not valid"),
+        Some(k) => Ok(auth::fingerprint(k)),
     };
-    match refusal {
-        Some(message) => {
+    match caller {
+        Ok(caller) => {
+            req.extensions_mut().insert(Caller(caller));
+            next.run(req).await
+        }
+        Err(message) => {
             ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", message).into_response()
         }
-        None => next.run(req).await,
     }
 }
 
@@ -362,7 +382,7 @@ async fn list_workers(
 #[utoipa::path(get, path = "/sync/conflicts", tag = "sync", security(("bearer" = [])),
     params(
         ("warehouse" = Option<String>, Query, description = "Only this warehouse's"),
-        ("status" = Option<String>, Query, description = "open or resolved"),
+        ("status" = Option<String>, Query, description = "open, resolved or ignored"),
         ("kind" = Option<String>, Query, description = "stale_version, rejected, invalid or truncate"),
         ("limit" = Option<i64>, Query, description = "1 to 500 (default 50)"),
         ("before" = Option<i64>, Query, description = "Only conflicts with a smaller id"),
@@ -376,7 +396,7 @@ async fn list_conflicts(
     State(state): State<Arc<ApiState>>,
     Params(p): Params<ConflictParams>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    const STATUSES: [&str; 2] = ["open", "resolved"];
+    const STATUSES: [&str; 3] = ["open", "resolved", "ignored"];
     const KINDS: [&str; 4] = ["stale_version", "rejected", "invalid", "truncate"];
     one_of("status", p.status.as_deref(), &STATUSES)?;
     one_of("kind", p.kind.as_deref(), &KINDS)?;
@@ -402,6 +422,292 @@ async fn list_conflicts(
         .await
         .map_err(ApiError::internal)?;
     Ok(page(rows, limit, |r| json!(r.id)))
+}
+
+/// The longest note a conflict may be closed with.
+const MAX_NOTE_CHARS: usize = 2000;
+
+/// A numeric id in a path: 400 naming it otherwise.
+fn path_id(what: &str, raw: &str) -> Result<i64, ApiError> {
+    raw.parse::<i64>().map_err(|_| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            format!("{what} id {raw:?} is not a number"),
+        )
+    })
+}
+
+/// Body of `PATCH /sync/conflicts/{id}`.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+struct CloseBody {
+    /// `resolved` (central is right now, or was made right) or `ignored` (leave it as it is).
+    status: String,
+    /// Why, in words (at most 2,000 characters).
+    note: Option<String>,
+}
+
+/// Closes an open conflict as `resolved` or `ignored`, recording who (the key's fingerprint),
+/// when and why. Closing it again the same way answers the row unchanged.
+#[utoipa::path(patch, path = "/sync/conflicts/{id}", tag = "sync", security(("bearer" = [])),
+    params(("id" = i64, Path, description = "The conflict's id")),
+    request_body(content = CloseBody, content_type = "application/json"),
+    responses(
+        (status = 200, description = "The conflict as it is now", body = crate::store::ConflictRow),
+        (status = 400, description = "Malformed JSON, an unknown field or an id that is no number", body = ErrorBody),
+        (status = 401, description = "No or wrong API key", body = ErrorBody),
+        (status = 404, description = "No conflict has this id", body = ErrorBody),
+        (status = 409, description = "It was closed otherwise before; the message says by whom and when", body = ErrorBody),
+        (status = 413, description = "Body over 64 KiB", body = ErrorBody),
+        (status = 422, description = "No body, a status other than resolved or ignored, or a note over 2,000 characters", body = ErrorBody)))]
+async fn close_conflict(
+    State(state): State<Arc<ApiState>>,
+    axum::Extension(Caller(caller)): axum::Extension<Caller>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+    Body(body): Body<CloseBody>,
+) -> Result<Json<crate::store::ConflictRow>, ApiError> {
+    let id = path_id("conflict", &id)?;
+    let unprocessable =
+        |m: String| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "unprocessable", m);
+    let Some(body) = body else {
+        return Err(unprocessable(
+            "a body is required: {\"status\": \"resolved\" | \"ignored\", \"note\": \"why\"}"
+                .into(),
+        ));
+    };
+    if !["resolved", "ignored"].contains(&body.status.as_str()) {
+        return Err(unprocessable(format!(
+            "status {:?} is not one of resolved, ignored",
+            body.status
+        )));
+    }
+    let note = body
+        .note
+        .as_deref()
+        .map(str::trim)
+        .filter(|n| !n.is_empty());
+    if let Some(n) = note
+        && n.chars().count() > MAX_NOTE_CHARS
+    {
+        return Err(unprocessable(format!(
+            "note has {} characters: at most {MAX_NOTE_CHARS} are kept",
+            n.chars().count()
+        )));
+    }
+    match state
+        .state
+        .close_conflict(id, &body.status, note, &caller)
+        .await
+        .map_err(ApiError::internal)?
+    {
+        crate::store::Closing::Closed(row) => {
+            tracing::info!(conflict = id, status = %row.status, by = %caller, "conflict closed");
+            Ok(Json(row))
+        }
+        crate::store::Closing::ClosedOtherwise(row) => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "conflict",
+            format!(
+                "conflict {id} is {} already (by {}, at {})",
+                row.status,
+                row.resolved_by.as_deref().unwrap_or("someone"),
+                row.resolved_at.as_deref().unwrap_or("an unknown time")
+            ),
+        )),
+        crate::store::Closing::Unknown => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no conflict has id {id}"),
+        )),
+    }
+}
+
+/// Query string of `GET /sync/dead-letters`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DeadLetterParams {
+    warehouse: Option<String>,
+    table: Option<String>,
+    rule: Option<String>,
+    replayed: Option<bool>,
+    limit: Option<i64>,
+    before: Option<i64>,
+}
+
+/// Dead letters (of the embedded bus; with Kafka they are on the dead-letter topic), newest
+/// first, in pages (`next` is the `before` of the next page).
+#[utoipa::path(get, path = "/sync/dead-letters", tag = "sync", security(("bearer" = [])),
+    params(
+        ("warehouse" = Option<String>, Query, description = "Only this warehouse's"),
+        ("table" = Option<String>, Query, description = "Only of this `schema.table`"),
+        ("rule" = Option<String>, Query, description = "Only those that broke this rule (`quantity_non_negative`, `rejected`, …)"),
+        ("replayed" = Option<bool>, Query, description = "Only those replayed at least once (true) or never (false)"),
+        ("limit" = Option<i64>, Query, description = "1 to 500 (default 50)", minimum = 1, maximum = 500),
+        ("before" = Option<i64>, Query, description = "Only dead letters with a smaller id"),
+    ),
+    responses(
+        (status = 200, description = "`{items: [DeadLetterRow], next}`", body = Object),
+        (status = 400, description = "A bad filter", body = ErrorBody),
+        (status = 401, description = "No or wrong API key", body = ErrorBody),
+        (status = 404, description = "Unknown warehouse", body = ErrorBody)))]
+async fn list_dead_letters(
+    State(state): State<Arc<ApiState>>,
+    Params(p): Params<DeadLetterParams>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let limit = page_limit(p.limit)?;
+    if let Some(w) = &p.warehouse
+        && !state.warehouses.iter().any(|s| &s.id == w)
+    {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no warehouse {w:?} is configured"),
+        ));
+    }
+    let rows = state
+        .state
+        .list_dead_letters(&crate::store::DeadLetterQuery {
+            warehouse: p.warehouse,
+            table: p.table,
+            rule: p.rule,
+            replayed: p.replayed,
+            before_id: p.before,
+            limit: limit + 1,
+        })
+        .await
+        .map_err(ApiError::internal)?;
+    Ok(page(rows, limit, |r| json!(r.id)))
+}
+
+/// Sends a dead letter again through the consumer stage (once its cause is fixed: the rule,
+/// the mapping or central), and records who replayed it and what came of it. A change that
+/// still breaks a rule is not sent (`invalid`); one older than what central holds is
+/// answered `stale`, and central keeps the newer one. It stays listed either way, with its
+/// latest replay; once central has it, the conflict recorded with it is resolved.
+#[utoipa::path(post, path = "/sync/dead-letters/{id}/replay", tag = "sync", security(("bearer" = [])),
+    params(("id" = i64, Path, description = "The dead letter's id")),
+    responses(
+        (status = 200, description = "The dead letter with its replay: `replayOutcome` is applied, duplicate, stale, rejected, refused or invalid, `replayDetail` says why", body = crate::store::DeadLetterRow),
+        (status = 400, description = "An id that is no number", body = ErrorBody),
+        (status = 401, description = "No or wrong API key", body = ErrorBody),
+        (status = 404, description = "No dead letter has this id", body = ErrorBody),
+        (status = 409, description = "This process runs no consumer stage (`--stages source`, or no central endpoint)", body = ErrorBody),
+        (status = 503, description = "The process is stopping; nothing was recorded", body = ErrorBody)))]
+async fn replay_dead_letter(
+    State(state): State<Arc<ApiState>>,
+    axum::Extension(Caller(caller)): axum::Extension<Caller>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Result<Json<crate::store::DeadLetterRow>, ApiError> {
+    let id = path_id("dead letter", &id)?;
+    let Some((row, raw)) = state
+        .state
+        .dead_letter(id)
+        .await
+        .map_err(ApiError::internal)?
+    else {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no dead letter has id {id}"),
+        ));
+    };
+    let Some(stage) = state.replayer.get().filter(|s| s.client().is_some()) else {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "conflict",
+            "this process runs no consumer stage to send it with: ask a process that does",
+        ));
+    };
+    let replayed = stage
+        .replay(&row.warehouse_id, &row.table_name, &raw)
+        .await
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "the process is stopping: the dead letter was not replayed",
+            )
+        })?;
+    let row = state
+        .state
+        .record_replay(id, &caller, replayed.outcome, &replayed.detail)
+        .await
+        .map_err(ApiError::internal)?
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("dead letter {id} was removed while it was replayed"),
+            )
+        })?;
+    if matches!(replayed.outcome, "applied" | "duplicate") {
+        state
+            .state
+            .resolve_replayed(&row, &caller)
+            .await
+            .map_err(ApiError::internal)?;
+    }
+    Ok(Json(row))
+}
+
+/// Each warehouse as the console draws it: owner, stream state, lag (bytes and seconds),
+/// changes/s, retained WAL, `wal_status`, and the last 15 minutes sampled every 10 s.
+#[utoipa::path(get, path = "/sync/overview", tag = "sync", security(("bearer" = [])),
+    responses(
+        (status = 200, description = "`{generatedAt, sampleEverySeconds, warehouses: [WarehouseView]}`", body = Object),
+        (status = 401, description = "No or wrong API key", body = ErrorBody)))]
+async fn overview(State(state): State<Arc<ApiState>>) -> Json<serde_json::Value> {
+    let micros = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as i64);
+    Json(json!({
+        "generatedAt": crate::time::format_unix_micros(micros),
+        "sampleEverySeconds": crate::console::SAMPLE_EVERY.as_secs(),
+        "warehouses": state.history.views(&state.warehouses),
+    }))
+}
+
+/// Headers of the console's files: nothing from elsewhere runs in it, and no other site
+/// frames it.
+fn console_file(content_type: &'static str, body: &'static str) -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, HeaderValue::from_static(content_type)),
+            (
+                header::CONTENT_SECURITY_POLICY,
+                HeaderValue::from_static(
+                    "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+                ),
+            ),
+            (header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff")),
+            (header::REFERRER_POLICY, HeaderValue::from_static("no-referrer")),
+            (header::CACHE_CONTROL, HeaderValue::from_static("no-cache")),
+        ],
+        body,
+    )
+        .into_response()
+}
+
+/// The operations console (it asks for the API key itself).
+#[utoipa::path(get, path = "/console", tag = "console",
+    responses((status = 200, description = "The console's page", content_type = "text/html")))]
+async fn console_page() -> Response {
+    console_file("text/html; charset=utf-8", crate::console::PAGE)
+}
+
+/// The console's style sheet.
+#[utoipa::path(get, path = "/console/console.css", tag = "console",
+    responses((status = 200, description = "The console's style sheet", content_type = "text/css")))]
+async fn console_style() -> Response {
+    console_file("text/css; charset=utf-8", crate::console::STYLE)
+}
+
+/// The console's script.
+#[utoipa::path(get, path = "/console/console.js", tag = "console",
+    responses((status = 200, description = "The console's script", content_type = "text/javascript")))]
+async fn console_script() -> Response {
+    console_file("text/javascript; charset=utf-8", crate::console::SCRIPT)
 }
 
 /// A JSON body (possibly empty) of at most [`MAX_BODY_BYTES`]: 413 beyond, 400 when it is
@@ -624,27 +930,19 @@ async fn metrics(State(state): State<Arc<ApiState>>) -> Response {
         m.warehouse_ready
             .with_label_values(&[id])
             .set(i64::from(w.readiness().0));
+        if let (Some(bytes), Some(seconds), Some(retained)) = crate::console::lag(w, now) {
+            m.replication_lag_bytes.with_label_values(&[id]).set(bytes);
+            m.replication_lag_seconds
+                .with_label_values(&[id])
+                .set(seconds);
+            m.retained_wal_bytes.with_label_values(&[id]).set(retained);
+        }
         if let Some(h) = &*w.slot_health.borrow() {
-            m.replication_lag_bytes
-                .with_label_values(&[id])
-                .set(h.lag_bytes);
-            m.retained_wal_bytes
-                .with_label_values(&[id])
-                .set(h.retained_wal_bytes);
             for status in ["reserved", "extended", "unreserved", "lost", "unknown"] {
                 m.wal_status
                     .with_label_values(&[id, status])
                     .set(i64::from(h.wal_status == status));
             }
-            let delivered = m.delivered_commit_time.with_label_values(&[id]).get();
-            let seconds = if h.lag_bytes > 0 && delivered > 0 {
-                (now - delivered).max(0)
-            } else {
-                0
-            };
-            m.replication_lag_seconds
-                .with_label_values(&[id])
-                .set(seconds);
         }
     }
     match &state.consumer_lag {

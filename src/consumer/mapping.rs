@@ -254,6 +254,15 @@ pub struct Violation {
     pub reason: String,
 }
 
+impl std::fmt::Display for Violation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.field {
+            Some(field) => write!(f, "rule {} on field {field}: {}", self.rule, self.reason),
+            None => write!(f, "rule {}: {}", self.rule, self.reason),
+        }
+    }
+}
+
 fn violation(rule: &'static str, field: &str, reason: String) -> Violation {
     Violation {
         rule,

@@ -139,6 +139,16 @@ pub enum DeadLetters {
     StateDb,
 }
 
+/// What came of sending a dead letter again ([`Stage::replay`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Replayed {
+    /// `applied`, `duplicate`, `stale`, `rejected`, `refused` (central refused the request)
+    /// or `invalid` (it still breaks a rule here and was not sent).
+    pub outcome: &'static str,
+    /// The outcome in words: the version, and central's answer or the rule.
+    pub detail: String,
+}
+
 /// Maps, validates and delivers changes; shared by every warehouse's consumer.
 pub struct Stage {
     settings: ConsumerSettings,
@@ -511,6 +521,130 @@ impl Stage {
             pending,
             rendered,
         })
+    }
+
+    /// Sends a dead-lettered change event of `table` again, as the stage sends any change:
+    /// mapped and checked with the rules in force now, unchanged TOAST columns read back,
+    /// through the central client with its retries and breaker. One that still breaks a
+    /// rule is not sent. Nothing is recorded here (no conflict, no dead letter): what came
+    /// of it is the caller's to record. Central's versions decide as always: a change older
+    /// than what central holds is answered `stale`, and central keeps the newer one.
+    pub async fn replay(
+        &self,
+        warehouse_id: &str,
+        table: &str,
+        raw: &[u8],
+    ) -> Result<Replayed, Cancelled> {
+        let invalid = |detail: String| {
+            Ok(Replayed {
+                outcome: "invalid",
+                detail,
+            })
+        };
+        let Some(m) = self.settings.mappings.get(table) else {
+            return invalid(format!(
+                "{table} is not mapped (any more): there is nothing to send it as"
+            ));
+        };
+        let Some(client) = &self.client else {
+            return invalid("no central endpoint (WAREHOUSE_API_ENDPOINT) is configured".into());
+        };
+        let view = match RawEvent::parse(raw) {
+            Ok(v) => v,
+            Err(v) => return invalid(v.to_string()),
+        };
+        if let Some(t) = &view.too_large {
+            return invalid(t.reason());
+        }
+        match map_event(&view, m, &self.settings.rules, &mut Vec::new()) {
+            Err(v) => return invalid(v.to_string()),
+            Ok(Mapped::Truncate) => {
+                return invalid("a truncate has no change to send to central".into());
+            }
+            Ok(Mapped::Changes(_)) => {}
+        }
+        let item = Incoming::Record {
+            table: Arc::from(table),
+            key: Vec::new(),
+            value: raw.to_vec(),
+            stream: Arc::from(""),
+        };
+        let prepared = self.prepare(warehouse_id, vec![item]).await?;
+        let Some(high) = prepared
+            .pending
+            .iter()
+            .map(|p| p.change.version.as_str())
+            .max()
+        else {
+            return invalid(
+                "it could not be prepared for central: its conflict (GET /sync/conflicts) says why"
+                    .into(),
+            );
+        };
+        self.note_sent(warehouse_id, high).await?;
+        let outgoing: Vec<Outgoing<'_>> = prepared
+            .pending
+            .iter()
+            .map(|p| Outgoing {
+                version: &p.change.version,
+                json: &prepared.rendered[p.change.json.clone()],
+            })
+            .collect();
+        let verdicts = client
+            .deliver(warehouse_id, &outgoing, &self.cancel)
+            .await?;
+        // One event is one change, or two for a key move (a delete and an upsert): the
+        // replay counts as its worst.
+        let mut worst = Replayed {
+            outcome: "applied",
+            detail: String::new(),
+        };
+        let rank = |o: &str| {
+            ["applied", "duplicate", "stale", "rejected", "refused"]
+                .iter()
+                .position(|r| *r == o)
+        };
+        for (change, verdict) in outgoing.iter().zip(verdicts) {
+            let version = change.version;
+            let (outcome, detail) = match verdict {
+                Verdict::Result(r) => match r.status {
+                    ResultStatus::Applied => {
+                        ("applied", format!("central applied version {version}"))
+                    }
+                    ResultStatus::Duplicate => (
+                        "duplicate",
+                        format!("central already had version {version}"),
+                    ),
+                    ResultStatus::Stale => (
+                        "stale",
+                        format!(
+                            "central holds version {}, newer than {version}: it keeps that one",
+                            r.current_version.as_deref().unwrap_or("(not given)")
+                        ),
+                    ),
+                    ResultStatus::Rejected => (
+                        "rejected",
+                        format!(
+                            "central rejected version {version}: {}",
+                            r.reason.as_deref().unwrap_or("(no reason given)")
+                        ),
+                    ),
+                },
+                Verdict::Invalid { status, message } => (
+                    "refused",
+                    format!("central refused version {version} with {status}: {message}"),
+                ),
+            };
+            if rank(outcome) > rank(worst.outcome) {
+                worst.outcome = outcome;
+            }
+            if !worst.detail.is_empty() {
+                worst.detail.push_str("; ");
+            }
+            worst.detail.push_str(&detail);
+        }
+        tracing::info!(warehouse = %warehouse_id, %table, outcome = worst.outcome, detail = %worst.detail, "dead letter replayed");
+        Ok(worst)
     }
 
     /// Forgets the lane positions handed to deliveries (of `warehouse_id`, or of every

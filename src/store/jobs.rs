@@ -502,7 +502,8 @@ impl StateDb {
         let entities: Vec<&str> = keys.iter().map(|k| k.0.as_str()).collect();
         let values: Vec<&serde_json::Value> = keys.iter().map(|k| &k.1).collect();
         let r = sqlx::query(
-            "UPDATE sync_conflicts c SET status = 'resolved', resolved_at = now()
+            "UPDATE sync_conflicts c SET status = 'resolved', resolved_at = now(), resolved_by = 'inventorysync',
+                    resolution_note = 'central now holds the warehouse''s value (delivered by a load or resync)'
                FROM unnest($2::text[], $3::jsonb[]) AS k(entity, key)
               WHERE c.warehouse_id = $1 AND c.status = 'open'
                 AND c.entity = k.entity AND c.entity_key = k.key",

@@ -11,7 +11,9 @@ mod progress;
 mod workers;
 
 pub use checkpoints::{Checkpoint, Origin};
-pub use conflicts::{ConflictQuery, ConflictRow, NewConflict, NewDeadLetter};
+pub use conflicts::{
+    Closing, ConflictQuery, ConflictRow, DeadLetterQuery, DeadLetterRow, NewConflict, NewDeadLetter,
+};
 pub use jobs::{
     ActiveWarehouse, Job, JobQuery, JobWarehouse, LOAD_JOB, RESYNC_TIMEOUT, ResyncProgress,
     new_job_id,

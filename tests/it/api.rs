@@ -30,9 +30,14 @@ impl Api {
     }
 
     pub async fn post(&self, path: &str, body: &str) -> (u16, Value) {
+        self.send(reqwest::Method::POST, path, body).await
+    }
+
+    /// Sends `body` with `method` and the test key; the status and the JSON answer.
+    pub async fn send(&self, method: reqwest::Method, path: &str, body: &str) -> (u16, Value) {
         let r = self
             .http
-            .post(format!("{}{path}", self.base))
+            .request(method, format!("{}{path}", self.base))
             .bearer_auth(KEY)
             .header("content-type", "application/json")
             .body(body.to_string())
@@ -966,14 +971,21 @@ async fn the_openapi_document_lists_exactly_the_routes_the_server_answers() {
         .collect();
     listed.sort();
     let expected = [
+        ("GET", "/console"),
+        ("GET", "/console/console.css"),
+        ("GET", "/console/console.js"),
         ("GET", "/health"),
         ("GET", "/metrics"),
         ("GET", "/openapi.json"),
         ("GET", "/ready"),
         ("GET", "/sync/conflicts"),
+        ("GET", "/sync/dead-letters"),
         ("GET", "/sync/jobs"),
+        ("GET", "/sync/overview"),
         ("GET", "/sync/status/{job_id}"),
         ("GET", "/sync/workers"),
+        ("PATCH", "/sync/conflicts/{id}"),
+        ("POST", "/sync/dead-letters/{id}/replay"),
         ("POST", "/sync/trigger"),
         ("POST", "/sync/warehouses/{warehouse_id}"),
     ];
@@ -997,9 +1009,11 @@ async fn the_openapi_document_lists_exactly_the_routes_the_server_answers() {
             api.base,
             path.replace("{job_id}", "sync-0")
                 .replace("{warehouse_id}", "wh-doc")
+                .replace("{id}", "1")
         );
         let r = match method.as_str() {
             "GET" => api.http.get(&url),
+            "PATCH" => api.http.patch(&url),
             _ => api.http.post(&url),
         }
         .send()
@@ -1235,4 +1249,325 @@ async fn a_resync_under_more_lag_than_a_chunk_used_to_wait_still_finishes() {
         "a chunk was given up under lag:\n{}",
         log_tail(&log)
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conflicts_are_closed_by_name_and_dead_letters_replayed_once_their_cause_is_fixed() {
+    use reqwest::Method;
+    let db = demo_warehouse("flow").await;
+    db.exec("INSERT INTO locations VALUES ('A-01', 'north')")
+        .await;
+    let state = pg().new_db("flowstate").await;
+    // Central rejects every change of SKU-2 until told otherwise.
+    let central = Central::start(Faults {
+        reject_key_substring: Some("SKU-2".into()),
+        ..Faults::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), &db, "wh-flow", "");
+    let log = dir.path().join("run.log");
+    let (_run, api) = run_with_api(&cfg, &state, &central, log.clone(), &[]);
+    wait_streaming(&state, "wh-flow", &log).await;
+    // A row that breaks a rule here, and two changes central rejects.
+    db.exec(
+        "INSERT INTO products (sku, name) VALUES ('SKU-1', 'one'), ('SKU-2', 'two');
+         INSERT INTO stock_levels (sku, location_code, qty_on_hand) VALUES ('SKU-1', 'A-01', -1), ('SKU-2', 'A-01', 7);",
+    )
+    .await;
+    let mut letters = Value::Null;
+    for _ in 0..300 {
+        letters = api
+            .get("/sync/dead-letters?warehouse=wh-flow", Some(KEY))
+            .await
+            .2;
+        if letters["items"].as_array().is_some_and(|i| i.len() >= 3) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let items = letters["items"].as_array().cloned().unwrap_or_default();
+    assert_eq!(items.len(), 3, "{letters}\n{}", log_tail(&log));
+    let by_rule = |rule: &str| -> Vec<Value> {
+        items
+            .iter()
+            .filter(|d| d["rule"] == rule)
+            .cloned()
+            .collect()
+    };
+    let invalid = by_rule("quantity_non_negative");
+    let rejected = by_rule("central_rejected");
+    assert_eq!((invalid.len(), rejected.len()), (1, 2), "{letters}");
+    assert_eq!(invalid[0]["replays"], 0);
+    assert_eq!(invalid[0]["replayOutcome"], Value::Null);
+    assert!(invalid[0]["createdAt"].as_str().unwrap().ends_with('Z'));
+    assert_eq!(invalid[0]["event"]["after"]["qty_on_hand"], -1);
+
+    // Filters and pages.
+    let one = api
+        .get(
+            "/sync/dead-letters?rule=central_rejected&limit=1",
+            Some(KEY),
+        )
+        .await;
+    assert_eq!(one.0, 200, "{one:?}");
+    assert_eq!(one.2["items"].as_array().unwrap().len(), 1);
+    let next = one.2["next"].as_i64().expect("a second page");
+    let two = api
+        .get(
+            &format!("/sync/dead-letters?rule=central_rejected&limit=1&before={next}"),
+            Some(KEY),
+        )
+        .await;
+    assert_eq!(two.2["items"].as_array().unwrap().len(), 1, "{two:?}");
+    assert_eq!(two.2["next"], Value::Null);
+    let table = api
+        .get(
+            "/sync/dead-letters?table=public.products&replayed=false",
+            Some(KEY),
+        )
+        .await;
+    assert_eq!(table.2["items"].as_array().unwrap().len(), 1, "{table:?}");
+    for (query, status, text) in [
+        ("replayed=maybe", 400, "replayed"),
+        (
+            "limit=501",
+            400,
+            "limit 501 is out of range: expected 1 to 500",
+        ),
+        ("colour=red", 400, "colour"),
+        (
+            "warehouse=wh-nowhere",
+            404,
+            "no warehouse \"wh-nowhere\" is configured",
+        ),
+    ] {
+        let got = api
+            .get(&format!("/sync/dead-letters?{query}"), Some(KEY))
+            .await;
+        let code = if status == 400 {
+            "bad_request"
+        } else {
+            "not_found"
+        };
+        assert_error(&got, status, code, text);
+    }
+    assert_error(
+        &api.get("/sync/dead-letters", None).await,
+        401,
+        "unauthorized",
+        "",
+    );
+
+    // Replays: the invalid row still breaks its rule and is not sent; the rejected ones
+    // are rejected again until central accepts them, then applied.
+    let replay = |id: &Value| format!("/sync/dead-letters/{id}/replay");
+    let (status, again) = api.post(&replay(&invalid[0]["id"]), "").await;
+    assert_eq!(status, 200, "{again}");
+    assert_eq!(again["replayOutcome"], "invalid", "{again}");
+    let detail = again["replayDetail"].as_str().unwrap();
+    assert!(
+        detail.contains("quantity_non_negative") && detail.contains("on_hand"),
+        "{detail}"
+    );
+    assert_eq!(again["replays"], 1);
+    let by = again["replayedBy"].as_str().unwrap().to_string();
+    let fingerprint: String = Sha256::digest(KEY.as_bytes())[..6]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    assert_eq!(by, format!("key sha256:{fingerprint}"));
+    let stock = rejected
+        .iter()
+        .find(|d| d["tableName"] == "public.stock_levels")
+        .unwrap();
+    let (_, still) = api.post(&replay(&stock["id"]), "").await;
+    assert_eq!(still["replayOutcome"], "rejected", "{still}");
+    central.set_faults(Faults::default()).await;
+    for d in &rejected {
+        let (status, done) = api.post(&replay(&d["id"]), "").await;
+        assert_eq!(status, 200, "{done}");
+        assert_eq!(done["replayOutcome"], "applied", "{done}");
+        assert!(
+            done["replayDetail"]
+                .as_str()
+                .unwrap()
+                .contains(d["sourceVersion"].as_str().unwrap())
+        );
+    }
+    let (_, twice) = api.post(&replay(&stock["id"]), "").await;
+    assert_eq!(
+        (&twice["replayOutcome"], &twice["replays"]),
+        (&Value::from("duplicate"), &Value::from(3)),
+        "{twice}"
+    );
+    let held = central.state("wh-flow").await;
+    assert_eq!(
+        held.get(r#"stock_level {"location":"A-01","sku":"SKU-2"}"#)
+            .map(|s| &s["on_hand"]),
+        Some(&Value::from(7)),
+        "{held:?}"
+    );
+    assert_eq!(
+        held.get(r#"product {"sku":"SKU-2"}"#).map(|p| &p["name"]),
+        Some(&Value::from("two")),
+        "{held:?}"
+    );
+    assert!(
+        !held
+            .keys()
+            .any(|k| k.contains("SKU-1") && k.starts_with("stock_level")),
+        "{held:?}"
+    );
+    // Central has them now: the conflicts recorded with them are resolved by the replayer.
+    let rejections = api.get("/sync/conflicts?kind=rejected", Some(KEY)).await;
+    let rejections = rejections.2["items"].as_array().unwrap().clone();
+    assert_eq!(rejections.len(), 2, "{rejections:?}");
+    for c in &rejections {
+        assert_eq!(
+            (&c["status"], &c["resolvedBy"]),
+            (&Value::from("resolved"), &Value::from(by.clone())),
+            "{c}"
+        );
+    }
+    let replayed = api.get("/sync/dead-letters?replayed=true", Some(KEY)).await;
+    assert_eq!(
+        replayed.2["items"].as_array().unwrap().len(),
+        3,
+        "{replayed:?}"
+    );
+    assert_error(
+        &api.post("/sync/dead-letters/999999/replay", "")
+            .await
+            .into_error(),
+        404,
+        "not_found",
+        "no dead letter has id 999999",
+    );
+    assert_error(
+        &api.post("/sync/dead-letters/abc/replay", "")
+            .await
+            .into_error(),
+        400,
+        "bad_request",
+        "dead letter id \"abc\" is not a number",
+    );
+
+    // Conflicts: closed by name, once; the listing filters by the new status.
+    let open = api
+        .get("/sync/conflicts?kind=invalid&status=open", Some(KEY))
+        .await;
+    let conflict = open.2["items"][0].clone();
+    assert_eq!(conflict["rule"], "quantity_non_negative", "{open:?}");
+    let path = format!("/sync/conflicts/{}", conflict["id"]);
+    let note = "the warehouse recounts SKU-1 on Monday";
+    let (status, closed) = api
+        .send(
+            Method::PATCH,
+            &path,
+            &serde_json::json!({"status": "ignored", "note": note}).to_string(),
+        )
+        .await;
+    assert_eq!(status, 200, "{closed}");
+    assert_eq!(closed["status"], "ignored");
+    assert_eq!(closed["resolvedBy"], Value::from(by.clone()));
+    assert_eq!(closed["resolutionNote"], note);
+    let at = closed["resolvedAt"].as_str().unwrap().to_string();
+    let (status, same) = api
+        .send(Method::PATCH, &path, r#"{"status": "ignored"}"#)
+        .await;
+    assert_eq!(
+        (status, same["resolvedAt"].as_str()),
+        (200, Some(at.as_str())),
+        "{same}"
+    );
+    assert_eq!(
+        same["resolutionNote"], note,
+        "a retried close changes nothing"
+    );
+    let (status, other) = api
+        .send(Method::PATCH, &path, r#"{"status": "resolved"}"#)
+        .await;
+    assert_eq!(status, 409, "{other}");
+    let message = other["message"].as_str().unwrap();
+    assert!(
+        message.contains("is ignored already") && message.contains(&by),
+        "{message}"
+    );
+    let long = "x".repeat(2001);
+    for (body, status, code, text) in [
+        (
+            r#"{"status": "open"}"#.to_string(),
+            422,
+            "unprocessable",
+            "status \"open\" is not one of resolved, ignored",
+        ),
+        (String::new(), 422, "unprocessable", "a body is required"),
+        (
+            r#"{"status": "resolved", "colour": 1}"#.to_string(),
+            400,
+            "bad_request",
+            "unknown field `colour`",
+        ),
+        (
+            r#"{"status": "resolved""#.to_string(),
+            400,
+            "bad_request",
+            "not valid JSON",
+        ),
+        (
+            serde_json::json!({"status": "resolved", "note": long}).to_string(),
+            422,
+            "unprocessable",
+            "note has 2001 characters",
+        ),
+    ] {
+        let got = api.send(Method::PATCH, &path, &body).await;
+        assert_error(&got.into_error(), status, code, text);
+    }
+    assert_error(
+        &api.send(
+            Method::PATCH,
+            "/sync/conflicts/999999",
+            r#"{"status": "resolved"}"#,
+        )
+        .await
+        .into_error(),
+        404,
+        "not_found",
+        "no conflict has id 999999",
+    );
+    assert_error(
+        &api.send(
+            Method::PATCH,
+            "/sync/conflicts/x",
+            r#"{"status": "resolved"}"#,
+        )
+        .await
+        .into_error(),
+        400,
+        "bad_request",
+        "conflict id \"x\" is not a number",
+    );
+    let ignored = api.get("/sync/conflicts?status=ignored", Some(KEY)).await;
+    assert_eq!(
+        ignored.2["items"].as_array().unwrap().len(),
+        1,
+        "{ignored:?}"
+    );
+    assert!(
+        !std::fs::read_to_string(&log).unwrap().contains(KEY),
+        "the key is never logged"
+    );
+}
+
+/// A `(status, body)` answer in the shape [`assert_error`] reads.
+trait IntoError {
+    fn into_error(self) -> (u16, Option<String>, Value);
+}
+
+impl IntoError for (u16, Value) {
+    fn into_error(self) -> (u16, Option<String>, Value) {
+        (self.0, None, self.1)
+    }
 }

@@ -3,6 +3,7 @@
 mod api;
 mod chaos;
 mod cli;
+mod console;
 mod consumer;
 mod errors;
 mod harness;
