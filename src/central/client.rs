@@ -289,10 +289,13 @@ impl CentralClient {
         let mut attempt: u32 = 0;
         let mut tries: u32 = 0;
         let first_try = Instant::now();
+        // A try whose stand-in failed while it went unanswered (a slow answer): it may still
+        // bring the results while the next tries go.
+        let mut earlier: Option<Pending<'_>> = None;
         loop {
             let probe = self.wait_for_breaker(cancel).await?;
-            let result = tokio::select! {
-                r = self.post_hedged(warehouse_id, &idempotency_key, &body, changes.len()) => r,
+            let raced = tokio::select! {
+                r = racing(self.post_hedged(warehouse_id, &idempotency_key, &body, changes.len()), &mut earlier) => r,
                 _ = cancel.cancelled() => {
                     if probe {
                         self.record(false, true, None);
@@ -300,6 +303,16 @@ impl CentralClient {
                     return Err(Cancelled);
                 }
             };
+            let (result, unanswered) = match raced {
+                Ok(pair) => pair,
+                Err(results) => {
+                    self.record(false, probe, None);
+                    tracing::debug!(warehouse = %warehouse_id, tries = tries + 1, since_first_try_ms = first_try.elapsed().as_millis() as u64, changes = changes.len(), "central answered after retries (an earlier try)");
+                    return Ok(Answer::Results(results));
+                }
+            };
+            // The older one started first, and is likelier to answer first.
+            earlier = earlier.or(unanswered);
             let wait = match result {
                 Attempt::Results(r) => {
                     self.record(false, probe, None);
@@ -352,7 +365,12 @@ impl CentralClient {
                 }
             };
             tokio::select! {
-                _ = tokio::time::sleep(wait) => {}
+                r = racing(tokio::time::sleep(wait), &mut earlier) => {
+                    if let Err(results) = r {
+                        tracing::debug!(warehouse = %warehouse_id, tries = tries + 1, since_first_try_ms = first_try.elapsed().as_millis() as u64, changes = changes.len(), "central answered after retries (an earlier try)");
+                        return Ok(Answer::Results(results));
+                    }
+                }
                 _ = cancel.cancelled() => return Err(Cancelled),
             }
         }
@@ -366,26 +384,28 @@ impl CentralClient {
     }
 
     /// Posts a request within the limit of requests in the air; one stuck at central (see
-    /// [`air`]) gives its slot up and goes a second time, and the first answer counts (a
-    /// failure only when both failed).
-    async fn post_hedged(
-        &self,
-        warehouse_id: &str,
-        idempotency_key: &str,
+    /// [`air`]) gives its slot up and goes a second time, and the first answer counts. When
+    /// that is a failure, the other request is handed back unanswered: the caller waits and
+    /// tries again while it may still bring the results (a slow answer after 2 s need not
+    /// hold back a retry that a 429's second makes possible).
+    async fn post_hedged<'a>(
+        &'a self,
+        warehouse_id: &'a str,
+        idempotency_key: &'a str,
         body: &bytes::Bytes,
         expected: usize,
-    ) -> Attempt {
+    ) -> (Attempt, Option<Pending<'a>>) {
         let mut slot = self.air.acquire(expected).await;
         let started = Instant::now();
-        let first = self.post(warehouse_id, idempotency_key, body.clone(), expected);
-        tokio::pin!(first);
+        let mut first: Pending<'a> =
+            Box::pin(self.post(warehouse_id, idempotency_key, body.clone(), expected));
         let slow = self.air.slow_after();
         let stuck = self.air.stuck_after().max(slow);
         for wait in [slow, stuck - slow] {
             tokio::select! {
                 r = &mut first => {
                     self.learn(&slot, &r, expected, started.elapsed());
-                    return r;
+                    return (r, None);
                 }
                 _ = tokio::time::sleep(wait) => {}
             }
@@ -401,23 +421,18 @@ impl CentralClient {
         // went to the next request (waiting behind every queued request, it would go last).
         let none = self.air.acquire(0).await;
         let again = Instant::now();
-        let second = self.post(warehouse_id, idempotency_key, body.clone(), expected);
-        tokio::pin!(second);
-        let (r, other_first) = tokio::select! {
-            r = &mut first => (r, false),
+        let mut second: Pending<'a> =
+            Box::pin(self.post(warehouse_id, idempotency_key, body.clone(), expected));
+        let (r, other) = tokio::select! {
+            r = &mut first => (r, second),
             r = &mut second => {
                 self.learn(&none, &r, expected, again.elapsed());
-                (r, true)
+                (r, first)
             }
         };
-        if !matches!(r, Attempt::Retry { .. }) {
-            return r;
-        }
-        // The first answer is a failure: the other request may still bring a good one.
-        if other_first {
-            (&mut first).await
-        } else {
-            (&mut second).await
+        match r {
+            Attempt::Retry { .. } => (r, Some(other)),
+            r => (r, None),
         }
     }
 
@@ -632,6 +647,32 @@ enum Answer {
     Invalid { status: u16, message: String },
 }
 
+/// A try of a request still unanswered.
+type Pending<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = Attempt> + Send + 'a>>;
+
+/// Runs `next` while `earlier` (a try still unanswered) may still answer: results from it
+/// win (`Err`); a failure of it only ends it.
+async fn racing<T>(
+    next: impl std::future::Future<Output = T>,
+    earlier: &mut Option<Pending<'_>>,
+) -> Result<T, Vec<ChangeResult>> {
+    tokio::pin!(next);
+    loop {
+        let Some(e) = earlier.as_mut() else {
+            return Ok(next.await);
+        };
+        tokio::select! {
+            t = &mut next => return Ok(t),
+            r = e => {
+                *earlier = None;
+                if let Attempt::Results(r) = r {
+                    return Err(r);
+                }
+            }
+        }
+    }
+}
+
 /// `Retry-After` in seconds (an HTTP date is ignored: the backoff applies), at most 10 min.
 fn parse_retry_after(v: &str) -> Option<Duration> {
     v.trim()
@@ -686,6 +727,55 @@ mod tests {
         credential_retry: Duration::from_secs(30),
         max_in_flight_requests: 64,
     };
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_retry_goes_while_a_slow_try_is_unanswered_after_its_stand_in_failed() {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        // The first try is answered only after 5 s, its stand-in (the hedge) fails at once,
+        // the retry after it is answered at once: the retry's results count, not the slow
+        // answer's (waiting for that held a request's changes for all of its 5 s).
+        let tries = Arc::new(AtomicUsize::new(0));
+        let counted = tries.clone();
+        let app = axum::Router::new().route(
+            "/api/warehouse/{w}/changes",
+            axum::routing::post(move || {
+                let tries = counted.clone();
+                async move {
+                    let answer = |reason: &str| {
+                        axum::Json(serde_json::json!({"results": [{"status": "applied", "reason": reason}]}))
+                    };
+                    match tries.fetch_add(1, Ordering::SeqCst) {
+                        0 => {
+                            tokio::time::sleep(Duration::from_secs(5)).await;
+                            Ok(answer("the slow first try"))
+                        }
+                        1 => Err(axum::http::StatusCode::SERVICE_UNAVAILABLE),
+                        _ => Ok(answer("the retry")),
+                    }
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let endpoint = url::Url::parse(&format!("http://{addr}/api/warehouse")).unwrap();
+        let client = super::CentralClient::new(&endpoint, None, SETTINGS).unwrap();
+        let json = br#"{"entity":"product","op":"upsert","key":{"sku":"SKU-1"},"data":{"name":"one"},"version":"0000000000000001:00000000","source":{"table":"public.products","lsn":"0/1","committed_at":"2026-12-04T00:00:00.000000Z","snapshot":false}}"#;
+        let changes = [crate::central::Outgoing {
+            version: "0000000000000001:00000000",
+            json,
+        }];
+        let cancel = tokio_util::sync::CancellationToken::new();
+        let verdicts = client.deliver("wh", &changes, &cancel).await.unwrap();
+        match &verdicts[..] {
+            [super::Verdict::Result(r)] => {
+                assert_eq!(r.reason.as_deref(), Some("the retry"), "{verdicts:?}")
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(tries.load(Ordering::SeqCst), 3);
+    }
 
     #[test]
     fn a_quarter_of_failures_never_opens_the_breaker() {
