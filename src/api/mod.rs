@@ -535,8 +535,8 @@ struct DeadLetterParams {
     before: Option<i64>,
 }
 
-/// Dead letters (of the embedded bus; with Kafka they are on the dead-letter topic), newest
-/// first, in pages (`next` is the `before` of the next page).
+/// Dead letters (with Kafka also records of the dead-letter topic), newest first, in pages
+/// (`next` is the `before` of the next page).
 #[utoipa::path(get, path = "/sync/dead-letters", tag = "sync", security(("bearer" = [])),
     params(
         ("warehouse" = Option<String>, Query, description = "Only this warehouse's"),

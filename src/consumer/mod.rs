@@ -135,7 +135,8 @@ pub enum DeadLetters {
         /// The topic (`inventorysync.dlq`).
         topic: String,
     },
-    /// The state DB's `sync_dead_letters` (with the embedded bus).
+    /// The state DB's `sync_dead_letters` only (with the embedded bus; with Kafka each dead
+    /// letter is recorded there too).
     StateDb,
 }
 
@@ -1637,20 +1638,21 @@ impl Stage {
                 self.retry("cannot write to the dead-letter topic", || {
                     bus.send_and_wait(topic, &key, &value, &headers)
                 })
-                .await
+                .await?;
             }
-            DeadLetters::StateDb => {
-                let d = NewDeadLetter {
-                    warehouse_id: warehouse_id.to_string(),
-                    table_name: table.to_string(),
-                    source_version: version.to_string(),
-                    rule: v.rule.to_string(),
-                    reason: v.reason.clone(),
-                    raw_event: value.into_owned(),
-                };
-                self.persist(|| self.state.record_dead_letter(&d)).await
-            }
+            DeadLetters::StateDb => {}
         }
+        // Also in the state DB with either bus: `GET /sync/dead-letters` lists it and
+        // `POST /sync/dead-letters/{id}/replay` sends it again.
+        let d = NewDeadLetter {
+            warehouse_id: warehouse_id.to_string(),
+            table_name: table.to_string(),
+            source_version: version.to_string(),
+            rule: v.rule.to_string(),
+            reason: v.reason.clone(),
+            raw_event: value.into_owned(),
+        };
+        self.persist(|| self.state.record_dead_letter(&d)).await
     }
 
     /// Records a conflict (counted in the metrics) until it is stored.
