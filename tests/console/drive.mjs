@@ -70,6 +70,27 @@ try {
   await page.locator(`#conflicts tr[data-conflict="${id}"]`).waitFor({ state: "detached", timeout: 10000 });
   seen.conflict = Number(id);
 
+  // Its dead letter: replayed from the page; it still breaks its rule, and says so.
+  const dead = page.locator("#dead tr[data-dead-letter]").first();
+  await dead.getByRole("button", { name: "Replay" }).click();
+  await page.locator("#notice", { hasText: "invalid" }).waitFor({ timeout: 30000 });
+  await page.locator("#dead tr[data-dead-letter] td", { hasText: "invalid: rule quantity_non_negative" }).first().waitFor({ timeout: 10000 });
+  seen.replayed = Number(await dead.getAttribute("data-dead-letter"));
+
+  // A forced resync asks first; cancelled, nothing is queued; confirmed, it is.
+  const last = warehouses[warehouses.length - 1];
+  const resync = page.locator(`#warehouses tr[data-warehouse="${last}"]`).getByRole("button", { name: "Force resync" });
+  await resync.click();
+  await page.locator("#ask[open]").waitFor();
+  await page.getByRole("button", { name: "Cancel" }).click();
+  await resync.click();
+  await page.locator("#ask[open]").waitFor();
+  await page.click("#ask-ok");
+  const resyncQueued = page.locator("#notice", { hasText: `of ${last} queued` });
+  await resyncQueued.waitFor({ timeout: 10000 });
+  seen.resync = /sync-[0-9a-z-]+/.exec(await resyncQueued.textContent())[0];
+  await page.locator(`#jobs tr[data-job="${seen.resync}"] .state`, { hasText: "succeeded" }).waitFor({ timeout: 60000 });
+
   await page.screenshot({ path: screenshot, fullPage: true });
 
   // A phone's width: the page itself does not scroll sideways (the tables scroll in place).

@@ -110,7 +110,7 @@ async fn the_console_is_served_with_a_strict_policy_and_no_cross_origin_access()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_operator_signs_in_sees_both_warehouses_runs_a_cycle_and_resolves_a_conflict() {
+async fn an_operator_signs_in_and_works_both_warehouses_from_the_page() {
     let (chromium, playwright) = browser();
     let east = demo_warehouse("coneast").await;
     let west = demo_warehouse("conwest").await;
@@ -188,6 +188,26 @@ async fn an_operator_signs_in_sees_both_warehouses_runs_a_cycle_and_resolves_a_c
         (status, &j["status"]),
         (200, &Value::from("succeeded")),
         "{j}"
+    );
+    let resync = seen["resync"].as_str().unwrap();
+    let (_, _, r) = api.get(&format!("/sync/status/{resync}"), Some(KEY)).await;
+    assert_eq!(
+        (&r["kind"], &r["status"]),
+        (&Value::from("resync"), &Value::from("succeeded")),
+        "{r}"
+    );
+    let jobs = api.get("/sync/jobs?kind=resync", Some(KEY)).await.2;
+    assert_eq!(
+        jobs["items"].as_array().unwrap().len(),
+        1,
+        "one resync: the cancelled one went nowhere: {jobs}"
+    );
+    let (_, _, letters) = api.get("/sync/dead-letters?replayed=true", Some(KEY)).await;
+    let letter = &letters["items"][0];
+    assert_eq!(
+        (&letter["id"], &letter["replayOutcome"]),
+        (&seen["replayed"], &Value::from("invalid")),
+        "{letters}"
     );
     let resolved = conflicts(&state).await;
     let c = resolved
