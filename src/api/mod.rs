@@ -123,7 +123,8 @@ impl IntoResponse for ApiError {
     ),
     modifiers(&BearerAuth),
     components(schemas(ErrorBody, crate::store::WorkerRow, crate::store::ConflictRow, crate::store::DeadLetterRow,
-        crate::console::WarehouseView, crate::console::Sample))
+        crate::console::WarehouseView, crate::console::Sample, ConflictStatus, ConflictKind, JobStatus,
+        JobKind, CloseStatus))
 )]
 struct ApiDoc;
 
@@ -173,7 +174,7 @@ pub fn router_and_doc(state: Arc<ApiState>) -> (Router, utoipa::openapi::OpenApi
         .routes(routes!(overview))
         .routes(routes!(list_workers))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_key));
-    let (router, doc) = OpenApiRouter::with_openapi(ApiDoc::openapi())
+    let (router, mut doc) = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(health))
         .routes(routes!(ready))
         .routes(routes!(metrics))
@@ -183,13 +184,50 @@ pub fn router_and_doc(state: Arc<ApiState>) -> (Router, utoipa::openapi::OpenApi
         .routes(routes!(console_script))
         .merge(sync)
         .split_for_parts();
+    link_jobs(&mut doc);
     let router = router
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
-        .layer(axum::Extension(Arc::new(doc.clone())))
+        .layer(axum::Extension(Arc::new(served_doc(&doc, &state))))
         .with_state(state);
     (router, doc)
+}
+
+/// The document as served: the configured warehouses are the values a trigger may name (a
+/// client generated from it offers exactly those; any other is answered 422).
+fn served_doc(doc: &utoipa::openapi::OpenApi, state: &ApiState) -> serde_json::Value {
+    let mut served = serde_json::to_value(doc).unwrap_or_default();
+    let ids: Vec<&str> = state.warehouses.iter().map(|w| w.id.as_str()).collect();
+    if let Some(list) = served.pointer_mut("/components/schemas/TriggerBody/properties/warehouses")
+    {
+        list["minItems"] = json!(1);
+        list["items"] = json!({"type": "string", "enum": ids});
+    }
+    served
+}
+
+/// Links the job a trigger or a resync queues (`jobId`) to `GET /sync/status/{job_id}`, so
+/// that a client (or a stateful fuzzer) follows one to the other.
+fn link_jobs(doc: &mut utoipa::openapi::OpenApi) {
+    use utoipa::openapi::{RefOr, link::LinkBuilder};
+    for path in ["/sync/trigger", "/sync/warehouses/{warehouse_id}"] {
+        let Some(op) = doc.paths.paths.get_mut(path).and_then(|p| p.post.as_mut()) else {
+            continue;
+        };
+        if let Some(RefOr::T(accepted)) = op.responses.responses.get_mut("202") {
+            accepted.links.insert(
+                "status".to_string(),
+                RefOr::T(
+                    LinkBuilder::new()
+                        .operation_id("job_status")
+                        .parameter("job_id", "$response.body#/jobId")
+                        .description("The job it queued")
+                        .build(),
+                ),
+            );
+        }
+    }
 }
 
 /// The API's routes over `state`.
@@ -201,8 +239,8 @@ pub fn router(state: Arc<ApiState>) -> Router {
 #[utoipa::path(get, path = "/openapi.json", tag = "meta",
     responses((status = 200, description = "The OpenAPI 3 document", content_type = "application/json")))]
 async fn openapi_json(
-    axum::Extension(doc): axum::Extension<Arc<utoipa::openapi::OpenApi>>,
-) -> Json<utoipa::openapi::OpenApi> {
+    axum::Extension(doc): axum::Extension<Arc<serde_json::Value>>,
+) -> Json<serde_json::Value> {
     Json((*doc).clone())
 }
 
@@ -382,9 +420,9 @@ async fn list_workers(
 #[utoipa::path(get, path = "/sync/conflicts", tag = "sync", security(("bearer" = [])),
     params(
         ("warehouse" = Option<String>, Query, description = "Only this warehouse's"),
-        ("status" = Option<String>, Query, description = "open, resolved or ignored"),
-        ("kind" = Option<String>, Query, description = "stale_version, rejected, invalid or truncate"),
-        ("limit" = Option<i64>, Query, description = "1 to 500 (default 50)"),
+        ("status" = Option<ConflictStatus>, Query, description = "open, resolved or ignored"),
+        ("kind" = Option<ConflictKind>, Query, description = "stale_version, rejected, invalid or truncate"),
+        ("limit" = Option<i64>, Query, description = "1 to 500 (default 50)", minimum = 1, maximum = 500),
         ("before" = Option<i64>, Query, description = "Only conflicts with a smaller id"),
     ),
     responses(
@@ -443,6 +481,7 @@ fn path_id(what: &str, raw: &str) -> Result<i64, ApiError> {
 #[serde(deny_unknown_fields)]
 struct CloseBody {
     /// `resolved` (central is right now, or was made right) or `ignored` (leave it as it is).
+    #[schema(value_type = CloseStatus)]
     status: String,
     /// Why, in words (at most 2,000 characters).
     note: Option<String>,
@@ -738,8 +777,9 @@ where
         if bytes.iter().all(u8::is_ascii_whitespace) {
             return Ok(Body(None));
         }
-        serde_json::from_slice(&bytes)
-            .map(|t| Body(Some(t)))
+        // A JSON `null` is no body too.
+        serde_json::from_slice::<Option<T>>(&bytes)
+            .map(Body)
             .map_err(|e| {
                 ApiError::new(
                     StatusCode::BAD_REQUEST,
@@ -750,16 +790,69 @@ where
     }
 }
 
-/// Body of `POST /sync/trigger`.
-#[derive(Debug, Deserialize)]
+/// Body of `POST /sync/trigger` (optional: none for every warehouse).
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct TriggerBody {
+    /// The warehouses to sync (at least one); left out, every configured warehouse.
     warehouses: Option<Vec<String>>,
+}
+
+/// A conflict's status, as the filters name it (documentation: the handler checks the text
+/// and names the value it refuses).
+#[derive(utoipa::ToSchema)]
+#[schema(rename_all = "snake_case")]
+#[allow(dead_code)]
+enum ConflictStatus {
+    Open,
+    Resolved,
+    Ignored,
+}
+
+/// What a conflict is closed as (documentation: the handler names a value it refuses).
+#[derive(utoipa::ToSchema)]
+#[schema(rename_all = "snake_case")]
+#[allow(dead_code)]
+enum CloseStatus {
+    Resolved,
+    Ignored,
+}
+
+/// A conflict's kind, as the filters name it.
+#[derive(utoipa::ToSchema)]
+#[schema(rename_all = "snake_case")]
+#[allow(dead_code)]
+enum ConflictKind {
+    StaleVersion,
+    Rejected,
+    Invalid,
+    Truncate,
+}
+
+/// A job's status, as the filters name it.
+#[derive(utoipa::ToSchema)]
+#[schema(rename_all = "snake_case")]
+#[allow(dead_code)]
+enum JobStatus {
+    Queued,
+    Running,
+    Succeeded,
+    Failed,
+}
+
+/// A job's kind, as the filters name it.
+#[derive(utoipa::ToSchema)]
+#[schema(rename_all = "snake_case")]
+#[allow(dead_code)]
+enum JobKind {
+    Cycle,
+    Resync,
+    Load,
 }
 
 /// Starts a sync cycle: done once every change committed before it has an outcome.
 #[utoipa::path(post, path = "/sync/trigger", tag = "sync", security(("bearer" = [])),
-    request_body(content = Object, description = "Optional `{\"warehouses\": [\"wh-east\"]}`; empty for all", content_type = "application/json"),
+    request_body(content = Option<TriggerBody>, description = "Optional `{\"warehouses\": [\"wh-east\"]}`; no body for all", content_type = "application/json"),
     responses(
         (status = 202, description = "`{jobId, status: queued}`", body = Object),
         (status = 400, description = "Malformed JSON or an unknown field", body = ErrorBody),
@@ -844,9 +937,9 @@ struct JobParams {
 /// Jobs, newest first, in pages (`next` is the `before` of the next page).
 #[utoipa::path(get, path = "/sync/jobs", tag = "sync", security(("bearer" = [])),
     params(
-        ("status" = Option<String>, Query, description = "queued, running, succeeded or failed"),
-        ("kind" = Option<String>, Query, description = "cycle, resync or load (a slot's initial load)"),
-        ("limit" = Option<i64>, Query, description = "1 to 500 (default 50)"),
+        ("status" = Option<JobStatus>, Query, description = "queued, running, succeeded or failed"),
+        ("kind" = Option<JobKind>, Query, description = "cycle, resync or load (a slot's initial load)"),
+        ("limit" = Option<i64>, Query, description = "1 to 500 (default 50)", minimum = 1, maximum = 500),
         ("before" = Option<String>, Query, description = "Only jobs older than this job id"),
     ),
     responses(

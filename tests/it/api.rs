@@ -1571,3 +1571,73 @@ impl IntoError for (u16, Value) {
         (self.0, None, self.1)
     }
 }
+
+/// The schemathesis CLI `scripts/test` installs into a virtual environment (see
+/// scripts/lib/schemathesis.sh), found as it leaves it when the variable is not set.
+fn schemathesis() -> std::path::PathBuf {
+    let st = std::env::var_os("INVENTORYSYNC_TEST_SCHEMATHESIS")
+        .map(std::path::PathBuf::from)
+        .or_else(|| {
+            let cache = std::env::var_os("XDG_CACHE_HOME")
+                .map(std::path::PathBuf::from)
+                .or_else(|| {
+                    std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(".cache"))
+                })?;
+            Some(cache.join("inventorysync/schemathesis/bin/st"))
+        })
+        .unwrap_or_default();
+    assert!(
+        st.exists(),
+        "the OpenAPI test needs schemathesis ({}): scripts/test installs it",
+        st.display()
+    );
+    st
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schemathesis_finds_no_answer_the_openapi_document_does_not_allow() {
+    let st = schemathesis();
+    let db = demo_warehouse("fuzz").await;
+    db.exec("INSERT INTO locations VALUES ('A-01', 'north'); INSERT INTO products (sku, name) VALUES ('SKU-1', 'one');
+             INSERT INTO stock_levels (sku, location_code, qty_on_hand) VALUES ('SKU-1', 'A-01', -1);")
+        .await;
+    let state = pg().new_db("fuzzstate").await;
+    let central = Central::start(Faults::default()).await;
+    let (_dir, log, _run, api, _) = start_with_api(&db, &state, &central, "wh-fuzz", None);
+    wait_streaming(&state, "wh-fuzz", &log).await;
+    for key in [Some(KEY), None] {
+        let mut cmd = tokio::process::Command::new(&st);
+        cmd.args(["--no-color", "run"])
+            .arg(format!("{}/openapi.json", api.base))
+            .args(["--checks", "all", "-n", "30", "--generation-deterministic"])
+            .args(["--request-timeout", "20"])
+            .kill_on_drop(true);
+        if let Some(k) = key {
+            cmd.args(["-H", &format!("Authorization: Bearer {k}")]);
+        }
+        let out = tokio::time::timeout(Duration::from_secs(300), cmd.output())
+            .await
+            .expect("schemathesis finished within 5 minutes")
+            .expect("schemathesis runs");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "schemathesis (key: {}) found answers the document does not allow:\n{stdout}\n{}\n{}",
+            key.is_some(),
+            String::from_utf8_lossy(&out.stderr),
+            log_tail(&log)
+        );
+        // With the key, the stateful phase followed the documented links (a job id from a
+        // trigger or a resync into GET /sync/status/{job_id}).
+        if key.is_some() {
+            let covered = stdout
+                .lines()
+                .find_map(|l| l.trim().strip_prefix("API Links:"))
+                .and_then(|l| l.split_whitespace().next()?.parse::<u32>().ok());
+            assert!(
+                covered.is_some_and(|n| n >= 1),
+                "no link followed:\n{stdout}"
+            );
+        }
+    }
+}
