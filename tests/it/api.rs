@@ -995,6 +995,31 @@ async fn the_openapi_document_lists_exactly_the_routes_the_server_answers() {
         .collect();
     assert_eq!(listed, expected);
     assert!(doc["components"]["securitySchemes"]["bearer"].is_object());
+    // Bodies refuse unknown fields, as declared; a trigger names only configured warehouses.
+    let schemas = &doc["components"]["schemas"];
+    for body in ["TriggerBody", "CloseBody"] {
+        assert_eq!(
+            schemas[body]["additionalProperties"], false,
+            "{body}: {}",
+            schemas[body]
+        );
+    }
+    let list = &schemas["TriggerBody"]["properties"]["warehouses"];
+    assert_eq!(
+        list["items"]["enum"],
+        serde_json::json!(["wh-doc"]),
+        "{list}"
+    );
+    assert_eq!(list["minItems"], 1, "{list}");
+    let trigger = &doc["paths"]["/sync/trigger"]["post"];
+    assert_ne!(
+        trigger["requestBody"]["required"], true,
+        "the body is optional: {trigger}"
+    );
+    assert_eq!(
+        trigger["responses"]["202"]["links"]["status"]["operationId"], "job_status",
+        "{trigger}"
+    );
     for (method, path) in &listed {
         let op = &doc["paths"][path][method.to_lowercase()];
         assert_eq!(
