@@ -204,6 +204,23 @@ fn served_doc(doc: &utoipa::openapi::OpenApi, state: &ApiState) -> serde_json::V
         list["minItems"] = json!(1);
         list["items"] = json!({"type": "string", "enum": ids});
     }
+    // Every /sync route but the overview (held in memory) reads or writes the state DB, and
+    // answers 500 when it fails.
+    if let Some(paths) = served.get_mut("paths").and_then(|p| p.as_object_mut()) {
+        let uses_db = |p: &str| p.starts_with("/sync/") && p != "/sync/overview";
+        for (_, ops) in paths.iter_mut().filter(|(p, _)| uses_db(p)) {
+            for (_, op) in ops.as_object_mut().into_iter().flatten() {
+                if let Some(responses) = op.get_mut("responses").and_then(|r| r.as_object_mut()) {
+                    responses.entry("500").or_insert_with(|| {
+                        json!({
+                            "description": "The state DB failed; the message says how",
+                            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}
+                        })
+                    });
+                }
+            }
+        }
+    }
     served
 }
 
@@ -439,15 +456,7 @@ async fn list_conflicts(
     one_of("status", p.status.as_deref(), &STATUSES)?;
     one_of("kind", p.kind.as_deref(), &KINDS)?;
     let limit = page_limit(p.limit)?;
-    if let Some(w) = &p.warehouse
-        && !state.warehouses.iter().any(|s| &s.id == w)
-    {
-        return Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            format!("no warehouse {w:?} is configured"),
-        ));
-    }
+    configured(&state, p.warehouse.as_deref())?;
     let rows = state
         .state
         .list_conflicts(&ConflictQuery {
@@ -595,15 +604,7 @@ async fn list_dead_letters(
     Params(p): Params<DeadLetterParams>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let limit = page_limit(p.limit)?;
-    if let Some(w) = &p.warehouse
-        && !state.warehouses.iter().any(|s| &s.id == w)
-    {
-        return Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            format!("no warehouse {w:?} is configured"),
-        ));
-    }
+    configured(&state, p.warehouse.as_deref())?;
     let rows = state
         .state
         .list_dead_letters(&crate::store::DeadLetterQuery {
@@ -982,6 +983,18 @@ fn page<T: serde::Serialize>(
         _ => serde_json::Value::Null,
     };
     Json(json!({"items": rows, "next": next}))
+}
+
+/// 404 unless `warehouse` is absent or configured.
+fn configured(state: &ApiState, warehouse: Option<&str>) -> Result<(), ApiError> {
+    match warehouse {
+        Some(w) if !state.warehouses.iter().any(|s| s.id == w) => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no warehouse {w:?} is configured"),
+        )),
+        _ => Ok(()),
+    }
 }
 
 /// 400 unless `value` is absent or one of `allowed`.

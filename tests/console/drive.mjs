@@ -8,18 +8,12 @@
 // Environment: INVENTORYSYNC_TEST_CHROMIUM (the browser), INVENTORYSYNC_TEST_PLAYWRIGHT (the
 // playwright-core package directory). Prints one JSON line of what it saw; exits non-zero
 // with the reason on the first thing that is not as expected.
-import { createRequire } from "node:module";
+import { launch } from "./browser.mjs";
 
 const [base, key, screenshot, ...warehouses] = process.argv.slice(2);
-const require = createRequire(import.meta.url);
-const { chromium } = require(process.env.INVENTORYSYNC_TEST_PLAYWRIGHT);
 
 const seen = {};
-const browser = await chromium.launch({
-  executablePath: process.env.INVENTORYSYNC_TEST_CHROMIUM,
-  headless: true,
-  args: ["--no-sandbox"],
-});
+const browser = await launch();
 try {
   const page = await browser.newPage({ viewport: { width: 1280, height: 900 } });
   const problems = [];

@@ -3,16 +3,10 @@
 // scripts/bench-workers; prints one JSON line.
 //
 //   node tests/console/render.mjs BASE_URL KEY COUNT
-import { createRequire } from "node:module";
+import { launch } from "./browser.mjs";
 
 const [base, key, count] = process.argv.slice(2);
-const require = createRequire(import.meta.url);
-const { chromium } = require(process.env.INVENTORYSYNC_TEST_PLAYWRIGHT);
-const browser = await chromium.launch({
-  executablePath: process.env.INVENTORYSYNC_TEST_CHROMIUM,
-  headless: true,
-  args: ["--no-sandbox"],
-});
+const browser = await launch();
 try {
   const page = await browser.newPage({ viewport: { width: 1280, height: 900 } });
   // Signed in already (the key in sessionStorage), as after the first visit.
