@@ -6,7 +6,8 @@
 
 # BENCH_BIN=PATH measures that binary instead of building this tree's (to compare two builds);
 # BENCH_CENTRAL_BIN=PATH runs the reference central server from another binary (an older
-# engine against this tree's central, whose `applied_at_least` the waits use).
+# engine against this tree's central, whose `applied_at_least` the waits use);
+# BENCH_MAX_CHANGES=N sets run's `[batch] max_changes` (500 by default).
 if [ -n "${BENCH_BIN:-}" ]; then
   bin=$BENCH_BIN
 else
@@ -49,7 +50,7 @@ applied() { # [at least]: central's count of applied changes (once it reached th
 until curl -sf "http://127.0.0.1:$cport/health" >/dev/null; do sleep 0.1; done
 
 url="postgres://postgres@127.0.0.1:$port/wh?sslmode=disable"
-{ cat sql/demo_mapping.toml; printf "\n[[warehouses]]\nid = 'bench'\nurl = '%s'\n" "$url"; } >"$dir/run.toml"
+{ sed "s/^max_changes = 500/max_changes = ${BENCH_MAX_CHANGES:-500}/" sql/demo_mapping.toml; printf "\n[[warehouses]]\nid = 'bench'\nurl = '%s'\n" "$url"; } >"$dir/run.toml"
 export DB_URL="postgres://postgres@127.0.0.1:$port/state?sslmode=disable"
 export WAREHOUSE_API_ENDPOINT="http://127.0.0.1:$cport/api/warehouse"
 export INVENTORYSYNC_LOG=${BENCH_LOG:-warn}
