@@ -161,6 +161,15 @@ impl WarehouseStatus {
         self.generation.load(std::sync::atomic::Ordering::SeqCst)
     }
 
+    /// Whether this process owns the warehouse (streams it, or restarts or stopped its
+    /// pipeline), as opposed to starting or standing by.
+    pub fn owned_here(&self) -> bool {
+        matches!(
+            &*self.state.borrow(),
+            StreamState::Streaming | StreamState::Retrying(_) | StreamState::Failed(_)
+        )
+    }
+
     /// Whether the warehouse is served (streamed here or by the lease holder), and if not,
     /// why.
     pub fn readiness(&self) -> (bool, Option<String>) {

@@ -206,21 +206,19 @@ impl History {
                     _ => history.last().map_or(0.0, |s| s.changes_per_second),
                 };
                 let (lag_bytes, lag_seconds, retained_wal_bytes) = lag(w, now);
-                let health = w.slot_health.borrow().clone();
-                let state = state_name(&w.state.borrow());
+                let (wal_status, safe_wal_bytes) = match &*w.slot_health.borrow() {
+                    Some(h) => (Some(h.wal_status.clone()), h.safe_wal_size),
+                    None => (None, None),
+                };
                 let (_, reason) = w.readiness();
-                let owned_here = matches!(
-                    &*w.state.borrow(),
-                    StreamState::Streaming | StreamState::Retrying(_) | StreamState::Failed(_)
-                );
                 WarehouseView {
                     id: w.id.clone(),
                     owner: w.owner.borrow().clone(),
-                    owned_here,
-                    state,
+                    owned_here: w.owned_here(),
+                    state: state_name(&w.state.borrow()),
                     reason,
-                    wal_status: health.as_ref().map(|h| h.wal_status.clone()),
-                    safe_wal_bytes: health.as_ref().and_then(|h| h.safe_wal_size),
+                    wal_status,
+                    safe_wal_bytes,
                     now: Sample {
                         at: now,
                         lag_bytes,

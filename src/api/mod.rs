@@ -351,12 +351,7 @@ async fn ready(State(state): State<Arc<ApiState>>) -> Response {
             problems.push(format!("warehouse {}: {r}", w.id));
         }
         let owner = w.owner.borrow().clone();
-        let here = matches!(
-            &*w.state.borrow(),
-            crate::app::StreamState::Streaming
-                | crate::app::StreamState::Retrying(_)
-                | crate::app::StreamState::Failed(_)
-        );
+        let here = w.owned_here();
         warehouses.insert(
             w.id.clone(),
             json!({"streaming": streaming, "reason": reason, "owner": owner, "ownedHere": here}),

@@ -1616,31 +1616,28 @@ impl Stage {
             .with_label_values(&[warehouse_id, v.rule])
             .inc();
         let value = item.value();
-        match &self.dead_letters {
-            DeadLetters::Kafka { bus, topic } => {
-                let key = item.key();
-                let op = match item {
-                    Incoming::Event(ev) => ev.op.code().to_string(),
-                    Incoming::Record { .. } => RawEvent::parse(&value)
-                        .map(|e| e.op.into_owned())
-                        .unwrap_or_default(),
-                };
-                let field = v.field.clone().unwrap_or_default();
-                let headers = [
-                    ("warehouse_id", warehouse_id),
-                    ("table", table),
-                    ("op", op.as_str()),
-                    ("version", version),
-                    ("dlq_rule", v.rule),
-                    ("dlq_field", field.as_str()),
-                    ("dlq_reason", v.reason.as_str()),
-                ];
-                self.retry("cannot write to the dead-letter topic", || {
-                    bus.send_and_wait(topic, &key, &value, &headers)
-                })
-                .await?;
-            }
-            DeadLetters::StateDb => {}
+        if let DeadLetters::Kafka { bus, topic } = &self.dead_letters {
+            let key = item.key();
+            let op = match item {
+                Incoming::Event(ev) => ev.op.code().to_string(),
+                Incoming::Record { .. } => RawEvent::parse(&value)
+                    .map(|e| e.op.into_owned())
+                    .unwrap_or_default(),
+            };
+            let field = v.field.clone().unwrap_or_default();
+            let headers = [
+                ("warehouse_id", warehouse_id),
+                ("table", table),
+                ("op", op.as_str()),
+                ("version", version),
+                ("dlq_rule", v.rule),
+                ("dlq_field", field.as_str()),
+                ("dlq_reason", v.reason.as_str()),
+            ];
+            self.retry("cannot write to the dead-letter topic", || {
+                bus.send_and_wait(topic, &key, &value, &headers)
+            })
+            .await?;
         }
         // Also in the state DB with either bus: `GET /sync/dead-letters` lists it and
         // `POST /sync/dead-letters/{id}/replay` sends it again.
