@@ -29,12 +29,14 @@ cleanup() {
 }
 trap cleanup EXIT
 start_pg "$dir" "$port"
+# Locations: 100, or as many as ROWS stock levels of 2,000 SKUs need.
+locations=$((ROWS / 2000 > 100 ? ROWS / 2000 : 100))
 psql=(psql -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$port" -U postgres)
 "${psql[@]}" -d postgres -c "CREATE DATABASE wh" -c "CREATE DATABASE state"
 "${psql[@]}" -d wh -f sql/demo_schema.sql
 "${psql[@]}" -d wh -c "CREATE PUBLICATION inventorysync FOR TABLE products, locations, stock_levels;
   INSERT INTO products (sku, name, unit_price) SELECT 'SKU-' || g, 'product ' || g, g / 100.0 FROM generate_series(1, 2000) g;
-  INSERT INTO locations SELECT 'L-' || g, 'zone ' || (g % 7) FROM generate_series(1, 100) g;"
+  INSERT INTO locations SELECT 'L-' || g, 'zone ' || (g % 7) FROM generate_series(1, $locations) g;"
 
 "${BENCH_CENTRAL_BIN:-$bin}" central --listen "127.0.0.1:$cport" 2>"$dir/central.log" &
 central_pid=$!
@@ -69,10 +71,10 @@ wait_applied() { # target: waits until central has applied at least that many ch
   until n=$(applied "$1") && [ "$n" -ge "$1" ]; do sleep 0.1; done
 }
 
-load_stock() { # ROWS stock levels in transactions of 1,000
+load_stock() { # ROWS stock levels in transactions of 1,000 (2,000 SKUs at 100 locations, or more)
   for t in $(seq 0 $((ROWS / 1000 - 1))); do
     echo "INSERT INTO stock_levels (sku, location_code, qty_on_hand, qty_reserved)
-          SELECT 'SKU-' || (1 + (($t * 1000 + g) % 2000)), 'L-' || (1 + (($t * 1000 + g) / 2000) % 100), g % 50, g % 5
+          SELECT 'SKU-' || (1 + (($t * 1000 + g) % 2000)), 'L-' || (1 + (($t * 1000 + g) / 2000) % $locations), g % 50, g % 5
           FROM generate_series(0, 999) g ON CONFLICT DO NOTHING;"
   done | "${psql[@]}" -d wh >/dev/null
 }

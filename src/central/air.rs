@@ -93,6 +93,8 @@ pub struct InAir {
     slots: Arc<Semaphore>,
     state: std::sync::Mutex<State>,
     max: usize,
+    /// Told whenever a slot comes back (see [`InAir::room`]).
+    freed: tokio::sync::Notify,
 }
 
 #[derive(Debug)]
@@ -126,7 +128,31 @@ impl InAir {
                 usual: None,
             }),
             max,
+            freed: tokio::sync::Notify::new(),
         }
+    }
+
+    /// Waits until a slot is free (at once if one is). A sender that has requests in the air
+    /// already waits here before it makes the next one: its changes queue up meanwhile and go
+    /// in one full request when central has room, not in many small ones formed early that
+    /// wait for slots (a 200,000-change backlog went in requests of 133 changes on average;
+    /// every request is one more chance of a fault's wait on the backlog's path).
+    pub async fn room(&self) {
+        if self.has_room() {
+            return;
+        }
+        let freed = self.freed.notified();
+        tokio::pin!(freed);
+        // Told from here on: a slot that comes back after the check wakes us.
+        freed.as_mut().enable();
+        if !self.has_room() {
+            freed.await;
+        }
+    }
+
+    /// Whether a slot is free now.
+    pub fn has_room(&self) -> bool {
+        self.slots.available_permits() > 0
     }
 
     /// The current limit.
@@ -234,7 +260,11 @@ impl Slot {
             if s.debt > 0 {
                 s.debt -= 1;
                 p.forget();
+                return;
             }
+            drop(p);
+            drop(s);
+            self.air.freed.notify_waiters();
         }
     }
 }
@@ -282,6 +312,29 @@ mod tests {
             "a slot beyond the limit"
         );
         drop(held);
+    }
+
+    #[tokio::test]
+    async fn room_is_waited_for_until_a_slot_comes_back() {
+        let air = Arc::new(InAir::new(MIN));
+        tokio::time::timeout(10 * MS, air.room())
+            .await
+            .expect("room while slots are free");
+        let mut held: Vec<_> =
+            futures_util::future::join_all((0..air.limit()).map(|_| air.acquire(SMALL))).await;
+        assert!(!air.has_room());
+        let waiter = tokio::spawn({
+            let air = air.clone();
+            async move { air.room().await }
+        });
+        tokio::time::sleep(10 * MS).await;
+        assert!(!waiter.is_finished(), "room while every slot is out");
+        // One stuck request gives its slot up: the waiter goes.
+        held[0].release();
+        tokio::time::timeout(100 * MS, waiter)
+            .await
+            .expect("woken when a slot came back")
+            .unwrap();
     }
 
     #[tokio::test]

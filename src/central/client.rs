@@ -243,6 +243,16 @@ impl CentralClient {
         })
     }
 
+    /// Whether a request could take a slot in the air now (see [`InAir::room`]).
+    pub fn has_room(&self) -> bool {
+        self.air.has_room()
+    }
+
+    /// Waits until a request could take a slot in the air (see [`InAir::room`]).
+    pub async fn room(&self) {
+        self.air.room().await
+    }
+
     /// False while central refuses our credentials or the breaker is open.
     pub fn is_healthy(&self) -> bool {
         self.healthy.load(Ordering::Relaxed)

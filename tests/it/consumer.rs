@@ -860,6 +860,55 @@ async fn a_lane_central_keeps_waiting_holds_back_no_other_lane() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_goes_to_central_in_full_requests() {
+    let db = demo_warehouse("cfull").await;
+    let state = pg().new_db("cfullstate").await;
+    let central = Central::start(Faults::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), &db, "wh-full", "");
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("max_changes = 500", "max_changes = 100");
+    std::fs::write(&cfg, text).unwrap();
+    let log = dir.path().join("run.log");
+    let _run = start(run_command(&cfg, &state, &central, None), log.clone());
+    wait_streaming(&state, "wh-full", &log).await;
+    assert_converges(&central, &db, "wh-full", &log).await;
+    // Central is down while 20,000 changes come, in transactions of 1,000 (about 31 changes
+    // per lane each): they queue up in the lanes.
+    central
+        .set_faults(Faults {
+            error_rate: 1.0,
+            ..Faults::default()
+        })
+        .await;
+    for t in 0..20 {
+        db.exec(&format!(
+            "INSERT INTO products (sku, name) SELECT 'SKU-B{t}-' || g, 'backlog' FROM generate_series(1, 1000) g"
+        ))
+        .await;
+    }
+    wait_for(&log, "circuit breaker open").await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = central.stats().await;
+    central.set_faults(Faults::default()).await;
+    assert_converges(&central, &db, "wh-full", &log).await;
+    let after = central.stats().await;
+    let count = |s: &Value, k: &str| s[k].as_u64().unwrap();
+    let requests = count(&after, "requests") - count(&before, "requests");
+    let applied = count(&after, "applied") - count(&before, "applied");
+    assert_eq!(applied, 20_000);
+    // A lane's first two requests hold what had come, and its last what was left; the rest
+    // go 100 at a time: about 200 + 3 × 32. Formed as they came, each transaction's lane
+    // share would be a request of its own (about 640; 545 were seen before lanes waited).
+    assert!(
+        requests <= 400,
+        "{requests} requests for 20,000 changes (at most 100 each): a lane that has a backlog sends small requests\n{}",
+        log_tail(&log)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_stuck_at_central_is_sent_again_and_the_first_answer_counts() {
     let db = demo_warehouse("chedge").await;
     let state = pg().new_db("chedgestate").await;
