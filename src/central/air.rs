@@ -142,9 +142,6 @@ impl InAir {
     /// wait for slots (a 200,000-change backlog went in requests of 133 changes on average;
     /// every request is one more chance of a fault's wait on the backlog's path).
     pub async fn room(&self) {
-        if self.has_room() {
-            return;
-        }
         let freed = self.freed.notified();
         tokio::pin!(freed);
         // Told from here on: a slot that comes back after the check wakes us.

@@ -1020,7 +1020,7 @@ impl Stage {
                     // queues meanwhile goes with it (see `InAir::room`).
                     if !flights.is_empty()
                         && !queue.parts.is_empty()
-                        && !self.client.as_ref().is_none_or(|c| c.has_room())
+                        && self.client.as_ref().is_some_and(|c| !c.has_room())
                     {
                         wants_room = true;
                         break;
