@@ -910,7 +910,13 @@ impl Stage {
         // Lanes by key: one key's changes stay in one lane, in source order, so they are
         // never reordered; the lanes' requests are in flight together.
         let items: Vec<Arc<Incoming>> = items.into_iter().map(Arc::new).collect();
-        let mut lanes: Vec<Vec<Queued>> = (0..LANES).map(|_| Vec::new()).collect();
+        // Each lane's share sized exactly: it is held until its changes have outcomes, and a
+        // grown vector's spare room would be held with it (up to half of it).
+        let mut sizes = [0usize; LANES];
+        for p in &pending {
+            sizes[(p.change.key_hash % LANES as u64) as usize] += 1;
+        }
+        let mut lanes: Vec<Vec<Queued>> = sizes.iter().map(|&n| Vec::with_capacity(n)).collect();
         for p in pending {
             lanes[(p.change.key_hash % LANES as u64) as usize].push(Queued {
                 item: items[p.item].clone(),
