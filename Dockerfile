@@ -1,7 +1,8 @@
 # The engine's image: `inventorysync run` by default; `inventorysync central` serves the
 # reference central server from the same image.
 FROM rust:1.95-bookworm AS build
-# librdkafka (built from source by rdkafka-sys) needs a C toolchain, make, OpenSSL headers.
+# librdkafka and jemalloc (built from source by rdkafka-sys and tikv-jemalloc-sys) need a C
+# toolchain and make; librdkafka also OpenSSL headers.
 RUN apt-get update \
  && apt-get install -y --no-install-recommends build-essential libssl-dev pkg-config \
  && rm -rf /var/lib/apt/lists/*

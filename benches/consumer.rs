@@ -20,9 +20,10 @@ use inventorysync::event::{
     ChangeEvent, Op, Row, SnapshotMarker, SourceInfo, TableSource, TransactionInfo, Value,
 };
 
-/// The same allocator as the binary.
+/// The same allocator as the binary (one thread: its arena count does not matter here).
+#[cfg(feature = "jemalloc")]
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 const BATCH: usize = 500;
 

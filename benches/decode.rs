@@ -15,9 +15,10 @@ use inventorysync::source::pgoutput::{
 
 const ROWS_PER_TX: usize = 1000;
 
-/// The same allocator as the binary.
+/// The same allocator as the binary (one thread: its arena count does not matter here).
+#[cfg(feature = "jemalloc")]
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 fn xlog(lsn: u64, payload: &[u8]) -> Bytes {
     let mut b = BytesMut::with_capacity(payload.len() + 25);

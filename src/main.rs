@@ -7,13 +7,28 @@ use clap::{Parser, Subcommand};
 use inventorysync::cli::{self, CentralArgs, TailArgs};
 use inventorysync::service::{self, RunArgs};
 
-/// Events are many small allocations that live briefly; mimalloc handles that pattern with
-/// far fewer instructions than the system allocator (see benches/decode.rs). Its `override`
-/// feature also takes `malloc`/`free` of the C code linked in: librdkafka copies every
-/// message it produces and fetches, and glibc's `malloc` and `free` were an eighth of the
-/// Kafka source stage's CPU in a profile (scripts/bench-consumer, stages apart).
+/// jemalloc with one arena, for Rust's allocations and (unprefixed) the C code's: librdkafka
+/// copies every message it produces and fetches.
+///
+/// Events are allocated by the source's task and freed by the lanes' tasks, and tokio moves
+/// tasks between its worker threads. An allocator with an arena or heap per thread (glibc's
+/// default, mimalloc) reuses a freed block only on the thread that allocated it, so after an
+/// outage, while the full queues turned over at full speed, `run` peaked at 130 to 142 MB of
+/// RSS with mimalloc and glibc alike, against a heap of 67 MB (heaptrack). With one arena
+/// every thread reuses what any other freed: 107 to 111 MB in the same catch-up, and no more
+/// CPU per change than mimalloc on either bus (scripts/bench-faults, bench-consumer and
+/// bench-drain, A/B in one session; docs/PERFORMANCE.md). Freed pages go back to the system
+/// after a second, from jemalloc's own thread (its default of ten seconds held the Kafka
+/// source stage at twice mimalloc's RSS).
+#[cfg(feature = "jemalloc")]
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+/// jemalloc's options, read at its first allocation, before `main` (see [`GLOBAL`]).
+#[cfg(feature = "jemalloc")]
+#[unsafe(export_name = "malloc_conf")]
+static MALLOC_CONF: &u8 =
+    &b"narenas:1,background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0\0"[0];
 
 #[derive(Parser)]
 #[command(

@@ -1,4 +1,5 @@
-//! The `tail` command as a process: exit codes, crash and restart, memory.
+//! The `tail` command as a process: exit codes, crash and restart, memory; the binary's
+//! allocator.
 
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -20,6 +21,32 @@ fn run_tail(args: &[&str]) -> (i32, String, String) {
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
+}
+
+/// The allocator's options are a symbol jemalloc reads before `main`: a build that stopped
+/// exporting it would run with an arena per core and keep freed pages for ten seconds, and
+/// nothing else would say so (src/main.rs says why one arena).
+#[cfg(feature = "jemalloc")]
+#[test]
+fn the_binary_runs_jemalloc_with_one_arena_and_quick_purging() {
+    let out = bin()
+        .arg("--version")
+        .env("MALLOC_CONF", "stats_print:true")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let stats = String::from_utf8_lossy(&out.stderr);
+    for option in [
+        "opt.narenas: 1\n",
+        "opt.background_thread: true",
+        "opt.dirty_decay_ms: 1000",
+        "opt.muzzy_decay_ms: 0",
+    ] {
+        assert!(
+            stats.contains(option),
+            "{option:?} not in jemalloc's stats:\n{stats}"
+        );
+    }
 }
 
 #[tokio::test]
