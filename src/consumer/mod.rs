@@ -914,11 +914,11 @@ impl Stage {
         // grown vector's spare room would be held with it (up to half of it).
         let mut sizes = [0usize; LANES];
         for p in &pending {
-            sizes[(p.change.key_hash % LANES as u64) as usize] += 1;
+            sizes[lane(p.change.key_hash)] += 1;
         }
         let mut lanes: Vec<Vec<Queued>> = sizes.iter().map(|&n| Vec::with_capacity(n)).collect();
         for p in pending {
-            lanes[(p.change.key_hash % LANES as u64) as usize].push(Queued {
+            lanes[lane(p.change.key_hash)].push(Queued {
                 item: items[p.item].clone(),
                 sub: p.sub,
                 change: p.change,
@@ -1772,11 +1772,16 @@ pub const BATCH_REQUESTS: usize = 8;
 /// transaction on to the commit within the limit: 2 of 3 CI runs failed that test).
 pub const IN_FLIGHT_CHANGES: usize = 32_768;
 
+/// The lane of a change with this key hash ([`MappedChange::key_hash`]).
+fn lane(key_hash: u64) -> usize {
+    (key_hash % LANES as u64) as usize
+}
+
 /// The lane of an entity's key.
 #[cfg(test)]
 fn lane_of(entity: &str, key: &serde_json::Map<String, Value>) -> usize {
     let key = key.iter().map(|(k, v)| (k.as_str(), v));
-    (mapping::key_hash(entity, key) % LANES as u64) as usize
+    lane(mapping::key_hash(entity, key))
 }
 
 /// The central key of an event that failed validation, as far as it can be read.
