@@ -46,6 +46,9 @@ pub struct Metrics {
     /// Changes in requests sent to central and not yet answered: those a crash leaves in
     /// doubt (central may hold them; a restart sends them again).
     pub central_changes_in_air: IntGaugeVec,
+    /// Changes central answered whose lane position is not yet in `consumer_lanes`: those a
+    /// crash sends again although central holds them.
+    pub central_changes_unsettled: IntGaugeVec,
     /// Commit time (Unix seconds) of the newest change with an outcome, per warehouse.
     pub delivered_commit_time: IntGaugeVec,
     /// Bytes of WAL between the warehouse's current position and the slot's confirmed flush.
@@ -196,6 +199,12 @@ impl Metrics {
                 "Changes in requests sent to the central API and not yet answered (after a crash, central may hold them and they are sent again).",
                 &["warehouse"],
             ),
+            central_changes_unsettled: gauge(
+                &r,
+                "inventorysync_central_changes_unsettled",
+                "Changes the central API answered whose lane position is not yet stored in the state DB (after a crash they are sent again although central holds them).",
+                &["warehouse"],
+            ),
             delivered_commit_time: gauge(
                 &r,
                 "inventorysync_delivered_commit_timestamp_seconds",
@@ -271,6 +280,27 @@ impl Metrics {
         TextEncoder::new()
             .encode_to_string(&self.registry.gather())
             .unwrap_or_else(|e| format!("# encoding failed: {e}\n"))
+    }
+}
+
+/// A share of a gauge: `n` added while it lives (a count of changes somewhere on their way).
+pub struct Held {
+    gauge: prometheus::IntGauge,
+    n: i64,
+}
+
+impl Held {
+    /// Adds `n` to `gauge` until the share is dropped.
+    pub fn new(gauge: prometheus::IntGauge, n: usize) -> Self {
+        let n = n as i64;
+        gauge.add(n);
+        Self { gauge, n }
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.gauge.sub(self.n);
     }
 }
 

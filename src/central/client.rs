@@ -464,7 +464,8 @@ impl CentralClient {
         m.batch_changes
             .with_label_values(&[warehouse_id])
             .observe(expected as f64);
-        let _unanswered = Unanswered::new(
+        // In the air until its answer, or its end (a timeout, a cancellation).
+        let _unanswered = crate::metrics::Held::new(
             m.central_changes_in_air.with_label_values(&[warehouse_id]),
             expected,
         );
@@ -695,27 +696,6 @@ fn truncate(s: &str, max: usize) -> String {
     match s.char_indices().nth(max) {
         Some((i, _)) => format!("{}…", &s[..i]),
         None => s.to_string(),
-    }
-}
-
-/// Counts a request's changes in [`crate::metrics::Metrics::central_changes_in_air`] until
-/// its answer (or its end: a timeout, a cancellation).
-struct Unanswered {
-    gauge: prometheus::IntGauge,
-    changes: i64,
-}
-
-impl Unanswered {
-    fn new(gauge: prometheus::IntGauge, changes: usize) -> Self {
-        let changes = changes as i64;
-        gauge.add(changes);
-        Self { gauge, changes }
-    }
-}
-
-impl Drop for Unanswered {
-    fn drop(&mut self) {
-        self.gauge.sub(self.changes);
     }
 }
 

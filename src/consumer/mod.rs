@@ -32,6 +32,7 @@ use crate::bus::kafka::KafkaBus;
 use crate::central::client::{Cancelled, CentralClient, Verdict};
 use crate::central::{ChangeOp, ChangeResult, Outgoing, ResultStatus};
 use crate::event::ChangeEvent;
+use crate::metrics::Held;
 use crate::store::{LaneMark, NewConflict, NewDeadLetter, StateDb, StoreError};
 use mapping::{EventView, Mapped, MappedChange, RawEvent, Violation, map_change_event, map_event};
 use settings::ConsumerSettings;
@@ -279,8 +280,13 @@ struct Flight {
 /// Per stream, a lane's position (see [`position_text`]).
 type StreamMarks = Vec<(Arc<str>, String)>;
 
-/// A lane's settled position in a stream, on its way to `consumer_lanes`.
-type Settled = (usize, Arc<str>, String);
+/// A lane's settled positions, on their way to `consumer_lanes`, with the count of changes
+/// they settle (in [`crate::metrics::Metrics::central_changes_unsettled`] until written).
+struct Settled {
+    lane: usize,
+    marks: StreamMarks,
+    _landed: Vec<Held>,
+}
 
 /// A flight back: its number, the flight, and per part how many changes it sent.
 type Landed = (u64, Flight, Result<Vec<i64>, Cancelled>);
@@ -994,8 +1000,13 @@ impl Stage {
         let limit = self.settings.batch.max_changes;
         let max_bytes = self.settings.batch.max_bytes;
         let mut flights = futures_util::stream::FuturesUnordered::new();
-        // Flights by number, oldest first, with the lane positions of those that landed.
-        let mut order: std::collections::VecDeque<(u64, Option<StreamMarks>)> = Default::default();
+        // Flights by number, oldest first, with the lane positions of those that landed (and
+        // their changes, counted as unsettled from their answer on).
+        let mut order: std::collections::VecDeque<(u64, Option<(StreamMarks, Held)>)> =
+            Default::default();
+        let unsettled = crate::metrics::metrics()
+            .central_changes_unsettled
+            .with_label_values(&[&warehouse_id]);
         // Keys in flight, with how many flights hold each.
         let mut busy: HashMap<u64, u32> = HashMap::new();
         let mut next = 0u64;
@@ -1097,16 +1108,18 @@ impl Stage {
                         }
                     }
                     if let Some(entry) = order.iter_mut().find(|(n, _)| *n == number) {
-                        entry.1 = Some(flight.marks);
+                        entry.1 = Some((flight.marks, Held::new(unsettled.clone(), flight.send.len())));
                     }
                     for (part, n) in flight.parts.into_iter().zip(counts) {
                         let _ = part.done.send(n);
                     }
                     // The oldest flights that landed: the lane's position in each stream
                     // moves to their last change there (later flights hold later changes).
-                    let mut settled: Vec<(Arc<str>, String)> = Vec::new();
-                    while order.front().is_some_and(|(_, m)| m.is_some()) {
-                        for (stream, at) in order.pop_front().and_then(|(_, m)| m).unwrap_or_default() {
+                    let mut settled: StreamMarks = Vec::new();
+                    let mut landed = Vec::new();
+                    while let Some((_, Some((marks, held)))) = order.pop_front_if(|(_, m)| m.is_some()) {
+                        landed.push(held);
+                        for (stream, at) in marks {
                             match settled.iter_mut().find(|(s, _)| *s == stream) {
                                 Some(s) => s.1 = at,
                                 None => settled.push((stream, at)),
@@ -1114,7 +1127,7 @@ impl Stage {
                         }
                     }
                     if !settled.is_empty() {
-                        self.settle_later(&warehouse_id, lane, settled);
+                        self.settle_later(&warehouse_id, lane, settled, landed);
                     }
                 }
                 _ = wake.notified(), if !blocked && !wants_room => {}
@@ -1128,7 +1141,13 @@ impl Stage {
     /// central replays after a restart (what the bus acknowledges does not wait for them), so
     /// they may trail; one write per request kept the state DB's pool busy and delayed the
     /// writes that come before a request goes.
-    fn settle_later(self: &Arc<Self>, warehouse_id: &str, lane: usize, settled: StreamMarks) {
+    fn settle_later(
+        self: &Arc<Self>,
+        warehouse_id: &str,
+        lane: usize,
+        marks: StreamMarks,
+        landed: Vec<Held>,
+    ) {
         let mut writers = self.settlers.lock().unwrap_or_else(|p| p.into_inner());
         let tx = writers.entry(warehouse_id.to_string()).or_insert_with(|| {
             let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
@@ -1139,9 +1158,11 @@ impl Stage {
                 .push(writer);
             tx
         });
-        for (stream, at) in settled {
-            let _ = tx.send((lane, stream, at));
-        }
+        let _ = tx.send(Settled {
+            lane,
+            marks,
+            _landed: landed,
+        });
     }
 
     /// Writes the positions `rx` brings for `warehouse_id`, what is there at once in one
@@ -1172,14 +1193,17 @@ impl Stage {
             };
             // One row per stream and lane (a statement may not touch a row twice): the highest.
             let mut latest: Vec<(usize, &Arc<str>, &String)> = Vec::new();
-            for (lane, stream, at) in &got {
+            for (lane, stream, at) in got
+                .iter()
+                .flat_map(|s| s.marks.iter().map(move |(stream, at)| (s.lane, stream, at)))
+            {
                 match latest
                     .iter_mut()
-                    .find(|(l, s, _)| l == lane && *s == stream)
+                    .find(|(l, s, _)| *l == lane && *s == stream)
                 {
                     Some(m) if *m.2 < *at => m.2 = at,
                     Some(_) => {}
-                    None => latest.push((*lane, stream, at)),
+                    None => latest.push((lane, stream, at)),
                 }
             }
             let marks: Vec<LaneMark<'_>> = latest

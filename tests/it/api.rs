@@ -730,6 +730,67 @@ async fn the_changes_in_the_air_at_central_are_counted_until_it_answers() {
     );
 }
 
+/// `inventorysync_central_changes_unsettled` counts the changes central answered whose lane
+/// position is not stored yet (what a crash would send again although central holds them),
+/// and none once it is: here the state DB holds the write back with a lock on
+/// `consumer_lanes`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_answered_changes_are_counted_unsettled_until_their_lane_position_is_stored() {
+    let db = demo_warehouse("apiunsettled").await;
+    let state = pg().new_db("apiunsettledstate").await;
+    let central = Central::start(Faults::default()).await;
+    let (_dir, log, _run, api, _) = start_with_api(&db, &state, &central, "wh-uns", None);
+    wait_streaming(&state, "wh-uns", &log).await;
+    let w = [("warehouse", "wh-uns")];
+    let unsettled = "inventorysync_central_changes_unsettled";
+    assert_eq!(sample(&scrape(&api).await, unsettled, &w), 0.0);
+    state
+        .exec("BEGIN; LOCK TABLE consumer_lanes IN SHARE MODE")
+        .await;
+    db.exec("INSERT INTO products (sku, name) VALUES ('SKU-UNS', 'answered')")
+        .await;
+    crate::consumer::assert_converges(&central, &db, "wh-uns", &log).await;
+    let mut seen = 0.0;
+    for _ in 0..250 {
+        seen = sample(&scrape(&api).await, unsettled, &w);
+        if seen > 0.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        seen,
+        1.0,
+        "{unsettled} while the state DB held the write back\n{}",
+        log_tail(&log)
+    );
+    state.exec("COMMIT").await;
+    let mut left = seen;
+    for _ in 0..250 {
+        left = sample(&scrape(&api).await, unsettled, &w);
+        if left == 0.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        left,
+        0.0,
+        "{unsettled} once the lane position was stored\n{}",
+        log_tail(&log)
+    );
+    let stored: i64 = state
+        .client
+        .query_one(
+            "SELECT count(*) FROM consumer_lanes WHERE warehouse_id = 'wh-uns'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(stored >= 1, "no lane position stored\n{}", log_tail(&log));
+}
+
 /// Stock levels enough for several resync chunks (1,000 rows each).
 pub(crate) async fn seed_stock(db: &TestDb, skus: usize, locations: usize) {
     db.exec(&format!(
