@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use inventorysync::Lsn;
 use inventorysync::config::ConnInfo;
-use inventorysync::store::{Leases, StateDb};
+use inventorysync::store::{LaneMark, Leases, StateDb};
 
 use crate::harness::pg;
 
@@ -247,4 +247,73 @@ async fn a_conflict_that_repeats_an_open_one_is_recorded_once() {
         .await
         .unwrap();
     assert_eq!(open().await, 1);
+}
+
+/// Lane positions only rise, and their writes commit without waiting for the WAL flush
+/// (they only spare replays) while every other write of the pool's connections still waits:
+/// on a server whose synchronous commits wait for a standby that never comes, they go through
+/// and the connections still say `synchronous_commit = on`.
+#[tokio::test]
+async fn lane_positions_only_rise_and_commit_without_waiting_for_the_flush() {
+    let db = crate::harness::pg_sync_standby().new_db("lanes").await;
+    let conn = ConnInfo::parse("DB_URL", &db.url_as("postgres")).unwrap();
+    StateDb::connect(&conn)
+        .await
+        .unwrap()
+        .migrate()
+        .await
+        .unwrap();
+    db.exec(&format!(
+        "ALTER DATABASE {} SET synchronous_commit = on",
+        db.name
+    ))
+    .await;
+    let state = StateDb::connect(&conn).await.unwrap();
+    let mark = |lane, settled: &str| LaneMark {
+        stream: "",
+        lane,
+        settled: settled.to_string(),
+    };
+    for round in [
+        vec![
+            mark(0, "0000000000000020:00000001/00"),
+            mark(1, "0000000000000010:00000001/00"),
+        ],
+        vec![
+            mark(0, "0000000000000018:00000001/00"),
+            mark(1, "0000000000000030:00000002/01"),
+        ],
+    ] {
+        // Sixteen at once: over every connection of the pool.
+        let writes = (0..16).map(|_| state.settle_lanes("wh-1", 32, &round));
+        let written = tokio::time::timeout(
+            Duration::from_secs(10),
+            futures_util::future::join_all(writes),
+        )
+        .await
+        .expect("lane positions wait for a synchronous commit");
+        for w in written {
+            w.unwrap();
+        }
+    }
+    let mut marks = state.lane_marks("wh-1", "", 32).await.unwrap();
+    marks.sort();
+    assert_eq!(
+        marks,
+        vec![
+            (0, "0000000000000020:00000001/00".to_string()),
+            (1, "0000000000000030:00000002/01".to_string())
+        ]
+    );
+    assert!(state.lane_marks("wh-1", "", 16).await.unwrap().is_empty());
+    // Every connection the pool holds.
+    let held = futures_util::future::join_all((0..8).map(|_| state.pool().acquire())).await;
+    for conn in held {
+        let mut conn = conn.unwrap();
+        let (setting,): (String,) = sqlx::query_as("SHOW synchronous_commit")
+            .fetch_one(&mut *conn)
+            .await
+            .unwrap();
+        assert_eq!(setting, "on");
+    }
 }
