@@ -582,6 +582,26 @@ fn sample(samples: &Samples, name: &str, labels: &[(&str, &str)]) -> f64 {
         .sum()
 }
 
+/// Scrapes every 20 ms, up to `tries` times, until the sample `name` with `labels` is one that
+/// `wanted` takes; the last value read.
+async fn poll_sample(
+    api: &Api,
+    name: &str,
+    labels: &[(&str, &str)],
+    tries: usize,
+    wanted: impl Fn(f64) -> bool,
+) -> f64 {
+    let mut value = f64::NAN;
+    for _ in 0..tries {
+        value = sample(&scrape(api).await, name, labels);
+        if wanted(value) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    value
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_parse_as_prometheus_text_and_move_when_changes_flow() {
     let db = demo_warehouse("apimetrics").await;
@@ -698,14 +718,7 @@ async fn the_changes_in_the_air_at_central_are_counted_until_it_answers() {
         .await;
     db.exec("INSERT INTO products (sku, name) VALUES ('SKU-AIR', 'held')")
         .await;
-    let mut seen = 0.0;
-    for _ in 0..100 {
-        seen = sample(&scrape(&api).await, in_air, &w);
-        if seen > 0.0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let seen = poll_sample(&api, in_air, &w, 100, |v| v > 0.0).await;
     // One change (two while a second try of the held request is out too).
     assert!(
         (1.0..=2.0).contains(&seen),
@@ -714,14 +727,7 @@ async fn the_changes_in_the_air_at_central_are_counted_until_it_answers() {
     );
     central.set_faults(Faults::default()).await;
     crate::consumer::assert_converges(&central, &db, "wh-air", &log).await;
-    let mut left = seen;
-    for _ in 0..250 {
-        left = sample(&scrape(&api).await, in_air, &w);
-        if left == 0.0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let left = poll_sample(&api, in_air, &w, 250, |v| v == 0.0).await;
     assert_eq!(
         left,
         0.0,
@@ -750,14 +756,7 @@ async fn the_answered_changes_are_counted_unsettled_until_their_lane_position_is
     db.exec("INSERT INTO products (sku, name) VALUES ('SKU-UNS', 'answered')")
         .await;
     crate::consumer::assert_converges(&central, &db, "wh-uns", &log).await;
-    let mut seen = 0.0;
-    for _ in 0..250 {
-        seen = sample(&scrape(&api).await, unsettled, &w);
-        if seen > 0.0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let seen = poll_sample(&api, unsettled, &w, 250, |v| v > 0.0).await;
     assert_eq!(
         seen,
         1.0,
@@ -765,14 +764,7 @@ async fn the_answered_changes_are_counted_unsettled_until_their_lane_position_is
         log_tail(&log)
     );
     state.exec("COMMIT").await;
-    let mut left = seen;
-    for _ in 0..250 {
-        left = sample(&scrape(&api).await, unsettled, &w);
-        if left == 0.0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let left = poll_sample(&api, unsettled, &w, 250, |v| v == 0.0).await;
     assert_eq!(
         left,
         0.0,
