@@ -783,6 +783,68 @@ async fn the_answered_changes_are_counted_unsettled_until_their_lane_position_is
     assert!(stored >= 1, "no lane position stored\n{}", log_tail(&log));
 }
 
+/// Issue 16: a kill -9 once central had answered everything sent and every lane position was
+/// stored (both gauges at 0) sends central nothing again, although the restart reads every
+/// change again from the slot's older checkpoint (its writes held back by a lock meanwhile):
+/// each is skipped as replayed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kill_9_once_every_outcome_was_stored_sends_central_nothing_again() {
+    let db = demo_warehouse("apikillsettled").await;
+    let state = pg().new_db("apikillsettledstate").await;
+    let central = Central::start(Faults::default()).await;
+    let (dir, log, mut run, api, mut again) =
+        start_with_api(&db, &state, &central, "wh-settled", None);
+    wait_streaming(&state, "wh-settled", &log).await;
+    state
+        .exec("BEGIN; LOCK TABLE replication_checkpoints IN SHARE MODE")
+        .await;
+    workload(&db.client, 17, 300).await;
+    crate::consumer::assert_converges(&central, &db, "wh-settled", &log).await;
+    let w = [("warehouse", "wh-settled")];
+    for gauge in [
+        "inventorysync_central_changes_in_air",
+        "inventorysync_central_changes_unsettled",
+    ] {
+        let left = poll_sample(&api, gauge, &w, 250, |v| v == 0.0).await;
+        assert_eq!(left, 0.0, "{gauge}\n{}", log_tail(&log));
+    }
+    let sent = |s: &Value| {
+        ["applied", "duplicate", "stale", "rejected"]
+            .iter()
+            .map(|k| s[k].as_u64().unwrap())
+            .sum::<u64>()
+    };
+    let before = central.stats().await;
+    run.child.kill().unwrap(); // SIGKILL
+    run.child.wait().unwrap();
+    state.exec("COMMIT").await;
+    let log = dir.path().join("again.log");
+    std::fs::write(&log, "").unwrap();
+    let (_again, _) = api_after_restart(&api, &mut again, &log, "sync-none").await;
+    let replayed = [("outcome", "replayed"), ("warehouse", "wh-settled")];
+    let skipped = poll_sample(
+        &api,
+        "inventorysync_changes_delivered_total",
+        &replayed,
+        500,
+        |v| v >= 300.0,
+    )
+    .await;
+    assert!(
+        skipped >= 300.0,
+        "the restart read the workload again from the older checkpoint and skipped it: {skipped}\n{}",
+        log_tail(&log)
+    );
+    crate::consumer::assert_converges(&central, &db, "wh-settled", &log).await;
+    let after = central.stats().await;
+    assert_eq!(
+        sent(&after),
+        sent(&before),
+        "the restart sent central changes it had: {after}\n{}",
+        log_tail(&log)
+    );
+}
+
 /// Stock levels enough for several resync chunks (1,000 rows each).
 pub(crate) async fn seed_stock(db: &TestDb, skus: usize, locations: usize) {
     db.exec(&format!(
