@@ -71,6 +71,24 @@ wait_applied() { # target: waits until central has applied at least that many ch
   until n=$(applied "$1") && [ "$n" -ge "$1" ]; do sleep 0.1; done
 }
 
+wait_jobs_done() { # until the state DB has no sync job queued or running: an initial load
+  # stopped before it is done goes on in the next run, whose changes would count in a phase
+  until [ "$("${psql[@]}" -d state -Atc "SELECT count(*) FROM sync_jobs WHERE status IN ('queued', 'running')")" = 0 ]; do
+    sleep 0.1
+  done
+}
+
+metric_of() { # API port, then samples as /metrics writes them (name{labels}): their values in
+  # one line, 0 for one that is absent
+  local m s out=()
+  m=$(curl -sf "http://127.0.0.1:$1/metrics" || true)
+  shift
+  for s in "$@"; do
+    out+=("$(awk -v s="$s" '$1 == s { v = $2 } END { print v + 0 }' <<<"$m")")
+  done
+  echo "${out[*]}"
+}
+
 load_stock() { # ROWS stock levels in transactions of 1,000 (2,000 SKUs at 100 locations, or more)
   for t in $(seq 0 $((ROWS / 1000 - 1))); do
     echo "INSERT INTO stock_levels (sku, location_code, qty_on_hand, qty_reserved)
