@@ -23,6 +23,16 @@
 //! `Idempotency-Key`) goes a second time; the first answer of the two counts and the other
 //! request is dropped. One slow answer then holds back neither the other requests nor its
 //! own changes.
+//!
+//! That holds for a slow answer of its own, not for central slow on every request (overloaded,
+//! say): then giving slots up and sending requests again would only pile more on it
+//! (measured: with `max_in_flight_requests = 4`, a central that turned slow held 36 requests
+//! at once and got 1,056 changes twice). So a request gives its slot up only while few of
+//! the latest requests went slow ([`OUTLIERS`]); past that it waits for its answer in its slot,
+//! goes a second time only once others answer quickly again, and its answer time shrinks the
+//! limit. And whatever the slots do,
+//! every request of [`SMALL`] changes or more, a second try too, holds one of
+//! `max_in_flight_requests` places until its answer: the configured most is never exceeded.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -91,10 +101,20 @@ const SLOW_FLOOR: Duration = Duration::from_millis(10);
 const HEDGE_FACTOR: f64 = 8.0;
 /// ...and at least this long.
 pub const HEDGE_FLOOR: Duration = Duration::from_millis(500);
+/// A slow request gives its slot up (and may go a second time) only while fewer than this
+/// share of the latest requests went slow; past it, central is slow, not the request. (Half
+/// of them slow is one of two nodes of central stuck: a second try meets the other.)
+const OUTLIERS: f64 = 0.75;
+/// How much each request moves the share of those that went slow (an average over about
+/// the latest 10).
+const SLOW_SHARE_STEP: f64 = 0.1;
 
 /// The limit on requests in the air, shared by every warehouse and lane of one client.
 pub struct InAir {
     slots: Arc<Semaphore>,
+    /// `max` places: every request of [`SMALL`] changes or more holds one until its answer,
+    /// with its slot or without (a slow one, a second try).
+    places: Arc<Semaphore>,
     state: std::sync::Mutex<State>,
     max: usize,
     /// Told whenever a slot comes back (see [`InAir::room`]).
@@ -110,12 +130,17 @@ struct State {
     shortest: [Shortest; SIZES],
     /// The usual answer time (a running median, seconds), of every answered request.
     usual: Option<f64>,
+    /// The share of the latest requests that went slow (see [`OUTLIERS`]).
+    slow_share: f64,
 }
 
 /// A request's place in the air; given back when dropped.
 pub struct Slot {
     air: Arc<InAir>,
+    /// One of the limit's slots (none for a small request, a second try, or a slow one).
     permit: Option<OwnedSemaphorePermit>,
+    /// One of the `max` places (none for a small request).
+    place: Option<OwnedSemaphorePermit>,
 }
 
 impl InAir {
@@ -125,11 +150,13 @@ impl InAir {
         let limit = INITIAL.min(max);
         Self {
             slots: Arc::new(Semaphore::new(limit)),
+            places: Arc::new(Semaphore::new(max)),
             state: std::sync::Mutex::new(State {
                 limit,
                 debt: 0,
                 shortest: Default::default(),
                 usual: None,
+                slow_share: 0.0,
             }),
             max,
             freed: tokio::sync::Notify::new(),
@@ -151,9 +178,9 @@ impl InAir {
         }
     }
 
-    /// Whether a slot is free now.
+    /// Whether a slot (and a place) is free now.
     pub fn has_room(&self) -> bool {
-        self.slots.available_permits() > 0
+        self.slots.available_permits() > 0 && self.places.available_permits() > 0
     }
 
     /// The current limit.
@@ -161,22 +188,45 @@ impl InAir {
         self.lock().limit
     }
 
-    /// Waits for a slot for a request of `changes` changes (a small one gets none).
+    /// Waits for a slot and a place for a request of `changes` changes (a small one gets
+    /// neither).
     pub async fn acquire(self: &Arc<Self>, changes: usize) -> Slot {
-        let permit = if changes < SMALL {
-            None
-        } else {
-            // The semaphore is never closed.
-            self.slots.clone().acquire_owned().await.ok()
-        };
-        self.slot(permit)
+        if changes < SMALL {
+            return self.slot(None, None);
+        }
+        // The semaphores are never closed.
+        let permit = self.slots.clone().acquire_owned().await.ok();
+        let place = self.places.clone().acquire_owned().await.ok();
+        self.slot(permit, place)
     }
 
-    fn slot(self: &Arc<Self>, permit: Option<OwnedSemaphorePermit>) -> Slot {
+    /// Waits for a place (no slot) for the second try of a stuck request of `changes`
+    /// changes.
+    pub async fn acquire_place(self: &Arc<Self>, changes: usize) -> Slot {
+        let place = if changes < SMALL {
+            None
+        } else {
+            self.places.clone().acquire_owned().await.ok()
+        };
+        self.slot(None, place)
+    }
+
+    fn slot(
+        self: &Arc<Self>,
+        permit: Option<OwnedSemaphorePermit>,
+        place: Option<OwnedSemaphorePermit>,
+    ) -> Slot {
         Slot {
             air: self.clone(),
             permit,
+            place,
         }
+    }
+
+    /// Counts a request that was answered (with anything) before it went slow.
+    pub fn answered_quickly(&self) {
+        let mut s = self.lock();
+        s.slow_share *= 1.0 - SLOW_SHARE_STEP;
     }
 
     /// How long a request holds its slot: once its answer takes [`SLOW_FACTOR`] times the
@@ -254,8 +304,34 @@ impl InAir {
 }
 
 impl Slot {
-    /// Gives the slot up early (the request is stuck at central).
-    pub fn release(&mut self) {
+    /// Counts the request as gone slow; its slot goes to the next request, unless many of
+    /// the latest requests went slow too (central is slow: see [`OUTLIERS`]). Whether it
+    /// gave the slot up (then a second try may go once it is stuck).
+    pub fn went_slow(&mut self) -> bool {
+        let outlier = {
+            let mut s = self.air.lock();
+            let outlier = s.slow_share < OUTLIERS;
+            s.slow_share = s.slow_share * (1.0 - SLOW_SHARE_STEP) + SLOW_SHARE_STEP;
+            outlier
+        };
+        if outlier {
+            self.release();
+        }
+        outlier
+    }
+
+    /// For a slow request that kept its slot: gives it up now if few of the latest requests
+    /// went slow after all (quick answers came meanwhile); whether it did.
+    pub fn still_slow_alone(&mut self) -> bool {
+        let outlier = self.air.lock().slow_share < OUTLIERS;
+        if outlier {
+            self.release();
+        }
+        outlier
+    }
+
+    /// Gives the slot up (not the place).
+    fn release(&mut self) {
         if let Some(p) = self.permit.take() {
             let mut s = self.air.lock();
             if s.debt > 0 {
@@ -273,6 +349,9 @@ impl Slot {
 impl Drop for Slot {
     fn drop(&mut self) {
         self.release();
+        if self.place.take().is_some() {
+            self.air.freed.notify_waiters();
+        }
     }
 }
 
@@ -330,8 +409,8 @@ mod tests {
         });
         tokio::time::sleep(10 * MS).await;
         assert!(!waiter.is_finished(), "room while every slot is out");
-        // One stuck request gives its slot up: the waiter goes.
-        held[0].release();
+        // One slow request gives its slot up: the waiter goes.
+        assert!(held[0].went_slow());
         tokio::time::timeout(100 * MS, waiter)
             .await
             .expect("woken when a slot came back")
@@ -349,10 +428,10 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn small_requests_and_stuck_ones_hold_no_slot() {
-        let air = Arc::new(InAir::new(MIN));
+    async fn small_requests_and_slow_ones_hold_no_slot() {
+        let air = Arc::new(InAir::new(64));
         let mut held: Vec<_> =
-            futures_util::future::join_all((0..MIN).map(|_| air.acquire(SMALL))).await;
+            futures_util::future::join_all((0..air.limit()).map(|_| air.acquire(SMALL))).await;
         // A small request passes while every slot is out.
         let small = air.acquire(SMALL - 1).await;
         air.answered(&small, SMALL - 1, 5 * MS);
@@ -361,8 +440,8 @@ mod tests {
                 .await
                 .is_err()
         );
-        // One gives its slot up as stuck: another request goes.
-        held[0].release();
+        // One gives its slot up as slow: another request goes.
+        assert!(held[0].went_slow());
         assert!(
             tokio::time::timeout(10 * MS, air.acquire(SMALL))
                 .await
@@ -370,5 +449,83 @@ mod tests {
         );
         assert_eq!(air.stuck_after(), super::HEDGE_FLOOR);
         assert_eq!(air.slow_after(), 20 * MS);
+    }
+
+    #[tokio::test]
+    async fn a_slow_request_keeps_its_slot_once_most_of_the_latest_went_slow() {
+        let air = Arc::new(InAir::new(64));
+        // Now and then one goes slow among quick ones: each gives its slot up.
+        for _ in 0..20 {
+            for _ in 0..19 {
+                air.answered_quickly();
+            }
+            assert!(air.acquire(SMALL).await.went_slow());
+        }
+        // Then every request goes slow (central is): a few still give their slots up, until
+        // most of the latest went slow; from then on each keeps its own.
+        let mut gave_up = 0;
+        for _ in 0..30 {
+            let mut slot = air.acquire(SMALL).await;
+            if slot.went_slow() {
+                gave_up += 1;
+            }
+        }
+        assert!((1..=16).contains(&gave_up), "{gave_up} gave their slots up");
+        let mut kept = air.acquire(SMALL).await;
+        assert!(!kept.went_slow());
+        assert!(!kept.still_slow_alone());
+        let limit = air.limit();
+        // Quick answers again (a stuck node of central, say): the one that kept its slot
+        // gives it up now, and the next slow one is an outlier of its own.
+        for _ in 0..20 {
+            air.answered_quickly();
+        }
+        assert!(kept.still_slow_alone());
+        let others: Vec<_> =
+            futures_util::future::join_all((0..limit).map(|_| air.acquire(SMALL))).await;
+        drop(others);
+        assert!(air.acquire(SMALL).await.went_slow());
+    }
+
+    #[tokio::test]
+    async fn requests_without_slots_still_hold_places_and_the_most_is_never_exceeded() {
+        let max = 3;
+        let air = Arc::new(InAir::new(max));
+        // Slow requests give their slots up, but keep their places.
+        let mut held = Vec::new();
+        for _ in 0..max {
+            let mut slot = air.acquire(SMALL).await;
+            assert!(slot.went_slow());
+            held.push(slot);
+        }
+        assert!(!air.has_room());
+        assert!(
+            tokio::time::timeout(10 * MS, air.acquire(SMALL))
+                .await
+                .is_err(),
+            "a request beyond the configured most"
+        );
+        assert!(
+            tokio::time::timeout(10 * MS, air.acquire_place(SMALL))
+                .await
+                .is_err(),
+            "a second try beyond the configured most"
+        );
+        // A small request needs none.
+        let _small = air.acquire_place(SMALL - 1).await;
+        // One answers: its place goes to the next request, and room is told.
+        let waiter = tokio::spawn({
+            let air = air.clone();
+            async move { air.room().await }
+        });
+        tokio::time::sleep(10 * MS).await;
+        held.pop();
+        tokio::time::timeout(100 * MS, waiter)
+            .await
+            .expect("woken when a place came back")
+            .unwrap();
+        let _next = tokio::time::timeout(10 * MS, air.acquire(SMALL))
+            .await
+            .expect("a place came back");
     }
 }

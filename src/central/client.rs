@@ -393,11 +393,12 @@ impl CentralClient {
         cap.mul_f64(rand::random::<f64>())
     }
 
-    /// Posts a request within the limit of requests in the air; one stuck at central (see
-    /// [`air`]) gives its slot up and goes a second time, and the first answer counts. When
-    /// that is a failure, the other request is handed back unanswered: the caller waits and
-    /// tries again while it may still bring the results (a slow answer after 2 s need not
-    /// hold back a retry that a 429's second makes possible).
+    /// Posts a request within the limit of requests in the air; one slow or stuck at central
+    /// of its own (see [`air`]) gives its slot up and goes a second time, and the first answer
+    /// counts. When that is a failure, the other request is handed back unanswered: the
+    /// caller waits and tries again while it may still bring the results (a slow answer after
+    /// 2 s need not hold back a retry that a 429's second makes possible). While central is
+    /// slow on most requests, a slow one keeps its slot and waits for its answer.
     async fn post_hedged<'a>(
         &'a self,
         warehouse_id: &'a str,
@@ -411,37 +412,67 @@ impl CentralClient {
             Box::pin(self.post(warehouse_id, idempotency_key, body.clone(), expected));
         let slow = self.air.slow_after();
         let stuck = self.air.stuck_after().max(slow);
-        for wait in [slow, stuck - slow] {
+        tokio::select! {
+            r = &mut first => {
+                self.air.answered_quickly();
+                self.learn(&slot, &r, expected, started.elapsed());
+                return (r, None);
+            }
+            _ = tokio::time::sleep(slow) => {}
+        }
+        let mut alone = slot.went_slow();
+        let mut wait = stuck - slow;
+        loop {
             tokio::select! {
                 r = &mut first => {
+                    // Of one that kept its slot, central's slowness teaches the limit.
                     self.learn(&slot, &r, expected, started.elapsed());
                     return (r, None);
                 }
                 _ = tokio::time::sleep(wait) => {}
             }
-            // Slow (then stuck): its slot goes to the next request.
-            slot.release();
+            // Stuck. While central is slow on most requests it waits on; once others answer
+            // quickly again (a stuck node of central), it gives its slot up and goes again.
+            alone = alone || slot.still_slow_alone();
+            if alone {
+                break;
+            }
+            wait = stuck;
         }
+        // The second goes without a slot: it stands in for the stuck one, whose slot went to
+        // the next request (waiting behind every queued request, it would go last). It needs
+        // a place, though: the configured most holds for second tries too.
+        let place = tokio::select! {
+            r = &mut first => {
+                self.learn(&slot, &r, expected, started.elapsed());
+                return (r, None);
+            }
+            place = self.air.acquire_place(expected) => place,
+        };
         crate::metrics::metrics()
             .central_hedged
             .with_label_values(&[warehouse_id])
             .inc();
-        tracing::debug!(warehouse = %warehouse_id, after_ms = stuck.as_millis() as u64, changes = expected, "no answer yet; sending the request a second time");
-        // The second goes at once, without a slot: it stands in for the stuck one, whose slot
-        // went to the next request (waiting behind every queued request, it would go last).
-        let none = self.air.acquire(0).await;
+        tracing::debug!(warehouse = %warehouse_id, after_ms = started.elapsed().as_millis() as u64, changes = expected, "no answer yet; sending the request a second time");
         let again = Instant::now();
         let mut second: Pending<'a> =
             Box::pin(self.post(warehouse_id, idempotency_key, body.clone(), expected));
-        let (r, other) = tokio::select! {
-            r = &mut first => (r, second),
+        let (r, other, its_place) = tokio::select! {
+            r = &mut first => (r, second, place),
             r = &mut second => {
-                self.learn(&none, &r, expected, again.elapsed());
-                (r, first)
+                self.learn(&place, &r, expected, again.elapsed());
+                (r, first, slot)
             }
         };
         match r {
-            Attempt::Retry { .. } => (r, Some(other)),
+            // The other one stays in the air, and holds its place until it ends.
+            Attempt::Retry { .. } => (
+                r,
+                Some(Box::pin(async move {
+                    let _place = its_place;
+                    other.await
+                })),
+            ),
             r => (r, None),
         }
     }

@@ -76,6 +76,17 @@ impl Central {
         self.get(&format!("http://{}/admin/stats", self.addr)).await
     }
 
+    /// Clears the latency samples and restarts the peak of requests in hand.
+    pub async fn reset_stats(&self) {
+        let r = self
+            .http
+            .delete(format!("http://{}/admin/stats", self.addr))
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success());
+    }
+
     async fn get(&self, url: &str) -> Value {
         self.http
             .get(url)
@@ -904,6 +915,56 @@ async fn a_backlog_goes_to_central_in_full_requests() {
     assert!(
         requests <= 400,
         "{requests} requests for 20,000 changes (at most 100 each): a lane that has a backlog sends small requests\n{}",
+        log_tail(&log)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_central_that_turns_slow_never_holds_more_requests_than_the_configured_most() {
+    let db = demo_warehouse("cslowall").await;
+    let state = pg().new_db("cslowallstate").await;
+    let central = Central::start(Faults::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), &db, "wh-slowall", "");
+    let text = std::fs::read_to_string(&cfg).unwrap().replace(
+        "request_timeout_ms = 10000",
+        "request_timeout_ms = 10000\nmax_in_flight_requests = 4",
+    );
+    std::fs::write(&cfg, text).unwrap();
+    let log = dir.path().join("run.log");
+    let _run = start(run_command(&cfg, &state, &central, None), log.clone());
+    wait_streaming(&state, "wh-slowall", &log).await;
+    let backlog = |round: u32| {
+        let db = &db;
+        async move {
+            for t in 0..10 {
+                db.exec(&format!(
+                    "INSERT INTO products (sku, name) SELECT 'SKU-S{round}-{t}-' || g, 'backlog' FROM generate_series(1, 2000) g"
+                ))
+                .await;
+            }
+        }
+    };
+    // A healthy central first: the client learns how long its answers take.
+    backlog(0).await;
+    assert_converges(&central, &db, "wh-slowall", &log).await;
+    // Then central turns slow on every request (overloaded, say), though within the
+    // request timeout and below the time after which a request counts as stuck.
+    central.reset_stats().await;
+    central
+        .set_faults(Faults {
+            latency_ms: 300,
+            ..Faults::default()
+        })
+        .await;
+    backlog(1).await;
+    assert_converges(&central, &db, "wh-slowall", &log).await;
+    let stats = central.stats().await;
+    // Every request is slow, so none is slow for a reason of its own: handing its slot to
+    // the next request would only pile more on central.
+    assert!(
+        stats["peak_full_requests_in_hand"].as_u64().unwrap() <= 4,
+        "central held more requests of 64 changes or more at once than max_in_flight_requests = 4: {stats}\n{}",
         log_tail(&log)
     );
 }

@@ -173,6 +173,29 @@ struct Stats {
     /// (same `Idempotency-Key`): what a hedge or a lost answer sends again, as opposed to a
     /// replay of changes in a new request.
     second_tries: AtomicU64,
+    /// Requests of [`crate::central::air::SMALL`] changes or more being handled now...
+    full_in_hand: AtomicU64,
+    /// ...and the most at once since the stats were last reset: what a client's limit on
+    /// requests in the air let through.
+    full_in_hand_peak: AtomicU64,
+}
+
+/// A request of [`crate::central::air::SMALL`] changes or more, counted in
+/// [`Stats::full_in_hand`] from its arrival until its answer (or the client hangs up).
+struct InHand<'a>(&'a Stats);
+
+impl<'a> InHand<'a> {
+    fn new(stats: &'a Stats) -> Self {
+        let now = stats.full_in_hand.fetch_add(1, Ordering::Relaxed) + 1;
+        stats.full_in_hand_peak.fetch_max(now, Ordering::Relaxed);
+        Self(stats)
+    }
+}
+
+impl Drop for InHand<'_> {
+    fn drop(&mut self) {
+        self.0.full_in_hand.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// Commit-to-applied latencies of applied changes, in microseconds (bounded).
@@ -321,6 +344,12 @@ async fn post_changes(
             return r;
         }
     }
+    // Parsed at once to count what central holds in hand; refused below, after the faults.
+    let parsed = Request::parse(&body);
+    let _in_hand = parsed
+        .as_ref()
+        .is_ok_and(|b| b.changes.len() >= crate::central::air::SMALL)
+        .then(|| InHand::new(&state.stats));
     let faults = current_faults(&state);
     if faults.latency_ms > 0 {
         tokio::time::sleep(Duration::from_millis(faults.latency_ms)).await;
@@ -377,7 +406,7 @@ async fn post_changes(
         }
         return r;
     }
-    let batch = match Request::parse(&body) {
+    let batch = match parsed {
         Ok(b) => b,
         Err(e) => {
             state.stats.invalid_batches.fetch_add(1, Ordering::Relaxed);
@@ -605,12 +634,19 @@ async fn get_stats(
         "rejected": n(&s.rejected),
         "reordered": n(&s.reordered),
         "second_tries": n(&s.second_tries),
+        "peak_full_requests_in_hand": n(&s.full_in_hand_peak),
         "latency": latency,
     }))
 }
 
-/// Clears the latency samples (between benchmark phases).
+/// Clears the latency samples and restarts the peak of requests in hand (between benchmark
+/// phases, or test steps).
 async fn reset_stats(State(state): State<Arc<ServerState>>) -> StatusCode {
+    let stats = &state.stats;
+    stats.full_in_hand_peak.store(
+        stats.full_in_hand.load(Ordering::Relaxed),
+        Ordering::Relaxed,
+    );
     state
         .latencies
         .lock()
