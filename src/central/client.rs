@@ -716,11 +716,23 @@ async fn racing<T>(
 }
 
 /// `Retry-After` in seconds (an HTTP date is ignored: the backoff applies), at most 10 min.
+/// A `Retry-After` value (RFC 9110 §10.2.3: seconds, or an HTTP-date), at most ten minutes.
 fn parse_retry_after(v: &str) -> Option<Duration> {
-    v.trim()
-        .parse::<u64>()
-        .ok()
-        .map(|s| Duration::from_secs(s.min(600)))
+    retry_after_at(v, std::time::SystemTime::now())
+}
+
+/// [`parse_retry_after`] as of `now`.
+fn retry_after_at(v: &str, now: std::time::SystemTime) -> Option<Duration> {
+    const MOST: Duration = Duration::from_secs(600);
+    let v = v.trim();
+    let wait = match v.parse::<u64>() {
+        Ok(secs) => Duration::from_secs(secs),
+        Err(_) => httpdate::parse_http_date(v)
+            .ok()?
+            .duration_since(now)
+            .unwrap_or(Duration::ZERO),
+    };
+    Some(wait.min(MOST))
 }
 
 fn truncate(s: &str, max: usize) -> String {
@@ -859,10 +871,27 @@ mod tests {
     use super::*;
 
     #[test]
-    fn retry_after_is_seconds_capped_at_ten_minutes() {
-        assert_eq!(parse_retry_after("3"), Some(Duration::from_secs(3)));
-        assert_eq!(parse_retry_after("99999"), Some(Duration::from_secs(600)));
-        assert_eq!(parse_retry_after("Wed, 21 Oct 2026 07:28:00 GMT"), None);
+    fn retry_after_is_seconds_or_an_http_date_capped_at_ten_minutes() {
+        let now = std::time::UNIX_EPOCH + Duration::from_secs(1_792_567_680); // 21 Oct 2026 07:28:00
+        let at = |v: &str| retry_after_at(v, now);
+        assert_eq!(at("3"), Some(Duration::from_secs(3)));
+        assert_eq!(at(" 0 "), Some(Duration::ZERO));
+        assert_eq!(at("99999"), Some(Duration::from_secs(600)));
+        // RFC 9110 §10.2.3: an HTTP-date (some gateways and CDNs send it) says when.
+        assert_eq!(
+            at("Wed, 21 Oct 2026 07:28:02 GMT"),
+            Some(Duration::from_secs(2))
+        );
+        assert_eq!(
+            at("Wed, 21 Oct 2026 09:28:00 GMT"),
+            Some(Duration::from_secs(600))
+        );
+        // A moment already past: at once.
+        assert_eq!(at("Wed, 21 Oct 2026 07:27:00 GMT"), Some(Duration::ZERO));
+        // Neither: no Retry-After (the backoff decides, and the answer counts as a failure).
+        assert_eq!(at("soon"), None);
+        assert_eq!(at("-1"), None);
+        assert_eq!(at("1.5"), None);
     }
 
     #[test]
