@@ -295,8 +295,10 @@ impl CentralClient {
     ) -> Result<Answer, Cancelled> {
         let idempotency_key = super::batch_id_of(warehouse_id, changes);
         let body = bytes::Bytes::from(super::request_body(warehouse_id, &idempotency_key, changes));
-        // Failed attempts (they lengthen the backoff), and every try (for the log).
+        // Failed attempts (they lengthen the backoff), paced ones (429s with `Retry-After`:
+        // their own backoff), and every try (for the log).
         let mut attempt: u32 = 0;
+        let mut paced: u32 = 0;
         let mut tries: u32 = 0;
         let first_try = Instant::now();
         // A try whose stand-in failed while it went unanswered (a slow answer): it may still
@@ -349,27 +351,31 @@ impl CentralClient {
                     pacing,
                 } => {
                     tries += 1;
-                    if pacing {
-                        // Central says when to come back: pacing, not failure.
+                    let backoff = if pacing {
+                        // Central says when to come back: pacing, not failure, and it does
+                        // not lengthen the backoff of failures.
                         if probe {
                             self.record(false, true, None);
                         }
+                        paced += 1;
+                        paced
                     } else {
-                        // Only failures lengthen the backoff: a `Retry-After` is waited for
-                        // as told.
                         attempt += 1;
                         self.record(true, probe, Some(&reason));
-                    }
+                        attempt
+                    };
                     // While the breaker is open it paces every lane (one probe, then all at
                     // once when central answers again): a lane's own backoff would keep it
                     // waiting, up to max_backoff, after central is back.
-                    let wait = after.unwrap_or_else(|| {
-                        if self.breaker_open() {
-                            Duration::ZERO
-                        } else {
-                            self.backoff(attempt)
-                        }
-                    });
+                    let backoff = if self.breaker_open() {
+                        Duration::ZERO
+                    } else {
+                        self.backoff(backoff)
+                    };
+                    // A `Retry-After` is waited for as told, but no less than the backoff:
+                    // one of 0 s (or a date already past) on every answer would otherwise be
+                    // a busy loop (measured: 9,891 requests in 3 s).
+                    let wait = after.map_or(backoff, |after| after.max(backoff));
                     tracing::warn!(warehouse = %warehouse_id, attempt = tries, reason = %reason, retry_in_ms = wait.as_millis() as u64, "central request failed; retrying");
                     wait
                 }

@@ -970,6 +970,50 @@ async fn a_central_that_turns_slow_never_holds_more_requests_than_the_configured
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_429_that_says_retry_at_once_is_paced_by_the_backoff_not_a_busy_loop() {
+    let db = demo_warehouse("cthrottle0").await;
+    let state = pg().new_db("cthrottle0state").await;
+    let central = Central::start(Faults::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), &db, "wh-throttle0", "");
+    let log = dir.path().join("run.log");
+    let _run = start(run_command(&cfg, &state, &central, None), log.clone());
+    wait_streaming(&state, "wh-throttle0", &log).await;
+    // Central throttles every request, yet says to come back at once (`Retry-After: 0`, or
+    // an HTTP-date already past): taken literally, each lane would send as fast as central
+    // answers.
+    central
+        .set_faults(Faults {
+            throttle_rate: 1.0,
+            throttle_retry_after_secs: Some(0),
+            ..Faults::default()
+        })
+        .await;
+    let before = central.stats().await["requests"].as_u64().unwrap();
+    workload(&db.client, 12, 100).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let throttled = central.stats().await["requests"].as_u64().unwrap() - before;
+    eprintln!("{throttled} requests in 3 s of 429s with Retry-After: 0");
+    central.set_faults(Faults::default()).await;
+    assert_converges(&central, &db, "wh-throttle0", &log).await;
+    // 32 lanes with full-jitter backoff from 50 ms: a few tries each in 3 s (measured: about
+    // 220 requests; 9,891 when the 0 s were taken literally).
+    assert!(
+        throttled <= 600,
+        "{throttled} requests in 3 s to a central that throttles every one\n{}",
+        log_tail(&log)
+    );
+    // Pacing all the same: the breaker never opened.
+    assert_eq!(
+        count_in(&log, "circuit breaker open"),
+        0,
+        "{}",
+        log_tail(&log)
+    );
+    assert_eq!(dead_letters(&state).await, Vec::<Value>::new());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_stuck_at_central_is_sent_again_and_the_first_answer_counts() {
     let db = demo_warehouse("chedge").await;
     let state = pg().new_db("chedgestate").await;
