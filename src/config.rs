@@ -115,6 +115,34 @@ pub struct Config {
 /// The HTTP API's default address.
 pub const DEFAULT_API_LISTEN: &str = "0.0.0.0:8080";
 
+/// The central API's bearer token from `raw`: without the white space around it (the line
+/// break a secret read from a file keeps), and refused when a character of it cannot go in an
+/// HTTP header (it would be left out of every request, and central's 401s would blame the
+/// credential). The error never shows the token.
+fn api_token(raw: &str) -> Result<SecretString, ConfigError> {
+    let token = raw.trim();
+    // RFC 9110 §5.5: visible ASCII, spaces and tabs (and obsolete bytes, which no token holds).
+    if let Some((at, c)) = token
+        .char_indices()
+        .find(|&(_, c)| !(c == ' ' || c == '\t' || c.is_ascii_graphic()))
+    {
+        let what = match c {
+            '\n' => "a line feed".to_string(),
+            '\r' => "a carriage return".to_string(),
+            c if c.is_control() => format!("control character U+{:04X}", c as u32),
+            c => format!("non-ASCII character U+{:04X}", c as u32),
+        };
+        return Err(invalid(
+            "WAREHOUSE_API_TOKEN",
+            format!(
+                "has {what} at byte {at} of {}, which an HTTP header cannot carry; expected visible ASCII characters",
+                token.len()
+            ),
+        ));
+    }
+    Ok(SecretString::from(token.to_string()))
+}
+
 impl Config {
     /// Loads `.env` (when present), the environment, and the TOML file at `path` (a missing
     /// file is fine unless `required`).
@@ -168,7 +196,9 @@ impl Config {
             db_url,
             kafka_brokers,
             warehouse_api_endpoint,
-            warehouse_api_token: env("WAREHOUSE_API_TOKEN").map(SecretString::from),
+            warehouse_api_token: env("WAREHOUSE_API_TOKEN")
+                .map(|t| api_token(&t))
+                .transpose()?,
             warehouses,
             consumer,
             api_listen,
@@ -272,6 +302,29 @@ pub fn validate_name(key: &str, v: &str) -> Result<(), ConfigError> {
 mod tests {
     use super::*;
     use secrecy::ExposeSecret;
+
+    #[test]
+    fn the_api_token_is_trimmed_and_refused_when_a_header_cannot_carry_it() {
+        use secrecy::ExposeSecret;
+        let ok = |raw: &str| super::api_token(raw).map(|t| t.expose_secret().to_string());
+        assert_eq!(ok("tok-1\n").unwrap(), "tok-1");
+        assert_eq!(
+            ok(" \tBearer-ish.token/+=~ \r\n").unwrap(),
+            "Bearer-ish.token/+=~"
+        );
+        for (raw, what) in [
+            ("s3cret\nX-Other: 1", "a line feed at byte 6"),
+            ("s3cret\rx", "a carriage return at byte 6"),
+            ("s3cret\u{7f}", "control character U+007F at byte 6"),
+            ("s3crét", "non-ASCII character U+00E9 at byte 4"),
+        ] {
+            let e = ok(raw).unwrap_err().to_string();
+            assert!(
+                e.contains("WAREHOUSE_API_TOKEN") && e.contains(what) && !e.contains("s3cr"),
+                "{raw:?}: {e}"
+            );
+        }
+    }
 
     #[test]
     fn several_hosts_are_tried_in_order_as_libpq_takes_them() {

@@ -381,6 +381,17 @@ async fn bad_configuration_gives_clear_errors() {
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("unreachable"), "{err}");
 
+    // A token that cannot go in a header (a line break inside, say) was left out of every
+    // request, and central's 401s blamed the credential: it is refused at start, unshown.
+    let mut c = service(&cfg, &state, "it.bad", &broker().address);
+    c.env("WAREHOUSE_API_TOKEN", "s3cret-part\nX-Other: 1");
+    let (code, err) = run(c);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("WAREHOUSE_API_TOKEN") && err.contains("line feed") && !err.contains("s3cret"),
+        "{err}"
+    );
+
     let mut c = service(&cfg, &state, "it.bad", &broker().address);
     c.env(
         "DB_URL",
