@@ -305,8 +305,7 @@ mod tests {
 
     #[test]
     fn the_api_token_is_trimmed_and_refused_when_a_header_cannot_carry_it() {
-        use secrecy::ExposeSecret;
-        let ok = |raw: &str| super::api_token(raw).map(|t| t.expose_secret().to_string());
+        let ok = |raw: &str| api_token(raw).map(|t| t.expose_secret().to_string());
         assert_eq!(ok("tok-1\n").unwrap(), "tok-1");
         assert_eq!(
             ok(" \tBearer-ish.token/+=~ \r\n").unwrap(),

@@ -30,9 +30,9 @@
 //! at once and got 1,056 changes twice). So a request gives its slot up only while few of
 //! the latest requests went slow ([`OUTLIERS`]); past that it waits for its answer in its slot,
 //! goes a second time only once others answer quickly again, and its answer time shrinks the
-//! limit. And whatever the slots do,
-//! every request of [`SMALL`] changes or more, a second try too, holds one of
-//! `max_in_flight_requests` places until its answer: the configured most is never exceeded.
+//! limit. And whatever the slots do, every request of [`SMALL`] changes or more, a second try
+//! too, holds one of `max_in_flight_requests` places until its answer: the configured most is
+//! never exceeded.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -134,6 +134,14 @@ struct State {
     slow_share: f64,
 }
 
+impl State {
+    /// Counts a request in [`State::slow_share`]: one that went slow, or one answered before.
+    fn count(&mut self, slow: bool) {
+        let step = if slow { SLOW_SHARE_STEP } else { 0.0 };
+        self.slow_share = self.slow_share * (1.0 - SLOW_SHARE_STEP) + step;
+    }
+}
+
 /// A request's place in the air; given back when dropped.
 pub struct Slot {
     air: Arc<InAir>,
@@ -225,8 +233,7 @@ impl InAir {
 
     /// Counts a request that was answered (with anything) before it went slow.
     pub fn answered_quickly(&self) {
-        let mut s = self.lock();
-        s.slow_share *= 1.0 - SLOW_SHARE_STEP;
+        self.lock().count(false);
     }
 
     /// How long a request holds its slot: once its answer takes [`SLOW_FACTOR`] times the
@@ -308,15 +315,9 @@ impl Slot {
     /// the latest requests went slow too (central is slow: see [`OUTLIERS`]). Whether it
     /// gave the slot up (then a second try may go once it is stuck).
     pub fn went_slow(&mut self) -> bool {
-        let outlier = {
-            let mut s = self.air.lock();
-            let outlier = s.slow_share < OUTLIERS;
-            s.slow_share = s.slow_share * (1.0 - SLOW_SHARE_STEP) + SLOW_SHARE_STEP;
-            outlier
-        };
-        if outlier {
-            self.release();
-        }
+        // Judged by the requests before it.
+        let outlier = self.still_slow_alone();
+        self.air.lock().count(true);
         outlier
     }
 

@@ -201,7 +201,6 @@ impl BreakerState {
 pub struct CentralClient {
     http: reqwest::Client,
     endpoint: String,
-    token: Option<SecretString>,
     settings: CentralSettings,
     breaker: Breaker,
     air: Arc<InAir>,
@@ -230,10 +229,17 @@ impl CentralClient {
         if let Ok(tls) = tls {
             builder = builder.tls_backend_preconfigured(tls);
         }
+        // Built once, not per request (configuration refuses a token no header can carry).
+        if let Some(t) = &token
+            && let Ok(mut v) = HeaderValue::from_str(&format!("Bearer {}", t.expose_secret()))
+        {
+            v.set_sensitive(true);
+            builder = builder
+                .default_headers(reqwest::header::HeaderMap::from_iter([(AUTHORIZATION, v)]));
+        }
         Ok(Self {
             http: builder.build()?,
             endpoint: endpoint.as_str().trim_end_matches('/').to_string(),
-            token,
             settings,
             breaker: Breaker {
                 state: std::sync::Mutex::new(BreakerState::default()),
@@ -351,7 +357,7 @@ impl CentralClient {
                     pacing,
                 } => {
                     tries += 1;
-                    let backoff = if pacing {
+                    let count = if pacing {
                         // Central says when to come back: pacing, not failure, and it does
                         // not lengthen the backoff of failures.
                         if probe {
@@ -370,7 +376,7 @@ impl CentralClient {
                     let backoff = if self.breaker_open() {
                         Duration::ZERO
                     } else {
-                        self.backoff(backoff)
+                        self.backoff(count)
                     };
                     // A `Retry-After` is waited for as told, but no less than the backoff:
                     // one of 0 s (or a date already past) on every answer would otherwise be
@@ -517,18 +523,12 @@ impl CentralClient {
                 .inc()
         };
         let url = format!("{}/{}/changes", self.endpoint, warehouse_id);
-        let mut req = self
+        let req = self
             .http
             .post(&url)
             .header(CONTENT_TYPE, "application/json")
             .header("Idempotency-Key", idempotency_key)
             .body(body);
-        if let Some(t) = &self.token
-            && let Ok(mut v) = HeaderValue::from_str(&format!("Bearer {}", t.expose_secret()))
-        {
-            v.set_sensitive(true);
-            req = req.header(AUTHORIZATION, v);
-        }
         let resp = match req.send().await {
             Ok(r) => r,
             Err(e) => {
