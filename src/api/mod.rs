@@ -173,6 +173,7 @@ pub fn router_and_doc(state: Arc<ApiState>) -> (Router, utoipa::openapi::OpenApi
         .routes(routes!(replay_dead_letter))
         .routes(routes!(overview))
         .routes(routes!(list_workers))
+        .route_layer(middleware::from_fn(refuse_nul))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_key));
     let (router, mut doc) = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(health))
@@ -300,6 +301,26 @@ async fn require_key(State(state): State<Arc<ApiState>>, mut req: Request, next:
             ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", message).into_response()
         }
     }
+}
+
+/// Refuses a path or query holding an encoded NUL character: no id or filter holds one, and
+/// the state DB cannot store or compare one (it answered 500).
+async fn refuse_nul(req: Request, next: Next) -> Response {
+    let uri = req.uri();
+    let encoded = |s: &str| {
+        s.as_bytes()
+            .windows(3)
+            .any(|w| w.eq_ignore_ascii_case(b"%00"))
+    };
+    if encoded(uri.path()) || uri.query().is_some_and(encoded) {
+        return ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "the path or query holds a NUL character (%00), which no id or filter can hold",
+        )
+        .into_response();
+    }
+    next.run(req).await
 }
 
 async fn not_found(req: Request) -> ApiError {
@@ -773,16 +794,29 @@ where
         if bytes.iter().all(u8::is_ascii_whitespace) {
             return Ok(Body(None));
         }
-        // A JSON `null` is no body too.
-        serde_json::from_slice::<Option<T>>(&bytes)
-            .map(Body)
-            .map_err(|e| {
-                ApiError::new(
-                    StatusCode::BAD_REQUEST,
-                    "bad_request",
-                    format!("the body is not valid JSON for this route: {e}"),
-                )
-            })
+        let bad = |message: String| ApiError::new(StatusCode::BAD_REQUEST, "bad_request", message);
+        let value: serde_json::Value = serde_json::from_slice(&bytes)
+            .map_err(|e| bad(format!("the body is not valid JSON for this route: {e}")))?;
+        match &value {
+            // A JSON `null` is no body too.
+            serde_json::Value::Null => return Ok(Body(None)),
+            // serde reads a struct from an array too (`[null]` was a body with no fields).
+            serde_json::Value::Object(_) => {}
+            other => {
+                return Err(bad(format!(
+                    "the body is not valid JSON for this route: it must be a JSON object or null, not {}",
+                    crate::json::kind_of(other)
+                )));
+            }
+        }
+        if let Some(at) = crate::json::nul_at(&value) {
+            return Err(bad(format!(
+                "{at} holds a NUL character (\\u0000), which the state DB cannot store"
+            )));
+        }
+        serde_json::from_value::<T>(value)
+            .map(|t| Body(Some(t)))
+            .map_err(|e| bad(format!("the body is not valid JSON for this route: {e}")))
     }
 }
 

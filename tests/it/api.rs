@@ -434,6 +434,29 @@ async fn the_sync_routes_refuse_bad_input_with_the_exact_status() {
         "bad_request",
         "not valid JSON",
     );
+    // Issue 39: a JSON array holding null is no object, though serde reads a struct from
+    // an array (it was accepted with a 202).
+    for body in ["[null]", "[]", "\"wh-bad\"", "7"] {
+        err(
+            api.post("/sync/trigger", body).await,
+            400,
+            "bad_request",
+            "a JSON object or null",
+        );
+    }
+    // A NUL character, which the state DB cannot hold (it answered 500), in a query, a path
+    // or a body.
+    let nul = api.get("/sync/jobs?before=sync-%00", Some(KEY)).await;
+    assert_error(&nul, 400, "bad_request", "NUL");
+    let nul = api.get("/sync/status/sync-%00", Some(KEY)).await;
+    assert_error(&nul, 400, "bad_request", "NUL");
+    err(
+        api.post("/sync/trigger", r#"{"warehouses": ["wh-\u0000"]}"#)
+            .await,
+        400,
+        "bad_request",
+        "NUL",
+    );
     err(
         api.post("/sync/trigger", r#"{"warehouse": ["wh-bad"]}"#)
             .await,
