@@ -772,6 +772,9 @@ async fn check_central(r: &mut Report, config: &Config, nothing_mapped: bool) {
         endpoint.as_str().trim_end_matches('/'),
         w.id
     );
+    // What is printed: never the credentials a URL may carry.
+    let shown = crate::config::redacted_url(endpoint);
+    let shown_url = format!("{}/{}/changes", shown.trim_end_matches('/'), w.id);
     let body = serde_json::json!({"warehouse_id": w.id, "batch_id": format!("{}:check", w.id), "changes": []});
     let _ = rustls::crypto::ring::default_provider().install_default();
     let client = match reqwest::Client::builder()
@@ -791,20 +794,20 @@ async fn check_central(r: &mut Report, config: &Config, nothing_mapped: bool) {
     }
     match req.send().await {
         Ok(resp) if resp.status().is_success() => {
-            r.add(t, "endpoint", Status::Ok, format!("{} answers an empty batch", endpoint.as_str()))
+            r.add(t, "endpoint", Status::Ok, format!("{} answers an empty batch", shown))
         }
         Ok(resp) if matches!(resp.status().as_u16(), 401 | 403) => r.fail(
             t,
             "credentials",
-            format!("{} answered {}", endpoint.as_str(), resp.status().as_u16()),
+            format!("{} answered {}", shown, resp.status().as_u16()),
             "set WAREHOUSE_API_TOKEN to a valid token",
         ),
         Ok(resp) => r.fail(
             t,
             "endpoint",
-            format!("POST {url} answered {}", resp.status().as_u16()),
+            format!("POST {shown_url} answered {}", resp.status().as_u16()),
             "check WAREHOUSE_API_ENDPOINT (the base URL; the engine appends /{warehouse_id}/changes)",
         ),
-        Err(e) => r.fail(t, "endpoint", format!("{}: {}", endpoint.as_str(), e.without_url()), "check WAREHOUSE_API_ENDPOINT and the network"),
+        Err(e) => r.fail(t, "endpoint", format!("{}: {}", shown, e.without_url()), "check WAREHOUSE_API_ENDPOINT and the network"),
     }
 }

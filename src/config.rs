@@ -293,6 +293,23 @@ pub fn state_db_url(v: &str) -> Result<ConnInfo, ConfigError> {
     Ok(conn)
 }
 
+/// `url` as it may be printed: a password as `***`, and the query's values (an API key
+/// given as `?key=…`) as `***` too.
+pub fn redacted_url(url: &url::Url) -> String {
+    let mut shown = url.clone();
+    if shown.password().is_some() {
+        let _ = shown.set_password(Some("***"));
+    }
+    if shown.query().is_some() {
+        let names: Vec<String> = shown.query_pairs().map(|(n, _)| n.into_owned()).collect();
+        shown.query_pairs_mut().clear();
+        for n in names {
+            shown.query_pairs_mut().append_pair(&n, "***");
+        }
+    }
+    shown.to_string()
+}
+
 /// Checks a slot or publication name given on the command line.
 pub fn validate_name(key: &str, v: &str) -> Result<(), ConfigError> {
     check_identifier(key, v)
@@ -300,6 +317,19 @@ pub fn validate_name(key: &str, v: &str) -> Result<(), ConfigError> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_printed_url_shows_no_password_and_no_query_value() {
+        let url = url::Url::parse("https://ops:pa55@central.example/api/warehouse?key=k3y&v=2")
+            .expect("a URL");
+        let shown = super::redacted_url(&url);
+        assert_eq!(
+            shown,
+            "https://ops:***@central.example/api/warehouse?key=***&v=***"
+        );
+        let plain = url::Url::parse("http://127.0.0.1:9000/api").expect("a URL");
+        assert_eq!(super::redacted_url(&plain), "http://127.0.0.1:9000/api");
+    }
+
     use super::*;
     use secrecy::ExposeSecret;
 

@@ -455,8 +455,13 @@ async fn check_passes_a_ready_setup_and_names_each_fix_otherwise() {
         "{mapping}\n[[warehouses]]\nid = 'wh-bad'\nurl = '{}'\n",
         bad_server.url_as("postgres"),
     );
+    // Credentials in the endpoint's URL are never printed either (issue 39: check printed
+    // the endpoint verbatim).
+    let with_password = central_locked
+        .endpoint()
+        .replacen("http://", "http://ops:pw-in-url@", 1);
     let env = vec![
-        ("WAREHOUSE_API_ENDPOINT", central_locked.endpoint()),
+        ("WAREHOUSE_API_ENDPOINT", with_password),
         ("WAREHOUSE_API_TOKEN", "wrong-token".to_string()),
     ];
     let (code, out) = run_check(&bad, &env);
@@ -474,6 +479,11 @@ async fn check_passes_a_ready_setup_and_names_each_fix_otherwise() {
         assert!(out.contains(text), "{text:?} missing:\n{out}");
     }
     assert!(!out.contains("wrong-token"), "the token is never printed");
+    assert!(
+        !out.contains("pw-in-url"),
+        "nor a password in a URL:\n{out}"
+    );
+    assert!(out.contains("http://ops:***@127.0.0.1:"), "{out}");
 
     // Replica identity: a published, mapped table without a key.
     db.exec(
