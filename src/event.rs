@@ -158,6 +158,9 @@ impl SnapshotMarker {
 /// with the constant head of its JSON `source` block rendered once.
 #[derive(Debug, PartialEq, Eq)]
 pub struct TableSource {
+    /// The relation's OID at the warehouse (0 when unknown): a mapping follows it across a
+    /// rename or a move to another schema.
+    oid: u32,
     warehouse_id: Arc<str>,
     db: Arc<str>,
     schema: Arc<str>,
@@ -167,8 +170,21 @@ pub struct TableSource {
 }
 
 impl TableSource {
-    /// Describes table `schema.table` of database `db` in warehouse `warehouse_id`.
+    /// Describes table `schema.table` of database `db` in warehouse `warehouse_id`, its
+    /// relation OID unknown.
     pub fn new(warehouse_id: &str, db: &str, schema: &str, table: &str) -> Arc<Self> {
+        Self::with_oid(warehouse_id, db, schema, table, 0)
+    }
+
+    /// Describes table `schema.table` (relation `oid`) of database `db` in warehouse
+    /// `warehouse_id`.
+    pub fn with_oid(
+        warehouse_id: &str,
+        db: &str,
+        schema: &str,
+        table: &str,
+        oid: u32,
+    ) -> Arc<Self> {
         let mut out = Vec::with_capacity(160);
         out.extend_from_slice(b"{\"version\":\"");
         out.extend_from_slice(env!("CARGO_PKG_VERSION").as_bytes());
@@ -183,6 +199,7 @@ impl TableSource {
         out.extend_from_slice(b",\"table\":");
         write_str(&mut out, table);
         Arc::new(Self {
+            oid,
             warehouse_id: warehouse_id.into(),
             db: db.into(),
             schema: schema.into(),
@@ -190,6 +207,11 @@ impl TableSource {
             qualified: format!("{schema}.{table}"),
             header: String::from_utf8(out).unwrap_or_default(),
         })
+    }
+
+    /// The relation's OID at the warehouse (0 when unknown).
+    pub fn oid(&self) -> u32 {
+        self.oid
     }
 
     /// Warehouse id.

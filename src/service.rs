@@ -289,6 +289,7 @@ pub async fn run_service(config_path: &Path, stages: Stages) -> ExitCode {
                     cancel.clone(),
                 ));
                 let _ = replayer.set(stage.clone());
+                bind_mappings(&stage, ids.iter());
                 let consumer_cancel = cancel.clone();
                 let failed = consumer_failed.clone();
                 consumers.spawn(async move {
@@ -345,6 +346,7 @@ pub async fn run_service(config_path: &Path, stages: Stages) -> ExitCode {
                 stage_cancel.clone(),
             ));
             let _ = replayer.set(stage.clone());
+            bind_mappings(&stage, warehouses.iter().map(|w| &w.id));
             for w in &warehouses {
                 let Some(rx) = bus.subscribe(&w.id) else {
                     return fail(format!("warehouse {} is configured twice", w.id), 2);
@@ -388,5 +390,14 @@ pub async fn run_service(config_path: &Path, stages: Stages) -> ExitCode {
     match consumer_failed.load(std::sync::atomic::Ordering::SeqCst) {
         0 => ExitCode::SUCCESS,
         code => ExitCode::from(code),
+    }
+}
+
+/// Binds each warehouse's mappings to their tables in the background (see
+/// [`crate::consumer::bindings`]).
+fn bind_mappings<'a>(stage: &Arc<Stage>, warehouses: impl Iterator<Item = &'a String>) {
+    for id in warehouses {
+        let (stage, id) = (stage.clone(), id.clone());
+        tokio::spawn(async move { stage.bind_mappings(&id).await });
     }
 }

@@ -53,6 +53,10 @@ pub struct KafkaSettings {
 /// The default dead-letter topic (`KAFKA_DLQ_TOPIC`).
 pub const DEFAULT_DLQ_TOPIC: &str = "inventorysync.dlq";
 
+/// The record header that carries the table's relation OID at the warehouse (besides
+/// `warehouse_id`, `table`, `op` and `version`, DESIGN §2): a mapping follows it.
+pub const RELATION_OID_HEADER: &str = "relation_oid";
+
 /// librdkafka's default `message.max.bytes`.
 const DEFAULT_MAX_RECORD_BYTES: usize = 1_000_000;
 
@@ -368,18 +372,23 @@ impl KafkaPublisher {
     async fn send_record(
         &self,
         rec: &Record,
-        warehouse_id: &str,
-        table: &str,
+        source: &crate::event::TableSource,
     ) -> Result<DeliveryFuture, BusError> {
+        let oid = source.oid().to_string();
         loop {
-            let headers = OwnedHeaders::new_with_capacity(4)
+            let headers = OwnedHeaders::new_with_capacity(5)
                 .insert(Header {
                     key: "warehouse_id",
-                    value: Some(warehouse_id),
+                    value: Some(source.warehouse_id()),
                 })
                 .insert(Header {
                     key: "table",
-                    value: Some(table),
+                    value: Some(source.qualified_name()),
+                })
+                // The mapping of a renamed table follows its relation (issue 39).
+                .insert(Header {
+                    key: RELATION_OID_HEADER,
+                    value: Some(oid.as_str()),
                 })
                 .insert(Header {
                     key: "op",
@@ -438,10 +447,7 @@ impl super::Publisher for KafkaPublisher {
             };
             rec.value = too_large_envelope(&ev, &mark);
         }
-        let table = ev.source.table.qualified_name();
-        let fut = self
-            .send_record(&rec, ev.source.table.warehouse_id(), table)
-            .await?;
+        let fut = self.send_record(&rec, &ev.source.table).await?;
         self.current.push((rec.topic, fut));
         Ok(())
     }

@@ -495,13 +495,17 @@ fn read_record<'m>(
         return Read::Held;
     }
     let dlq = m.topic() == dlq_topic;
-    let (mut warehouse, mut table) = (None, None);
+    let (mut warehouse, mut table, mut oid) = (None, None, 0);
     if let Some(h) = m.headers().filter(|_| !dlq) {
         for header in h.iter() {
             let v = header.value.and_then(|v| std::str::from_utf8(v).ok());
             match header.key {
                 "warehouse_id" => warehouse = v,
                 "table" => table = v,
+                // Absent from records of versions before it: 0, mapped by name alone.
+                crate::bus::kafka::RELATION_OID_HEADER => {
+                    oid = v.and_then(|v| v.parse().ok()).unwrap_or(0)
+                }
                 _ => {}
             }
         }
@@ -531,6 +535,7 @@ fn read_record<'m>(
         warehouse,
         Incoming::Record {
             table: tables.get(table),
+            oid,
             key: m.key().unwrap_or_default().to_vec(),
             value: m.payload().unwrap_or_default().to_vec(),
             stream,

@@ -14,6 +14,7 @@
 //! written (conflict rows, dead letters) before that, and are idempotent, so a crash replays
 //! and never loses.
 
+pub mod bindings;
 pub mod embedded;
 pub mod kafka;
 pub mod mapping;
@@ -49,6 +50,8 @@ pub enum Incoming {
     Record {
         /// `schema.table` from the `table` header (shared by the records of one table).
         table: std::sync::Arc<str>,
+        /// The relation's OID from the `relation_oid` header (0 when the record has none).
+        oid: u32,
         /// The JSON key.
         key: Vec<u8>,
         /// The JSON envelope.
@@ -75,6 +78,14 @@ impl Incoming {
         match self {
             Incoming::Event(_) => "",
             Incoming::Record { stream, .. } => stream,
+        }
+    }
+
+    /// The relation's OID at the warehouse (0 when unknown).
+    fn oid(&self) -> u32 {
+        match self {
+            Incoming::Event(ev) => ev.source.table.oid(),
+            Incoming::Record { oid, .. } => *oid,
         }
     }
 
@@ -171,6 +182,11 @@ pub struct Stage {
     writers: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
     /// Reads back unchanged TOAST values, so that an upsert always carries the whole row.
     toast: ToastReader,
+    /// Which relation each mapping is bound to, per warehouse (a mapping follows its table
+    /// across a rename).
+    bindings: bindings::Bindings,
+    /// Tables whose changes were skipped as unmapped, said once each (warehouse, table).
+    unmapped: std::sync::Mutex<std::collections::HashSet<(String, String)>>,
 }
 
 /// A batch mapped and validated by [`Stage::prepare`], ready for [`Stage::deliver`].
@@ -318,8 +334,10 @@ fn parse_position(text: &str) -> Option<(String, u8)> {
 
 /// An upsert whose event lacks TOASTed fields (unchanged under the default replica
 /// identity): `pending` indexes the change, `fields` the mapping's data fields to fill.
-struct Unfilled {
+struct Unfilled<'a> {
     pending: usize,
+    /// The configured table of its mapping.
+    mapped_table: &'a str,
     fields: Vec<usize>,
     want: Want,
 }
@@ -347,6 +365,67 @@ impl Stage {
             settlers: std::sync::Mutex::new(HashMap::new()),
             writers: std::sync::Mutex::new(Vec::new()),
             toast,
+            bindings: bindings::Bindings::default(),
+            unmapped: Default::default(),
+        }
+    }
+
+    /// Binds `warehouse_id`'s mappings to their tables now (at start), rather than with its
+    /// first change: a table renamed before its first change is then still followed.
+    pub async fn bind_mappings(&self, warehouse_id: &str) {
+        if self.settings.mappings.is_empty() {
+            return;
+        }
+        self.bindings
+            .of(
+                warehouse_id,
+                &self.state,
+                &self.toast,
+                &self.settings.mappings,
+            )
+            .await;
+    }
+
+    /// The mapping of `item` (by its relation's binding, else by its table's name), and the
+    /// configured table that names it.
+    async fn mapping_of<'a>(
+        &'a self,
+        warehouse_id: &str,
+        bound: &bindings::Bound,
+        item: &Incoming,
+    ) -> Option<(&'a str, &'a settings::TableMapping)> {
+        let table = item.table();
+        let oid = item.oid();
+        if oid != 0
+            && let Some(mapped) = bound.mapped_table(oid)
+            && let Some((name, m)) = self.settings.mappings.get_key_value(&**mapped)
+        {
+            if **mapped != *table {
+                self.bindings
+                    .warn_renamed(warehouse_id, oid, mapped, &table);
+            }
+            return Some((name.as_str(), m));
+        }
+        match self.settings.mappings.get_key_value(table.as_ref()) {
+            Some((name, m)) => {
+                if oid != 0 && bound.mapped_table(oid).is_none() {
+                    self.bindings
+                        .bind_seen(warehouse_id, oid, name, &self.state)
+                        .await;
+                }
+                Some((name.as_str(), m))
+            }
+            None => {
+                let first = self
+                    .unmapped
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert((warehouse_id.to_string(), table.to_string()));
+                if first {
+                    tracing::info!(warehouse = %warehouse_id, %table, oid, "changes of a table no [[mappings]] entry names are skipped (counted as skipped)");
+                }
+                None
+            }
         }
     }
 
@@ -392,9 +471,21 @@ impl Stage {
         let mut rendered: Vec<u8> = Vec::with_capacity(items.len() * 320);
         let mut unfilled: Vec<Unfilled> = Vec::new();
         let mut skipped = 0;
+        let bound = if self.settings.mappings.is_empty() {
+            Arc::default()
+        } else {
+            self.bindings
+                .of(
+                    warehouse_id,
+                    &self.state,
+                    &self.toast,
+                    &self.settings.mappings,
+                )
+                .await
+        };
         for (i, item) in items.iter().enumerate() {
             let table = item.table();
-            let Some(m) = self.settings.mappings.get(table.as_ref()) else {
+            let Some((mapped_table, m)) = self.mapping_of(warehouse_id, &bound, item).await else {
                 skipped += 1;
                 continue;
             };
@@ -471,6 +562,7 @@ impl Stage {
                                 fields.iter().map(|&f| m.data[f].1.column.clone()).collect();
                             unfilled.push(Unfilled {
                                 pending: pending.len(),
+                                mapped_table,
                                 fields,
                                 want: Want { key, columns },
                             });
@@ -586,6 +678,7 @@ impl Stage {
         }
         let item = Incoming::Record {
             table: Arc::from(table),
+            oid: 0,
             key: Vec::new(),
             value: raw.to_vec(),
             stream: Arc::from(""),
@@ -793,35 +886,78 @@ impl Stage {
     /// Fills the upserts in `unfilled` with the current values of their TOASTed fields, read
     /// from the warehouse in one query per table (see [`toast`]), and renders them in place.
     /// An upsert whose row is gone is dropped (the later delete or key move follows); one
-    /// whose value breaks a rule is refused.
+    /// whose value breaks a rule is refused, and so is one whose values can never be read
+    /// (its table or column dropped since): a data problem of that change, never a retry
+    /// without end that stops the warehouse. A renamed table is read by its relation's OID.
     async fn fill_unchanged_toast(
         &self,
         warehouse_id: &str,
         items: &[Incoming],
         pending: &mut Vec<Pending>,
         rendered: &mut Vec<u8>,
-        unfilled: Vec<Unfilled>,
+        unfilled: Vec<Unfilled<'_>>,
     ) -> Result<(), Cancelled> {
-        let mut by_table: HashMap<String, Vec<&Unfilled>> = HashMap::new();
+        // By relation: its name in the event, and its OID.
+        let mut by_table: HashMap<(String, u32), Vec<&Unfilled>> = HashMap::new();
         for u in &unfilled {
+            let item = &items[pending[u.pending].item];
             by_table
-                .entry(items[pending[u.pending].item].table().to_string())
+                .entry((item.table().to_string(), item.oid()))
                 .or_default()
                 .push(u);
         }
         let mut dropped = vec![false; pending.len()];
         let mut superseded = 0;
-        for (table, group) in by_table {
-            let Some(m) = self.settings.mappings.get(&table) else {
+        for ((table, oid), group) in by_table {
+            let Some(m) = self.settings.mappings.get(group[0].mapped_table) else {
                 continue;
             };
             let wants: Vec<&Want> = group.iter().map(|u| &u.want).collect();
-            let current = self
+            let (toast, name, asked) = (&self.toast, table.as_str(), &wants[..]);
+            let read = self
                 .retry(
                     "cannot read unchanged TOAST values from the warehouse",
-                    || self.toast.read(warehouse_id, &table, &wants),
+                    move || async move {
+                        match toast.read(warehouse_id, name, oid, asked).await {
+                            Err(e) if e.is_definite() => Ok(Err(e)),
+                            other => other.map(Ok),
+                        }
+                    },
                 )
                 .await?;
+            let current = match read {
+                Ok(current) => current,
+                Err(e) => {
+                    tracing::warn!(warehouse = %warehouse_id, %table, oid, error = %e, changes = group.len(), "unchanged TOAST values can never be read as asked; the changes that lack them are dead-lettered");
+                    for u in &group {
+                        dropped[u.pending] = true;
+                        let p = &pending[u.pending];
+                        let change = p.change.full(&rendered[p.change.json.clone()]);
+                        let v = Violation {
+                            rule: "unchanged_toast",
+                            field: u.fields.first().map(|&f| m.data[f].0.clone()),
+                            reason: format!(
+                                "the unchanged TOAST value of column(s) {} cannot be read back from the warehouse ({e}); the rest of the row is in the dead letter. Fix the table or the mapping, then run a forced resync (POST /sync/warehouses/{warehouse_id})",
+                                u.want.columns.join(", ")
+                            ),
+                        };
+                        self.refuse(
+                            warehouse_id,
+                            &items[p.item],
+                            &table,
+                            Some((
+                                m.entity.as_str(),
+                                Value::Object(change.key.clone()),
+                                p.change.version.clone(),
+                            )),
+                            change.data.clone().map(Value::Object),
+                            v,
+                        )
+                        .await?;
+                    }
+                    continue;
+                }
+            };
             for (u, values) in group.iter().zip(current) {
                 let p = &mut pending[u.pending];
                 let Some(values) = values else {
@@ -1650,6 +1786,7 @@ impl Stage {
     ) -> Result<(), Cancelled> {
         let item = Incoming::Record {
             table: std::sync::Arc::from(""),
+            oid: 0,
             key,
             value,
             stream: std::sync::Arc::from(""),

@@ -28,7 +28,9 @@ use serde_json::Value;
 use crate::pg::ConnInfo;
 use crate::pg::quote_ident;
 
-/// Why values could not be read (retried by the caller; nothing is sent meanwhile).
+/// Why values could not be read. Retried by the caller (nothing is sent meanwhile) unless
+/// [`FillError::is_definite`]: then no retry can read them, and the changes that want them
+/// are dead-lettered with the reason.
 #[derive(Debug, thiserror::Error)]
 pub enum FillError {
     /// The batch's warehouse has no connection settings in this process.
@@ -71,6 +73,28 @@ pub enum FillError {
     },
 }
 
+impl FillError {
+    /// Whether the values can never be read as asked: the table or a column is gone, or the
+    /// warehouse refuses the query for what it holds (a key that its column's type does not
+    /// take, say). Connection errors, timeouts and a server shutting down are worth a retry.
+    pub fn is_definite(&self) -> bool {
+        match self {
+            FillError::UnknownWarehouse(_) => false,
+            FillError::UnknownTable(_) | FillError::UnknownColumn { .. } => true,
+            FillError::Value { .. } => true,
+            FillError::Sql { source, .. } => source
+                .downcast_ref::<tokio_postgres::Error>()
+                .and_then(|e| e.code())
+                .is_some_and(|c| {
+                    // Class 42 (undefined table or column, no privilege), 22 (data
+                    // exception: a key its type refuses), 0A (not supported).
+                    let class = &c.code()[..2];
+                    matches!(class, "42" | "22" | "0A")
+                }),
+        }
+    }
+}
+
 /// One row whose columns are wanted: its key (the table's key columns and their event
 /// values) and the columns to read.
 #[derive(Debug, Clone, PartialEq)]
@@ -94,15 +118,18 @@ struct Column {
 pub struct ToastReader {
     warehouses: HashMap<String, ConnInfo>,
     clients: tokio::sync::Mutex<HashMap<String, Arc<tokio_postgres::Client>>>,
-    columns: std::sync::Mutex<HashMap<(String, String), TableColumns>>,
+    columns: std::sync::Mutex<HashMap<(String, String, u32), TableColumns>>,
 }
 
-/// A table's columns, by (warehouse, `schema.table`) in the cache.
+/// A table's columns, by (warehouse, `schema.table`, OID) in the cache.
 type TableColumns = Arc<TableShape>;
 
 /// What the reader needs to know of a table.
 #[derive(Debug)]
 struct TableShape {
+    /// Its schema and name now (a renamed table is read by its OID's current name).
+    schema: String,
+    name: String,
     columns: Vec<Column>,
     /// A partitioned table holds no rows itself: it is read with its partitions (a plain
     /// table is read `ONLY`, without the children of table inheritance, which are published
@@ -121,28 +148,40 @@ impl ToastReader {
     }
 
     /// The current values of each want's columns (JSON as the event would carry them), in
-    /// the order of `wants`; `None` where the row is gone. `table` is `schema.table`.
+    /// the order of `wants`; `None` where the row is gone. `table` is `schema.table` as the
+    /// event names it; `oid` the relation's OID (0 when unknown): a relation renamed since is
+    /// read by its current name.
     pub async fn read(
         &self,
         warehouse: &str,
         table: &str,
+        oid: u32,
         wants: &[&Want],
     ) -> Result<Vec<Option<HashMap<String, Value>>>, FillError> {
-        let result = self.read_once(warehouse, table, wants).await;
+        let result = self.read_once(warehouse, table, oid, wants).await;
         if result.is_err() {
             // A dropped connection or an altered table: start afresh on the next try.
             self.clients.lock().await.remove(warehouse);
             if let Ok(mut c) = self.columns.lock() {
-                c.remove(&(warehouse.to_string(), table.to_string()));
+                c.remove(&(warehouse.to_string(), table.to_string(), oid));
             }
         }
         result
+    }
+
+    /// A connection to `warehouse` for catalog queries (shared with the reads).
+    pub async fn catalog_client(
+        &self,
+        warehouse: &str,
+    ) -> Result<Arc<tokio_postgres::Client>, FillError> {
+        self.client(warehouse, "pg_catalog").await
     }
 
     async fn read_once(
         &self,
         warehouse: &str,
         table: &str,
+        oid: u32,
         wants: &[&Want],
     ) -> Result<Vec<Option<HashMap<String, Value>>>, FillError> {
         let mut out = vec![None; wants.len()];
@@ -150,7 +189,7 @@ impl ToastReader {
             return Ok(out);
         };
         let client = self.client(warehouse, table).await?;
-        let shape = self.table_columns(&client, warehouse, table).await?;
+        let shape = self.table_columns(&client, warehouse, table, oid).await?;
         let column = |name: &str| {
             shape
                 .columns
@@ -183,7 +222,6 @@ impl ToastReader {
                 keys[i].push(v.map(key_text).unwrap_or_default());
             }
         }
-        let (schema, name) = table.split_once('.').unwrap_or(("public", table));
         let args: Vec<String> = (1..=key_columns.len())
             .map(|i| format!("${i}::text[]"))
             .collect();
@@ -211,8 +249,8 @@ impl ToastReader {
             args.join(", "),
             aliases.join(", "),
             if shape.partitioned { "" } else { "ONLY " },
-            quote_ident(schema),
-            quote_ident(name),
+            quote_ident(&shape.schema),
+            quote_ident(&shape.name),
             join.join(" AND ")
         );
         let params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = keys
@@ -281,8 +319,9 @@ impl ToastReader {
         client: &tokio_postgres::Client,
         warehouse: &str,
         table: &str,
+        oid: u32,
     ) -> Result<TableColumns, FillError> {
-        let cache_key = (warehouse.to_string(), table.to_string());
+        let cache_key = (warehouse.to_string(), table.to_string(), oid);
         if let Some(c) = self
             .columns
             .lock()
@@ -291,17 +330,20 @@ impl ToastReader {
         {
             return Ok(c);
         }
-        let (schema, name) = table.split_once('.').unwrap_or(("public", table));
+        // By OID when the event gave one (the name may have changed since); else by the
+        // qualified name as events spell it.
         let rows = client
             .query(
                 "SELECT a.attname::text, a.atttypid, format_type(a.atttypid, a.atttypmod),
-                        c.relkind = 'p'
+                        c.relkind = 'p', n.nspname::text, c.relname::text
                    FROM pg_attribute a
                    JOIN pg_class c ON c.oid = a.attrelid
                    JOIN pg_namespace n ON n.oid = c.relnamespace
-                  WHERE n.nspname = $1 AND c.relname = $2 AND a.attnum > 0 AND NOT a.attisdropped
+                  WHERE CASE WHEN $1::oid <> 0 THEN c.oid = $1::oid
+                             ELSE n.nspname || '.' || c.relname = $2 END
+                    AND a.attnum > 0 AND NOT a.attisdropped
                   ORDER BY a.attnum",
-                &[&schema, &name],
+                &[&oid, &table],
             )
             .await
             .map_err(|e| self.sql_error(warehouse, table, e))?;
@@ -309,6 +351,8 @@ impl ToastReader {
             return Err(FillError::UnknownTable(table.to_string()));
         }
         let columns: TableColumns = Arc::new(TableShape {
+            schema: rows[0].get(4),
+            name: rows[0].get(5),
             partitioned: rows[0].get(3),
             columns: rows
                 .iter()
@@ -340,8 +384,36 @@ fn key_text(v: &Value) -> String {
     match v {
         Value::String(s) => s.clone(),
         Value::Null => String::new(),
+        Value::Array(items) => array_literal(items),
         other => other.to_string(),
     }
+}
+
+/// An array key value as PostgreSQL's array input reads it: `{"a","b\"c",NULL}` (nested
+/// arrays nested), each element quoted with its backslashes and quotes escaped.
+fn array_literal(items: &[Value]) -> String {
+    let mut out = String::from("{");
+    for (i, item) in items.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        match item {
+            Value::Null => out.push_str("NULL"),
+            Value::Array(inner) => out.push_str(&array_literal(inner)),
+            other => {
+                out.push('"');
+                for c in key_text(other).chars() {
+                    if c == '"' || c == '\\' {
+                        out.push('\\');
+                    }
+                    out.push(c);
+                }
+                out.push('"');
+            }
+        }
+    }
+    out.push('}');
+    out
 }
 
 #[cfg(test)]
@@ -355,5 +427,9 @@ mod tests {
         assert_eq!(key_text(&json!(42)), "42");
         assert_eq!(key_text(&json!(true)), "true");
         assert_eq!(key_text(&json!("12.50")), "12.50");
+        assert_eq!(
+            key_text(&json!(["a", "b\"c\\", null, [1, 2]])),
+            r#"{"a","b\"c\\",NULL,{"1","2"}}"#
+        );
     }
 }

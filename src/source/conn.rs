@@ -552,9 +552,16 @@ fn parse_server_version(v: &str) -> u32 {
     major * 10000 + minor
 }
 
-/// Quotes a SQL literal.
+/// Quotes a SQL literal that reads back as `s` whatever the session's
+/// `standard_conforming_strings` says: with a backslash in it, as an escape string (`E'…'`,
+/// backslashes doubled), as PostgreSQL's own `quote_literal` does. A plain `'…'` literal
+/// holding `\'` breaks out of the quotes on a server where that setting is off.
 pub fn quote_literal(s: &str) -> String {
-    format!("'{}'", s.replace('\'', "''"))
+    if s.contains('\\') {
+        format!("E'{}'", s.replace('\\', "\\\\").replace('\'', "''"))
+    } else {
+        format!("'{}'", s.replace('\'', "''"))
+    }
 }
 
 /// The switch point of timeline `ancestor` in a timeline history file's `content` (lines of
@@ -570,8 +577,15 @@ pub fn parse_timeline_switch(content: &str, ancestor: u32) -> Option<Lsn> {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_timeline_switch;
+    use super::{parse_timeline_switch, quote_literal};
     use crate::Lsn;
+
+    #[test]
+    fn a_literal_with_a_backslash_is_an_escape_string() {
+        assert_eq!(quote_literal("it's"), "'it''s'");
+        assert_eq!(quote_literal("a\\'b"), "E'a\\\\''b'");
+        assert_eq!(quote_literal("\\"), "E'\\\\'");
+    }
 
     #[test]
     fn a_timeline_history_gives_each_ancestors_switch_point() {

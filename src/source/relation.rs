@@ -81,7 +81,13 @@ impl RelationInfo {
         };
         Self {
             oid: rel.oid,
-            table: TableSource::new(&source.warehouse_id, &source.db, &rel.namespace, &rel.name),
+            table: TableSource::with_oid(
+                &source.warehouse_id,
+                &source.db,
+                &rel.namespace,
+                &rel.name,
+                rel.oid,
+            ),
             names: columns.iter().map(|c| c.name.clone()).collect(),
             identity: rel.replica_identity,
             columns,

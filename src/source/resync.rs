@@ -16,6 +16,7 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
 
 use super::SourceError;
+use super::conn::quote_literal;
 use super::marker::Markers;
 use super::snapshot::PublishedTable;
 use crate::Lsn;
@@ -399,8 +400,4 @@ fn full_xid(xid: &str, reference: &str) -> String {
         r = reference,
         x = xid
     )
-}
-
-fn quote_literal(s: &str) -> String {
-    format!("'{}'", s.replace('\'', "''"))
 }

@@ -3,6 +3,7 @@
 //! Migrations live in `migrations/` and are embedded in the binary, applied at start and by
 //! `inventorysync migrate`. Table names are the ones ops type by hand (DESIGN §5).
 
+mod bindings;
 mod checkpoints;
 mod conflicts;
 mod jobs;
@@ -10,6 +11,7 @@ mod lease;
 mod progress;
 mod workers;
 
+pub use bindings::Binding;
 pub use checkpoints::{Checkpoint, Origin};
 pub use conflicts::{
     Closing, ConflictQuery, ConflictRow, DeadLetterQuery, DeadLetterRow, NewConflict, NewDeadLetter,

@@ -1492,7 +1492,7 @@ async fn the_reference_server_keeps_versions_in_postgres_too() {
 }
 
 /// Products whose `attributes` (jsonb, mapped) are large enough to be TOASTed out of line.
-async fn wide_products(db: &TestDb, from: usize, to: usize) {
+pub async fn wide_products(db: &TestDb, from: usize, to: usize) {
     db.exec(&format!(
         "INSERT INTO products (sku, name, attributes)
          SELECT 'SKU-' || i, 'wide ' || i,

@@ -10,6 +10,7 @@ mod harness;
 mod kafka;
 mod layers;
 mod load;
+mod operations;
 mod partitions;
 mod store;
 mod stream;

@@ -1,0 +1,15 @@
+-- Which relations at a warehouse each configured mapping is bound to (issue 39): a mapping
+-- names a table, but binds to the relation (its OID), so that it still holds once the table
+-- is renamed or moved to another schema, also across restarts. A relation's row stays while
+-- it exists: changes still in the WAL name it by its old name.
+CREATE TABLE IF NOT EXISTS mapping_bindings (
+    warehouse_id  text        NOT NULL,
+    relation_oid  bigint      NOT NULL,
+    -- The mapping's table as the configuration names it (`schema.table`).
+    mapped_table  text        NOT NULL,
+    -- The relation's name when it was last seen (`schema.table`).
+    current_name  text        NOT NULL,
+    bound_at      timestamptz NOT NULL DEFAULT now(),
+    seen_at       timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (warehouse_id, relation_oid)
+);
