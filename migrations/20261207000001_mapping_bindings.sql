@@ -9,6 +9,10 @@ CREATE TABLE IF NOT EXISTS mapping_bindings (
     mapped_table  text        NOT NULL,
     -- The relation's name when it was last seen (`schema.table`).
     current_name  text        NOT NULL,
+    -- The fingerprint of the mapping (entity, key and data fields) when the consumer stage
+    -- last bound it: a change resets the warehouse's lane positions (consumer_lanes), whose
+    -- lanes come from the key's hash.
+    fingerprint   text,
     bound_at      timestamptz NOT NULL DEFAULT now(),
     seen_at       timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (warehouse_id, relation_oid)

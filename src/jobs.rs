@@ -22,7 +22,7 @@ use crate::consumer::kafka::{GroupProgress, PartitionEnd};
 use crate::event::SnapshotMarker;
 use crate::source::SourceError;
 use crate::source::marker::Markers;
-use crate::source::resync::ChunkDone;
+use crate::source::resync::{ChunkDone, ChunkRefused};
 use crate::store::{ActiveWarehouse, StateDb, StoreError};
 
 /// How often running jobs are checked.
@@ -258,16 +258,31 @@ const CHUNKS_AHEAD: usize = 4;
 /// deadline bounds the whole.
 const CHUNK_WAIT_CHECK: Duration = Duration::from_secs(1);
 
-/// Works on forced resyncs (`POST /sync/warehouses/{id}`) of the warehouses this process
-/// streams, until `cancel`: each mapped table is read in primary-key chunks by the stream
+/// How often the publication of a warehouse streamed here is checked for tables that need a
+/// load (joined the publication, or their mapping is new or changed).
+const LOAD_CHECK: Duration = Duration::from_secs(10);
+
+/// What the fingerprint of a published table that no mapping names reads.
+const UNMAPPED: &str = "unmapped";
+
+/// The mapped tables (as configured) and each mapping's fingerprint
+/// ([`crate::consumer::settings::TableMapping::fingerprint`]), in name order.
+pub type MappedTables = Vec<(String, String)>;
+
+/// Works on forced resyncs (`POST /sync/warehouses/{id}`) and loads of the warehouses this
+/// process streams, until `cancel`: each table is read in primary-key chunks by the stream
 /// (see [`crate::source::resync`]), and each chunk's position is saved once it is durable,
 /// so a restarted resync continues where it stopped. A resync is done once its last chunk
 /// has outcomes at central: with Kafka, once the consumer group's committed offsets reach
 /// the change topics' ends as they were after the last chunk was published.
+///
+/// It also schedules loads by itself: a table that joins the publication, or whose mapping
+/// is new or changed since its last load, gets a `load` job for that table alone (see
+/// [`check_tables`]), while streaming goes on.
 pub async fn run_resyncs(
     state: StateDb,
     warehouses: Vec<Warehouse>,
-    tables: Vec<String>,
+    mapped: MappedTables,
     delivery: Delivery,
     cancel: CancellationToken,
 ) {
@@ -277,10 +292,11 @@ pub async fn run_resyncs(
             .map(|w| (w.config.id.clone(), w))
             .collect(),
     );
-    let (tables, delivery) = (Arc::new(tables), Arc::new(delivery));
+    let (mapped, delivery) = (Arc::new(mapped), Arc::new(delivery));
     // One job at a time per warehouse, every warehouse at once: one warehouse's load (or
     // its wait for the consumer group) never holds up another's.
     let mut running: HashMap<String, tokio::task::JoinHandle<()>> = HashMap::new();
+    let mut checked: HashMap<String, tokio::time::Instant> = HashMap::new();
     loop {
         running.retain(|_, task| !task.is_finished());
         let mut active = Vec::new();
@@ -301,10 +317,10 @@ pub async fn run_resyncs(
             if *wh.status.state.borrow() != StreamState::Streaming {
                 continue;
             }
-            let (state, warehouses, tables, delivery, cancel) = (
+            let (state, warehouses, mapped, delivery, cancel) = (
                 state.clone(),
                 warehouses.clone(),
-                tables.clone(),
+                mapped.clone(),
                 delivery.clone(),
                 cancel.clone(),
             );
@@ -313,7 +329,27 @@ pub async fn run_resyncs(
                 id.clone(),
                 tokio::spawn(async move {
                     if let Some(wh) = warehouses.get(&id) {
-                        run_job(&state, wh, kind, &w, &tables, &delivery, &cancel).await;
+                        run_job(&state, wh, kind, &w, &mapped, &delivery, &cancel).await;
+                    }
+                }),
+            );
+        }
+        // Warehouses streamed here with no job running: tables in need of a load?
+        for (id, wh) in warehouses.iter() {
+            if running.contains_key(id)
+                || *wh.status.state.borrow() != StreamState::Streaming
+                || checked.get(id).is_some_and(|at| at.elapsed() < LOAD_CHECK)
+            {
+                continue;
+            }
+            checked.insert(id.clone(), tokio::time::Instant::now());
+            let (state, config, mapped) = (state.clone(), wh.config.clone(), mapped.clone());
+            let kafka = matches!(*delivery, Delivery::Kafka(_));
+            running.insert(
+                id.clone(),
+                tokio::spawn(async move {
+                    if let Err(e) = check_tables(&state, &config, &mapped, kafka).await {
+                        tracing::warn!(warehouse = %config.id, error = %e, "cannot check the publication for tables to load; trying again");
                     }
                 }),
             );
@@ -330,6 +366,107 @@ pub async fn run_resyncs(
     }
 }
 
+/// The fingerprint of the mapping of published table `name` (relation `oid`): the one its
+/// relation is bound to, else the one that names it, else [`UNMAPPED`].
+fn print_of(
+    oid: u32,
+    name: &str,
+    bound: &[crate::store::Binding],
+    mapped: &MappedTables,
+) -> String {
+    let table = bound
+        .iter()
+        .find(|b| b.relation_oid == i64::from(oid))
+        .map(|b| b.mapped_table.as_str())
+        .unwrap_or(name);
+    mapped
+        .iter()
+        .find(|(t, _)| t == table)
+        .map_or_else(|| UNMAPPED.to_string(), |(_, print)| print.clone())
+}
+
+/// Schedules a `load` job for the published tables of `w` that need one: those no load has
+/// covered (they joined the publication since, including under `FOR ALL TABLES`), and those
+/// whose mapping's fingerprint differs from the one their last load had (a mapping added or
+/// changed). With the embedded bus only mapped tables count (nothing else reaches central);
+/// with Kafka every published table does, since the topic is a product of its own.
+async fn check_tables(
+    state: &StateDb,
+    w: &WarehouseConfig,
+    mapped: &MappedTables,
+    kafka: bool,
+) -> Result<(), String> {
+    if state
+        .active_job_for(LOAD_JOB, &w.id)
+        .await
+        .map_err(|e| e.to_string())?
+        .is_some()
+    {
+        return Ok(());
+    }
+    let loaded = state.table_loads(&w.id).await.map_err(|e| e.to_string())?;
+    let published = published_relations(w).await?;
+    let bound = state.bindings(&w.id).await.map_err(|e| e.to_string())?;
+    let prints: Vec<(u32, String, String)> = published
+        .into_iter()
+        .map(|(oid, name)| {
+            let print = print_of(oid, &name, &bound, mapped);
+            (oid, name, print)
+        })
+        .collect();
+    if loaded.is_empty() {
+        // Nothing recorded yet: the initial load records what it read when it ends. A
+        // warehouse streamed before loads were recorded has its checkpoint: its tables are
+        // taken as they are.
+        if state
+            .checkpoint(&w.id)
+            .await
+            .map_err(|e| e.to_string())?
+            .is_some()
+        {
+            state
+                .record_table_loads(&w.id, &prints, None)
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        return Ok(());
+    }
+    let (mut wanted, mut quiet) = (Vec::new(), Vec::new());
+    for (oid, name, print) in prints {
+        let before = loaded.iter().find(|(o, _)| *o == i64::from(oid));
+        if before.is_some_and(|(_, p)| *p == print) {
+            continue;
+        }
+        if print != UNMAPPED || kafka {
+            let why = match before {
+                None => "it joined the publication (or is new under FOR ALL TABLES)",
+                Some((_, p)) if p == UNMAPPED => "a mapping names it now",
+                Some(_) => "its mapping changed",
+            };
+            tracing::info!(warehouse = %w.id, table = %name, "loading a table while streaming goes on: {why}");
+            wanted.push(name);
+        } else {
+            // Nothing of it reaches central: noted, so that a mapping added later loads it.
+            quiet.push((oid, name, print));
+        }
+    }
+    if !quiet.is_empty() {
+        state
+            .record_table_loads(&w.id, &quiet, None)
+            .await
+            .map_err(|e| e.to_string())?;
+    }
+    if !wanted.is_empty() {
+        let id = new_job_id();
+        state
+            .create_table_load(&id, &w.id, &wanted)
+            .await
+            .map_err(|e| e.to_string())?;
+        tracing::info!(warehouse = %w.id, job = %id, tables = ?wanted, "load of tables scheduled");
+    }
+    Ok(())
+}
+
 /// Runs one warehouse's load or resync job until it is done, failed or interrupted (a later
 /// tick resumes it from its saved chunks).
 async fn run_job(
@@ -337,33 +474,55 @@ async fn run_job(
     wh: &Warehouse,
     kind: &str,
     w: &ActiveWarehouse,
-    tables: &[String],
+    mapped: &MappedTables,
     delivery: &Delivery,
     cancel: &CancellationToken,
 ) {
+    let tables = if kind == LOAD_JOB {
+        // A load of some tables, or the initial load of every published one.
+        match state.job_tables(&w.job_id).await {
+            Ok(Some(tables)) => Ok(tables),
+            Ok(None) => published_relations(&wh.config)
+                .await
+                .map(|p| p.into_iter().map(|(_, name)| name).collect()),
+            Err(e) => Err(e.to_string()),
+        }
+    } else {
+        mapped_relations(state, &wh.config, mapped).await
+    };
+    let tables = match tables {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::warn!(job = %w.job_id, warehouse = %w.warehouse_id, error = %e, "{kind}: cannot list the tables to read; retrying");
+            return;
+        }
+    };
     let work = if kind == LOAD_JOB {
-        match published_tables(&wh.config).await {
-            Ok(tables) => Work {
-                kind: LOAD_JOB,
-                tables,
-                marker: SnapshotMarker::True,
-                what: "initial load",
-            },
-            Err(e) => {
-                tracing::warn!(job = %w.job_id, warehouse = %w.warehouse_id, error = %e, "initial load: cannot list the published tables; retrying");
-                return;
-            }
+        Work {
+            kind: LOAD_JOB,
+            tables,
+            marker: SnapshotMarker::True,
+            what: "initial load",
         }
     } else {
         Work {
             kind: "resync",
-            tables: tables.to_vec(),
+            tables,
             marker: SnapshotMarker::Incremental,
             what: "resync",
         }
     };
     match resync(state, wh, w, &work, delivery, cancel).await {
-        Ok(()) | Err(Stop::Cancelled) => {}
+        Ok(()) => {
+            if kind == LOAD_JOB
+                && let Err(e) =
+                    record_loaded(state, &wh.config, &work.tables, &w.job_id, mapped).await
+            {
+                // Checked again later: a table not recorded is loaded once more.
+                tracing::warn!(job = %w.job_id, warehouse = %w.warehouse_id, error = %e, "cannot record the tables the load read");
+            }
+        }
+        Err(Stop::Cancelled) => {}
         Err(Stop::Failed(reason)) => {
             tracing::warn!(job = %w.job_id, warehouse = %w.warehouse_id, reason = %reason, "{} failed", work.what);
             let failed = async {
@@ -382,6 +541,60 @@ async fn run_job(
     }
 }
 
+/// Records the tables a load read (those still published), with their mappings'
+/// fingerprints, so that [`check_tables`] does not load them again.
+async fn record_loaded(
+    state: &StateDb,
+    w: &WarehouseConfig,
+    tables: &[String],
+    job_id: &str,
+    mapped: &MappedTables,
+) -> Result<(), String> {
+    let bound = state.bindings(&w.id).await.map_err(|e| e.to_string())?;
+    let read: Vec<(u32, String, String)> = published_relations(w)
+        .await?
+        .into_iter()
+        .filter(|(_, name)| tables.contains(name))
+        .map(|(oid, name)| {
+            let print = print_of(oid, &name, &bound, mapped);
+            (oid, name, print)
+        })
+        .collect();
+    state
+        .record_table_loads(&w.id, &read, Some(job_id))
+        .await
+        .map_err(|e| e.to_string())
+}
+
+/// The mapped tables a resync reads, each under its current name: a mapped table renamed
+/// since is found by the relation its mapping is bound to. One that is not published under
+/// any name is kept as configured (the resync records it as skipped, and why).
+async fn mapped_relations(
+    state: &StateDb,
+    w: &WarehouseConfig,
+    mapped: &MappedTables,
+) -> Result<Vec<String>, String> {
+    let published = published_relations(w).await?;
+    let bound = state.bindings(&w.id).await.map_err(|e| e.to_string())?;
+    Ok(mapped
+        .iter()
+        .map(|(table, _)| {
+            if published.iter().any(|(_, name)| name == table) {
+                return table.clone();
+            }
+            bound
+                .iter()
+                .filter(|b| b.mapped_table == *table)
+                .find_map(|b| {
+                    published
+                        .iter()
+                        .find(|(oid, _)| i64::from(*oid) == b.relation_oid)
+                })
+                .map_or_else(|| table.clone(), |(_, name)| name.clone())
+        })
+        .collect())
+}
+
 /// What a resync or load job reads, and how its rows are marked.
 struct Work {
     kind: &'static str,
@@ -390,20 +603,23 @@ struct Work {
     what: &'static str,
 }
 
-/// The warehouse publication's tables (`schema.table`), in name order.
-async fn published_tables(w: &WarehouseConfig) -> Result<Vec<String>, String> {
+/// The warehouse publication's tables: relation OID and `schema.table`, in name order.
+async fn published_relations(w: &WarehouseConfig) -> Result<Vec<(u32, String)>, String> {
     let sql = crate::pg::connect_sql(&w.conn)
         .await
         .map_err(|e| format!("cannot connect to warehouse {}: {e}", w.id))?;
     let rows = sql
         .query(
-            "SELECT schemaname::text || '.' || tablename::text FROM pg_publication_tables
-              WHERE pubname = $1 ORDER BY 1",
+            "SELECT c.oid, p.schemaname::text || '.' || p.tablename::text
+               FROM pg_publication_tables p
+               JOIN pg_namespace n ON n.nspname = p.schemaname
+               JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = p.tablename
+              WHERE p.pubname = $1 ORDER BY 2",
             &[&w.publication],
         )
         .await
         .map_err(|e| format!("cannot list publication {}: {e}", w.publication))?;
-    Ok(rows.iter().map(|r| r.get(0)).collect())
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
 }
 
 /// Why a resync stopped before it was done.
@@ -486,7 +702,15 @@ async fn resync(
                         r = &mut answer => {
                             match r {
                                 Ok(Ok(done)) => ahead.push_back(done),
-                                Ok(Err(reason)) => return Err(Stop::Failed(reason)),
+                                Ok(Err(ChunkRefused::Failed(reason))) => return Err(Stop::Failed(reason)),
+                                Ok(Err(ChunkRefused::Vanished(reason))) => {
+                                    // The job goes on with the other tables; its status
+                                    // names this one and why.
+                                    tracing::warn!(job = %w.job_id, warehouse = %w.warehouse_id, %table, %reason, "{}: a table vanished while it was read; skipped", work.what);
+                                    state.skip_resync_table(&w.job_id, &w.warehouse_id, table, &reason).await?;
+                                    ahead.clear();
+                                    progress.done = true;
+                                }
                                 // The stream session that held the chunk ended: ask again
                                 // from the saved position.
                                 Err(_) => {

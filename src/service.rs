@@ -214,7 +214,12 @@ pub async fn run_service(config_path: &Path, stages: Stages) -> ExitCode {
         None => crate::jobs::Delivery::Embedded,
         Some(p) => crate::jobs::Delivery::Kafka(p.clone()),
     };
-    let mut mapped_tables: Vec<String> = config.consumer.mappings.keys().cloned().collect();
+    let mut mapped_tables: crate::jobs::MappedTables = config
+        .consumer
+        .mappings
+        .iter()
+        .map(|(table, m)| (table.clone(), m.fingerprint()))
+        .collect();
     mapped_tables.sort();
     // Jobs drive the sources (cycles capture WAL positions, resyncs read chunks through the
     // stream): a consumer-only process leaves them to the source processes.

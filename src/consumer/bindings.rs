@@ -104,7 +104,13 @@ impl Bindings {
 
     /// Binds relation `oid`, met under the configured name `table`, to that mapping (a table
     /// created again under the name, or one the catalog did not show yet).
-    pub async fn bind_seen(&self, warehouse_id: &str, oid: u32, table: &str, state: &StateDb) {
+    pub async fn bind_seen(
+        &self,
+        warehouse_id: &str,
+        oid: u32,
+        (table, mapping): (&str, &TableMapping),
+        state: &StateDb,
+    ) {
         {
             let mut all = self.warehouses.write().unwrap_or_else(|p| p.into_inner());
             let mut bound = all
@@ -114,7 +120,8 @@ impl Bindings {
             bound.by_oid.insert(oid, Arc::from(table));
             all.insert(warehouse_id.to_string(), Arc::new(bound));
         }
-        if let Err(e) = state.bind(warehouse_id, oid, table, table).await {
+        let print = mapping.fingerprint();
+        if let Err(e) = state.bind(warehouse_id, oid, table, table, &print).await {
             tracing::warn!(warehouse = %warehouse_id, %table, oid, error = %e, "cannot record the mapping's binding to the table; it holds in this process, and is recorded at the next start");
         }
     }
@@ -159,10 +166,45 @@ async fn resolve(
             bound.by_oid.insert(oid, Arc::from(b.mapped_table.as_str()));
         }
     }
+    // A mapping whose entity, key or data changed since it was bound: its keys' lanes may
+    // have moved, and a lane position stored under the old mapping would skip changes that
+    // never reached central under the new one.
+    let mut changed: Vec<(&str, String)> = Vec::new();
+    for b in &stored {
+        let (Some(m), Some(before)) = (mappings.get(&b.mapped_table), b.fingerprint.as_deref())
+        else {
+            continue;
+        };
+        let now = m.fingerprint();
+        if before != now && !changed.iter().any(|(t, _)| *t == b.mapped_table) {
+            changed.push((b.mapped_table.as_str(), now));
+        }
+    }
+    if !changed.is_empty() {
+        match state.reset_lanes(warehouse_id, &changed).await {
+            Ok(n) => {
+                let tables: Vec<&str> = changed.iter().map(|(t, _)| *t).collect();
+                tracing::warn!(warehouse = %warehouse_id, ?tables, lanes = n, "a mapping changed since the last run: the lane positions are reset, so replays are sent again (central answers what it has as duplicates); the tables are loaded again by a load job")
+            }
+            Err(e) => {
+                tracing::warn!(warehouse = %warehouse_id, error = %e, "cannot reset the lane positions after a mapping changed; trying again later");
+                return bound;
+            }
+        }
+    }
+    let print = |table: &str| {
+        mappings
+            .get(table)
+            .map(|m| m.fingerprint())
+            .unwrap_or_default()
+    };
     match catalog(warehouse_id, reader, mappings, &stored).await {
         Ok(found) => {
             for (oid, mapped, current) in found.named {
-                if let Err(e) = state.bind(warehouse_id, oid, &mapped, &current).await {
+                if let Err(e) = state
+                    .bind(warehouse_id, oid, &mapped, &current, &print(&mapped))
+                    .await
+                {
                     tracing::warn!(warehouse = %warehouse_id, table = %mapped, error = %e, "cannot record the mapping's binding");
                 }
                 bound.by_oid.insert(oid, Arc::from(mapped.as_str()));
@@ -170,7 +212,13 @@ async fn resolve(
             for (oid, r) in found.renamed {
                 tracing::warn!(warehouse = %warehouse_id, mapped_table = %r.mapped_table, current_name = %r.current_name, oid, "the table of a mapping was renamed or moved: its changes flow under the mapping; update the configuration's [[mappings]] table to {:?}", r.current_name);
                 let _ = state
-                    .bind(warehouse_id, oid, &r.mapped_table, &r.current_name)
+                    .bind(
+                        warehouse_id,
+                        oid,
+                        &r.mapped_table,
+                        &r.current_name,
+                        &print(&r.mapped_table),
+                    )
                     .await;
             }
             for table in found.missing {

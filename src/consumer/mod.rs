@@ -410,7 +410,7 @@ impl Stage {
             Some((name, m)) => {
                 if oid != 0 && bound.mapped_table(oid).is_none() {
                     self.bindings
-                        .bind_seen(warehouse_id, oid, name, &self.state)
+                        .bind_seen(warehouse_id, oid, (name, m), &self.state)
                         .await;
                 }
                 Some((name.as_str(), m))

@@ -53,6 +53,19 @@ pub struct TableMapping {
     pub data: Vec<(String, FieldSource)>,
 }
 
+impl TableMapping {
+    /// What the mapping makes of its table's rows, as 16 hex digits: its entity, key and data
+    /// fields with their columns and conversions (not the table's name, which a rename
+    /// changes). A new fingerprint means central needs the table's rows again, and that the
+    /// keys' lanes may have moved.
+    pub fn fingerprint(&self) -> String {
+        use sha2::Digest;
+        let shape = format!("{:?}|{:?}|{:?}", self.entity, self.key, self.data);
+        let digest = sha2::Sha256::digest(shape.as_bytes());
+        digest[..8].iter().map(|b| format!("{b:02x}")).collect()
+    }
+}
+
 /// Business rules checked before anything is sent.
 #[derive(Debug, Clone)]
 pub struct Rules {

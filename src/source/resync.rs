@@ -42,7 +42,17 @@ pub struct ChunkRequest {
     /// `incremental` for a forced resync.
     pub marker: SnapshotMarker,
     /// Where the outcome goes.
-    pub reply: oneshot::Sender<Result<ChunkDone, String>>,
+    pub reply: oneshot::Sender<Result<ChunkDone, ChunkRefused>>,
+}
+
+/// Why a chunk was not read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ChunkRefused {
+    /// The table is not there to read (dropped, or no longer published): the job records
+    /// it as skipped, with this reason, and goes on with the other tables.
+    Vanished(String),
+    /// The job cannot go on, for this reason.
+    Failed(String),
 }
 
 /// What a chunk came to.
@@ -81,7 +91,7 @@ pub(crate) struct OpenChunk {
     writers: Vec<(u32, usize)>,
     /// Rows emitted at the high watermark, waiting for its transaction's commit.
     emitted: Option<u64>,
-    reply: Option<oneshot::Sender<Result<ChunkDone, String>>>,
+    reply: Option<oneshot::Sender<Result<ChunkDone, ChunkRefused>>>,
 }
 
 /// The identity of a row's key columns, as bytes.
@@ -259,10 +269,10 @@ pub(crate) async fn start_chunk(
     // lets streamed changes remove rows from the chunk).
     let whole = super::snapshot::primary_key(sql, rel.oid).await?.is_empty();
     if whole && req.marker == SnapshotMarker::Incremental {
-        let _ = req.reply.send(Err(format!(
+        let _ = req.reply.send(Err(ChunkRefused::Failed(format!(
             "{} has no primary key: a resync reads tables in primary-key order",
             rel.table.qualified_name()
-        )));
+        ))));
         return Ok(None);
     }
     let key_idx = &rel.key_columns;

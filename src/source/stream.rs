@@ -1059,9 +1059,8 @@ impl Session {
     /// Starts a resync chunk: watermarks and the read, on this session's SQL connection.
     async fn begin_chunk(&mut self, req: super::resync::ChunkRequest) -> Result<(), SourceError> {
         if !self.markers.available() {
-            let _ = req.reply.send(Err(super::marker::refusal(
-                &self.identity.warehouse_id,
-                "a chunk's watermarks",
+            let _ = req.reply.send(Err(super::resync::ChunkRefused::Failed(
+                super::marker::refusal(&self.identity.warehouse_id, "a chunk's watermarks"),
             )));
             return Ok(());
         }
@@ -1070,10 +1069,12 @@ impl Session {
             .iter()
             .find(|t| t.info.table.qualified_name() == req.table)
         else {
-            let _ = req.reply.send(Err(format!(
-                "{} is not in publication {}",
-                req.table, self.publication
-            )));
+            let _ = req
+                .reply
+                .send(Err(super::resync::ChunkRefused::Vanished(format!(
+                    "{} is not in publication {} (dropped, renamed or removed from it)",
+                    req.table, self.publication
+                ))));
             return Ok(());
         };
         self.chunk = super::resync::start_chunk(&self.sql, &self.markers, table, req).await?;

@@ -62,6 +62,20 @@ pub struct JobWarehouse {
     pub done: bool,
     /// What went wrong, if anything.
     pub error: Option<String>,
+    /// Tables a load or resync skipped because they vanished while it ran (dropped, or no
+    /// longer published), and why.
+    #[sqlx(skip)]
+    pub skipped_tables: Vec<SkippedTable>,
+}
+
+/// A table a load or resync skipped.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SkippedTable {
+    /// `schema.table`.
+    pub table: String,
+    /// Why.
+    pub reason: String,
 }
 
 /// Which jobs to list, newest first.
@@ -180,6 +194,34 @@ impl StateDb {
         Ok(())
     }
 
+    /// Creates a queued `load` job of `warehouse`'s `tables` alone (tables that joined the
+    /// publication, or whose mapping is new or changed).
+    pub async fn create_table_load(
+        &self,
+        id: &str,
+        warehouse: &str,
+        tables: &[String],
+    ) -> Result<(), StoreError> {
+        self.create_job(id, LOAD_JOB, &[warehouse.to_string()], RESYNC_TIMEOUT)
+            .await?;
+        sqlx::query("UPDATE sync_jobs SET tables = $2 WHERE id = $1")
+            .bind(id)
+            .bind(tables)
+            .execute(self.pool())
+            .await?;
+        Ok(())
+    }
+
+    /// The tables job `id` reads, when it reads some only (a load of new tables).
+    pub async fn job_tables(&self, id: &str) -> Result<Option<Vec<String>>, StoreError> {
+        let row: Option<(Option<Vec<String>>,)> =
+            sqlx::query_as("SELECT tables FROM sync_jobs WHERE id = $1")
+                .bind(id)
+                .fetch_optional(self.pool())
+                .await?;
+        Ok(row.and_then(|r| r.0))
+    }
+
     /// The job `id`, if it exists.
     pub async fn job(&self, id: &str) -> Result<Option<Job>, StoreError> {
         let row: Option<JobRow> = sqlx::query_as(concat!(
@@ -221,7 +263,7 @@ impl StateDb {
     }
 
     async fn with_warehouses(&self, r: JobRow) -> Result<Job, StoreError> {
-        let warehouses: Vec<JobWarehouse> = sqlx::query_as(
+        let mut warehouses: Vec<JobWarehouse> = sqlx::query_as(
             "SELECT warehouse_id, target_lsn::text AS target_lsn, delivered_lsn::text AS delivered_lsn,
                     changes_delivered, conflicts, dead_letters, done, error
                FROM sync_job_warehouses WHERE job_id = $1 ORDER BY warehouse_id",
@@ -229,6 +271,18 @@ impl StateDb {
         .bind(&r.0)
         .fetch_all(self.pool())
         .await?;
+        let skipped: Vec<(String, String, String)> = sqlx::query_as(
+            "SELECT warehouse_id, table_name, skipped FROM sync_resync_progress
+              WHERE job_id = $1 AND skipped IS NOT NULL ORDER BY table_name",
+        )
+        .bind(&r.0)
+        .fetch_all(self.pool())
+        .await?;
+        for (w, table, reason) in skipped {
+            if let Some(jw) = warehouses.iter_mut().find(|jw| jw.warehouse_id == w) {
+                jw.skipped_tables.push(SkippedTable { table, reason });
+            }
+        }
         Ok(Job {
             job_id: r.0,
             kind: r.1,
@@ -483,6 +537,68 @@ impl StateDb {
         .bind(read as i64)
         .bind(emitted as i64)
         .bind(done)
+        .execute(self.pool())
+        .await?;
+        Ok(())
+    }
+
+    /// Records that `job_id` skipped `table` (it vanished while the job read it) and why;
+    /// the table counts as done.
+    pub async fn skip_resync_table(
+        &self,
+        job_id: &str,
+        warehouse_id: &str,
+        table: &str,
+        reason: &str,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO sync_resync_progress (job_id, warehouse_id, table_name, done, skipped)
+             VALUES ($1, $2, $3, true, $4)
+             ON CONFLICT (job_id, warehouse_id, table_name) DO UPDATE
+             SET done = true, skipped = EXCLUDED.skipped",
+        )
+        .bind(job_id)
+        .bind(warehouse_id)
+        .bind(table)
+        .bind(reason)
+        .execute(self.pool())
+        .await?;
+        Ok(())
+    }
+
+    /// What the loads of `warehouse_id` covered: per relation OID, the mapping's fingerprint.
+    pub async fn table_loads(&self, warehouse_id: &str) -> Result<Vec<(i64, String)>, StoreError> {
+        Ok(sqlx::query_as(
+            "SELECT relation_oid, fingerprint FROM table_loads WHERE warehouse_id = $1",
+        )
+        .bind(warehouse_id)
+        .fetch_all(self.pool())
+        .await?)
+    }
+
+    /// Records that `tables` (OID, name, fingerprint) of `warehouse_id` were loaded (by
+    /// `job_id`; none for tables taken as they are).
+    pub async fn record_table_loads(
+        &self,
+        warehouse_id: &str,
+        tables: &[(u32, String, String)],
+        job_id: Option<&str>,
+    ) -> Result<(), StoreError> {
+        let oids: Vec<i64> = tables.iter().map(|t| i64::from(t.0)).collect();
+        let names: Vec<&str> = tables.iter().map(|t| t.1.as_str()).collect();
+        let prints: Vec<&str> = tables.iter().map(|t| t.2.as_str()).collect();
+        sqlx::query(
+            "INSERT INTO table_loads (warehouse_id, relation_oid, table_name, fingerprint, job_id)
+             SELECT $1, o, n, f, $5 FROM unnest($2::bigint[], $3::text[], $4::text[]) AS t(o, n, f)
+             ON CONFLICT (warehouse_id, relation_oid) DO UPDATE
+             SET table_name = EXCLUDED.table_name, fingerprint = EXCLUDED.fingerprint,
+                 job_id = EXCLUDED.job_id, loaded_at = now()",
+        )
+        .bind(warehouse_id)
+        .bind(&oids)
+        .bind(&names)
+        .bind(&prints)
+        .bind(job_id)
         .execute(self.pool())
         .await?;
         Ok(())

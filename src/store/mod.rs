@@ -18,7 +18,7 @@ pub use conflicts::{
 };
 pub use jobs::{
     ActiveWarehouse, Job, JobQuery, JobWarehouse, LOAD_JOB, RESYNC_TIMEOUT, ResyncProgress,
-    new_job_id,
+    SkippedTable, new_job_id,
 };
 pub use lease::{Leases, WarehouseLease};
 pub use progress::LaneMark;
