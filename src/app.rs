@@ -99,6 +99,10 @@ impl PipelineError {
     /// Whether restarting the pipeline can help.
     pub fn is_transient(&self) -> bool {
         match self {
+            // The slot's walsender of a previous owner lives on up to `wal_sender_timeout`
+            // after it died or was fenced: it lets go in time, so the warehouse is retried
+            // with backoff, never stopped for good (`tail` still reports it at once).
+            PipelineError::Source(SourceError::SlotInUse { .. }) => true,
             PipelineError::Source(e) => e.is_transient(),
             PipelineError::Bus(e) => e.is_transient(),
             PipelineError::Store(_) | PipelineError::Task(_) | PipelineError::LeaseLost => true,

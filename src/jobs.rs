@@ -342,13 +342,24 @@ pub async fn run_resyncs(
             {
                 continue;
             }
+            // The publication as the stream read it with the slot's health: no connection
+            // of its own.
+            let Some(published) = wh
+                .status
+                .slot_health
+                .borrow()
+                .as_ref()
+                .map(|h| h.published.clone())
+            else {
+                continue;
+            };
             checked.insert(id.clone(), tokio::time::Instant::now());
             let (state, config, mapped) = (state.clone(), wh.config.clone(), mapped.clone());
             let kafka = matches!(*delivery, Delivery::Kafka(_));
             running.insert(
                 id.clone(),
                 tokio::spawn(async move {
-                    if let Err(e) = check_tables(&state, &config, &mapped, kafka).await {
+                    if let Err(e) = check_tables(&state, &config, published, &mapped, kafka).await {
                         tracing::warn!(warehouse = %config.id, error = %e, "cannot check the publication for tables to load; trying again");
                     }
                 }),
@@ -393,6 +404,7 @@ fn print_of(
 async fn check_tables(
     state: &StateDb,
     w: &WarehouseConfig,
+    published: Vec<(u32, String)>,
     mapped: &MappedTables,
     kafka: bool,
 ) -> Result<(), String> {
@@ -405,7 +417,6 @@ async fn check_tables(
         return Ok(());
     }
     let loaded = state.table_loads(&w.id).await.map_err(|e| e.to_string())?;
-    let published = published_relations(w).await?;
     let bound = state.bindings(&w.id).await.map_err(|e| e.to_string())?;
     let prints: Vec<(u32, String, String)> = published
         .into_iter()
@@ -608,18 +619,9 @@ async fn published_relations(w: &WarehouseConfig) -> Result<Vec<(u32, String)>, 
     let sql = crate::pg::connect_sql(&w.conn)
         .await
         .map_err(|e| format!("cannot connect to warehouse {}: {e}", w.id))?;
-    let rows = sql
-        .query(
-            "SELECT c.oid, p.schemaname::text || '.' || p.tablename::text
-               FROM pg_publication_tables p
-               JOIN pg_namespace n ON n.nspname = p.schemaname
-               JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = p.tablename
-              WHERE p.pubname = $1 ORDER BY 2",
-            &[&w.publication],
-        )
+    crate::source::slot::published_relations(&sql, &w.publication)
         .await
-        .map_err(|e| format!("cannot list publication {}: {e}", w.publication))?;
-    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+        .map_err(|e| format!("cannot list publication {}: {e}", w.publication))
 }
 
 /// Why a resync stopped before it was done.

@@ -41,6 +41,8 @@ pub struct Metrics {
     pub breaker_opened: IntCounterVec,
     /// Requests to central sent a second time because the first was stuck.
     pub central_hedged: IntCounterVec,
+    /// 1 while central refuses every request of a warehouse (delivery paused), else 0.
+    pub central_refusing: IntGaugeVec,
     /// The adaptive limit of requests in the air to central.
     pub central_in_flight_limit: IntGaugeVec,
     /// Changes in requests sent to central and not yet answered: those a crash leaves in
@@ -185,6 +187,12 @@ impl Metrics {
                 &r,
                 "inventorysync_central_hedged_total",
                 "Requests to the central API sent a second time (same Idempotency-Key) because the first had no answer after several times the usual answer time.",
+                &["warehouse"],
+            ),
+            central_refusing: gauge(
+                &r,
+                "inventorysync_central_refusing",
+                "1 while the central API refuses every request of the warehouse (400/413/422 to all, e.g. a gateway): its delivery is paused and retried instead of dead-lettering; 0 otherwise.",
                 &["warehouse"],
             ),
             central_in_flight_limit: gauge(

@@ -366,8 +366,18 @@ async fn ready(State(state): State<Arc<ApiState>>) -> Response {
         problems.push(format!("state DB: {why}"));
     }
     let mut warehouses = serde_json::Map::new();
+    let client = state
+        .replayer
+        .get()
+        .and_then(|stage| stage.client().cloned());
     for w in &state.warehouses {
-        let (streaming, reason) = w.readiness();
+        let (streaming, mut reason) = w.readiness();
+        if let Some(refusing) = client.as_ref().and_then(|c| c.refusing(&w.id)) {
+            reason = Some(match reason {
+                Some(r) => format!("{r}; {refusing}"),
+                None => refusing,
+            });
+        }
         if let Some(r) = &reason {
             problems.push(format!("warehouse {}: {r}", w.id));
         }

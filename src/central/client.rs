@@ -14,6 +14,13 @@
 //!   back; a lone failure among many successes never pauses delivery.
 //! - Every request: within the adaptive limit of requests in the air, and sent a second
 //!   time when it is stuck (see [`air`]).
+//! - A central that refuses *everything* (a gateway's body limit, a WAF, a bad deploy
+//!   answering 400/413/422 to every request) is down, not a source of bad data: when a batch
+//!   and both its halves are refused with the same status and body, or most of a
+//!   warehouse's latest answers are refused single changes, that warehouse's delivery
+//!   pauses ([`CentralClient::refusing`] says why), probes slowly, and resumes by itself
+//!   once central accepts a request again. Only changes central refuses while it accepts
+//!   others are dead-lettered.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -197,6 +204,24 @@ impl BreakerState {
     }
 }
 
+/// Answers the refusal watch looks back on per warehouse: an accepted request, or a single
+/// change refused. More than half of them refused means central refuses everything.
+const REFUSAL_WINDOW: usize = 20;
+/// While central refuses everything, the first wait before a part is sent again; it doubles
+/// up to [`REFUSAL_PROBE_MAX`].
+const REFUSAL_PROBE: Duration = Duration::from_millis(500);
+/// The longest wait between two tries while central refuses everything.
+const REFUSAL_PROBE_MAX: Duration = Duration::from_secs(8);
+
+/// What one warehouse's latest answers say of refusals.
+#[derive(Debug, Default)]
+struct Refusals {
+    /// `true`: a single change refused; `false`: a request accepted.
+    latest: std::collections::VecDeque<bool>,
+    /// Since when central refuses everything, and what it answers.
+    outage: Option<(Instant, u16, String)>,
+}
+
 /// A pooled HTTP client for one central endpoint.
 pub struct CentralClient {
     http: reqwest::Client,
@@ -205,6 +230,25 @@ pub struct CentralClient {
     breaker: Breaker,
     air: Arc<InAir>,
     healthy: AtomicBool,
+    /// Per warehouse: whether central refuses everything (see the module's doc).
+    refusals: std::sync::Mutex<std::collections::HashMap<String, Refusals>>,
+}
+
+/// A refused part's split: the part, where its verdicts start, central's refusal of it,
+/// and whether its left half was refused alike.
+struct Split<'c, 'a> {
+    whole: &'c [Outgoing<'a>],
+    at: usize,
+    status: u16,
+    message: String,
+    left_alike: bool,
+}
+
+/// Which half of which split a part is.
+#[derive(Clone, Copy)]
+enum Half {
+    Left(usize),
+    Right(usize),
 }
 
 impl CentralClient {
@@ -246,7 +290,75 @@ impl CentralClient {
             },
             air: Arc::new(InAir::new(settings.max_in_flight_requests)),
             healthy: AtomicBool::new(true),
+            refusals: Default::default(),
         })
+    }
+
+    /// Why delivery of `warehouse_id` is paused because central refuses every request, if
+    /// it is: since when, and what central answers.
+    pub fn refusing(&self, warehouse_id: &str) -> Option<String> {
+        let all = self.refusals.lock().unwrap_or_else(|p| p.into_inner());
+        let (since, status, message) = all.get(warehouse_id)?.outage.as_ref()?;
+        Some(format!(
+            "central refuses every request (HTTP {status}: {message}) for {} s: delivery is paused and retried, nothing is dead-lettered meanwhile; check the gateway in front of central or central itself",
+            since.elapsed().as_secs()
+        ))
+    }
+
+    /// Notes an answer of central for `warehouse_id` (`refused`: a single change refused),
+    /// and says whether central now counts as refusing everything.
+    fn note_answer(&self, warehouse_id: &str, refused: Option<(u16, &str)>) -> bool {
+        let mut all = self.refusals.lock().unwrap_or_else(|p| p.into_inner());
+        let r = all.entry(warehouse_id.to_string()).or_default();
+        r.latest.push_back(refused.is_some());
+        if r.latest.len() > REFUSAL_WINDOW {
+            r.latest.pop_front();
+        }
+        match refused {
+            None => {
+                if let Some((since, ..)) = r.outage.take() {
+                    tracing::warn!(warehouse = %warehouse_id, refused_for_s = since.elapsed().as_secs(), "central accepts changes again: delivery resumes");
+                    crate::metrics::metrics()
+                        .central_refusing
+                        .with_label_values(&[warehouse_id])
+                        .set(0);
+                }
+                false
+            }
+            Some((status, message)) => {
+                let most = r.latest.iter().filter(|&&x| x).count() * 2 > REFUSAL_WINDOW;
+                if most && r.outage.is_none() {
+                    drop(all);
+                    self.enter_outage(
+                        warehouse_id,
+                        status,
+                        message,
+                        "most of the latest answers refused single changes",
+                    );
+                    return true;
+                }
+                r.outage.is_some()
+            }
+        }
+    }
+
+    /// Whether central counts as refusing everything for `warehouse_id`.
+    fn in_outage(&self, warehouse_id: &str) -> bool {
+        let all = self.refusals.lock().unwrap_or_else(|p| p.into_inner());
+        all.get(warehouse_id).is_some_and(|r| r.outage.is_some())
+    }
+
+    fn enter_outage(&self, warehouse_id: &str, status: u16, message: &str, why: &str) {
+        let mut all = self.refusals.lock().unwrap_or_else(|p| p.into_inner());
+        let r = all.entry(warehouse_id.to_string()).or_default();
+        if r.outage.is_none() {
+            tracing::error!(warehouse = %warehouse_id, status, message = %message, why, "central refuses every request: delivery of this warehouse pauses and is retried until central accepts changes again; nothing is dead-lettered meanwhile");
+            crate::metrics::metrics()
+                .central_refusing
+                .with_label_values(&[warehouse_id])
+                .set(1);
+            r.outage = Some((Instant::now(), status, message.to_string()));
+        }
     }
 
     /// Whether a request could take a slot in the air now (see [`InAir::room`]).
@@ -266,31 +378,102 @@ impl CentralClient {
 
     /// Delivers `changes` (one warehouse's, in source order) until each has a verdict;
     /// retries whatever can be retried, for as long as it takes, until `cancel`.
+    ///
+    /// A refused request is bisected until the changes central refuses are alone, unless
+    /// central refuses everything (see the module's doc): then the part waits and goes again,
+    /// whole, and what the bisection had found is forgotten (verdicts are only handed back
+    /// at the end, so nothing of it was recorded).
     pub async fn deliver(
         &self,
         warehouse_id: &str,
         changes: &[Outgoing<'_>],
         cancel: &CancellationToken,
     ) -> Result<Vec<Verdict>, Cancelled> {
-        // Bisection, depth first and left to right, keeps source order.
+        // Bisection, depth first and left to right, keeps source order: a part's verdicts
+        // start at `out.len()` when it is taken from the stack.
         let mut out = Vec::with_capacity(changes.len());
-        let mut stack = vec![changes];
-        while let Some(part) = stack.pop() {
-            match self.send_until_answered(warehouse_id, part, cancel).await? {
-                Answer::Results(r) => out.extend(r.into_iter().map(Verdict::Result)),
-                Answer::Invalid { status, message } if part.len() == 1 => {
-                    tracing::warn!(warehouse = %warehouse_id, status, version = %part[0].version, message = %message, "central refuses this change");
-                    out.push(Verdict::Invalid { status, message });
+        let mut splits: Vec<Split<'_, '_>> = Vec::new();
+        let mut stack: Vec<(&[Outgoing<'_>], Option<Half>)> = vec![(changes, None)];
+        let mut paused: u32 = 0;
+        while let Some((part, half)) = stack.pop() {
+            let (status, message) =
+                match self.send_until_answered(warehouse_id, part, cancel).await? {
+                    Answer::Results(r) => {
+                        self.note_answer(warehouse_id, None);
+                        paused = 0;
+                        out.extend(r.into_iter().map(Verdict::Result));
+                        continue;
+                    }
+                    Answer::Invalid { status, message } => (status, message),
+                };
+            // Refused alike: the half of a part refused with the same status and body.
+            let alike = |i: usize| splits[i].status == status && splits[i].message == message;
+            let mut outage = self.in_outage(warehouse_id);
+            match half {
+                Some(Half::Left(i)) if alike(i) => splits[i].left_alike = true,
+                Some(Half::Right(i)) if alike(i) && splits[i].left_alike && !outage => {
+                    self.enter_outage(
+                        warehouse_id,
+                        status,
+                        &message,
+                        "a batch and both its halves were refused alike",
+                    );
+                    outage = true;
+                    // The whole part goes again; what its left half came to is forgotten.
+                    let split = &splits[i];
+                    out.truncate(split.at);
+                    stack.push((split.whole, None));
+                    self.pause_refused(&mut paused, cancel).await?;
+                    continue;
                 }
-                Answer::Invalid { status, message } => {
-                    tracing::info!(warehouse = %warehouse_id, status, changes = part.len(), message = %message, "central refused the batch; bisecting");
-                    let (left, right) = part.split_at(part.len() / 2);
-                    stack.push(right);
-                    stack.push(left);
-                }
+                _ => {}
             }
+            if outage {
+                stack.push((part, None));
+                self.pause_refused(&mut paused, cancel).await?;
+                continue;
+            }
+            if part.len() == 1 {
+                if self.note_answer(warehouse_id, Some((status, &message))) {
+                    stack.push((part, None));
+                    self.pause_refused(&mut paused, cancel).await?;
+                    continue;
+                }
+                tracing::warn!(warehouse = %warehouse_id, status, version = %part[0].version, message = %message, "central refuses this change");
+                out.push(Verdict::Invalid { status, message });
+                continue;
+            }
+            tracing::info!(warehouse = %warehouse_id, status, changes = part.len(), message = %message, "central refused the batch; bisecting");
+            let (left, right) = part.split_at(part.len() / 2);
+            splits.push(Split {
+                whole: part,
+                at: out.len(),
+                status,
+                message,
+                left_alike: false,
+            });
+            let i = splits.len() - 1;
+            stack.push((right, Some(Half::Right(i))));
+            stack.push((left, Some(Half::Left(i))));
         }
         Ok(out)
+    }
+
+    /// While central refuses everything: waits before a part goes again, longer each time
+    /// (up to [`REFUSAL_PROBE_MAX`]).
+    async fn pause_refused(
+        &self,
+        paused: &mut u32,
+        cancel: &CancellationToken,
+    ) -> Result<(), Cancelled> {
+        let wait = REFUSAL_PROBE
+            .saturating_mul(1 << (*paused).min(8))
+            .min(REFUSAL_PROBE_MAX);
+        *paused += 1;
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => Ok(()),
+            _ = cancel.cancelled() => Err(Cancelled),
+        }
     }
 
     async fn send_until_answered(

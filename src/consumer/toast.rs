@@ -169,12 +169,23 @@ impl ToastReader {
         result
     }
 
-    /// A connection to `warehouse` for catalog queries (shared with the reads).
+    /// A connection to `warehouse` of its own, for a few catalog queries: closed once
+    /// dropped, so that a process that does not deliver the warehouse holds none to it.
     pub async fn catalog_client(
         &self,
         warehouse: &str,
-    ) -> Result<Arc<tokio_postgres::Client>, FillError> {
-        self.client(warehouse, "pg_catalog").await
+    ) -> Result<tokio_postgres::Client, FillError> {
+        let conn = self
+            .warehouses
+            .get(warehouse)
+            .ok_or_else(|| FillError::UnknownWarehouse(warehouse.to_string()))?;
+        crate::pg::connect_sql(conn)
+            .await
+            .map_err(|e| FillError::Sql {
+                warehouse: warehouse.to_string(),
+                table: "pg_catalog".to_string(),
+                source: Box::new(e),
+            })
     }
 
     async fn read_once(

@@ -224,6 +224,28 @@ pub struct SlotHealth {
     /// WAL between the current position and the slot's `confirmed_flush_lsn`: what is not
     /// yet confirmed as delivered.
     pub lag_bytes: i64,
+    /// The publication's tables (relation OID, `schema.table`), read with the health: what
+    /// the load check compares with the tables loaded so far, with no connection of its own.
+    pub published: Vec<(u32, String)>,
+}
+
+/// The tables of `publication` in this database: relation OID and `schema.table`, in name
+/// order.
+pub async fn published_relations(
+    sql: &tokio_postgres::Client,
+    publication: &str,
+) -> Result<Vec<(u32, String)>, tokio_postgres::Error> {
+    let rows = sql
+        .query(
+            "SELECT c.oid, p.schemaname::text || '.' || p.tablename::text
+               FROM pg_publication_tables p
+               JOIN pg_namespace n ON n.nspname = p.schemaname
+               JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = p.tablename
+              WHERE p.pubname = $1 ORDER BY 2",
+            &[&publication],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
 }
 
 /// Drops this database's slot `slot` if it exists; true when one was dropped (an active
@@ -259,6 +281,7 @@ pub async fn slot_health(
         retained_wal_bytes: r.get(1),
         safe_wal_size: r.get(2),
         lag_bytes: r.get(3),
+        published: Vec::new(),
     }))
 }
 

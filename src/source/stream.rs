@@ -895,7 +895,7 @@ impl Session {
     /// Reads the slot's health, publishes it, and stops with a definite error once the slot
     /// has lost WAL it needed (only a new slot and a forced resync repair that).
     async fn check_health(&mut self) -> Result<(), SourceError> {
-        let Some(h) = slot::slot_health(&self.sql, &self.slot).await? else {
+        let Some(mut h) = slot::slot_health(&self.sql, &self.slot).await? else {
             return Err(SourceError::SlotMissing {
                 slot: self.slot.clone(),
             });
@@ -918,6 +918,7 @@ impl Session {
             }
         }
         if let Some(tx) = &self.health {
+            h.published = slot::published_relations(&self.sql, &self.publication).await?;
             tx.send_replace(Some(h));
         }
         Ok(())

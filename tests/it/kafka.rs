@@ -277,7 +277,18 @@ async fn run_publishes_contract_events_to_kafka_and_checkpoints_what_was_acknowl
     );
     let mut names: Vec<&str> = headers.keys().map(String::as_str).collect();
     names.sort();
-    assert_eq!(names, ["op", "table", "version", "warehouse_id"]);
+    assert_eq!(
+        names,
+        ["op", "relation_oid", "table", "version", "warehouse_id"]
+    );
+    // The relation's OID at the warehouse: a mapping follows it across a rename.
+    let oid: u32 = db
+        .client
+        .query_one("SELECT 'public.stock_levels'::regclass::oid", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(headers["relation_oid"], oid.to_string());
     assert_eq!(headers["warehouse_id"], id);
     assert_eq!(headers["table"], "public.stock_levels");
     assert_eq!(headers["op"], "u");

@@ -438,3 +438,117 @@ async fn a_table_dropped_while_the_load_reads_it_is_skipped_and_the_load_goes_on
     let demo = expected_query("products", "locations", "stock_levels");
     converges_but(&central, &db, id, &demo, &["BIG-"], &log).await;
 }
+
+/// A gateway in front of central answers 400 to every request for 20 s while 6,000 changes
+/// are written. That is an outage, not 6,000 bad changes: delivery pauses (and `/ready` says
+/// why), probes, and resumes by itself; at most 1 % of the changes are dead-lettered (it was
+/// every change: each batch was bisected to single changes, and each dead-lettered), and
+/// central converges with no manual replay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_central_refusing_every_request_for_20_s_is_an_outage_not_a_flood_of_dead_letters() {
+    let db = demo_warehouse("opsrefuse").await;
+    workload(&db.client, 41, 30).await;
+    let state = pg().new_db("opsrefusestate").await;
+    let central = Central::start(Faults::default()).await;
+    let id = "wh-opsrefuse";
+    let (_dir, log, _run, api, _) = crate::api::start_with_api(&db, &state, &central, id, None);
+    wait_streaming(&state, id, &log).await;
+    let refusing = Faults {
+        error_rate: 1.0,
+        error_status: Some(400),
+        ..Faults::default()
+    };
+    central.set_faults(refusing).await;
+    let started = std::time::Instant::now();
+    // 6,000 changes in 60 transactions over about 15 s: inserts, then updates of the rows.
+    for t in 0..60 {
+        let sql = if t < 30 {
+            format!(
+                "INSERT INTO products (sku, name, unit_price) SELECT 'GW-' || ({t} * 100 + i), 'gw ' || i, 1.50 FROM generate_series(1, 100) i"
+            )
+        } else {
+            format!(
+                "UPDATE products SET unit_price = unit_price + 1 WHERE sku IN (SELECT 'GW-' || (({t} - 30) * 100 + i) FROM generate_series(1, 100) i)"
+            )
+        };
+        db.exec(&sql).await;
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let (code, _, ready) = api.get("/ready", None).await;
+    assert_eq!(code, 503, "{ready}");
+    let problems = ready["problems"].to_string();
+    assert!(
+        problems.contains("central refuses every request"),
+        "{ready}"
+    );
+    tokio::time::sleep(Duration::from_secs(20).saturating_sub(started.elapsed())).await;
+    central.set_faults(Faults::default()).await;
+    assert_converges(&central, &db, id, &log).await;
+    let letters = dead_letters(&state).await;
+    assert!(
+        letters.len() <= 60,
+        "{} of 6,000 changes dead-lettered: {:?}",
+        letters.len(),
+        &letters[..letters.len().min(3)]
+    );
+    let (code, _, ready) = api.get("/ready", None).await;
+    assert_eq!(code, 200, "delivery resumed by itself: {ready}");
+}
+
+/// A slot still held by another walsender (a previous owner's, which lives on up to
+/// `wal_sender_timeout` after that owner died or was fenced) is retried with backoff until it
+/// is free. It was a definite error: after its 10 s of waiting, the warehouse stopped
+/// (`Failed`) until someone restarted the process.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slot_held_by_a_lingering_walsender_is_retried_until_it_is_free() {
+    let db = demo_warehouse("opsbusy").await;
+    workload(&db.client, 51, 20).await;
+    let mut o = db.options("run", "inventorysync");
+    o.create_slot = true;
+    db.drain_now(o).await;
+    // Another session holds the slot, as a lingering walsender does.
+    let holder_opts = db.options("run", "inventorysync");
+    let (tx, mut rx) = tokio::sync::mpsc::channel(4);
+    let (_dtx, drx) = tokio::sync::watch::channel(inventorysync::Lsn::ZERO);
+    let hold = tokio_util::sync::CancellationToken::new();
+    let holder = {
+        let hold = hold.clone();
+        tokio::spawn(async move {
+            inventorysync::source::stream::run(&holder_opts, tx, drx, hold).await
+        })
+    };
+    tokio::spawn(async move { while rx.recv().await.is_some() {} });
+    for _ in 0..100 {
+        let active: i64 = db
+            .client
+            .query_one(
+                "SELECT count(*) FROM pg_replication_slots WHERE slot_name = $1 AND active",
+                &[&db.slot("run")],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if active == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let state = pg().new_db("opsbusystate").await;
+    let central = Central::start(Faults::default()).await;
+    let id = "wh-opsbusy";
+    let (_dir, log, _run, api, _) = crate::api::start_with_api(&db, &state, &central, id, None);
+    // The first try gives up after 10 s of waiting for the slot.
+    tokio::time::sleep(Duration::from_secs(14)).await;
+    let (_, _, ready) = api.get("/ready", None).await;
+    let reason = ready["warehouses"][id]["reason"].to_string();
+    assert!(
+        reason.contains("restarting") && reason.contains("in use"),
+        "the warehouse is not being retried: {ready}\n{}",
+        log_tail(&log)
+    );
+    hold.cancel();
+    let _ = holder.await;
+    wait_streaming(&state, id, &log).await;
+    workload(&db.client, 52, 30).await;
+    assert_converges(&central, &db, id, &log).await;
+}
