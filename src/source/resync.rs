@@ -265,10 +265,16 @@ pub(crate) async fn start_chunk(
 ) -> Result<Option<OpenChunk>, SourceError> {
     let rel = &table.info;
     // A table without a primary key cannot be read in key order: a forced resync refuses
-    // it, an initial load reads it whole in one chunk (its replica identity, if any, still
-    // lets streamed changes remove rows from the chunk).
-    let whole = super::snapshot::primary_key(sql, rel.oid).await?.is_empty();
-    if whole && req.marker == SnapshotMarker::Incremental {
+    // it; an initial load reads it in chunks by row position (`ctid`; its replica identity,
+    // if any, still lets streamed changes remove rows from a chunk), in bounded memory and
+    // with the stream going on between chunks. A row that an update moves to a later
+    // position between two chunks is read again (the stream carried its change, and the
+    // later read is newer); one moved to an earlier position is not, and the stream carried
+    // its change. Only a partitioned root, whose partitions repeat positions, is read whole.
+    let keyless = super::snapshot::primary_key(sql, rel.oid).await?.is_empty();
+    let by_position = keyless && !table.partitioned;
+    let whole = keyless && table.partitioned;
+    if keyless && req.marker == SnapshotMarker::Incremental {
         let _ = req.reply.send(Err(ChunkRefused::Failed(format!(
             "{} has no primary key: a resync reads tables in primary-key order",
             rel.table.qualified_name()
@@ -291,13 +297,20 @@ pub(crate) async fn start_chunk(
     if let Some(f) = &table.row_filter {
         conditions.push(format!("({f})"));
     }
-    if let Some(after) = &req.after {
-        let values: Vec<String> = after.iter().map(|v| quote_literal(v)).collect();
-        conditions.push(format!(
-            "({}) > ({})",
-            key_list.join(", "),
-            values.join(", ")
-        ));
+    match (&req.after, by_position) {
+        (Some(after), true) => conditions.push(format!(
+            "inventorysync_row.ctid > {}::tid",
+            quote_literal(after.first().map_or("(0,0)", String::as_str))
+        )),
+        (Some(after), false) => {
+            let values: Vec<String> = after.iter().map(|v| quote_literal(v)).collect();
+            conditions.push(format!(
+                "({}) > ({})",
+                key_list.join(", "),
+                values.join(", ")
+            ));
+        }
+        (None, _) => {}
     }
     let filter = if conditions.is_empty() {
         String::new()
@@ -306,6 +319,8 @@ pub(crate) async fn start_chunk(
     };
     let order = if whole {
         String::new()
+    } else if by_position {
+        format!(" ORDER BY inventorysync_row.ctid LIMIT {}", req.limit)
     } else {
         format!(" ORDER BY {} LIMIT {}", key_list.join(", "), req.limit)
     };
@@ -317,7 +332,7 @@ pub(crate) async fn start_chunk(
                 pg_snapshot_xmax(pg_current_snapshot())::text::numeric AS n) \
          SELECT {}, CASE WHEN inventorysync_row.xmax <> '0'::xid AND NOT pg_visible_in_snapshot({}, \
                 (SELECT s FROM inventorysync_snap)) \
-           THEN inventorysync_row.xmax::text END \
+           THEN inventorysync_row.xmax::text END, inventorysync_row.ctid::text \
          FROM {} AS inventorysync_row{filter}{order}",
         if cols.is_empty() {
             "NULL".into()
@@ -343,12 +358,14 @@ pub(crate) async fn start_chunk(
     let mut index = HashMap::new();
     let mut last_key = None;
     for r in &fetched {
-        last_key = Some(
+        last_key = Some(if by_position {
+            vec![r.get(n_cols + 1).unwrap_or_default().to_string()]
+        } else {
             key_idx
                 .iter()
                 .map(|&i| r.get(i).unwrap_or_default().to_string())
-                .collect(),
-        );
+                .collect()
+        });
         if let Some(xid) = r.get(n_cols).and_then(|x| x.parse().ok()) {
             writers.push((xid, rows.len()));
         }

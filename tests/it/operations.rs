@@ -552,3 +552,56 @@ async fn a_slot_held_by_a_lingering_walsender_is_retried_until_it_is_free() {
     workload(&db.client, 52, 30).await;
     assert_converges(&central, &db, id, &log).await;
 }
+
+/// A table without a primary key is loaded in chunks by row position while it is written,
+/// not read whole in one query held in memory (a big log table made the load time out and
+/// start again, for ever).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keyless_table_is_loaded_in_chunks_while_it_is_written() {
+    let db = demo_warehouse("opskeyless").await;
+    db.exec(
+        "CREATE TABLE movements (code text NOT NULL, zone text NOT NULL);
+         ALTER TABLE movements REPLICA IDENTITY FULL;
+         INSERT INTO movements SELECT 'MV-' || i, 'mv ' || i FROM generate_series(1, 4500) i;
+         ALTER PUBLICATION inventorysync ADD TABLE movements;",
+    )
+    .await;
+    let state = pg().new_db("opskeylessstate").await;
+    let central = Central::start(Faults::default()).await;
+    let id = "wh-opskeyless";
+    let dir = tempfile::tempdir().unwrap();
+    let mapping = "[[mappings]]\ntable = 'public.movements'\nentity = 'location'\nkey = { code = 'code' }\ndata = { zone = 'zone' }\n";
+    let cfg = config(dir.path(), &db, id, mapping);
+    let log = dir.path().join("run.log");
+    let _run = start(run_command(&cfg, &state, &central, None), log.clone());
+    // Updates (which move rows to new positions) and deletes race the load.
+    for round in 0..40 {
+        db.exec(&format!(
+            "UPDATE movements SET zone = 'moved {round}' WHERE code IN (SELECT 'MV-' || (i * 97 + {round}) % 4500 FROM generate_series(1, 40) i);
+             DELETE FROM movements WHERE code = 'MV-{}';",
+            round * 101 + 7
+        ))
+        .await;
+        if crate::consumer::load_delivered(&state, id).await {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    wait_streaming(&state, id, &log).await;
+    let query = format!(
+        "{} UNION ALL SELECT 'location', json_build_object('code', code)::text,
+                json_build_object('zone', zone)::text FROM movements",
+        expected_query("products", "locations", "stock_levels")
+    );
+    converges_to(&central, &db, id, &query, &log).await;
+    let chunks: i64 = state
+        .client
+        .query_one(
+            "SELECT chunks FROM sync_resync_progress WHERE table_name = 'public.movements'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(chunks >= 5, "read in {chunks} chunk(s)");
+}
