@@ -211,8 +211,21 @@ pub async fn check(config: &Config) -> Report {
     } else {
         r.add("configuration", "API_KEYS", Status::Ok, "set");
     }
+    // The state DB, when it answers, tells which relations the mappings are bound to (a
+    // renamed table); its own check follows.
+    let state = match &config.db_url {
+        Some(url) => {
+            tokio::time::timeout(Duration::from_secs(10), crate::store::StateDb::connect(url))
+                .await
+                .ok()
+                .and_then(Result::ok)
+        }
+        None => None,
+    };
+    let slots: Vec<&str> = config.warehouses.iter().map(|w| w.slot.as_str()).collect();
     for w in &config.warehouses {
-        check_warehouse(&mut r, w, &mapped, &config.consumer).await;
+        check_warehouse(&mut r, w, &mapped, &config.consumer, state.as_ref()).await;
+        check_other_slots(&mut r, w, &slots).await;
     }
     check_state_db(&mut r, config).await;
     check_kafka(&mut r, config).await;
@@ -225,6 +238,7 @@ async fn check_warehouse(
     w: &WarehouseConfig,
     mapped: &[String],
     consumer: &crate::consumer::settings::ConsumerSettings,
+    state: Option<&crate::store::StateDb>,
 ) {
     let t = format!("warehouse {}", w.id);
     let sql = match tokio::time::timeout(Duration::from_secs(10), crate::pg::connect_sql(&w.conn))
@@ -342,7 +356,31 @@ async fn check_warehouse(
             Status::Ok,
             format!("{}: {}", w.publication, tables.join(", ")),
         );
+        let bound = match state {
+            Some(s) => s.bindings(&w.id).await.unwrap_or_default(),
+            None => Vec::new(),
+        };
         for m in mapped.iter().filter(|m| !tables.contains(m)) {
+            // Renamed or moved since the mapping was bound: its changes still flow.
+            let renamed = bound
+                .iter()
+                .filter(|b| b.mapped_table == **m)
+                .find(|b| tables.contains(&b.current_name) && b.current_name != **m);
+            if let Some(b) = renamed {
+                r.warn(
+                    &t,
+                    "mapped table published",
+                    format!(
+                        "{m} was renamed or moved to {}: the mapping follows the table (bound to its OID {}), its changes flow",
+                        b.current_name, b.relation_oid
+                    ),
+                    format!(
+                        "update the configuration: [[mappings]] table = {:?}",
+                        b.current_name
+                    ),
+                );
+                continue;
+            }
             // A partitioned table whose partitions are published as themselves: its
             // changes carry the partitions' names, so the mapping never matches.
             let partitions: Vec<String> = sql
@@ -461,6 +499,51 @@ async fn check_warehouse(
     }
     check_standby(r, &t, &sql, w).await;
 }
+
+/// Slots of this database with the engine's prefix that no configured warehouse uses: left
+/// behind by a renamed or removed warehouse, they retain WAL for ever.
+async fn check_other_slots(r: &mut Report, w: &WarehouseConfig, configured: &[&str]) {
+    let t = format!("warehouse {}", w.id);
+    let Ok(Ok(sql)) =
+        tokio::time::timeout(Duration::from_secs(10), crate::pg::connect_sql(&w.conn)).await
+    else {
+        return;
+    };
+    let rows = sql
+        .query(
+            "SELECT slot_name::text, active,
+                    coalesce(pg_wal_lsn_diff(CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END, restart_lsn), 0)::bigint
+               FROM pg_replication_slots
+              WHERE database = current_database() AND slot_type = 'logical'
+                AND starts_with(slot_name::text, $1) AND NOT slot_name::text = ANY($2)
+              ORDER BY slot_name",
+            &[&SLOT_PREFIX, &configured],
+        )
+        .await;
+    let Ok(rows) = rows else {
+        return;
+    };
+    for row in rows {
+        let (slot, active, retained): (String, bool, i64) = (row.get(0), row.get(1), row.get(2));
+        r.warn(
+            &t,
+            "unused slot",
+            format!(
+                "{slot} is no configured warehouse's slot and retains {} MB of WAL{}",
+                retained / (1 << 20),
+                if active {
+                    " (in use by some process)"
+                } else {
+                    ""
+                }
+            ),
+            format!("if no other deployment uses it: SELECT pg_drop_replication_slot('{slot}');"),
+        );
+    }
+}
+
+/// The prefix of the slots the engine names by default (`inventorysync_<warehouse>`).
+const SLOT_PREFIX: &str = "inventorysync_";
 
 /// A URL at a hot standby (decoding there, PostgreSQL 16+): whether `primary_url` is set and
 /// is the standby's primary, which writes the logical messages a standby cannot.

@@ -255,23 +255,24 @@ pub(crate) fn parse_watermark(content: &[u8]) -> Option<(&str, &str)> {
     std::str::from_utf8(content).ok()?.split_once(' ')
 }
 
-/// Writes the low watermark, reads the chunk, writes the high watermark. A table without a
-/// primary key cannot be read in chunks: the request is answered with that error.
+/// Writes the low watermark, reads the chunk, writes the high watermark. `keyless`: the
+/// table has no primary key (a resync refuses it; a load reads it by row position).
 pub(crate) async fn start_chunk(
     sql: &tokio_postgres::Client,
     markers: &Markers,
     table: &PublishedTable,
+    keyless: bool,
     req: ChunkRequest,
 ) -> Result<Option<OpenChunk>, SourceError> {
     let rel = &table.info;
     // A table without a primary key cannot be read in key order: a forced resync refuses
-    // it; an initial load reads it in chunks by row position (`ctid`; its replica identity,
-    // if any, still lets streamed changes remove rows from a chunk), in bounded memory and
-    // with the stream going on between chunks. A row that an update moves to a later
-    // position between two chunks is read again (the stream carried its change, and the
-    // later read is newer); one moved to an earlier position is not, and the stream carried
-    // its change. Only a partitioned root, whose partitions repeat positions, is read whole.
-    let keyless = super::snapshot::primary_key(sql, rel.oid).await?.is_empty();
+    // it; an initial load reads it in chunks of pages (a TID range scan, `ctid` from page p
+    // to p + span: no sort, PostgreSQL 14+), with its replica identity, if any, still
+    // letting streamed changes remove rows from a chunk, in bounded memory and with the
+    // stream going on between chunks. A row that an update moves to a later page between two
+    // chunks is read again (the stream carried its change, and the later read is newer); one
+    // moved to an earlier page is not, and the stream carried its change. Only a partitioned
+    // root, whose partitions repeat positions, is read whole.
     let by_position = keyless && !table.partitioned;
     let whole = keyless && table.partitioned;
     if keyless && req.marker == SnapshotMarker::Incremental {
@@ -297,11 +298,24 @@ pub(crate) async fn start_chunk(
     if let Some(f) = &table.row_filter {
         conditions.push(format!("({f})"));
     }
+    // By position: the pages [from, to) of the table's `pages`.
+    let pages = if by_position {
+        let from: i64 = req
+            .after
+            .as_ref()
+            .and_then(|a| a.first())
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(0);
+        let (to, size) = page_span(sql, rel.oid, from, req.limit).await?;
+        conditions.push(format!(
+            "inventorysync_row.ctid >= '({from},0)'::tid AND inventorysync_row.ctid < '({to},0)'::tid"
+        ));
+        Some((to, size))
+    } else {
+        None
+    };
     match (&req.after, by_position) {
-        (Some(after), true) => conditions.push(format!(
-            "inventorysync_row.ctid > {}::tid",
-            quote_literal(after.first().map_or("(0,0)", String::as_str))
-        )),
+        (_, true) | (None, _) => {}
         (Some(after), false) => {
             let values: Vec<String> = after.iter().map(|v| quote_literal(v)).collect();
             conditions.push(format!(
@@ -310,17 +324,14 @@ pub(crate) async fn start_chunk(
                 values.join(", ")
             ));
         }
-        (None, _) => {}
     }
     let filter = if conditions.is_empty() {
         String::new()
     } else {
         format!(" WHERE {}", conditions.join(" AND "))
     };
-    let order = if whole {
+    let order = if whole || by_position {
         String::new()
-    } else if by_position {
-        format!(" ORDER BY inventorysync_row.ctid LIMIT {}", req.limit)
     } else {
         format!(" ORDER BY {} LIMIT {}", key_list.join(", "), req.limit)
     };
@@ -332,7 +343,7 @@ pub(crate) async fn start_chunk(
                 pg_snapshot_xmax(pg_current_snapshot())::text::numeric AS n) \
          SELECT {}, CASE WHEN inventorysync_row.xmax <> '0'::xid AND NOT pg_visible_in_snapshot({}, \
                 (SELECT s FROM inventorysync_snap)) \
-           THEN inventorysync_row.xmax::text END, inventorysync_row.ctid::text \
+           THEN inventorysync_row.xmax::text END \
          FROM {} AS inventorysync_row{filter}{order}",
         if cols.is_empty() {
             "NULL".into()
@@ -358,14 +369,14 @@ pub(crate) async fn start_chunk(
     let mut index = HashMap::new();
     let mut last_key = None;
     for r in &fetched {
-        last_key = Some(if by_position {
-            vec![r.get(n_cols + 1).unwrap_or_default().to_string()]
-        } else {
-            key_idx
-                .iter()
-                .map(|&i| r.get(i).unwrap_or_default().to_string())
-                .collect()
-        });
+        if !by_position {
+            last_key = Some(
+                key_idx
+                    .iter()
+                    .map(|&i| r.get(i).unwrap_or_default().to_string())
+                    .collect(),
+            );
+        }
         if let Some(xid) = r.get(n_cols).and_then(|x| x.parse().ok()) {
             writers.push((xid, rows.len()));
         }
@@ -399,11 +410,19 @@ pub(crate) async fn start_chunk(
     }
     watermark(sql, markers, "high", &req.id).await?;
     let read = fetched.len() as u64;
+    let exhausted = match pages {
+        // The next chunk starts at `to`: done once it is past the table's last page.
+        Some((to, size)) => {
+            last_key = Some(vec![to.to_string()]);
+            to >= size
+        }
+        None => whole || (read as usize) < req.limit,
+    };
     Ok(Some(OpenChunk {
         id: req.id,
         table: req.table,
         key_names,
-        exhausted: whole || (read as usize) < req.limit,
+        exhausted,
         rows,
         index,
         read,
@@ -413,6 +432,36 @@ pub(crate) async fn start_chunk(
         emitted: None,
         reply: Some(req.reply),
     }))
+}
+
+/// Rows per page assumed for a table never analyzed (no `reltuples`): narrow rows.
+const ROWS_PER_PAGE_UNKNOWN: f64 = 200.0;
+
+/// The end page of a chunk of about `limit` rows from page `from` of relation `oid` (by its
+/// statistics' rows per page), and the relation's size in pages now.
+async fn page_span(
+    sql: &tokio_postgres::Client,
+    oid: u32,
+    from: i64,
+    limit: usize,
+) -> Result<(i64, i64), SourceError> {
+    let row = sql
+        .query_one(
+            "SELECT (pg_relation_size(c.oid) / current_setting('block_size')::bigint)::bigint,
+                    CASE WHEN c.relpages > 0 AND c.reltuples > 0
+                         THEN (c.reltuples / c.relpages)::float8 ELSE 0 END
+               FROM pg_class c WHERE c.oid = $1",
+            &[&oid],
+        )
+        .await?;
+    let (size, per_page): (i64, f64) = (row.get(0), row.get(1));
+    let per_page = if per_page >= 1.0 {
+        per_page
+    } else {
+        ROWS_PER_PAGE_UNKNOWN
+    };
+    let span = ((limit as f64 / per_page).ceil() as i64).max(1);
+    Ok((from + span, size))
 }
 
 /// SQL for the full (epoch-qualified) `xid8` of the 32-bit xid `xid` (a numeric

@@ -444,6 +444,7 @@ async fn run_once(
             None => None,
         },
         chunk: None,
+        chunk_table: None,
         current_tx: None,
         recent_commits: RecentCommits::default(),
         publication: opts.publication.clone(),
@@ -670,6 +671,10 @@ struct Session {
     chunks: Option<tokio::sync::OwnedMutexGuard<mpsc::Receiver<super::resync::ChunkRequest>>>,
     /// The chunk between its watermarks, if any.
     chunk: Option<super::resync::OpenChunk>,
+    /// The table the last chunk read, and whether it has no primary key: its catalog is
+    /// read once per table, not once per chunk (forgotten at any Relation message, which
+    /// comes after DDL).
+    chunk_table: Option<(super::snapshot::PublishedTable, bool)>,
     /// The open transaction's commit LSN and xid (from its Begin).
     current_tx: Option<(Lsn, u32)>,
     /// Transactions whose commit this session decoded lately (for resync chunks).
@@ -960,6 +965,7 @@ impl Session {
         }
         match &msg {
             LogicalMessage::Relation(r) if !self.decoder.in_stream_block() => {
+                self.chunk_table = None;
                 let pk = primary_key(&self.sql, r.oid).await?;
                 self.assembler.relation(r, &pk);
                 return Ok(false);
@@ -1065,20 +1071,33 @@ impl Session {
             )));
             return Ok(());
         }
-        let tables = published_tables(&self.sql, &self.publication, &self.identity).await?;
-        let Some(table) = tables
-            .iter()
-            .find(|t| t.info.table.qualified_name() == req.table)
-        else {
-            let _ = req
-                .reply
-                .send(Err(super::resync::ChunkRefused::Vanished(format!(
-                    "{} is not in publication {} (dropped, renamed or removed from it)",
-                    req.table, self.publication
-                ))));
+        let cached = self
+            .chunk_table
+            .as_ref()
+            .is_some_and(|(t, _)| t.info.table.qualified_name() == req.table);
+        if !cached {
+            let tables = published_tables(&self.sql, &self.publication, &self.identity).await?;
+            let Some(table) = tables
+                .into_iter()
+                .find(|t| t.info.table.qualified_name() == req.table)
+            else {
+                self.chunk_table = None;
+                let _ = req
+                    .reply
+                    .send(Err(super::resync::ChunkRefused::Vanished(format!(
+                        "{} is not in publication {} (dropped, renamed or removed from it)",
+                        req.table, self.publication
+                    ))));
+                return Ok(());
+            };
+            let keyless = primary_key(&self.sql, table.info.oid).await?.is_empty();
+            self.chunk_table = Some((table, keyless));
+        }
+        let Some((table, keyless)) = &self.chunk_table else {
             return Ok(());
         };
-        self.chunk = super::resync::start_chunk(&self.sql, &self.markers, table, req).await?;
+        self.chunk =
+            super::resync::start_chunk(&self.sql, &self.markers, table, *keyless, req).await?;
         Ok(())
     }
 
@@ -1094,6 +1113,7 @@ impl Session {
             return Ok(());
         }
         if let LogicalMessage::Relation(r) = &msg {
+            self.chunk_table = None;
             let pk = primary_key(&self.sql, r.oid).await?;
             self.assembler.relation(r, &pk);
             return Ok(());

@@ -429,6 +429,19 @@ async fn check_passes_a_ready_setup_and_names_each_fix_otherwise() {
         );
     }
     assert!(!out.contains("FAIL"), "{out}");
+    // A slot with the engine's prefix that no configured warehouse uses (a warehouse renamed
+    // or removed) is named, with its retained WAL and the statement that drops it.
+    db.exec("SELECT pg_create_logical_replication_slot('inventorysync_wh_gone', 'pgoutput')")
+        .await;
+    let (code, out) = run_check(&good, &env);
+    db.exec("SELECT pg_drop_replication_slot('inventorysync_wh_gone')")
+        .await;
+    assert_eq!(code, 0, "a warning, not a failure: {out}");
+    assert!(
+        out.contains("inventorysync_wh_gone is no configured warehouse's slot and retains")
+            && out.contains("SELECT pg_drop_replication_slot('inventorysync_wh_gone');"),
+        "{out}"
+    );
     // products maps text and jsonb columns under the default replica identity: a warning
     // that says what it costs; stock_levels maps only integers.
     let toast = out

@@ -126,6 +126,20 @@ async fn a_renamed_and_a_moved_table_keep_flowing_under_their_mappings(kafka: bo
         "no warning names the new name:\n{}",
         log_tail(&log)
     );
+    // `check` says so too, instead of "mapped but not in the publication".
+    let toml = std::fs::read_to_string(&cfg).unwrap();
+    let (_, out) = crate::cli::run_check(
+        &toml,
+        &[
+            ("DB_URL", state.url_as("postgres")),
+            ("WAREHOUSE_API_ENDPOINT", central.endpoint()),
+        ],
+    );
+    assert!(
+        out.contains("public.stock_levels was renamed or moved to public.stock")
+            && out.contains("[[mappings]] table = \"moved.locations\""),
+        "{out}"
+    );
     // A restart: the configuration still names public.stock_levels and public.locations,
     // which are not there any more; the stored bindings find the tables by their OIDs.
     drop::<Run>(run);
@@ -603,5 +617,5 @@ async fn a_keyless_table_is_loaded_in_chunks_while_it_is_written() {
         .await
         .unwrap()
         .get(0);
-    assert!(chunks >= 5, "read in {chunks} chunk(s)");
+    assert!(chunks >= 3, "read in {chunks} chunk(s)");
 }
