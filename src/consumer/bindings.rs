@@ -126,8 +126,16 @@ impl Bindings {
         }
     }
 
-    /// Says once that relation `oid`, bound to the mapping of `mapped`, is now named `now`.
-    pub fn warn_renamed(&self, warehouse_id: &str, oid: u32, mapped: &str, now: &str) {
+    /// Says once that relation `oid`, bound to the mapping of `mapped`, is now named `now`,
+    /// and records the name with the binding (for `check` and the console).
+    pub async fn warn_renamed(
+        &self,
+        warehouse_id: &str,
+        oid: u32,
+        (mapped, mapping): (&str, &TableMapping),
+        now: &str,
+        state: &StateDb,
+    ) {
         let first = self
             .warned
             .lock()
@@ -135,6 +143,12 @@ impl Bindings {
             .insert((warehouse_id.to_string(), oid, now.to_string()));
         if first {
             tracing::warn!(warehouse = %warehouse_id, mapped_table = %mapped, current_name = %now, oid, "a mapped table was renamed or moved: its changes keep flowing under the mapping of {mapped}; update the configuration's [[mappings]] table to {now:?}");
+            if let Err(e) = state
+                .bind(warehouse_id, oid, mapped, now, &mapping.fingerprint())
+                .await
+            {
+                tracing::warn!(warehouse = %warehouse_id, error = %e, "cannot record the table's new name with its binding");
+            }
         }
     }
 }
