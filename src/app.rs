@@ -347,7 +347,12 @@ pub async fn run<B: Bus + Clone>(
                 }
                 let lease = match leases.try_acquire(&w.id).await {
                     Ok(Some(l)) => l,
-                    Ok(None) => continue,
+                    // No live process claims it, yet its lock is held: by a process whose
+                    // heartbeat expired (paused, stuck), which is fenced.
+                    Ok(None) => match fence(&state, &leases, &w.id).await {
+                        Some(l) => l,
+                        None => continue,
+                    },
                     Err(e) => {
                         tracing::warn!(warehouse = %w.id, error = %e, "cannot take the warehouse's lease");
                         break;
@@ -397,9 +402,31 @@ pub async fn run<B: Bus + Clone>(
     }
 }
 
+/// Fences the expired holder of `warehouse_id`'s lock (see [`StateDb::fence_expired`]) and
+/// takes the lock once it is free.
+async fn fence(state: &StateDb, leases: &Leases, warehouse_id: &str) -> Option<WarehouseLease> {
+    let (worker, pid) = match state.fence_expired(warehouse_id).await {
+        Ok(Some(fenced)) => fenced,
+        Ok(None) => return None,
+        Err(e) => {
+            tracing::warn!(warehouse = %warehouse_id, error = %e, "cannot fence the expired holder of the warehouse's lease");
+            return None;
+        }
+    };
+    tracing::warn!(warehouse = %warehouse_id, %worker, lease_pid = pid, "the warehouse's owner stopped heartbeating (paused or stuck) but kept its lease: its lease session is terminated, and this process takes the warehouse over");
+    // The lock goes once the terminated backend has exited.
+    for _ in 0..20 {
+        if let Ok(Some(l)) = leases.try_acquire(warehouse_id).await {
+            return Some(l);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    None
+}
+
 /// Opens the lease connection and writes this process's row.
 async fn register(state: &StateDb, me: &WorkerIdentity, expiry: f64) -> Result<Leases, StoreError> {
-    let leases = Leases::open(state).await?;
+    let leases = Leases::open(state, &me.session).await?;
     state.register_worker(me, expiry).await?;
     Ok(leases)
 }
@@ -527,6 +554,12 @@ async fn supervise<B: Bus>(
             // warehouse (with one warehouse, that ended the whole process with status 0).
             Ok(()) => "the pipeline ended without an error".to_string(),
             Err(PipelineError::LeaseLost) => break Err(PipelineError::LeaseLost),
+            // This process owns the warehouse: whoever holds its slot is the walsender of a
+            // previous owner, dead or fenced, which would hold it up to wal_sender_timeout.
+            Err(e @ PipelineError::Source(SourceError::SlotInUse { .. })) if lease.holds() => {
+                end_stale_walsender(&w).await;
+                e.to_string()
+            }
             Err(e) if e.is_transient() => e.to_string(),
             Err(PipelineError::Source(SourceError::SlotInvalidated { slot })) => {
                 if let Err(e) = recover_lost_slot(&w, &slot, &state, &status, &release).await {
@@ -570,6 +603,32 @@ async fn supervise<B: Bus>(
                 _ = lease.lost() => {}
             }
             lease.release().await;
+        }
+    }
+}
+
+/// Terminates the walsender that holds `w`'s slot (this process holds the warehouse's lease).
+async fn end_stale_walsender(w: &WarehouseConfig) {
+    let ended = async {
+        let sql = crate::pg::connect_sql(&w.conn)
+            .await
+            .map_err(|e| e.to_string())?;
+        sql.query(
+            "SELECT active_pid, pg_terminate_backend(active_pid) FROM pg_replication_slots
+              WHERE slot_name = $1 AND active AND active_pid IS NOT NULL",
+            &[&w.slot],
+        )
+        .await
+        .map_err(|e| e.to_string())
+        .map(|rows| rows.iter().map(|r| r.get::<_, i32>(0)).collect::<Vec<_>>())
+    };
+    match ended.await {
+        Ok(pids) if !pids.is_empty() => {
+            tracing::warn!(warehouse = %w.id, slot = %w.slot, walsender_pids = ?pids, "this process owns the warehouse, and a previous owner's walsender still held its slot: terminated")
+        }
+        Ok(_) => {}
+        Err(e) => {
+            tracing::warn!(warehouse = %w.id, slot = %w.slot, error = %e, "cannot terminate the walsender that holds the slot (the engine's role needs to be the walsender's role, or hold pg_signal_backend); it lets go after wal_sender_timeout")
         }
     }
 }

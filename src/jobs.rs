@@ -298,7 +298,17 @@ pub async fn run_resyncs(
     let mut running: HashMap<String, tokio::task::JoinHandle<()>> = HashMap::new();
     let mut checked: HashMap<String, tokio::time::Instant> = HashMap::new();
     loop {
-        running.retain(|_, task| !task.is_finished());
+        // A job of a warehouse this process no longer streams (handed over, or its lease
+        // lost) stops here: its new owner goes on with it from the saved chunks.
+        running.retain(|id, task| {
+            let here = warehouses
+                .get(id)
+                .is_some_and(|w| *w.status.state.borrow() == StreamState::Streaming);
+            if !here {
+                task.abort();
+            }
+            here && !task.is_finished()
+        });
         let mut active = Vec::new();
         for kind in [LOAD_JOB, "resync"] {
             match state.active_warehouses(kind).await {
@@ -751,7 +761,12 @@ async fn resync(
                     .checkpoint(&w.warehouse_id)
                     .await?
                     .map(|c| c.flush_lsn);
-                if wh.status.generation() != generation {
+                // Only by the pipeline that emitted it, still streaming here: a process that
+                // lost the warehouse (its lease fenced) must not save what it never delivered,
+                // though the new owner's checkpoint passes the chunk's end.
+                if wh.status.generation() != generation
+                    || *wh.status.state.borrow() != StreamState::Streaming
+                {
                     break false;
                 }
                 if at.is_some_and(|a| a >= done.end_lsn) {

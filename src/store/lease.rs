@@ -63,12 +63,16 @@ impl std::fmt::Debug for Leases {
 }
 
 impl Leases {
-    /// Opens the lease connection (reconnecting on its own whenever it drops).
-    pub async fn open(db: &StateDb) -> Result<Self, StoreError> {
-        let conn = lease_connection(db).await?;
+    /// Opens the lease connection (reconnecting on its own whenever it drops) of the process
+    /// whose `sync_workers` row has session `session`: the connection's `application_name`
+    /// names it, so that a peer can tell whose session holds a lock (see
+    /// [`StateDb::fence_expired`]).
+    pub async fn open(db: &StateDb, session: &str) -> Result<Self, StoreError> {
+        let name = format!("{LEASE_APPLICATION} {session}");
+        let conn = lease_connection(db, &name).await?;
         let (commands, inbox) = mpsc::channel(64);
         let (link_tx, link) = watch::channel(Link { epoch: 1, up: true });
-        tokio::spawn(hold(db.clone(), conn, inbox, link_tx));
+        tokio::spawn(hold(db.clone(), name, conn, inbox, link_tx));
         Ok(Self { commands, link })
     }
 
@@ -155,8 +159,11 @@ impl WarehouseLease {
     }
 }
 
-async fn lease_connection(db: &StateDb) -> Result<PgConnection, StoreError> {
-    let options = connect_options(db.conn_info()).application_name("inventorysync lease");
+/// The `application_name` of lease connections, before the process's session.
+const LEASE_APPLICATION: &str = "inventorysync lease";
+
+async fn lease_connection(db: &StateDb, name: &str) -> Result<PgConnection, StoreError> {
+    let options = connect_options(db.conn_info()).application_name(name);
     let mut conn = PgConnection::connect_with(&options)
         .await
         .map_err(|source| StoreError::Connect {
@@ -171,6 +178,7 @@ async fn lease_connection(db: &StateDb) -> Result<PgConnection, StoreError> {
 /// when the connection drops, until every handle is gone.
 async fn hold(
     db: StateDb,
+    name: String,
     mut conn: PgConnection,
     mut inbox: mpsc::Receiver<Command>,
     link: watch::Sender<Link>,
@@ -247,7 +255,7 @@ async fn hold(
                     }
                 }
             }
-            match lease_connection(&db).await {
+            match lease_connection(&db, &name).await {
                 Ok(c) => break c,
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot open the lease connection to the state DB; retrying")
@@ -258,6 +266,37 @@ async fn hold(
         epoch += 1;
         link.send_replace(Link { epoch, up: true });
         tracing::info!(epoch, "the lease connection to the state DB is back");
+    }
+}
+
+impl StateDb {
+    /// Fences the process that holds `warehouse_id`'s lock if its heartbeat expired (a host
+    /// suspended, a process stopped or stuck: the kernel still answers TCP keepalives, so
+    /// its lease connection stays open and keeps every lock): terminates its lease session,
+    /// which releases its locks. A holder whose row is alive, or that is not a lease session
+    /// of ours, is left alone. Returns the fenced worker and its session's PID.
+    pub async fn fence_expired(
+        &self,
+        warehouse_id: &str,
+    ) -> Result<Option<(String, i32)>, StoreError> {
+        let row: Option<(String, i32, bool)> = sqlx::query_as(
+            "WITH k AS (SELECT hashtextextended('inventorysync:warehouse:' || $1, 0) AS key)
+             SELECT w.worker_id, a.pid, pg_terminate_backend(a.pid)
+               FROM k, pg_locks l
+               JOIN pg_stat_activity a ON a.pid = l.pid
+               JOIN sync_workers w ON a.application_name = $2 || ' ' || w.session
+              WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
+                AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+                AND l.classid = ((k.key >> 32) & 4294967295)::oid
+                AND l.objid = (k.key & 4294967295)::oid
+                AND w.expires_at < now()
+              LIMIT 1",
+        )
+        .bind(warehouse_id)
+        .bind(LEASE_APPLICATION)
+        .fetch_optional(self.pool())
+        .await?;
+        Ok(row.filter(|r| r.2).map(|r| (r.0, r.1)))
     }
 }
 

@@ -510,18 +510,20 @@ async fn a_central_refusing_every_request_for_20_s_is_an_outage_not_a_flood_of_d
 }
 
 /// A slot still held by another walsender (a previous owner's, which lives on up to
-/// `wal_sender_timeout` after that owner died or was fenced) is retried with backoff until it
-/// is free. It was a definite error: after its 10 s of waiting, the warehouse stopped
-/// (`Failed`) until someone restarted the process.
+/// `wal_sender_timeout` after that owner died or was fenced): the process that holds the
+/// warehouse's lease ends it and streams. It was a definite error: after its 10 s of
+/// waiting, the warehouse stopped (`Failed`) until someone restarted the process.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_slot_held_by_a_lingering_walsender_is_retried_until_it_is_free() {
+async fn a_slot_held_by_a_lingering_walsender_is_taken_over_by_the_lease_holder() {
     let db = demo_warehouse("opsbusy").await;
     workload(&db.client, 51, 20).await;
     let mut o = db.options("run", "inventorysync");
     o.create_slot = true;
     db.drain_now(o).await;
     // Another session holds the slot, as a lingering walsender does.
-    let holder_opts = db.options("run", "inventorysync");
+    // It does not come back once ended, as a walsender whose client is gone.
+    let mut holder_opts = db.options("run", "inventorysync");
+    holder_opts.max_reconnects = Some(0);
     let (tx, mut rx) = tokio::sync::mpsc::channel(4);
     let (_dtx, drx) = tokio::sync::watch::channel(inventorysync::Lsn::ZERO);
     let hold = tokio_util::sync::CancellationToken::new();
@@ -550,19 +552,21 @@ async fn a_slot_held_by_a_lingering_walsender_is_retried_until_it_is_free() {
     let state = pg().new_db("opsbusystate").await;
     let central = Central::start(Faults::default()).await;
     let id = "wh-opsbusy";
-    let (_dir, log, _run, api, _) = crate::api::start_with_api(&db, &state, &central, id, None);
-    // The first try gives up after 10 s of waiting for the slot.
-    tokio::time::sleep(Duration::from_secs(14)).await;
-    let (_, _, ready) = api.get("/ready", None).await;
-    let reason = ready["warehouses"][id]["reason"].to_string();
+    let (_dir, log, _run, _api, _) = crate::api::start_with_api(&db, &state, &central, id, None);
+    wait_streaming(&state, id, &log).await;
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
     assert!(
-        reason.contains("restarting") && reason.contains("in use"),
-        "the warehouse is not being retried: {ready}\n{}",
+        text.contains("a previous owner's walsender still held its slot: terminated"),
+        "{}",
         log_tail(&log)
     );
-    hold.cancel();
-    let _ = holder.await;
-    wait_streaming(&state, id, &log).await;
+    // The holder was ended (its connection terminated), not stopped by the test.
+    let ended = tokio::time::timeout(Duration::from_secs(30), holder).await;
+    assert!(
+        matches!(ended, Ok(Ok(Err(_)))),
+        "the holder's stream ended with an error"
+    );
+    assert!(!hold.is_cancelled());
     workload(&db.client, 52, 30).await;
     assert_converges(&central, &db, id, &log).await;
 }

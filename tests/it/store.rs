@@ -52,8 +52,8 @@ async fn one_process_owns_a_warehouse_and_a_standby_takes_over_when_it_goes() {
     let (_db, state) = state_db("lease").await;
     let id = format!("wh-{}", std::process::id());
     // Two processes: each holds all of its locks on one lease connection.
-    let first = Leases::open(&state).await.unwrap();
-    let second = Leases::open(&state).await.unwrap();
+    let first = Leases::open(&state, "it-session").await.unwrap();
+    let second = Leases::open(&state, "it-session").await.unwrap();
     let owner = first.try_acquire(&id).await.unwrap().expect("first owner");
     assert!(owner.holds());
     assert!(
@@ -99,12 +99,12 @@ async fn one_process_owns_a_warehouse_and_a_standby_takes_over_when_it_goes() {
 #[tokio::test]
 async fn a_dropped_lease_connection_stops_its_leases_and_comes_back() {
     let (db, state) = state_db("leaselost").await;
-    let leases = Leases::open(&state).await.unwrap();
+    let leases = Leases::open(&state, "it-session").await.unwrap();
     let lease = leases.try_acquire("wh-lost").await.unwrap().expect("owner");
     // The state DB ends the lease connection (a failover, an operator, a network cut).
     db.client
         .execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'inventorysync lease' AND datname = current_database()",
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name LIKE 'inventorysync lease %' AND datname = current_database()",
             &[],
         )
         .await

@@ -190,7 +190,7 @@ async fn lease_connections(state: &TestDb) -> i64 {
     state
         .client
         .query_one(
-            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'inventorysync lease' AND datname = current_database()",
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'inventorysync lease %' AND datname = current_database()",
             &[],
         )
         .await
@@ -636,7 +636,7 @@ async fn a_dropped_lease_connection_stops_every_warehouse_at_once_and_loses_noth
     state
         .client
         .execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'inventorysync lease' AND datname = current_database()",
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name LIKE 'inventorysync lease %' AND datname = current_database()",
             &[],
         )
         .await
@@ -741,4 +741,88 @@ async fn a_join_hands_over_a_warehouse_at_a_commit_boundary_not_inside_a_transac
         log_tail(&logs[0])
     );
     assert_eq!(conflicts(state).await, Vec::<Value>::new());
+}
+
+/// Issue 39, point 5: the owner paused (SIGSTOP, as a suspended VM or a stuck process) keeps
+/// its lease connection open (the kernel answers TCP keepalives) and so every lock: no peer
+/// could take its warehouse, however long the pause. Now a peer fences it once its heartbeat
+/// expired (terminates its lease session and the walsender still holding the slot), and a
+/// change committed during the freeze reaches central within 45 s of it. After SIGCONT the
+/// paused process finds its lease gone and stops; nothing is lost or reordered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_owner_is_fenced_and_a_peer_delivers_what_is_committed_during_the_pause() {
+    const PREFIX: &str = "wh-pause";
+    let setup = TwoWarehouses::start(PREFIX, "ownpause").await;
+    let _p2 = setup.spawn(2);
+    wait_split(
+        &setup.state,
+        &[("p1", 1), ("p2", 1)],
+        Duration::from_secs(60),
+        &setup.logs,
+    )
+    .await;
+    let owned: Vec<String> = setup
+        .state
+        .client
+        .query_one("SELECT owned FROM sync_workers WHERE worker_id = 'p1'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let i: usize = owned[0]
+        .rsplit('-')
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap();
+    let db = &setup.dbs[i];
+    let pid = setup._p1.child.id().to_string();
+    let signal = |s: &str| {
+        assert!(
+            std::process::Command::new("kill")
+                .args([s, &pid])
+                .status()
+                .unwrap()
+                .success()
+        )
+    };
+    signal("-STOP");
+    let frozen = Instant::now();
+    db.exec("INSERT INTO products (sku, name) VALUES ('PAUSED-1', 'written during the pause')")
+        .await;
+    let key = "product {\"sku\":\"PAUSED-1\"}";
+    let id = format!("{PREFIX}-{i}");
+    let mut applied = None;
+    while frozen.elapsed() < Duration::from_secs(90) {
+        if setup.central.state(&id).await.contains_key(key) {
+            applied = Some(frozen.elapsed());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    signal("-CONT");
+    let Some(applied) = applied else {
+        let tails: Vec<String> = setup.logs.iter().map(|l| log_tail(l)).collect();
+        panic!(
+            "the change committed during the pause never reached central:\n{}",
+            tails.join("\n---\n")
+        );
+    };
+    println!("a change committed during the owner's pause reached central after {applied:?}");
+    assert!(
+        applied < Duration::from_secs(45),
+        "{applied:?} after the freeze"
+    );
+    // The woken process finds its lease gone and stops that warehouse.
+    let p1 = || std::fs::read_to_string(&setup.logs[0]).unwrap_or_default();
+    for _ in 0..100 {
+        if p1().contains("lease lost") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(p1().contains("lease lost"), "{}", log_tail(&setup.logs[0]));
+    for (n, db) in setup.dbs.iter().enumerate() {
+        workload(&db.client, 61 + n as u64, 30).await;
+    }
+    converge_all(&setup.central, &setup.dbs, PREFIX, &setup.logs).await;
+    assert_eq!(conflicts(&setup.state).await, Vec::<Value>::new());
 }
