@@ -44,7 +44,13 @@ pub fn nul_at(v: &serde_json::Value) -> Option<String> {
             serde_json::Value::Object(members) => members.iter().any(|(name, item)| {
                 let len = at.len();
                 at.push('/');
-                at.push_str(&name.replace('~', "~0").replace('/', "~1"));
+                // The pointer is shown in errors: its NUL as the escape, not the character.
+                at.push_str(
+                    &name
+                        .replace('~', "~0")
+                        .replace('/', "~1")
+                        .replace('\0', "\\u0000"),
+                );
                 let found = name.contains('\0') || walk(item, at);
                 if !found {
                     at.truncate(len);
@@ -68,7 +74,7 @@ mod tests {
         assert_eq!(nul_at(&v).as_deref(), Some("/a/1"));
         assert_eq!(
             nul_at(&serde_json::json!({"n\u{0}": 1})).as_deref(),
-            Some("/n\u{0}")
+            Some("/n\\u0000")
         );
         assert_eq!(nul_at(&serde_json::json!("\u{0}")).as_deref(), Some("/"));
         assert_eq!(nul_at(&serde_json::json!({"a": ["x"], "b": null})), None);

@@ -205,6 +205,28 @@ fn served_doc(doc: &utoipa::openapi::OpenApi, state: &ApiState) -> serde_json::V
         list["minItems"] = json!(1);
         list["items"] = json!({"type": "string", "enum": ids});
     }
+    // No id, filter or note can hold a NUL character (the state DB cannot store one): the
+    // document says so of every parameter and request body, and such a request is answered
+    // 400.
+    let mut bodies: Vec<String> = Vec::new();
+    if let Some(paths) = served.get_mut("paths").and_then(|p| p.as_object_mut()) {
+        for (_, ops) in paths.iter_mut() {
+            for (_, op) in ops.as_object_mut().into_iter().flatten() {
+                if let Some(params) = op.get_mut("parameters") {
+                    no_nul(params);
+                }
+                if let Some(body) = op.get_mut("requestBody") {
+                    no_nul(body);
+                    refs(body, &mut bodies);
+                }
+            }
+        }
+    }
+    for name in bodies {
+        if let Some(schema) = served.pointer_mut(&format!("/components/schemas/{name}")) {
+            no_nul(schema);
+        }
+    }
     // Every /sync route but the overview (held in memory) reads or writes the state DB, and
     // answers 500 when it fails.
     if let Some(paths) = served.get_mut("paths").and_then(|p| p.as_object_mut()) {
@@ -223,6 +245,46 @@ fn served_doc(doc: &utoipa::openapi::OpenApi, state: &ApiState) -> serde_json::V
         }
     }
     served
+}
+
+/// Gives every free-text string of the document (a parameter, a property; not an enum) the
+/// pattern that refuses a NUL character.
+fn no_nul(v: &mut serde_json::Value) {
+    match v {
+        serde_json::Value::Object(o) => {
+            let is_string = match o.get("type") {
+                Some(serde_json::Value::String(t)) => t == "string",
+                Some(serde_json::Value::Array(ts)) => ts.iter().any(|t| t == "string"),
+                _ => false,
+            };
+            if is_string && !o.contains_key("enum") && !o.contains_key("pattern") {
+                o.insert("pattern".into(), json!("^[^\\x00]*$"));
+            }
+            for (_, child) in o.iter_mut() {
+                no_nul(child);
+            }
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(no_nul),
+        _ => {}
+    }
+}
+
+/// The component schemas `v` refers to (`#/components/schemas/NAME`), added to `out`.
+fn refs(v: &serde_json::Value, out: &mut Vec<String>) {
+    match v {
+        serde_json::Value::Object(o) => {
+            if let Some(name) = o
+                .get("$ref")
+                .and_then(|r| r.as_str())
+                .and_then(|r| r.strip_prefix("#/components/schemas/"))
+            {
+                out.push(name.to_string());
+            }
+            o.values().for_each(|c| refs(c, out));
+        }
+        serde_json::Value::Array(items) => items.iter().for_each(|c| refs(c, out)),
+        _ => {}
+    }
 }
 
 /// Links the job a trigger or a resync queues (`jobId`) to `GET /sync/status/{job_id}`, so
