@@ -241,6 +241,14 @@ async fn check_warehouse(
     state: Option<&crate::store::StateDb>,
 ) {
     let t = format!("warehouse {}", w.id);
+    if let Some(why) = w.conn.unverified_remote() {
+        r.warn(
+            &t,
+            "certificate",
+            why,
+            "add sslmode=verify-full&sslrootcert=<the CA's PEM file> to the warehouse's url",
+        );
+    }
     let sql = match tokio::time::timeout(Duration::from_secs(10), crate::pg::connect_sql(&w.conn))
         .await
     {
@@ -743,6 +751,14 @@ async fn check_state_db(r: &mut Report, config: &Config) {
         );
         return;
     };
+    if let Some(why) = url.unverified_remote() {
+        r.warn(
+            t,
+            "certificate",
+            why,
+            "add sslmode=verify-full&sslrootcert=<the CA's PEM file> to DB_URL",
+        );
+    }
     match tokio::time::timeout(Duration::from_secs(10), crate::store::StateDb::connect(url)).await {
         Ok(Ok(db)) => {
             r.add(t, "connection", Status::Ok, url.redacted());

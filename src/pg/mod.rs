@@ -172,6 +172,35 @@ impl fmt::Debug for ConnInfo {
 }
 
 impl ConnInfo {
+    /// Why the connection's traffic can be read or altered on the way, when it can: a
+    /// server that is not on this machine (any host but loopback or a socket directory) is
+    /// reached without a verified certificate (`sslmode` below `verify-full`).
+    pub fn unverified_remote(&self) -> Option<String> {
+        let loopback = |h: &str| {
+            h.starts_with('/')
+                || h.eq_ignore_ascii_case("localhost")
+                || h.parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback())
+        };
+        let remote: Vec<&str> = std::iter::once(self.host.as_str())
+            .chain(self.more_hosts.iter().map(|(h, _)| h.as_str()))
+            .filter(|h| !loopback(h))
+            .collect();
+        if remote.is_empty() || self.sslmode == SslMode::VerifyFull {
+            return None;
+        }
+        let mode = match self.sslmode {
+            SslMode::Disable => "disable: no TLS at all",
+            SslMode::Prefer => "prefer: TLS if offered, the certificate not verified",
+            SslMode::Require => "require: TLS, the certificate not verified",
+            SslMode::VerifyFull => "verify-full",
+        };
+        Some(format!(
+            "{} is reached with sslmode={mode}: anyone on the network path can read the data or pose as the server",
+            remote.join(", ")
+        ))
+    }
+
     /// Parses `postgres://user:pass@host:port/db?sslmode=…` (also `postgresql://` and the
     /// `jdbc:postgresql://` form, where user and password may be query parameters).
     /// `key` names the setting in errors.

@@ -429,6 +429,8 @@ async fn check_passes_a_ready_setup_and_names_each_fix_otherwise() {
         );
     }
     assert!(!out.contains("FAIL"), "{out}");
+    // Loopback needs no certificate.
+    assert!(!out.contains("is reached with sslmode"), "{out}");
     // A slot with the engine's prefix that no configured warehouse uses (a warehouse renamed
     // or removed) is named, with its retained WAL and the statement that drops it.
     db.exec("SELECT pg_create_logical_replication_slot('inventorysync_wh_gone', 'pgoutput')")
@@ -497,6 +499,25 @@ async fn check_passes_a_ready_setup_and_names_each_fix_otherwise() {
         "nor a password in a URL:\n{out}"
     );
     assert!(out.contains("http://ops:***@127.0.0.1:"), "{out}");
+
+    // A warehouse and a state DB off this machine, reached without a verified certificate.
+    let remote = format!(
+        "{mapping}\n[[warehouses]]\nid = 'wh-far'\nurl = 'postgres://u:p@wh.invalid:5432/db?connect_timeout=1'\n"
+    );
+    let (_, out) = run_check(
+        &remote,
+        &[(
+            "DB_URL",
+            "postgres://u:p@state.invalid:5432/state?sslmode=require&connect_timeout=1".into(),
+        )],
+    );
+    for text in [
+        "wh.invalid is reached with sslmode=prefer",
+        "state.invalid is reached with sslmode=require",
+        "sslmode=verify-full&sslrootcert=",
+    ] {
+        assert!(out.contains(text), "{text:?} missing:\n{out}");
+    }
 
     // Replica identity: a published, mapped table without a key.
     db.exec(
