@@ -181,7 +181,11 @@ impl History {
     }
 
     /// Each warehouse as the console shows it: its figures now and its history.
-    pub fn views(&self, warehouses: &[Arc<WarehouseStatus>]) -> Vec<WarehouseView> {
+    pub fn views(
+        &self,
+        warehouses: &[Arc<WarehouseStatus>],
+        why_not_ready: &dyn Fn(&WarehouseStatus) -> Option<String>,
+    ) -> Vec<WarehouseView> {
         let (now, now_f) = unix_now();
         let totals = delivered_totals();
         let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
@@ -210,7 +214,7 @@ impl History {
                     Some(h) => (Some(h.wal_status.clone()), h.safe_wal_size),
                     None => (None, None),
                 };
-                let (_, reason) = w.readiness();
+                let reason = why_not_ready(w);
                 WarehouseView {
                     id: w.id.clone(),
                     owner: w.owner.borrow().clone(),
@@ -265,7 +269,7 @@ mod tests {
             .with_label_values(&["wh-console-test", "skipped"])
             .inc_by(1000);
         std::thread::sleep(std::time::Duration::from_millis(1100));
-        let views = history.views(std::slice::from_ref(&w));
+        let views = history.views(std::slice::from_ref(&w), &|w| w.readiness().1);
         assert_eq!(views[0].history.len(), KEEP);
         assert_eq!(views[0].state, "starting");
         // 10 delivered (the skipped ones are no delivery) over a little more than a second.

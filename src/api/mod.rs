@@ -407,6 +407,21 @@ async fn health() -> Json<serde_json::Value> {
     Json(json!({"status": "ok"}))
 }
 
+/// Why warehouse `w` is not served as it should be, if it is not: its pipeline's state, and
+/// a central that refuses every request of it (delivery paused).
+fn why_not_ready(state: &ApiState, w: &crate::app::WarehouseStatus) -> Option<String> {
+    let (_, reason) = w.readiness();
+    let refusing = state
+        .replayer
+        .get()
+        .and_then(|stage| stage.client())
+        .and_then(|c| c.refusing(&w.id));
+    match (reason, refusing) {
+        (Some(r), Some(c)) => Some(format!("{r}; {c}")),
+        (r, c) => r.or(c),
+    }
+}
+
 /// Ready when the state DB answers and every warehouse streams; otherwise 503 with each
 /// reason.
 #[utoipa::path(get, path = "/ready", tag = "meta", responses(
@@ -428,18 +443,9 @@ async fn ready(State(state): State<Arc<ApiState>>) -> Response {
         problems.push(format!("state DB: {why}"));
     }
     let mut warehouses = serde_json::Map::new();
-    let client = state
-        .replayer
-        .get()
-        .and_then(|stage| stage.client().cloned());
     for w in &state.warehouses {
-        let (streaming, mut reason) = w.readiness();
-        if let Some(refusing) = client.as_ref().and_then(|c| c.refusing(&w.id)) {
-            reason = Some(match reason {
-                Some(r) => format!("{r}; {refusing}"),
-                None => refusing,
-            });
-        }
+        let (streaming, _) = w.readiness();
+        let reason = why_not_ready(&state, w);
         if let Some(r) = &reason {
             problems.push(format!("warehouse {}: {r}", w.id));
         }
@@ -792,7 +798,7 @@ async fn overview(State(state): State<Arc<ApiState>>) -> Json<serde_json::Value>
     Json(json!({
         "generatedAt": crate::time::format_unix_micros(micros),
         "sampleEverySeconds": crate::console::SAMPLE_EVERY.as_secs(),
-        "warehouses": state.history.views(&state.warehouses),
+        "warehouses": state.history.views(&state.warehouses, &|w| why_not_ready(&state, w)),
     }))
 }
 
