@@ -274,8 +274,13 @@ impl Stage {
     /// Binds `warehouse_id`'s mappings to their tables now (at start), rather than with its
     /// first change: a table renamed before its first change is then still followed.
     pub async fn bind_mappings(&self, warehouse_id: &str) {
+        self.bound(warehouse_id).await;
+    }
+
+    /// `warehouse_id`'s bindings (none when nothing is mapped).
+    async fn bound(&self, warehouse_id: &str) -> Arc<bindings::Bound> {
         if self.settings.mappings.is_empty() {
-            return;
+            return Arc::default();
         }
         self.bindings
             .of(
@@ -284,7 +289,7 @@ impl Stage {
                 &self.toast,
                 &self.settings.mappings,
             )
-            .await;
+            .await
     }
 
     /// The mapping of `item` (by its relation's binding, else by its table's name), and the
@@ -373,18 +378,7 @@ impl Stage {
         let mut rendered: Vec<u8> = Vec::with_capacity(items.len() * 320);
         let mut unfilled: Vec<Unfilled> = Vec::new();
         let mut skipped = 0;
-        let bound = if self.settings.mappings.is_empty() {
-            Arc::default()
-        } else {
-            self.bindings
-                .of(
-                    warehouse_id,
-                    &self.state,
-                    &self.toast,
-                    &self.settings.mappings,
-                )
-                .await
-        };
+        let bound = self.bound(warehouse_id).await;
         for (i, item) in items.iter().enumerate() {
             let table = item.table();
             let Some((mapped_table, m)) = self.mapping_of(warehouse_id, &bound, item).await else {
