@@ -78,6 +78,39 @@ pub async fn check_wal_level(conn: &mut ReplicationConnection) -> Result<(), Sou
     Ok(())
 }
 
+/// On a standby (`sql`) whose primary is `primary`: while the publication exists on the
+/// primary but not yet on the standby (its creation is not replayed yet), waits for the
+/// replay, saying so, instead of stopping the warehouse. Returns at once when the standby
+/// has it, or when the primary does not have it either (the check that follows says so).
+pub async fn await_replayed_publication(
+    sql: &tokio_postgres::Client,
+    primary: &tokio_postgres::Client,
+    publication: &str,
+    cancel: &tokio_util::sync::CancellationToken,
+) -> Result<(), SourceError> {
+    const ASK: &str = "SELECT 1 FROM pg_publication WHERE pubname = $1";
+    let started = std::time::Instant::now();
+    let mut said = None::<std::time::Instant>;
+    loop {
+        if !sql.query(ASK, &[&publication]).await?.is_empty()
+            || primary.query(ASK, &[&publication]).await?.is_empty()
+        {
+            if said.is_some() {
+                tracing::info!(%publication, waited_s = started.elapsed().as_secs(), "the standby replayed the publication");
+            }
+            return Ok(());
+        }
+        if said.is_none_or(|at| at.elapsed() >= std::time::Duration::from_secs(30)) {
+            tracing::warn!(%publication, waited_s = started.elapsed().as_secs(), "publication exists on the primary but the standby has not replayed it yet: waiting for the standby to catch up (check its replay lag if this lasts)");
+            said = Some(std::time::Instant::now());
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(std::time::Duration::from_millis(500)) => {}
+            _ = cancel.cancelled() => return Ok(()),
+        }
+    }
+}
+
 /// Checks that the publication exists.
 pub async fn check_publication(
     sql: &tokio_postgres::Client,

@@ -301,8 +301,12 @@ async fn run_once(
     // `local`, not `on`: a synchronous standby need not confirm them (the walsender only
     // needs the local flush), so a slow or absent standby never holds a chunk up.
     sql.batch_execute("SET synchronous_commit TO local").await?;
-    slot::check_publication(&sql, &opts.publication).await?;
     let markers = Markers::open(&sql, opts.primary.as_ref(), &opts.warehouse_id).await?;
+    if let Markers::Primary(primary) = &markers {
+        // On a standby, a publication created on the primary may not be replayed yet.
+        slot::await_replayed_publication(&sql, primary, &opts.publication, cancel).await?;
+    }
+    slot::check_publication(&sql, &opts.publication).await?;
     match &markers {
         Markers::Primary(p) => p.batch_execute("SET synchronous_commit TO local").await?,
         Markers::Refused if opts.heartbeat_interval.is_some() => {

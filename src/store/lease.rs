@@ -159,6 +159,10 @@ impl WarehouseLease {
     }
 }
 
+/// How long past its heartbeat's expiry a holder is fenced: a process that is alive but
+/// starved of CPU for a while (its heartbeats late) is not fenced for that alone.
+const FENCE_GRACE: Duration = Duration::from_secs(10);
+
 /// The `application_name` of lease connections, before the process's session.
 const LEASE_APPLICATION: &str = "inventorysync lease";
 
@@ -270,7 +274,8 @@ async fn hold(
 }
 
 impl StateDb {
-    /// Fences the process that holds `warehouse_id`'s lock if its heartbeat expired (a host
+    /// Fences the process that holds `warehouse_id`'s lock if its heartbeat expired more than
+    /// [`FENCE_GRACE`] ago (a host
     /// suspended, a process stopped or stuck: the kernel still answers TCP keepalives, so
     /// its lease connection stays open and keeps every lock): terminates its lease session,
     /// which releases its locks. A holder whose row is alive, or that is not a lease session
@@ -289,11 +294,12 @@ impl StateDb {
                 AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
                 AND l.classid = ((k.key >> 32) & 4294967295)::oid
                 AND l.objid = (k.key & 4294967295)::oid
-                AND w.expires_at < now()
+                AND w.expires_at < now() - make_interval(secs => $3)
               LIMIT 1",
         )
         .bind(warehouse_id)
         .bind(LEASE_APPLICATION)
+        .bind(FENCE_GRACE.as_secs_f64())
         .fetch_optional(self.pool())
         .await?;
         Ok(row.filter(|r| r.2).map(|r| (r.0, r.1)))

@@ -566,3 +566,72 @@ async fn a_standby_streams_from_its_own_slot_and_markers_go_through_the_primary(
     );
     assert_eq!(conflicts(&state).await, Vec::<Value>::new());
 }
+
+/// Issue 39: on a standby, a publication created on the primary that the standby has not
+/// replayed yet is waited for, with a log line that says so; the warehouse stopped (a
+/// definite "publication does not exist") until someone restarted the process.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publication_the_standby_has_not_replayed_yet_is_waited_for() {
+    let Some((primary, standby)) = standby_pair("sbpub") else {
+        return;
+    };
+    let wh = primary.new_db("sbpub").await;
+    wh.exec(include_str!("../../sql/demo_schema.sql")).await;
+    crate::api::seed_stock(&wh, 50, 4).await;
+    standby_ready(&wh, &standby, &[]).await;
+    // The standby stops replaying; the publication is created on the primary meanwhile.
+    let standby_admin = standby.db("postgres").await;
+    standby_admin.exec("SELECT pg_wal_replay_pause()").await;
+    wh.exec("CREATE PUBLICATION inventorysync FOR TABLE products, locations, stock_levels")
+        .await;
+    let state = pg().new_db("sbpubstate").await;
+    let central = Central::start(Faults::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("inventorysync.toml");
+    let url = |port: u16| {
+        format!(
+            "postgres://postgres@127.0.0.1:{port}/{}?sslmode=disable",
+            wh.name
+        )
+    };
+    std::fs::write(
+        &cfg,
+        format!(
+            "{}\n[[warehouses]]\nid = 'wh-sbpub'\nurl = '{}'\nprimary_url = '{}'\nslot = 'sbpub_run'\n",
+            include_str!("../../sql/demo_mapping.toml"),
+            url(standby.port),
+            url(primary.port),
+        ),
+    )
+    .unwrap();
+    let log = dir.path().join("run.log");
+    let (_run, api) = crate::api::run_with_api(&cfg, &state, &central, log.clone(), &[]);
+    let said = "the standby has not replayed it yet: waiting";
+    for _ in 0..150 {
+        if std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains(said)
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (_, _, ready) = api.get("/ready", None).await;
+    let reason = ready["warehouses"]["wh-sbpub"]["reason"].to_string();
+    assert!(
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains(said)
+            && !reason.contains("stopped"),
+        "{ready}\n{}",
+        log_tail(&log)
+    );
+    standby_admin.exec("SELECT pg_wal_replay_resume()").await;
+    wh.exec("SELECT pg_log_standby_snapshot()").await;
+    wait_streaming(&state, "wh-sbpub", &log).await;
+    crate::consumer::workload(&wh.client, 71, 30).await;
+    standby_ready(&wh, &standby, &[]).await;
+    let copy = standby.db(&wh.name).await;
+    assert_converges(&central, &copy, "wh-sbpub", &log).await;
+}
