@@ -518,6 +518,30 @@ async fn run_job(
             return;
         }
     };
+    // A table this job began reading that is no longer there to read (dropped or unpublished
+    // while the job was interrupted): recorded as skipped, as if a chunk had found it gone.
+    match state.unfinished_tables(&w.job_id, &w.warehouse_id).await {
+        Ok(begun) => {
+            for table in begun.iter().filter(|t| !tables.contains(t)) {
+                let reason = format!(
+                    "{table} is not in publication {} any more (dropped, renamed or removed from it)",
+                    wh.config.publication
+                );
+                tracing::warn!(job = %w.job_id, warehouse = %w.warehouse_id, %table, %reason, "{kind}: a table vanished while it was read; skipped");
+                if let Err(e) = state
+                    .skip_resync_table(&w.job_id, &w.warehouse_id, table, &reason)
+                    .await
+                {
+                    tracing::warn!(error = %e, "cannot record the skipped table; retrying");
+                    return;
+                }
+            }
+        }
+        Err(e) => {
+            tracing::warn!(job = %w.job_id, error = %e, "{kind}: cannot read the job's progress; retrying");
+            return;
+        }
+    }
     let work = if kind == LOAD_JOB {
         Work {
             kind: LOAD_JOB,

@@ -566,6 +566,23 @@ impl StateDb {
         Ok(())
     }
 
+    /// The tables `job_id` began reading at `warehouse_id` and did not finish.
+    pub async fn unfinished_tables(
+        &self,
+        job_id: &str,
+        warehouse_id: &str,
+    ) -> Result<Vec<String>, StoreError> {
+        let rows: Vec<(String,)> = sqlx::query_as(
+            "SELECT table_name FROM sync_resync_progress
+              WHERE job_id = $1 AND warehouse_id = $2 AND NOT done ORDER BY table_name",
+        )
+        .bind(job_id)
+        .bind(warehouse_id)
+        .fetch_all(self.pool())
+        .await?;
+        Ok(rows.into_iter().map(|r| r.0).collect())
+    }
+
     /// What the loads of `warehouse_id` covered: per relation OID, the mapping's fingerprint.
     pub async fn table_loads(&self, warehouse_id: &str) -> Result<Vec<(i64, String)>, StoreError> {
         Ok(sqlx::query_as(
