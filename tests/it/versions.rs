@@ -256,6 +256,36 @@ fn standby_pair(name: &str) -> Option<(Pg, Pg)> {
     Some((primary, standby))
 }
 
+/// Writes a configuration in `dir` for warehouse `id` (the demo mapping), decoded on
+/// `standby` from slot `slot`, with `primary` as its `primary_url`; returns its path.
+fn standby_config(
+    dir: &std::path::Path,
+    wh: &TestDb,
+    primary: &Pg,
+    standby: &Pg,
+    id: &str,
+    slot: &str,
+) -> std::path::PathBuf {
+    let url = |port: u16| {
+        format!(
+            "postgres://postgres@127.0.0.1:{port}/{}?sslmode=disable",
+            wh.name
+        )
+    };
+    let cfg = dir.join("inventorysync.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "{}\n[[warehouses]]\nid = '{id}'\nurl = '{}'\nprimary_url = '{}'\nslot = '{slot}'\n",
+            include_str!("../../sql/demo_mapping.toml"),
+            url(standby.port),
+            url(primary.port),
+        ),
+    )
+    .unwrap();
+    cfg
+}
+
 /// Waits until `standby` has replayed everything `primary` (a database on its primary) had
 /// written, and sees a publication in each of `dbs`: an engine started earlier could find
 /// no publication there yet. The insert position, not the write position: the test clusters
@@ -329,23 +359,7 @@ async fn resyncs_read_on_a_standby_while_writers_race_their_watermarks_undo_no_w
     let state = pg().new_db("sbrstate").await;
     let central = Central::start(Faults::default()).await;
     let dir = tempfile::tempdir().unwrap();
-    let cfg = dir.path().join("inventorysync.toml");
-    let url = |port: u16| {
-        format!(
-            "postgres://postgres@127.0.0.1:{port}/{}?sslmode=disable",
-            wh.name
-        )
-    };
-    std::fs::write(
-        &cfg,
-        format!(
-            "{}\n[[warehouses]]\nid = 'wh-sbr'\nurl = '{}'\nprimary_url = '{}'\nslot = 'sbr_run'\n",
-            include_str!("../../sql/demo_mapping.toml"),
-            url(standby.port),
-            url(primary.port),
-        ),
-    )
-    .unwrap();
+    let cfg = standby_config(dir.path(), &wh, &primary, &standby, "wh-sbr", "sbr_run");
     let log = dir.path().join("run.log");
     let (_run, api) = crate::api::run_with_api(&cfg, &state, &central, log.clone(), &[]);
     wait_streaming(&state, "wh-sbr", &log).await;
@@ -587,23 +601,7 @@ async fn a_publication_the_standby_has_not_replayed_yet_is_waited_for() {
     let state = pg().new_db("sbpubstate").await;
     let central = Central::start(Faults::default()).await;
     let dir = tempfile::tempdir().unwrap();
-    let cfg = dir.path().join("inventorysync.toml");
-    let url = |port: u16| {
-        format!(
-            "postgres://postgres@127.0.0.1:{port}/{}?sslmode=disable",
-            wh.name
-        )
-    };
-    std::fs::write(
-        &cfg,
-        format!(
-            "{}\n[[warehouses]]\nid = 'wh-sbpub'\nurl = '{}'\nprimary_url = '{}'\nslot = 'sbpub_run'\n",
-            include_str!("../../sql/demo_mapping.toml"),
-            url(standby.port),
-            url(primary.port),
-        ),
-    )
-    .unwrap();
+    let cfg = standby_config(dir.path(), &wh, &primary, &standby, "wh-sbpub", "sbpub_run");
     let log = dir.path().join("run.log");
     let (_run, api) = crate::api::run_with_api(&cfg, &state, &central, log.clone(), &[]);
     let said = "the standby has not replayed it yet: waiting";
