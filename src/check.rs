@@ -517,41 +517,32 @@ async fn check_other_slots(r: &mut Report, w: &WarehouseConfig, configured: &[&s
     else {
         return;
     };
-    let rows = sql
-        .query(
-            "SELECT slot_name::text, active,
-                    coalesce(pg_wal_lsn_diff(CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END, restart_lsn), 0)::bigint
-               FROM pg_replication_slots
-              WHERE database = current_database() AND slot_type = 'logical'
-                AND starts_with(slot_name::text, $1) AND NOT slot_name::text = ANY($2)
-              ORDER BY slot_name",
-            &[&SLOT_PREFIX, &configured],
-        )
-        .await;
-    let Ok(rows) = rows else {
+    let Ok(slots) = crate::source::slot::other_slots(&sql, configured).await else {
         return;
     };
-    for row in rows {
-        let (slot, active, retained): (String, bool, i64) = (row.get(0), row.get(1), row.get(2));
+    for slot in slots {
         r.warn(
             &t,
             "unused slot",
-            format!(
-                "{slot} is no configured warehouse's slot and retains {} MB of WAL{}",
-                retained / (1 << 20),
-                if active {
-                    " (in use by some process)"
-                } else {
-                    ""
-                }
-            ),
-            format!("if no other deployment uses it: SELECT pg_drop_replication_slot('{slot}');"),
+            unused_slot_detail(&slot),
+            format!("if no other deployment uses it: {}", slot.drop_statement()),
         );
     }
 }
 
-/// The prefix of the slots the engine names by default (`inventorysync_<warehouse>`).
-const SLOT_PREFIX: &str = "inventorysync_";
+/// What `check` and the console say of a slot no configured warehouse uses.
+pub fn unused_slot_detail(slot: &crate::source::slot::OtherSlot) -> String {
+    format!(
+        "{} is no configured warehouse's slot and retains {} MB of WAL{}",
+        slot.name,
+        slot.retained_wal_bytes / (1 << 20),
+        if slot.active {
+            " (in use by some process)"
+        } else {
+            ""
+        }
+    )
+}
 
 /// A URL at a hot standby (decoding there, PostgreSQL 16+): whether `primary_url` is set and
 /// is the standby's primary, which writes the logical messages a standby cannot.

@@ -69,6 +69,31 @@ pub struct WarehouseView {
     pub now: Sample,
     /// The last 15 minutes, oldest first.
     pub history: Vec<Sample>,
+    /// What asks the operator to act though the warehouse streams: a slot no configured
+    /// warehouse uses, a mapped table renamed.
+    pub notices: Vec<Notice>,
+}
+
+/// Something about a warehouse that asks the operator to act, though it streams (what
+/// `inventorysync check` warns about too).
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Notice {
+    /// `unused_slot` or `renamed_table`.
+    pub kind: &'static str,
+    /// What is so, in words.
+    pub detail: String,
+    /// What to do about it.
+    pub fix: String,
+}
+
+/// Why a warehouse is not ready, and its notices (see [`History::views`]).
+#[derive(Debug, Default)]
+pub struct Remarks {
+    /// Why it is not served as it should be, if it is not.
+    pub reason: Option<String>,
+    /// What asks the operator to act.
+    pub notices: Vec<Notice>,
 }
 
 /// The samples of every warehouse, and the delivery counts they were taken from.
@@ -184,7 +209,7 @@ impl History {
     pub fn views(
         &self,
         warehouses: &[Arc<WarehouseStatus>],
-        why_not_ready: &dyn Fn(&WarehouseStatus) -> Option<String>,
+        remarks: &dyn Fn(&WarehouseStatus) -> Remarks,
     ) -> Vec<WarehouseView> {
         let (now, now_f) = unix_now();
         let totals = delivered_totals();
@@ -214,7 +239,7 @@ impl History {
                     Some(h) => (Some(h.wal_status.clone()), h.safe_wal_size),
                     None => (None, None),
                 };
-                let reason = why_not_ready(w);
+                let Remarks { reason, notices } = remarks(w);
                 WarehouseView {
                     id: w.id.clone(),
                     owner: w.owner.borrow().clone(),
@@ -231,6 +256,7 @@ impl History {
                         changes_per_second: rate,
                     },
                     history,
+                    notices,
                 }
             })
             .collect()
@@ -269,7 +295,10 @@ mod tests {
             .with_label_values(&["wh-console-test", "skipped"])
             .inc_by(1000);
         std::thread::sleep(std::time::Duration::from_millis(1100));
-        let views = history.views(std::slice::from_ref(&w), &|w| w.readiness().1);
+        let views = history.views(std::slice::from_ref(&w), &|w| super::Remarks {
+            reason: w.readiness().1,
+            notices: Vec::new(),
+        });
         assert_eq!(views[0].history.len(), KEEP);
         assert_eq!(views[0].state, "starting");
         // 10 delivered (the skipped ones are no delivery) over a little more than a second.

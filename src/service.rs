@@ -199,6 +199,7 @@ pub async fn run_service(config_path: &Path, stages: Stages) -> ExitCode {
         consumer_lag,
         replayer: replayer.clone(),
         history: history.clone(),
+        slots: warehouses.iter().map(|w| w.slot.clone()).collect(),
     });
     let job_warehouses = || -> Vec<crate::jobs::Warehouse> {
         warehouses

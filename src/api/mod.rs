@@ -52,6 +52,8 @@ pub struct ApiState {
     pub replayer: Arc<std::sync::OnceLock<Arc<crate::consumer::Stage>>>,
     /// The warehouses' last 15 minutes, for the console.
     pub history: Arc<crate::console::History>,
+    /// Every configured warehouse's slot: the others with the engine's prefix are unused.
+    pub slots: Vec<String>,
 }
 
 /// Where `/metrics` reads the consumer stage's lag.
@@ -123,7 +125,7 @@ impl IntoResponse for ApiError {
     ),
     modifiers(&BearerAuth),
     components(schemas(ErrorBody, crate::store::WorkerRow, crate::store::ConflictRow, crate::store::DeadLetterRow,
-        crate::console::WarehouseView, crate::console::Sample, ConflictStatus, ConflictKind, JobStatus,
+        crate::console::WarehouseView, crate::console::Sample, crate::console::Notice, ConflictStatus, ConflictKind, JobStatus,
         JobKind, CloseStatus))
 )]
 struct ApiDoc;
@@ -420,6 +422,45 @@ fn why_not_ready(state: &ApiState, w: &crate::app::WarehouseStatus) -> Option<St
         (Some(r), Some(c)) => Some(format!("{r}; {c}")),
         (r, c) => r.or(c),
     }
+}
+
+/// What asks the operator to act about warehouse `w` though it streams: slots of its
+/// database with the engine's prefix that no configured warehouse uses (they retain WAL for
+/// ever), and mapped tables published under another name now. Read from the slot health
+/// the stream reads, so only the owner of the warehouse knows them.
+fn notices(state: &ApiState, w: &crate::app::WarehouseStatus) -> Vec<crate::console::Notice> {
+    let Some(health) = w.slot_health.borrow().clone() else {
+        return Vec::new();
+    };
+    let mut notices: Vec<crate::console::Notice> = health
+        .other_slots
+        .iter()
+        .filter(|s| !state.slots.contains(&s.name))
+        .map(|s| crate::console::Notice {
+            kind: "unused_slot",
+            detail: crate::check::unused_slot_detail(s),
+            fix: format!("if no other deployment uses it: {}", s.drop_statement()),
+        })
+        .collect();
+    if let Some(stage) = state.replayer.get() {
+        notices.extend(
+            stage
+                .renamed_tables(&w.id, &health.published)
+                .into_iter()
+                .map(|r| crate::console::Notice {
+                    kind: "renamed_table",
+                    detail: format!(
+                        "{} was renamed or moved to {}: the mapping follows the table, its changes flow",
+                        r.mapped_table, r.current_name
+                    ),
+                    fix: format!(
+                        "update the configuration: [[mappings]] table = {:?}",
+                        r.current_name
+                    ),
+                }),
+        );
+    }
+    notices
 }
 
 /// Ready when the state DB answers and every warehouse streams; otherwise 503 with each
@@ -798,7 +839,10 @@ async fn overview(State(state): State<Arc<ApiState>>) -> Json<serde_json::Value>
     Json(json!({
         "generatedAt": crate::time::format_unix_micros(micros),
         "sampleEverySeconds": crate::console::SAMPLE_EVERY.as_secs(),
-        "warehouses": state.history.views(&state.warehouses, &|w| why_not_ready(&state, w)),
+        "warehouses": state.history.views(&state.warehouses, &|w| crate::console::Remarks {
+            reason: why_not_ready(&state, w),
+            notices: notices(&state, w),
+        }),
     }))
 }
 

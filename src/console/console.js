@@ -153,7 +153,9 @@ function warehouseRow(w) {
   const owner = w.ownedHere ? `${w.owner || "?"} (this process)` : (w.owner || "nobody");
   return el("tr", { "data-warehouse": w.id },
     el("th", { scope: "row" }, w.id),
-    el("td", {}, state(w.state, w.reason), w.reason ? el("div", { class: "small" }, w.reason) : null),
+    el("td", {}, state(w.state, w.reason), w.reason ? el("div", { class: "small" }, w.reason) : null,
+      (w.notices || []).map((n) => el("div", { class: "small notice", "data-notice": n.kind },
+        `${n.detail}. `, el("code", {}, n.fix)))),
     el("td", { class: "small" }, owner),
     el("td", { class: "num" }, lag),
     el("td", {}, sparkline(w.history)),

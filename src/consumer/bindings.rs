@@ -126,6 +126,26 @@ impl Bindings {
         }
     }
 
+    /// The mapped tables of `warehouse_id` whose bound relation is published under another
+    /// name now (`published`: OID and name), as far as this process has bound them.
+    pub fn renamed(&self, warehouse_id: &str, published: &[(u32, String)]) -> Vec<Renamed> {
+        let Some(bound) = self.cached(warehouse_id) else {
+            return Vec::new();
+        };
+        let mut renamed: Vec<Renamed> = published
+            .iter()
+            .filter_map(|(oid, name)| {
+                let mapped = bound.by_oid.get(oid)?;
+                (**mapped != **name).then(|| Renamed {
+                    mapped_table: mapped.to_string(),
+                    current_name: name.clone(),
+                })
+            })
+            .collect();
+        renamed.sort_by(|a, b| a.mapped_table.cmp(&b.mapped_table));
+        renamed
+    }
+
     /// Says once that relation `oid`, bound to the mapping of `mapped`, is now named `now`,
     /// and records the name with the binding (for `check` and the console).
     pub async fn warn_renamed(

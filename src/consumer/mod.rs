@@ -277,6 +277,16 @@ impl Stage {
         self.bound(warehouse_id).await;
     }
 
+    /// The mapped tables of `warehouse_id` published under another name now (`published`:
+    /// the publication's OIDs and names), for the console.
+    pub fn renamed_tables(
+        &self,
+        warehouse_id: &str,
+        published: &[(u32, String)],
+    ) -> Vec<bindings::Renamed> {
+        self.bindings.renamed(warehouse_id, published)
+    }
+
     /// `warehouse_id`'s bindings (none when nothing is mapped).
     async fn bound(&self, warehouse_id: &str) -> Arc<bindings::Bound> {
         if self.settings.mappings.is_empty() {

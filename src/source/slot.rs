@@ -260,6 +260,60 @@ pub struct SlotHealth {
     /// The publication's tables (relation OID, `schema.table`), read with the health: what
     /// the load check compares with the tables loaded so far, with no connection of its own.
     pub published: Vec<(u32, String)>,
+    /// This database's other slots with the engine's prefix, read with the health: a slot
+    /// no configured warehouse uses (left by a renamed or removed one) retains WAL for ever.
+    pub other_slots: Vec<OtherSlot>,
+}
+
+/// The prefix of the slots the engine names by default (`inventorysync_<warehouse>`).
+pub const SLOT_PREFIX: &str = "inventorysync_";
+
+/// A logical slot of the same database with the engine's prefix (see [`other_slots`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OtherSlot {
+    /// Its name.
+    pub name: String,
+    /// Whether some process streams from it now.
+    pub active: bool,
+    /// WAL it keeps from being removed.
+    pub retained_wal_bytes: i64,
+}
+
+impl OtherSlot {
+    /// The statement that drops it (the slot's name quoted as a literal).
+    pub fn drop_statement(&self) -> String {
+        format!(
+            "SELECT pg_drop_replication_slot('{}');",
+            self.name.replace('\'', "''")
+        )
+    }
+}
+
+/// This database's logical slots named with [`SLOT_PREFIX`], but for those in `except`, in
+/// name order.
+pub async fn other_slots(
+    sql: &tokio_postgres::Client,
+    except: &[&str],
+) -> Result<Vec<OtherSlot>, tokio_postgres::Error> {
+    let rows = sql
+        .query(
+            "SELECT slot_name::text, active,
+                    coalesce(pg_wal_lsn_diff(CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END, restart_lsn), 0)::bigint
+               FROM pg_replication_slots
+              WHERE database = current_database() AND slot_type = 'logical'
+                AND starts_with(slot_name::text, $1) AND NOT slot_name::text = ANY($2)
+              ORDER BY slot_name",
+            &[&SLOT_PREFIX, &except],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| OtherSlot {
+            name: r.get(0),
+            active: r.get(1),
+            retained_wal_bytes: r.get(2),
+        })
+        .collect())
 }
 
 /// The tables of `publication` in this database: relation OID and `schema.table`, in name
@@ -315,6 +369,7 @@ pub async fn slot_health(
         safe_wal_size: r.get(2),
         lag_bytes: r.get(3),
         published: Vec::new(),
+        other_slots: Vec::new(),
     }))
 }
 

@@ -928,6 +928,7 @@ impl Session {
         }
         if let Some(tx) = &self.health {
             h.published = slot::published_relations(&self.sql, &self.publication).await?;
+            h.other_slots = slot::other_slots(&self.sql, &[self.slot.as_str()]).await?;
             tx.send_replace(Some(h));
         }
         Ok(())

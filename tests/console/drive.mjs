@@ -40,6 +40,9 @@ try {
     await page.locator(`#warehouses tr[data-warehouse="${w}"] .state`, { hasText: "streaming" }).waitFor({ timeout: 30000 });
   }
   seen.warehousesShownMs = Date.now() - signedIn;
+  // A slot the first warehouse's database keeps for no configured warehouse: shown with
+  // the statement that drops it (read with the slot's health, every 10 s).
+  await page.locator(`#warehouses tr[data-warehouse="${warehouses[0]}"] .notice`, { hasText: "pg_drop_replication_slot('inventorysync_left_behind')" }).waitFor({ timeout: 30000 });
   seen.keyInUrl = page.url().includes(key);
   seen.keyInStorage = await page.evaluate(() => sessionStorage.getItem("inventorysync.key") !== null);
   seen.cookies = (await page.context().cookies()).length;

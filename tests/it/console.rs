@@ -107,6 +107,45 @@ async fn the_console_is_served_with_a_strict_policy_and_no_cross_origin_access()
     assert_eq!(overview["sampleEverySeconds"], 10);
     // The first sample is taken at the start.
     assert!(!w["history"].as_array().unwrap().is_empty(), "{w}");
+    assert_eq!(w["notices"], serde_json::json!([]), "{w}");
+
+    // A slot left behind by a removed warehouse, and a mapped table renamed: the overview
+    // says so, with the way out, as `check` does (read with the slot's health, every 10 s).
+    db.exec(
+        "SELECT pg_create_logical_replication_slot('inventorysync_removed_wh', 'pgoutput');
+         ALTER TABLE locations RENAME TO sites;",
+    )
+    .await;
+    let mut notices = Value::Null;
+    for _ in 0..300 {
+        let (_, _, overview) = api.get("/sync/overview", Some(KEY)).await;
+        notices = overview["warehouses"][0]["notices"].clone();
+        if notices.as_array().is_some_and(|n| n.len() == 2) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    db.exec("SELECT pg_drop_replication_slot('inventorysync_removed_wh')")
+        .await;
+    let notices = notices.as_array().cloned().unwrap_or_default();
+    assert_eq!(notices.len(), 2, "{notices:?}\n{}", log_tail(&log));
+    assert_eq!(notices[0]["kind"], "unused_slot");
+    assert!(
+        notices[0]["detail"]
+            .as_str()
+            .unwrap()
+            .starts_with("inventorysync_removed_wh is no configured warehouse's slot"),
+        "{notices:?}"
+    );
+    assert_eq!(
+        notices[0]["fix"],
+        "if no other deployment uses it: SELECT pg_drop_replication_slot('inventorysync_removed_wh');"
+    );
+    assert_eq!(notices[1]["kind"], "renamed_table");
+    assert_eq!(
+        notices[1]["fix"],
+        "update the configuration: [[mappings]] table = \"public.sites\""
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -142,6 +181,9 @@ async fn an_operator_signs_in_and_works_both_warehouses_from_the_page() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(conflicts(&state).await.len(), 1, "{}", log_tail(&log));
+    // A slot left behind at the first warehouse: the page shows it and how to drop it.
+    east.exec("SELECT pg_create_logical_replication_slot('inventorysync_left_behind', 'pgoutput')")
+        .await;
 
     // INVENTORYSYNC_CONSOLE_SCREENSHOT=docs/console.png renews the README's picture.
     let screenshot = std::env::var_os("INVENTORYSYNC_CONSOLE_SCREENSHOT")
@@ -161,6 +203,8 @@ async fn an_operator_signs_in_and_works_both_warehouses_from_the_page() {
         .await
         .expect("the browser finished within 3 minutes")
         .expect("node runs");
+    east.exec("SELECT pg_drop_replication_slot('inventorysync_left_behind')")
+        .await;
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
