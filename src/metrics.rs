@@ -51,6 +51,9 @@ pub struct Metrics {
     /// Changes central answered whose lane position is not yet in `consumer_lanes`: those a
     /// crash sends again although central holds them.
     pub central_changes_unsettled: IntGaugeVec,
+    /// Records a Kafka consumer read whose offsets are not stored for commit yet, per
+    /// topic: what a rebalance or a crash makes the partition's next consumer read again.
+    pub consumer_records_uncommitted: IntGaugeVec,
     /// Commit time (Unix seconds) of the newest change with an outcome, per warehouse.
     pub delivered_commit_time: IntGaugeVec,
     /// Bytes of WAL between the warehouse's current position and the slot's confirmed flush.
@@ -212,6 +215,12 @@ impl Metrics {
                 "inventorysync_central_changes_unsettled",
                 "Changes the central API answered whose lane position is not yet stored in the state DB (after a crash they are sent again although central holds them).",
                 &["warehouse"],
+            ),
+            consumer_records_uncommitted: gauge(
+                &r,
+                "inventorysync_consumer_records_uncommitted",
+                "Records this consumer read from Kafka whose offsets are not stored for commit yet (not delivered yet, or behind one that is not): a rebalance or a crash makes the partition's next consumer read them again (what central already has is answered as duplicate).",
+                &["topic"],
             ),
             delivered_commit_time: gauge(
                 &r,

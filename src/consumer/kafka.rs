@@ -5,6 +5,7 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use futures_util::FutureExt;
 use futures_util::future::join_all;
@@ -39,6 +40,9 @@ struct Partition {
     fresh: bool,
     /// The group's assignment when `last` was read (see [`GroupEvents`]).
     assignment: u64,
+    /// The offset stored for commit last (the next to read after a rebalance); where
+    /// reading started before any was stored.
+    stored: i64,
 }
 
 /// The partitions read so far (a consumer holds a few; a linear scan beats hashing the
@@ -100,8 +104,37 @@ impl Partitions {
             read: offset,
             fresh: true,
             assignment,
+            stored: offset,
         });
         (stream, true)
+    }
+
+    /// Notes that `offset` (the next to read) was stored for commit on `topic/partition`.
+    fn stored(&mut self, topic: &str, partition: i32, offset: i64) {
+        if let Some(p) = self
+            .0
+            .iter_mut()
+            .find(|p| p.partition == partition && p.topic == topic)
+        {
+            p.stored = p.stored.max(offset);
+        }
+    }
+
+    /// Sets [`crate::metrics::Metrics::consumer_records_uncommitted`]: per topic, the
+    /// records read whose offsets are not stored yet.
+    fn gauge_uncommitted(&self) {
+        let mut per_topic: Vec<(&str, i64)> = Vec::new();
+        for p in &self.0 {
+            let n = (p.read + 1 - p.stored).max(0);
+            match per_topic.iter_mut().find(|(t, _)| *t == p.topic) {
+                Some((_, sum)) => *sum += n,
+                None => per_topic.push((&p.topic, n)),
+            }
+        }
+        let gauge = &crate::metrics::metrics().consumer_records_uncommitted;
+        for (topic, n) in per_topic {
+            gauge.with_label_values(&[topic]).set(n);
+        }
     }
 
     /// The highest offset read per partition since the last call: what a delivery of
@@ -192,14 +225,78 @@ fn subscription(template: &str) -> String {
     re
 }
 
+/// The consumer's default `session.timeout.ms` (see [`member`]).
+pub const SESSION_TIMEOUT_MS: &str = "10000";
+
+/// Fences within [`FENCE_WINDOW`] after which a consumer stops (see [`run`]).
+const FENCES_BEFORE_STOP: usize = 3;
+
+/// See [`FENCES_BEFORE_STOP`].
+const FENCE_WINDOW: Duration = Duration::from_secs(300);
+
+/// How a group member ended.
+enum Ended {
+    /// `cancel` (the process stops).
+    Cancelled,
+    /// The group coordinator fenced its `group.instance.id`.
+    Fenced,
+}
+
 /// Consumes the change topic(s) in group `kafka.group_id` until `cancel`, delivering the
 /// changes of `warehouses` (records of other warehouses are skipped).
+///
+/// A static member is fenced when another member joins with its `group.instance.id`: a
+/// second process given the same id, or this very process rejoining after its session ran
+/// out while the coordinator was out of reach (a broker stopped longer than
+/// `session.timeout.ms`: seen on a 3-broker cluster). The fenced client is unusable, so the
+/// consumer joins again with a new one, from the committed offsets (the lane positions skip
+/// what it delivered since). Fenced [`FENCES_BEFORE_STOP`] times within [`FENCE_WINDOW`],
+/// two processes share the id: it stops with a configuration error that says so.
 pub async fn run(
     kafka: KafkaSettings,
     warehouses: HashSet<String>,
     stage: Arc<Stage>,
     cancel: CancellationToken,
 ) -> Result<(), BusError> {
+    let mut fences: VecDeque<Instant> = VecDeque::new();
+    loop {
+        match member(&kafka, &warehouses, &stage, &cancel).await? {
+            Ended::Cancelled => return Ok(()),
+            Ended::Fenced => {
+                fences.push_back(Instant::now());
+                while fences.front().is_some_and(|t| t.elapsed() > FENCE_WINDOW) {
+                    fences.pop_front();
+                }
+                let id = kafka.group_instance_id.as_deref().unwrap_or_default();
+                if fences.len() >= FENCES_BEFORE_STOP {
+                    return Err(BusError::Config {
+                        key: "KAFKA_GROUP_INSTANCE_ID".into(),
+                        reason: format!(
+                            "fenced {} times within {} s in group {}: another consumer joins with the same group.instance.id {id:?}; give each run process its own KAFKA_GROUP_INSTANCE_ID (the default is the host name and the API_LISTEN port)",
+                            fences.len(),
+                            FENCE_WINDOW.as_secs(),
+                            kafka.group_id,
+                        ),
+                    });
+                }
+                let wait = Duration::from_secs(2 * fences.len() as u64);
+                tracing::warn!(group = %kafka.group_id, group_instance_id = %id, wait_s = wait.as_secs(), "the group coordinator fenced this consumer: its session ran out while the coordinator was out of reach, or another process uses the same group.instance.id; joining again from the committed offsets");
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = cancel.cancelled() => return Ok(()),
+                }
+            }
+        }
+    }
+}
+
+/// One member of the group, from joining until `cancel` or a fence (see [`run`]).
+async fn member(
+    kafka: &KafkaSettings,
+    warehouses: &HashSet<String>,
+    stage: &Arc<Stage>,
+    cancel: &CancellationToken,
+) -> Result<Ended, BusError> {
     let mut config = ClientConfig::new();
     config
         .set("bootstrap.servers", &kafka.brokers)
@@ -220,7 +317,14 @@ pub async fn run(
         // second (measured: stalls of 400-700 ms every ~50,000 records), so fetch again soon.
         .set("fetch.queue.backoff.ms", "10")
         // Per-table topics appear as tables change; find them soon.
-        .set("topic.metadata.refresh.interval.ms", "2000");
+        .set("topic.metadata.refresh.interval.ms", "2000")
+        // A static member (KAFKA_GROUP_INSTANCE_ID) sends no LeaveGroup when it stops, so a
+        // process taken away for good holds its partitions until this runs out: 45 s by
+        // default, measured as 56.8 s without a consumer for its partition on a 3-broker
+        // cluster (tests/it/cluster.rs). A restarted process is back well within 10 s, and
+        // keeps its partitions without a rebalance. KAFKA_PROPERTY_SESSION_TIMEOUT_MS
+        // overrides it (a slower restart, e.g. a container rescheduled elsewhere).
+        .set("session.timeout.ms", SESSION_TIMEOUT_MS);
     match &kafka.group_instance_id {
         Some(id) => {
             config.set("group.instance.id", id);
@@ -257,7 +361,8 @@ pub async fn run(
     let preparing = Arc::new(tokio::sync::Semaphore::new(2));
     // Resolves once the newest batch in flight took its lanes' turns (true) or gave up.
     let mut last_turns: Option<tokio::sync::oneshot::Receiver<bool>> = None;
-    loop {
+    let mut ended = Ended::Cancelled;
+    'consume: loop {
         let flush_due = first_at.map(|t| t + limits.linger);
         let msg = tokio::select! {
             m = consumer.recv() => Some(m),
@@ -266,7 +371,7 @@ pub async fn run(
                 if !ok {
                     break;
                 }
-                store(&consumer, done);
+                store(&consumer, done, &mut partitions);
                 // What lingered behind that delivery goes now.
                 if buffered == 0 {
                     continue;
@@ -291,7 +396,7 @@ pub async fn run(
                             &mut partitions,
                             &stopped,
                             &kafka.dlq_topic,
-                            &warehouses,
+                            warehouses,
                             &mut tables,
                         ) {
                             Read::Deliver(warehouse, item) => {
@@ -335,14 +440,8 @@ pub async fn run(
                     Err(e)
                         if e.rdkafka_error_code() == Some(RDKafkaErrorCode::FencedInstanceId) =>
                     {
-                        return Err(BusError::Config {
-                            key: "KAFKA_GROUP_INSTANCE_ID".into(),
-                            reason: format!(
-                                "another consumer joined group {} with the same group.instance.id {:?} and fenced this one: give each run process its own KAFKA_GROUP_INSTANCE_ID (the default is the host name and the API_LISTEN port)",
-                                kafka.group_id,
-                                kafka.group_instance_id.as_deref().unwrap_or_default()
-                            ),
-                        });
+                        ended = Ended::Fenced;
+                        break 'consume;
                     }
                     Err(e) => tracing::debug!(error = %e, "consumer"),
                 }
@@ -351,6 +450,7 @@ pub async fn run(
                 }
                 next = consumer.recv().now_or_never();
             }
+            partitions.gauge_uncommitted();
             // Linger only behind a delivery in flight: with nothing in flight the records
             // read go at once (low latency when quiet); under load the batch grows while the
             // previous one is delivered.
@@ -377,7 +477,7 @@ pub async fn run(
                     if !ok {
                         break None;
                     }
-                    store(&consumer, done);
+                    store(&consumer, done, &mut partitions);
                 }
                 p = budget.clone().acquire_many_owned(wanted), if inflight.len() < MAX_IN_FLIGHT => {
                     break p.ok();
@@ -436,12 +536,12 @@ pub async fn run(
         if !ok {
             break;
         }
-        store(&consumer, done);
+        store(&consumer, done, &mut partitions);
     }
     if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
         tracing::debug!(error = %e, "final offset commit");
     }
-    Ok(())
+    Ok(ended)
 }
 
 /// The table names of the records read, shared by the records of one table instead of a
@@ -642,14 +742,17 @@ impl ConsumerContext for GroupEvents {
 }
 
 /// Stores the offsets of delivered records (committed in the background).
-fn store(consumer: &Group, done: Vec<Position>) {
+fn store(consumer: &Group, done: Vec<Position>, partitions: &mut Partitions) {
     for (topic, partition, offset) in done {
         tracing::debug!(topic = %topic, partition, offset, "offset stored");
+        // (The client commits offset + 1, the next to read.)
         if let Err(e) = consumer.store_offset(&topic, partition, offset) {
             // The partition moved to another consumer: it replays from the last commit.
             tracing::debug!(error = %e, topic = %topic, partition, "offset not stored");
         }
+        partitions.stored(&topic, partition, offset + 1);
     }
+    partitions.gauge_uncommitted();
 }
 
 async fn sleep_until_opt(t: Option<Instant>) {

@@ -42,6 +42,12 @@ impl Stage {
             }
         };
         let reason = result.reason.clone().unwrap_or_default();
+        let superseded = match (&result.status, result.current_version.as_deref()) {
+            (ResultStatus::Stale, Some(v)) => {
+                v <= sent_high || self.sent_by_another(warehouse_id, v).await?
+            }
+            _ => false,
+        };
         match result.status {
             ResultStatus::Applied => {
                 outcome = "applied";
@@ -49,13 +55,9 @@ impl Stage {
             ResultStatus::Duplicate => {
                 outcome = "duplicate";
             }
-            ResultStatus::Stale
-                if result
-                    .current_version
-                    .as_deref()
-                    .is_some_and(|v| v <= sent_high) =>
-            {
-                // Central holds a newer version we sent before (a replay after a restart).
+            ResultStatus::Stale if superseded => {
+                // Central holds a newer version we sent before (a replay after a restart, or
+                // after a rebalance moved the partition from another consumer).
                 outcome = "superseded";
             }
             ResultStatus::Stale => {
@@ -291,6 +293,20 @@ impl Stage {
     {
         self.retry("cannot record an outcome in the state DB", write)
             .await
+    }
+
+    /// Whether `version`, which central holds, was sent by another consumer of this
+    /// warehouse: each raises `consumer_progress.sent_version` before it sends, and this
+    /// process read it only when it first sent. A partition taken over in a rebalance
+    /// replays what its consumer before delivered, at older versions than that one sent
+    /// since: central answers `stale` with a version of ours, not someone else's.
+    async fn sent_by_another(&self, warehouse_id: &str, version: &str) -> Result<bool, Cancelled> {
+        let stored = self
+            .retry("cannot read the consumer's progress", || {
+                self.state.sent_version(warehouse_id)
+            })
+            .await?;
+        Ok(stored.is_some_and(|s| version <= s.as_str()))
     }
 
     /// Runs `attempt` until it succeeds, waiting with backoff between failures (logged with

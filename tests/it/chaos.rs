@@ -17,7 +17,7 @@ use crate::consumer::{Central, conflicts, dead_letters, log_tail, run_command, s
 use crate::harness::{TestDb, free_port, pg};
 
 /// The demo mapping with the wide product columns mapped too.
-const MAPPING: &str = r#"
+pub(crate) const MAPPING: &str = r#"
 [[mappings]]
 table = "public.products"
 entity = "product"
@@ -47,7 +47,7 @@ fn blob(n: u64) -> String {
 }
 
 /// A warehouse with the demo schema, a wide `notes` column and a seed for the initial load.
-async fn chaos_warehouse(prefix: &str) -> TestDb {
+pub(crate) async fn chaos_warehouse(prefix: &str) -> TestDb {
     let db = pg().new_db(prefix).await;
     db.exec(include_str!("../../sql/demo_schema.sql")).await;
     db.exec(&format!(
@@ -70,7 +70,7 @@ async fn chaos_warehouse(prefix: &str) -> TestDb {
 }
 
 /// Central's expected state for `db`: "entity key" → data.
-async fn expected(db: &TestDb) -> BTreeMap<String, Value> {
+pub(crate) async fn expected(db: &TestDb) -> BTreeMap<String, Value> {
     crate::consumer::expected_from(
         db,
         &format!(
@@ -86,7 +86,7 @@ async fn expected(db: &TestDb) -> BTreeMap<String, Value> {
 
 /// A seeded random workload until `stop`: every statement is valid (quantities ≥ 0,
 /// reserved ≤ on hand), so nothing may end up as a conflict or a dead letter.
-async fn random_workload(url: String, seed: u64, stop: Instant) -> u64 {
+pub(crate) async fn random_workload(url: String, seed: u64, stop: Instant) -> u64 {
     let db = crate::harness::connect(&url).await;
     let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
     let mut next = move |n: u64| {

@@ -614,42 +614,120 @@ pub fn ops(events: &[serde_json::Value]) -> Vec<(String, serde_json::Value)> {
         .collect()
 }
 
-/// A Kafka-protocol broker (tansu, in memory).
-pub struct Broker {
-    /// `127.0.0.1:port`.
-    pub address: String,
-    /// Where the wrapper wrote tansu's pid.
-    pid_file: PathBuf,
-}
-
-fn tansu_bin() -> PathBuf {
-    if let Some(p) = std::env::var_os("INVENTORYSYNC_TEST_TANSU") {
+/// Apache Kafka's installation that scripts/lib/kafka.sh makes (a directory whose `lib/`
+/// holds the broker's jars, and `log4j2.properties`), found as it leaves it when
+/// `INVENTORYSYNC_TEST_KAFKA_HOME` is not set.
+pub fn kafka_home() -> PathBuf {
+    if let Some(p) = std::env::var_os("INVENTORYSYNC_TEST_KAFKA_HOME") {
         return PathBuf::from(p);
     }
-    // Where scripts/lib/tansu.sh builds the broker with its fetch fix (keep the two in step).
+    let pom = include_str!("../../scripts/lib/kafka/pom.xml");
+    let version = pom
+        .split_once("<kafka.version>")
+        .and_then(|(_, rest)| rest.split_once('<'))
+        .map(|(v, _)| v)
+        .expect("scripts/lib/kafka/pom.xml names <kafka.version>");
     let cache = std::env::var_os("XDG_CACHE_HOME")
         .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")));
-    cache
-        .map(|c| c.join("inventorysync/tansu-0.6.0-fix3/bin/tansu"))
-        .filter(|p| p.exists())
-        .unwrap_or_else(|| PathBuf::from("tansu"))
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_default();
+    cache.join(format!("inventorysync/kafka-{version}"))
 }
 
-impl Broker {
-    /// Starts a broker that stops when this process exits.
-    pub fn start() -> Broker {
-        let port = free_port();
-        let url = format!("tcp://127.0.0.1:{port}");
-        let pid_file = std::env::temp_dir().join(format!("inventorysync-tansu-{port}.pid"));
-        let script = format!(
-            "{bin} broker --listener-url {url} --advertised-listener-url {url} --storage-engine memory://tansu/ >/dev/null 2>&1 & b=$!; \
-             echo $b > {pid_file}; \
-             while [ -d /proc/{pid} ] && kill -0 $b 2>/dev/null; do sleep 1; done; kill -CONT $b 2>/dev/null; kill $b 2>/dev/null",
-            bin = tansu_bin().display(),
-            pid = std::process::id(),
-            pid_file = pid_file.display(),
+/// The cluster id every test node is formatted with (a node joins only its own cluster's
+/// quorum; each test cluster has its own ports and directories).
+const CLUSTER_ID: &str = "aW52ZW50b3J5c3luYy10MQ";
+
+/// One Apache Kafka node in KRaft mode, broker and controller combined, on loopback, with
+/// its configuration, data and log in a directory of its own. It stops when this process
+/// exits (a wrapper shell watches it), and can be killed and started again.
+pub struct KafkaNode {
+    /// Its node id in the quorum.
+    pub id: u32,
+    /// `127.0.0.1:port` of its client listener.
+    pub address: String,
+    dir: PathBuf,
+}
+
+impl KafkaNode {
+    /// Writes node `id`'s configuration (`port` for clients, `controller` for the quorum,
+    /// `voters` the quorum's `id@host:port` list; `extra` more broker settings), formats its
+    /// storage and starts it.
+    pub fn start(id: u32, port: u16, controller: u16, voters: &str, extra: &str) -> KafkaNode {
+        let node = Self::configure(id, port, controller, voters, extra);
+        node.spawn();
+        node.wait_listening();
+        node
+    }
+
+    /// Writes node `id`'s configuration (see [`KafkaNode::start`]) without starting it.
+    pub fn configure(id: u32, port: u16, controller: u16, voters: &str, extra: &str) -> KafkaNode {
+        let dir = std::env::temp_dir().join(format!("inventorysync-kafka-{port}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("the broker's directory");
+        let replicas = voters.split(',').count().min(3);
+        std::fs::write(
+            dir.join("server.properties"),
+            format!(
+                "process.roles=broker,controller\n\
+                 node.id={id}\n\
+                 controller.quorum.voters={voters}\n\
+                 listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller}\n\
+                 advertised.listeners=PLAINTEXT://127.0.0.1:{port}\n\
+                 controller.listener.names=CONTROLLER\n\
+                 listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT\n\
+                 inter.broker.listener.name=PLAINTEXT\n\
+                 log.dirs={data}\n\
+                 num.partitions=1\n\
+                 offsets.topic.replication.factor={replicas}\n\
+                 offsets.topic.num.partitions=10\n\
+                 transaction.state.log.replication.factor={replicas}\n\
+                 transaction.state.log.min.isr=1\n\
+                 group.initial.rebalance.delay.ms=0\n\
+                 {extra}\n",
+                data = dir.join("data").display(),
+            ),
+        )
+        .expect("the broker's configuration");
+        KafkaNode {
+            id,
+            address: format!("127.0.0.1:{port}"),
+            dir,
+        }
+    }
+
+    /// Starts the node (again): [`KafkaNode::spawn`], then waits until it listens.
+    pub fn run(&self) {
+        self.spawn();
+        self.wait_listening();
+    }
+
+    /// Starts the node without waiting: formats its storage the first time, then runs the
+    /// broker under a wrapper that kills it once this test process is gone. (The nodes of a
+    /// cluster start together: a node's broker serves once the quorum has a leader.)
+    pub fn spawn(&self) {
+        let home = kafka_home();
+        assert!(
+            home.join("lib").is_dir(),
+            "Apache Kafka is not installed at {} (scripts/test installs it; or set INVENTORYSYNC_TEST_KAFKA_HOME)",
+            home.display()
         );
+        let java = format!(
+            "java -Xms128m -Xmx512m -XX:+UseG1GC -Djava.awt.headless=true -Dlog4j2.configurationFile={log4j} -cp '{lib}/*'",
+            log4j = home.join("log4j2.properties").display(),
+            lib = home.join("lib").display(),
+        );
+        let script = format!(
+            "cd {dir} || exit 1; \
+             [ -f data/meta.properties ] || {java} kafka.tools.StorageTool format --ignore-formatted -t {CLUSTER_ID} -c server.properties >>broker.log 2>&1 || exit 1; \
+             {java} kafka.Kafka server.properties >>broker.log 2>&1 & b=$!; \
+             echo $b > pid; \
+             while [ -d /proc/{me} ] && kill -0 $b 2>/dev/null; do sleep 1; done; kill -9 $b 2>/dev/null; \
+             [ -d /proc/{me} ] || rm -rf {dir}",
+            dir = self.dir.display(),
+            me = std::process::id(),
+        );
+        let _ = std::fs::remove_file(self.dir.join("pid"));
         // The wrapper outlives this process on purpose, to stop the broker after it.
         #[allow(clippy::zombie_processes)]
         Command::new("sh")
@@ -658,34 +736,88 @@ impl Broker {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .expect("tansu starts (scripts/test installs it)");
-        let address = format!("127.0.0.1:{port}");
-        for _ in 0..200 {
-            if std::net::TcpStream::connect(&address).is_ok() {
-                return Broker { address, pid_file };
+            .expect("sh starts the broker");
+    }
+
+    /// Waits until the node listens for clients (60 s at most).
+    pub fn wait_listening(&self) {
+        for _ in 0..600 {
+            if std::net::TcpStream::connect(&self.address).is_ok() {
+                return;
             }
             std::thread::sleep(Duration::from_millis(100));
         }
         panic!(
-            "tansu did not listen on {address} within 20 s ({})",
-            tansu_bin().display()
+            "Apache Kafka did not listen on {} within 60 s; its log ends:\n{}",
+            self.address,
+            self.log_tail()
         );
     }
 
-    /// Sends `signal` (e.g. `STOP`, `CONT`) to the broker process.
+    /// The last lines of the node's log.
+    pub fn log_tail(&self) -> String {
+        let log = std::fs::read_to_string(self.dir.join("broker.log")).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    }
+
+    /// Sends `signal` (e.g. `STOP`, `CONT`, `KILL`) to the broker's JVM.
     pub fn signal(&self, signal: &str) {
-        assert!(
-            !self.pid_file.as_os_str().is_empty(),
-            "an external broker cannot be signalled; start a dedicated one with Broker::start"
-        );
-        let pid = std::fs::read_to_string(&self.pid_file).expect("tansu pid file");
+        let pid = std::fs::read_to_string(self.dir.join("pid")).expect("the broker's pid file");
         let ok = Command::new("kill")
             .arg(format!("-{signal}"))
             .arg(pid.trim())
             .status()
             .expect("kill runs")
             .success();
-        assert!(ok, "kill -{signal} tansu");
+        assert!(ok, "kill -{signal} the broker of node {}", self.id);
+    }
+
+    /// Kills the broker's JVM (kill -9) and waits until its port is free.
+    pub fn kill(&self) {
+        self.signal("KILL");
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(&self.address).is_err() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// A Kafka broker for the tests: Apache Kafka, a single KRaft node (DESIGN §8).
+pub struct Broker {
+    /// `127.0.0.1:port`.
+    pub address: String,
+    /// The node; none for an external broker.
+    node: Option<KafkaNode>,
+}
+
+impl Broker {
+    /// Starts a single-node broker that stops when this process exits.
+    pub fn start() -> Broker {
+        let (port, controller) = (free_port(), free_port());
+        let node = KafkaNode::start(
+            1,
+            port,
+            controller,
+            &format!("1@127.0.0.1:{controller}"),
+            "",
+        );
+        Broker {
+            address: node.address.clone(),
+            node: Some(node),
+        }
+    }
+
+    /// Sends `signal` (e.g. `STOP`, `CONT`) to the broker process.
+    pub fn signal(&self, signal: &str) {
+        self.node
+            .as_ref()
+            .expect(
+                "an external broker cannot be signalled; start a dedicated one with Broker::start",
+            )
+            .signal(signal);
     }
 }
 
@@ -696,7 +828,7 @@ pub fn broker() -> &'static Broker {
     BROKER.get_or_init(|| match std::env::var("INVENTORYSYNC_TEST_KAFKA_BROKERS") {
         Ok(address) if !address.trim().is_empty() => Broker {
             address,
-            pid_file: PathBuf::new(),
+            node: None,
         },
         _ => Broker::start(),
     })

@@ -3,6 +3,7 @@
 mod api;
 mod chaos;
 mod cli;
+mod cluster;
 mod console;
 mod consumer;
 mod errors;
