@@ -524,24 +524,10 @@ async fn check_other_slots(r: &mut Report, w: &WarehouseConfig, configured: &[&s
         r.warn(
             &t,
             "unused slot",
-            unused_slot_detail(&slot),
+            slot.detail(),
             format!("if no other deployment uses it: {}", slot.drop_statement()),
         );
     }
-}
-
-/// What `check` and the console say of a slot no configured warehouse uses.
-pub fn unused_slot_detail(slot: &crate::source::slot::OtherSlot) -> String {
-    format!(
-        "{} is no configured warehouse's slot and retains {} MB of WAL{}",
-        slot.name,
-        slot.retained_wal_bytes / (1 << 20),
-        if slot.active {
-            " (in use by some process)"
-        } else {
-            ""
-        }
-    )
 }
 
 /// A URL at a hot standby (decoding there, PostgreSQL 16+): whether `primary_url` is set and

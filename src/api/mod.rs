@@ -438,7 +438,7 @@ fn notices(state: &ApiState, w: &crate::app::WarehouseStatus) -> Vec<crate::cons
         .filter(|s| !state.slots.contains(&s.name))
         .map(|s| crate::console::Notice {
             kind: "unused_slot",
-            detail: crate::check::unused_slot_detail(s),
+            detail: s.detail(),
             fix: format!("if no other deployment uses it: {}", s.drop_statement()),
         })
         .collect();

@@ -280,6 +280,20 @@ pub struct OtherSlot {
 }
 
 impl OtherSlot {
+    /// What `check` and the console say of it when no configured warehouse uses it.
+    pub fn detail(&self) -> String {
+        format!(
+            "{} is no configured warehouse's slot and retains {} MB of WAL{}",
+            self.name,
+            self.retained_wal_bytes / (1 << 20),
+            if self.active {
+                " (in use by some process)"
+            } else {
+                ""
+            }
+        )
+    }
+
     /// The statement that drops it (the slot's name quoted as a literal).
     pub fn drop_statement(&self) -> String {
         format!(
