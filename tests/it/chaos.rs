@@ -298,54 +298,14 @@ async fn chaos(kafka: bool) {
         cycle_started.elapsed()
     );
     // Records a broker did not hand out are lost to any consumer: say so before comparing.
-    let gaps: Vec<String> = (0..4)
-        .map(|i| dir.join(format!("run{i}.log")))
-        .chain([log.clone()])
-        .filter_map(|p| std::fs::read_to_string(p).ok())
-        .flat_map(|l| {
-            l.lines()
-                .filter(|l| l.contains("the broker skipped offsets"))
-                .map(str::to_string)
-                .collect::<Vec<_>>()
-        })
-        .collect();
-    assert!(
-        gaps.is_empty(),
-        "the broker skipped offsets of partitions being read (its records are lost to every consumer):\n{}",
-        gaps.join("\n")
+    assert_no_skipped_offsets(
+        (0..4)
+            .map(|i| dir.join(format!("run{i}.log")))
+            .chain([log.clone()]),
     );
     // A succeeded cycle means central holds every change: compare field by field, now.
     for (db, id) in [(&east, "wh-east"), (&west, "wh-west")] {
-        let want = expected(db).await;
-        let got = central.state(id).await;
-        let wrong: Vec<_> = want
-            .iter()
-            .filter(|(k, v)| got.get(*k) != Some(v))
-            .map(|(k, _)| k)
-            .take(5)
-            .collect();
-        let extra: Vec<_> = got
-            .keys()
-            .filter(|k| !want.contains_key(*k))
-            .take(5)
-            .collect();
-        if !(wrong.is_empty() && extra.is_empty()) {
-            post_mortem(
-                &central,
-                db,
-                id,
-                kafka.then_some(topic.as_str()),
-                &wrong,
-                &extra,
-            )
-            .await;
-        }
-        assert!(
-            wrong.is_empty() && extra.is_empty(),
-            "{id}: central differs from the warehouse ({} vs {} entities); missing or different: {wrong:?}; extra: {extra:?}",
-            got.len(),
-            want.len()
-        );
+        assert_equal(&central, db, id, kafka.then_some(topic.as_str())).await;
     }
     assert_eq!(
         conflicts(&state).await,
@@ -374,6 +334,53 @@ async fn chaos(kafka: bool) {
             );
         }
     }
+}
+
+/// Fails when a log of `logs` says the broker skipped offsets of a partition being read
+/// (its records are lost to every consumer).
+pub(crate) fn assert_no_skipped_offsets(logs: impl Iterator<Item = std::path::PathBuf>) {
+    let gaps: Vec<String> = logs
+        .filter_map(|p| std::fs::read_to_string(p).ok())
+        .flat_map(|l| {
+            l.lines()
+                .filter(|l| l.contains("the broker skipped offsets"))
+                .map(str::to_string)
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    assert!(
+        gaps.is_empty(),
+        "the broker skipped offsets of partitions being read (its records are lost to every consumer):\n{}",
+        gaps.join("\n")
+    );
+}
+
+/// Asserts that central holds exactly `db`'s tables for warehouse `id`, field by field;
+/// otherwise prints a post-mortem of the differing entities (with their records in `topic`)
+/// and fails.
+pub(crate) async fn assert_equal(central: &Central, db: &TestDb, id: &str, topic: Option<&str>) {
+    let want = expected(db).await;
+    let got = central.state(id).await;
+    let wrong: Vec<_> = want
+        .iter()
+        .filter(|(k, v)| got.get(*k) != Some(v))
+        .map(|(k, _)| k)
+        .take(5)
+        .collect();
+    let extra: Vec<_> = got
+        .keys()
+        .filter(|k| !want.contains_key(*k))
+        .take(5)
+        .collect();
+    if !(wrong.is_empty() && extra.is_empty()) {
+        post_mortem(central, db, id, topic, &wrong, &extra).await;
+    }
+    assert!(
+        wrong.is_empty() && extra.is_empty(),
+        "{id}: central differs from the warehouse ({} vs {} entities); missing or different: {wrong:?}; extra: {extra:?}",
+        got.len(),
+        want.len()
+    );
 }
 
 /// Prints what central holds for each differing entity, the warehouse's row, and on Kafka

@@ -21,9 +21,11 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use serde_json::Value;
 
 use crate::api::{Api, KEY};
-use crate::chaos::{MAPPING, chaos_warehouse, expected, random_workload};
+use crate::chaos::{
+    MAPPING, assert_equal, assert_no_skipped_offsets, chaos_warehouse, random_workload,
+};
 use crate::consumer::{Central, conflicts, dead_letters, log_tail, run_command_on, start};
-use crate::harness::{KafkaNode, TestDb, free_port};
+use crate::harness::{KafkaNode, free_port};
 
 /// Three KRaft nodes, each broker and controller.
 struct Cluster {
@@ -473,7 +475,7 @@ async fn a_three_broker_cluster_loses_nothing_through_leader_kills_a_stopped_bro
     sampler.abort();
 
     // Central equals the warehouse, field by field.
-    compare(&central, &db, "wh-cluster").await;
+    assert_equal(&central, &db, "wh-cluster", Some(&topic)).await;
     assert_eq!(conflicts(&state).await, Vec::<Value>::new());
     assert_eq!(dead_letters(&state).await, Vec::<Value>::new());
     let stats = central.stats().await;
@@ -481,18 +483,7 @@ async fn a_three_broker_cluster_loses_nothing_through_leader_kills_a_stopped_bro
         stats["reordered"], 0,
         "per key, versions only grow in a request: {stats}"
     );
-    let gaps: Vec<String> = logs
-        .iter()
-        .flat_map(|(_, p)| {
-            std::fs::read_to_string(p)
-                .unwrap_or_default()
-                .lines()
-                .filter(|l| l.contains("the broker skipped offsets"))
-                .map(str::to_string)
-                .collect::<Vec<_>>()
-        })
-        .collect();
-    assert!(gaps.is_empty(), "offsets skipped:\n{}", gaps.join("\n"));
+    assert_no_skipped_offsets(logs.iter().map(|(_, p)| p.clone()));
 
     // Sent twice: at most what the consumers had unsettled at the faults.
     let twice = stats["duplicate"].as_u64().unwrap() + stats["stale"].as_u64().unwrap();
@@ -537,27 +528,4 @@ async fn a_three_broker_cluster_loses_nothing_through_leader_kills_a_stopped_bro
         );
     }
     drop(b);
-}
-
-/// Central's state of `warehouse` against `db`'s tables, field by field.
-async fn compare(central: &Central, db: &TestDb, warehouse: &str) {
-    let want = expected(db).await;
-    let got = central.state(warehouse).await;
-    let wrong: Vec<_> = want
-        .iter()
-        .filter(|(k, v)| got.get(*k) != Some(v))
-        .map(|(k, _)| k)
-        .take(5)
-        .collect();
-    let extra: Vec<_> = got
-        .keys()
-        .filter(|k| !want.contains_key(*k))
-        .take(5)
-        .collect();
-    assert!(
-        wrong.is_empty() && extra.is_empty(),
-        "{warehouse}: central differs from the warehouse ({} vs {} entities); missing or different: {wrong:?}; extra: {extra:?}",
-        got.len(),
-        want.len()
-    );
 }
