@@ -42,6 +42,13 @@ psql=(psql -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$port" -U postgres)
 central_pid=$!
 pids+=($central_pid)
 cpu_s() { awk '{printf "%.2f", ($14 + $15) / 100}' "/proc/$1/stat"; }
+# The CPU seconds of every PostgreSQL process running now (the benchmark's cluster: its
+# walsenders and backends; one that ended in between is not counted).
+pg_cpu_s() {
+  local p
+  for p in $(pgrep -u postgres -x postgres); do cat "/proc/$p/stat" 2>/dev/null; done |
+    awk '{ s += $14 + $15 } END { printf "%.2f", s / 100 }'
+}
 stats() { curl -sf "http://127.0.0.1:$cport/admin/stats${1:-}"; }
 applied() { # [at least]: central's count of applied changes (once it reached that many,
   # or after 60 s); without a Python start per call
