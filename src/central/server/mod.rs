@@ -260,6 +260,7 @@ impl CentralServer {
         Router::new()
             .route("/api/warehouse/{id}/changes", post(post_changes))
             .route("/api/warehouse/{id}/inventory", get(get_inventory))
+            .route("/api/warehouse/{id}/entities", get(get_entities))
             .route("/admin/faults", get(get_faults).put(put_faults))
             .route("/admin/stats", get(get_stats).delete(reset_stats))
             .route(
@@ -320,6 +321,108 @@ fn current_faults(state: &ServerState) -> Faults {
         .clone()
 }
 
+/// A 401 when the server has a token and `headers` do not carry it as a bearer token.
+fn unauthorized(state: &ServerState, headers: &HeaderMap) -> Option<Response> {
+    let token = state.token.as_ref()?;
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    if given == Some(token.as_str()) {
+        return None;
+    }
+    state.stats.unauthorized.fetch_add(1, Ordering::Relaxed);
+    let mut r = error(
+        StatusCode::UNAUTHORIZED,
+        "unauthorized",
+        "a valid bearer token is required",
+    );
+    r.headers_mut()
+        .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    Some(r)
+}
+
+/// The query of `GET /{warehouse_id}/entities` (DESIGN §3), as text: each is checked by
+/// [`get_entities`], which names the one that is wrong.
+#[derive(Deserialize)]
+struct EntitiesQuery {
+    entity: Option<String>,
+    after: Option<String>,
+    limit: Option<String>,
+}
+
+/// The most rows one page of the listing holds, and how many when `limit` is not given.
+const MAX_PAGE: usize = 10_000;
+const DEFAULT_PAGE: usize = 1_000;
+
+/// `GET /{warehouse_id}/entities?entity=E&after=K&limit=N`: central's live rows of one
+/// entity of a warehouse in key order, a page at a time (DESIGN §3).
+async fn get_entities(
+    State(state): State<Arc<ServerState>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    query: Result<Query<EntitiesQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    if let Some(refused) = unauthorized(&state, &headers) {
+        return refused;
+    }
+    let bad = |m: String| error(StatusCode::BAD_REQUEST, "bad_request", m);
+    let Ok(Query(q)) = query else {
+        return bad("the query string is not valid: expected entity=…&after=…&limit=…".into());
+    };
+    let entity = match q.entity.as_deref() {
+        None => return bad("entity is required: stock_level, product or location".into()),
+        Some(e) => match serde_json::from_value::<Entity>(Value::String(e.to_string())) {
+            Ok(entity) => entity,
+            Err(_) => {
+                return bad(format!(
+                    "entity {e:?} is not one of stock_level, product, location"
+                ));
+            }
+        },
+    };
+    let limit = match q.limit.as_deref() {
+        None => DEFAULT_PAGE,
+        Some(l) => match l.parse::<usize>() {
+            Ok(n) if (1..=MAX_PAGE).contains(&n) => n,
+            _ => {
+                return bad(format!(
+                    "limit {l:?} is not a whole number from 1 to {MAX_PAGE}"
+                ));
+            }
+        },
+    };
+    if let Some(after) = q.after.as_deref() {
+        // A cursor is a key's canonical JSON, as `next` gave it.
+        let canonical = serde_json::from_str::<Map<String, Value>>(after)
+            .ok()
+            .and_then(|m| serde_json::to_string(&m).ok());
+        if canonical.as_deref() != Some(after) {
+            return bad(format!(
+                "after {after:?} is not a key's canonical JSON (an object, fields in byte order, no spaces), as `next` gives it"
+            ));
+        }
+    }
+    match state
+        .store
+        .page(&id, entity, q.after.as_deref(), limit)
+        .await
+    {
+        Ok((items, next)) => Json(json!({
+            "warehouse_id": id,
+            "entity": entity,
+            "items": items,
+            "next": next,
+        }))
+        .into_response(),
+        Err(e) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            format!("store: {e}"),
+        ),
+    }
+}
+
 async fn post_changes(
     State(state): State<Arc<ServerState>>,
     Path(id): Path<String>,
@@ -327,22 +430,8 @@ async fn post_changes(
     body: axum::body::Bytes,
 ) -> Response {
     state.stats.requests.fetch_add(1, Ordering::Relaxed);
-    if let Some(token) = &state.token {
-        let given = headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
-        if given != Some(token.as_str()) {
-            state.stats.unauthorized.fetch_add(1, Ordering::Relaxed);
-            let mut r = error(
-                StatusCode::UNAUTHORIZED,
-                "unauthorized",
-                "a valid bearer token is required",
-            );
-            r.headers_mut()
-                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-            return r;
-        }
+    if let Some(refused) = unauthorized(&state, &headers) {
+        return refused;
     }
     // Parsed at once to count what central holds in hand; refused below, after the faults.
     let parsed = Request::parse(&body);

@@ -3,7 +3,7 @@
 //! Postgres table, and the verdict on each change (DESIGN §3) with central's own rules.
 
 use std::borrow::Cow;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use serde::Deserialize;
 use serde_json::Value;
@@ -32,8 +32,9 @@ pub struct Stored {
 
 /// Where the server keeps its state.
 pub enum CentralStore {
-    /// In this process: entities by warehouse and [`item_key`].
-    Memory(Mutex<HashMap<String, HashMap<String, Stored>>>),
+    /// In this process: entities by warehouse and [`item_key`], in key order (the listing
+    /// walks them in pages).
+    Memory(Mutex<HashMap<String, BTreeMap<String, Stored>>>),
     /// In a Postgres table `central_inventory`.
     Postgres(PgPool),
 }
@@ -49,7 +50,7 @@ impl CentralStore {
         sqlx::query(
             "CREATE TABLE IF NOT EXISTS central_inventory (
                  warehouse_id text NOT NULL,
-                 item_key     text NOT NULL,
+                 item_key     text COLLATE \"C\" NOT NULL,
                  entity       text NOT NULL,
                  key          jsonb NOT NULL,
                  version      text NOT NULL,
@@ -146,6 +147,94 @@ impl CentralStore {
             }
         };
         Ok((results, order.violations))
+    }
+
+    /// One page of `warehouse_id`'s live `entity` rows in key order (the bytes of the key's
+    /// canonical JSON, DESIGN §3): at most `limit` after the key whose canonical JSON is
+    /// `after`, and the cursor of the next page (none after the last row).
+    pub(super) async fn page(
+        &self,
+        warehouse_id: &str,
+        entity: Entity,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<(Vec<Item>, Option<String>), sqlx::Error> {
+        let prefix = format!("{}:", entity.as_str());
+        let from = format!("{prefix}{}", after.unwrap_or_default());
+        // One more than asked: whether a next page exists.
+        let mut rows: Vec<(String, Item)> = match self {
+            CentralStore::Memory(m) => {
+                use std::ops::Bound::{Excluded, Included, Unbounded};
+                let all = m.lock().await;
+                let Some(items) = all.get(warehouse_id) else {
+                    return Ok((Vec::new(), None));
+                };
+                let start = if after.is_some() {
+                    Excluded(from)
+                } else {
+                    Included(from)
+                };
+                items
+                    .range::<String, _>((start, Unbounded))
+                    .take_while(|(k, _)| k.starts_with(&prefix))
+                    .filter_map(|(k, s)| {
+                        let key = &k[prefix.len()..];
+                        Some((
+                            key.to_string(),
+                            Item {
+                                entity,
+                                key: serde_json::from_str(key).ok()?,
+                                version: s.version.to_string(),
+                                data: Some(serde_json::from_str(s.data.as_deref()?).ok()?),
+                            },
+                        ))
+                    })
+                    .take(limit + 1)
+                    .collect()
+            }
+            CentralStore::Postgres(pool) => {
+                let rows: Vec<(String, Value, String, Option<Value>)> = sqlx::query_as(
+                    r#"SELECT item_key, key, version, data FROM central_inventory
+                        WHERE warehouse_id = $1 AND entity = $2 AND data IS NOT NULL
+                          AND item_key COLLATE "C" > $3 COLLATE "C"
+                          AND starts_with(item_key, $4)
+                        ORDER BY item_key COLLATE "C" LIMIT $5"#,
+                )
+                .bind(warehouse_id)
+                .bind(entity.as_str())
+                .bind(if after.is_some() {
+                    from.as_str()
+                } else {
+                    prefix.as_str()
+                })
+                .bind(&prefix)
+                .bind(i64::try_from(limit + 1).unwrap_or(i64::MAX))
+                .fetch_all(pool)
+                .await?;
+                rows.into_iter()
+                    .map(|(item_key, key, version, data)| {
+                        let canonical = item_key[prefix.len().min(item_key.len())..].to_string();
+                        (
+                            canonical,
+                            Item {
+                                entity,
+                                key,
+                                version,
+                                data,
+                            },
+                        )
+                    })
+                    .collect()
+            }
+        };
+        let more = rows.len() > limit;
+        rows.truncate(limit);
+        let next = if more {
+            rows.last().map(|(k, _)| k.clone())
+        } else {
+            None
+        };
+        Ok((rows.into_iter().map(|(_, i)| i).collect(), next))
     }
 
     pub(super) async fn list(&self, warehouse_id: &str) -> Result<Vec<Item>, sqlx::Error> {
