@@ -295,20 +295,6 @@ impl Stage {
             .await
     }
 
-    /// Whether `version`, which central holds, was sent by another consumer of this
-    /// warehouse: each raises `consumer_progress.sent_version` before it sends, and this
-    /// process read it only when it first sent. A partition taken over in a rebalance
-    /// replays what its consumer before delivered, at older versions than that one sent
-    /// since: central answers `stale` with a version of ours, not someone else's.
-    async fn sent_by_another(&self, warehouse_id: &str, version: &str) -> Result<bool, Cancelled> {
-        let stored = self
-            .retry("cannot read the consumer's progress", || {
-                self.state.sent_version(warehouse_id)
-            })
-            .await?;
-        Ok(stored.is_some_and(|s| version <= s.as_str()))
-    }
-
     /// Runs `attempt` until it succeeds, waiting with backoff between failures (logged with
     /// `what`); only `cancel` ends it early.
     pub(super) async fn retry<'a, T, E, F, Fut>(

@@ -258,6 +258,38 @@ impl Stage {
             .unwrap_or_default()
     }
 
+    /// Whether `version`, which central holds, was sent by another consumer of this
+    /// warehouse: each raises `consumer_progress.sent_version` before it sends, and this
+    /// process read it only when it first sent. A partition taken over in a rebalance
+    /// replays what its consumer before delivered, at older versions than that one sent
+    /// since: central answers `stale` with a version of ours, not someone else's. The state
+    /// DB is asked only for a version above the highest known here, which it then raises.
+    pub(super) async fn sent_by_another(
+        &self,
+        warehouse_id: &str,
+        version: &str,
+    ) -> Result<bool, Cancelled> {
+        let mut sent = self.sent.lock().await;
+        if let Some(Some(known)) = sent.get(warehouse_id)
+            && version <= known.as_str()
+        {
+            return Ok(true);
+        }
+        let stored = self
+            .retry("cannot read the consumer's progress", || {
+                self.state.sent_version(warehouse_id)
+            })
+            .await?;
+        let by_another = stored.as_deref().is_some_and(|s| version <= s);
+        if let Some(s) = stored {
+            let known = sent.entry(warehouse_id.to_string()).or_default();
+            if known.as_deref().is_none_or(|k| s.as_str() > k) {
+                *known = Some(s);
+            }
+        }
+        Ok(by_another)
+    }
+
     /// Records (before sending) that versions up to `high` may be at central.
     pub(super) async fn note_sent(&self, warehouse_id: &str, high: &str) -> Result<(), Cancelled> {
         let mut sent = self.sent.lock().await;
