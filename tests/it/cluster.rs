@@ -259,7 +259,7 @@ fn outages(mut events: Vec<(f64, Happened)>, end: f64) -> BTreeMap<i32, Vec<(f64
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "three brokers for two minutes: scripts/test runs it on its own (cargo test --test it cluster:: -- --ignored), beside the PostgreSQL version matrix"]
+#[ignore = "three brokers for two minutes: scripts/test runs it on its own (cargo test --test it cluster:: -- --ignored), after the PostgreSQL version matrix"]
 async fn a_three_broker_cluster_loses_nothing_through_leader_kills_a_stopped_broker_and_consumers_coming_and_going()
  {
     let seed: u64 = std::env::var("INVENTORYSYNC_CLUSTER_SEED")

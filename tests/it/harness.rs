@@ -739,16 +739,17 @@ impl KafkaNode {
             .expect("sh starts the broker");
     }
 
-    /// Waits until the node listens for clients (60 s at most).
+    /// Waits until the node listens for clients (120 s at most: a JVM starting on two busy
+    /// cores).
     pub fn wait_listening(&self) {
-        for _ in 0..600 {
+        for _ in 0..1200 {
             if std::net::TcpStream::connect(&self.address).is_ok() {
                 return;
             }
             std::thread::sleep(Duration::from_millis(100));
         }
         panic!(
-            "Apache Kafka did not listen on {} within 60 s; its log ends:\n{}",
+            "Apache Kafka did not listen on {} within 120 s; its log ends:\n{}",
             self.address,
             self.log_tail()
         );
