@@ -284,6 +284,7 @@ pub async fn run_resyncs(
     warehouses: Vec<Warehouse>,
     mapped: MappedTables,
     delivery: Delivery,
+    verifier: Option<Arc<crate::verify::Verifier>>,
     cancel: CancellationToken,
 ) {
     let warehouses: Arc<HashMap<String, Warehouse>> = Arc::new(
@@ -310,7 +311,7 @@ pub async fn run_resyncs(
             here && !task.is_finished()
         });
         let mut active = Vec::new();
-        for kind in [LOAD_JOB, "resync"] {
+        for kind in [LOAD_JOB, "resync", crate::store::VERIFY_JOB] {
             match state.active_warehouses(kind).await {
                 Ok(a) => active.extend(a.into_iter().map(|w| (kind, w))),
                 Err(e) => tracing::warn!(error = %e, "resync: cannot read jobs; retrying"),
@@ -327,19 +328,40 @@ pub async fn run_resyncs(
             if *wh.status.state.borrow() != StreamState::Streaming {
                 continue;
             }
-            let (state, warehouses, mapped, delivery, cancel) = (
+            let (state, warehouses, mapped, delivery, verifier, cancel) = (
                 state.clone(),
                 warehouses.clone(),
                 mapped.clone(),
                 delivery.clone(),
+                verifier.clone(),
                 cancel.clone(),
             );
             let id = w.warehouse_id.clone();
             running.insert(
                 id.clone(),
                 tokio::spawn(async move {
-                    if let Some(wh) = warehouses.get(&id) {
+                    let Some(wh) = warehouses.get(&id) else {
+                        return;
+                    };
+                    if kind != crate::store::VERIFY_JOB {
                         run_job(&state, wh, kind, &w, &mapped, &delivery, &cancel).await;
+                        return;
+                    }
+                    match verifier {
+                        Some(v) => {
+                            crate::verify::run_job(&state, wh, &w, &mapped, &v, &delivery, &cancel)
+                                .await
+                        }
+                        None => {
+                            let reason = "a verify needs WAREHOUSE_API_ENDPOINT and [[mappings]]: there is no central to compare with";
+                            let failed = async {
+                                state.update_job_warehouse(&w, None, false, Some(reason)).await?;
+                                state.settle_jobs(Some((&w.job_id, reason))).await
+                            };
+                            if let Err(e) = failed.await {
+                                tracing::warn!(error = %e, "cannot record the verify's failure");
+                            }
+                        }
                     }
                 }),
             );
@@ -614,7 +636,7 @@ async fn record_loaded(
 /// The mapped tables a resync reads, each under its current name: a mapped table renamed
 /// since is found by the relation its mapping is bound to. One that is not published under
 /// any name is kept as configured (the resync records it as skipped, and why).
-async fn mapped_relations(
+pub(crate) async fn mapped_relations(
     state: &StateDb,
     w: &WarehouseConfig,
     mapped: &MappedTables,
@@ -659,7 +681,7 @@ async fn published_relations(w: &WarehouseConfig) -> Result<Vec<(u32, String)>, 
 }
 
 /// Why a resync stopped before it was done.
-enum Stop {
+pub(crate) enum Stop {
     Cancelled,
     Failed(String),
     Store(StoreError),
@@ -668,6 +690,69 @@ enum Stop {
 impl From<StoreError> for Stop {
     fn from(e: StoreError) -> Self {
         Stop::Store(e)
+    }
+}
+
+/// Waits until every change committed on `wh` before `target` has an outcome at central:
+/// its checkpoint passes `target` (with the embedded bus, written after the outcomes), and
+/// with Kafka the consumer group's committed offsets then reach the topics' ends. Fails
+/// once job `job_id` (of `kind`) is past its deadline.
+pub(crate) async fn wait_delivered(
+    state: &StateDb,
+    wh: &Warehouse,
+    target: Lsn,
+    delivery: &Delivery,
+    (job_id, kind): (&str, &str),
+    cancel: &CancellationToken,
+) -> Result<(), Stop> {
+    let overdue = || async {
+        Ok::<bool, StoreError>(
+            state
+                .active_warehouses(kind)
+                .await?
+                .iter()
+                .any(|a| a.job_id == job_id && a.warehouse_id == wh.config.id && a.overdue),
+        )
+    };
+    loop {
+        let at = state.checkpoint(&wh.config.id).await?.map(|c| c.flush_lsn);
+        if at.is_some_and(|a| a >= target) {
+            break;
+        }
+        if overdue().await? {
+            return Err(Stop::Failed(format!(
+                "timed out: warehouse {} has outcomes up to {} of {target}",
+                wh.config.id,
+                at.map_or("nothing".to_string(), |a| a.to_string())
+            )));
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+            _ = cancel.cancelled() => return Err(Stop::Cancelled),
+        }
+    }
+    let Delivery::Kafka(progress) = delivery else {
+        return Ok(());
+    };
+    let ends = ask_group(progress, GroupProgress::ends)
+        .await
+        .map_err(Stop::Failed)?;
+    loop {
+        let e = ends.clone();
+        match ask_group(progress, move |p| p.behind(&e)).await {
+            Ok(b) if b.is_empty() => return Ok(()),
+            Ok(_) => {}
+            Err(e) => tracing::debug!(job = %job_id, error = %e, "group progress"),
+        }
+        if overdue().await? {
+            return Err(Stop::Failed(
+                "timed out waiting for the consumer group to deliver what was published".into(),
+            ));
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+            _ = cancel.cancelled() => return Err(Stop::Cancelled),
+        }
     }
 }
 

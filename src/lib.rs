@@ -29,5 +29,6 @@ pub mod store;
 pub mod tail;
 pub mod time;
 pub mod values;
+pub mod verify;
 
 pub use lsn::Lsn;

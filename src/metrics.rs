@@ -43,6 +43,8 @@ pub struct Metrics {
     pub central_hedged: IntCounterVec,
     /// 1 while central refuses every request of a warehouse (delivery paused), else 0.
     pub central_refusing: IntGaugeVec,
+    /// Drift a verify job found, by kind.
+    pub verify_findings: IntCounterVec,
     /// The adaptive limit of requests in the air to central.
     pub central_in_flight_limit: IntGaugeVec,
     /// Changes in requests sent to central and not yet answered: those a crash leaves in
@@ -191,6 +193,12 @@ impl Metrics {
                 "inventorysync_central_hedged_total",
                 "Requests to the central API sent a second time (same Idempotency-Key) because the first had no answer after several times the usual answer time.",
                 &["warehouse"],
+            ),
+            verify_findings: counter(
+                &r,
+                "inventorysync_verify_findings_total",
+                "Rows a verify job found to differ between a warehouse and central, by kind: missing_at_central, only_at_central, differs, older_at_central.",
+                &["kind"],
             ),
             central_refusing: gauge(
                 &r,

@@ -200,6 +200,11 @@ pub async fn run_service(config_path: &Path, stages: Stages) -> ExitCode {
         replayer: replayer.clone(),
         history: history.clone(),
         slots: warehouses.iter().map(|w| w.slot.clone()).collect(),
+        mapped: {
+            let mut m: Vec<String> = config.consumer.mappings.keys().cloned().collect();
+            m.sort();
+            m
+        },
     });
     let job_warehouses = || -> Vec<crate::jobs::Warehouse> {
         warehouses
@@ -232,11 +237,21 @@ pub async fn run_service(config_path: &Path, stages: Stages) -> ExitCode {
             delivery(),
             cancel.clone(),
         ));
+        let verifier = client
+            .clone()
+            .filter(|_| !config.consumer.mappings.is_empty())
+            .map(|central| {
+                Arc::new(crate::verify::Verifier {
+                    settings: config.consumer.clone(),
+                    central,
+                })
+            });
         runners.spawn(crate::jobs::run_resyncs(
             state.clone(),
             job_warehouses(),
             mapped_tables,
             delivery(),
+            verifier,
             cancel.clone(),
         ));
     }

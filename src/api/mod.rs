@@ -54,6 +54,8 @@ pub struct ApiState {
     pub history: Arc<crate::console::History>,
     /// Every configured warehouse's slot: the others with the engine's prefix are unused.
     pub slots: Vec<String>,
+    /// The mapped tables (`[[mappings]]`), as configured: what a verify may name.
+    pub mapped: Vec<String>,
 }
 
 /// Where `/metrics` reads the consumer stage's lag.
@@ -166,6 +168,7 @@ pub fn router_and_doc(state: Arc<ApiState>) -> (Router, utoipa::openapi::OpenApi
     use utoipa_axum::routes;
     let sync = OpenApiRouter::new()
         .routes(routes!(trigger))
+        .routes(routes!(verify))
         .routes(routes!(job_status))
         .routes(routes!(resync))
         .routes(routes!(list_jobs))
@@ -293,7 +296,11 @@ fn refs(v: &serde_json::Value, out: &mut Vec<String>) {
 /// that a client (or a stateful fuzzer) follows one to the other.
 fn link_jobs(doc: &mut utoipa::openapi::OpenApi) {
     use utoipa::openapi::{RefOr, link::LinkBuilder};
-    for path in ["/sync/trigger", "/sync/warehouses/{warehouse_id}"] {
+    for path in [
+        "/sync/trigger",
+        "/sync/verify",
+        "/sync/warehouses/{warehouse_id}",
+    ] {
         let Some(op) = doc.paths.paths.get_mut(path).and_then(|p| p.post.as_mut()) else {
             continue;
         };
@@ -948,6 +955,23 @@ where
 struct TriggerBody {
     /// The warehouses to sync (at least one); left out, every configured warehouse.
     warehouses: Option<Vec<String>>,
+    /// Also prove that central *equals* each warehouse: the job is a verify that waits for
+    /// every change committed before it, compares, and succeeds only with no finding.
+    #[serde(default)]
+    verify: bool,
+}
+
+/// Body of `POST /sync/verify` (optional: none verifies every warehouse, read-only).
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+struct VerifyBody {
+    /// The warehouses to verify (at least one); left out, every configured warehouse.
+    warehouses: Option<Vec<String>>,
+    /// Only these mapped tables (`schema.table`, as `[[mappings]]` names them); left out, all.
+    tables: Option<Vec<String>>,
+    /// Fix what is found: upsert missing and different rows, delete rows only at central.
+    #[serde(default)]
+    repair: bool,
 }
 
 /// A conflict's status, as the filters name it (documentation: the handler checks the text
@@ -1000,6 +1024,7 @@ enum JobKind {
     Cycle,
     Resync,
     Load,
+    Verify,
 }
 
 /// Starts a sync cycle: done once every change committed before it has an outcome.
@@ -1015,8 +1040,98 @@ async fn trigger(
     State(state): State<Arc<ApiState>>,
     Body(body): Body<TriggerBody>,
 ) -> Result<Response, ApiError> {
+    let (warehouses, verify) = body.map_or((None, false), |b| (b.warehouses, b.verify));
+    let chosen = chosen_warehouses(&state, warehouses)?;
+    let id = new_job_id();
+    if verify {
+        let options = serde_json::to_value(crate::verify::Options {
+            strict: true,
+            ..Default::default()
+        })
+        .unwrap_or_default();
+        state
+            .state
+            .create_verify_job(&id, &chosen, &options, crate::jobs::RESYNC_TIMEOUT)
+            .await
+            .map_err(ApiError::internal)?;
+        tracing::info!(job = %id, warehouses = ?chosen, "sync cycle with verify queued");
+    } else {
+        state
+            .state
+            .create_job(&id, "cycle", &chosen, state.job_timeout)
+            .await
+            .map_err(ApiError::internal)?;
+        tracing::info!(job = %id, warehouses = ?chosen, "sync cycle queued");
+    }
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({"jobId": id, "status": "queued"})),
+    )
+        .into_response())
+}
+
+/// Starts a verify job: compares each warehouse's mapped tables with central's listing.
+#[utoipa::path(post, path = "/sync/verify", tag = "sync", security(("bearer" = [])),
+    request_body(content = Option<VerifyBody>, description = "Optional `{\"warehouses\": [\"wh-east\"], \"tables\": [\"public.stock_levels\"], \"repair\": false}`; no body verifies every warehouse, read-only", content_type = "application/json"),
+    responses(
+        (status = 202, description = "`{jobId, status: queued}`; its status (`GET /sync/status/{jobId}`) carries each warehouse's `verify` report", body = Object),
+        (status = 400, description = "Malformed JSON or an unknown field", body = ErrorBody),
+        (status = 401, description = "No or wrong API key", body = ErrorBody),
+        (status = 413, description = "Body over 64 KiB", body = ErrorBody),
+        (status = 422, description = "An unknown or empty warehouse list, or a table no mapping names", body = ErrorBody)))]
+async fn verify(
+    State(state): State<Arc<ApiState>>,
+    Body(body): Body<VerifyBody>,
+) -> Result<Response, ApiError> {
+    let (warehouses, tables, repair) =
+        body.map_or((None, None, false), |b| (b.warehouses, b.tables, b.repair));
+    let chosen = chosen_warehouses(&state, warehouses)?;
+    if let Some(tables) = &tables {
+        if tables.is_empty() {
+            return Err(ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "unprocessable",
+                "tables must name at least one mapped table (or leave it out for all)",
+            ));
+        }
+        if let Some(unknown) = tables.iter().find(|t| !state.mapped.contains(t)) {
+            return Err(ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "unprocessable",
+                format!(
+                    "table {unknown:?} is not mapped; mapped: {}",
+                    state.mapped.join(", ")
+                ),
+            ));
+        }
+    }
+    let options = serde_json::to_value(crate::verify::Options {
+        repair,
+        strict: false,
+        tables,
+    })
+    .unwrap_or_default();
+    let id = new_job_id();
+    state
+        .state
+        .create_verify_job(&id, &chosen, &options, crate::jobs::RESYNC_TIMEOUT)
+        .await
+        .map_err(ApiError::internal)?;
+    tracing::info!(job = %id, warehouses = ?chosen, repair, "verify queued");
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({"jobId": id, "status": "queued"})),
+    )
+        .into_response())
+}
+
+/// The warehouses a job body names (all configured when left out), sorted, each once.
+fn chosen_warehouses(
+    state: &ApiState,
+    warehouses: Option<Vec<String>>,
+) -> Result<Vec<String>, ApiError> {
     let configured: Vec<String> = state.warehouses.iter().map(|w| w.id.clone()).collect();
-    let mut chosen = match body.and_then(|b| b.warehouses) {
+    let mut chosen = match warehouses {
         None => configured.clone(),
         Some(list) if list.is_empty() => {
             return Err(ApiError::new(
@@ -1041,18 +1156,7 @@ async fn trigger(
     };
     chosen.sort();
     chosen.dedup();
-    let id = new_job_id();
-    state
-        .state
-        .create_job(&id, "cycle", &chosen, state.job_timeout)
-        .await
-        .map_err(ApiError::internal)?;
-    tracing::info!(job = %id, warehouses = ?chosen, "sync cycle queued");
-    Ok((
-        StatusCode::ACCEPTED,
-        Json(json!({"jobId": id, "status": "queued"})),
-    )
-        .into_response())
+    Ok(chosen)
 }
 
 /// A job: status, timestamps and per-warehouse progress.

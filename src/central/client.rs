@@ -207,6 +207,30 @@ impl BreakerState {
 /// Answers the refusal watch looks back on per warehouse: an accepted request, or a single
 /// change refused. More than half of them refused means central refuses everything.
 const REFUSAL_WINDOW: usize = 20;
+
+/// Tries of one page of central's listing before a verify gives up on it.
+pub const LIST_ATTEMPTS: u32 = 8;
+
+/// Why a page of central's listing was not read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ListError {
+    /// Central has no listing (`404`): what it cannot list cannot be verified.
+    #[error("{0}")]
+    NotListed(String),
+    /// Central refused or failed, after retries.
+    #[error("{0}")]
+    Refused(String),
+    /// The caller stopped.
+    #[error("cancelled")]
+    Cancelled,
+}
+
+/// A path segment, percent-encoded (a warehouse id is free text).
+fn urlencoding_path(segment: &str) -> String {
+    url::form_urlencoded::byte_serialize(segment.as_bytes())
+        .collect::<String>()
+        .replace('+', "%20")
+}
 /// While central refuses everything, the first wait before a part is sent again; it doubles
 /// up to [`REFUSAL_PROBE_MAX`].
 const REFUSAL_PROBE: Duration = Duration::from_millis(500);
@@ -579,6 +603,96 @@ impl CentralClient {
                 _ = cancel.cancelled() => return Err(Cancelled),
             }
         }
+    }
+
+    /// One page of central's listing of `warehouse_id`'s `entity` (DESIGN §3): the rows
+    /// after the key whose canonical JSON is `after`, at most `limit`. Retries what can be
+    /// retried ([`LIST_ATTEMPTS`] times, with backoff); a central without the listing (`404`)
+    /// is [`ListError::NotListed`], never an empty page.
+    pub async fn list_entities(
+        &self,
+        warehouse_id: &str,
+        entity: super::Entity,
+        after: Option<&str>,
+        limit: usize,
+        cancel: &CancellationToken,
+    ) -> Result<super::EntityPage, ListError> {
+        let url = format!(
+            "{}/{}/entities",
+            self.endpoint,
+            urlencoding_path(warehouse_id)
+        );
+        let url = {
+            let mut u = url::Url::parse(&url)
+                .map_err(|e| ListError::Refused(format!("listing URL {url}: {e}")))?;
+            u.query_pairs_mut()
+                .append_pair("entity", entity.as_str())
+                .append_pair("limit", &limit.to_string());
+            if let Some(a) = after {
+                u.query_pairs_mut().append_pair("after", a);
+            }
+            u
+        };
+        let mut last = String::new();
+        for attempt in 0..LIST_ATTEMPTS {
+            if attempt > 0 {
+                tokio::select! {
+                    _ = tokio::time::sleep(self.backoff(attempt).max(Duration::from_millis(100))) => {}
+                    _ = cancel.cancelled() => return Err(ListError::Cancelled),
+                }
+            }
+            let sent = tokio::select! {
+                r = self.http.get(url.clone()).send() => r,
+                _ = cancel.cancelled() => return Err(ListError::Cancelled),
+            };
+            let r = match sent {
+                Ok(r) => r,
+                Err(e) => {
+                    last = format!("no answer: {e}");
+                    continue;
+                }
+            };
+            let status = r.status();
+            let body = r.bytes().await.unwrap_or_default();
+            let text = || String::from_utf8_lossy(&body[..body.len().min(300)]).into_owned();
+            match status {
+                StatusCode::OK => {
+                    return serde_json::from_slice(&body).map_err(|e| {
+                        ListError::Refused(format!(
+                            "central's listing is not the contract's JSON ({e}): {}",
+                            text()
+                        ))
+                    });
+                }
+                StatusCode::NOT_FOUND
+                | StatusCode::METHOD_NOT_ALLOWED
+                | StatusCode::NOT_IMPLEMENTED => {
+                    return Err(ListError::NotListed(format!(
+                        "GET {url} answered {status}: this central does not list its entities (DESIGN §3's optional listing)"
+                    )));
+                }
+                StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
+                    return Err(ListError::Refused(format!(
+                        "central refuses our credentials for its listing ({status}): check WAREHOUSE_API_TOKEN"
+                    )));
+                }
+                s if s.is_server_error()
+                    || s == StatusCode::TOO_MANY_REQUESTS
+                    || s == StatusCode::REQUEST_TIMEOUT =>
+                {
+                    last = format!("{status}: {}", text());
+                }
+                _ => {
+                    return Err(ListError::Refused(format!(
+                        "central refused the listing ({status}): {}",
+                        text()
+                    )));
+                }
+            }
+        }
+        Err(ListError::Refused(format!(
+            "central's listing failed {LIST_ATTEMPTS} times; the last: {last}"
+        )))
     }
 
     /// Full jitter: a uniform wait in [0, min(cap, 50 ms × 2^attempt)].

@@ -187,6 +187,28 @@ pub struct ChangeResult {
     pub current: Option<Value>,
 }
 
+/// One row of central's listing (DESIGN §3).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ListedEntity {
+    /// Key fields.
+    pub key: Map<String, Value>,
+    /// The version central holds.
+    pub version: String,
+    /// The data.
+    #[serde(default)]
+    pub data: Option<Map<String, Value>>,
+}
+
+/// A page of central's listing: rows in key order, and the cursor of the next page.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EntityPage {
+    /// The rows.
+    pub items: Vec<ListedEntity>,
+    /// The canonical JSON of the last key, when more may follow.
+    #[serde(default)]
+    pub next: Option<String>,
+}
+
 /// The body of a `200` answer.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct BatchResponse {

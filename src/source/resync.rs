@@ -221,7 +221,7 @@ const SETTLE_WAIT: std::time::Duration = std::time::Duration::from_millis(200);
 /// Transactions still running after the wait are long-running ones whose commit comes
 /// after the low watermark: the window takes care of them. (The race lasts as long as a
 /// committing backend is descheduled between the two steps, usually microseconds.)
-async fn settle_commits_before_low_watermark(
+pub(crate) async fn settle_commits_before_low_watermark(
     sql: &tokio_postgres::Client,
 ) -> Result<(), SourceError> {
     let row = sql

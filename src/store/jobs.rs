@@ -24,7 +24,7 @@ use crate::Lsn;
 pub struct Job {
     /// `sync-…`.
     pub job_id: String,
-    /// `cycle` or `resync`.
+    /// `cycle`, `resync`, `load` or `verify`.
     pub kind: String,
     /// `queued`, `running`, `succeeded` or `failed`.
     pub status: String,
@@ -62,6 +62,11 @@ pub struct JobWarehouse {
     pub done: bool,
     /// What went wrong, if anything.
     pub error: Option<String>,
+    /// A verify job's report: rows compared, findings per kind, repairs, what could not be
+    /// checked and why, and its verdict (`equal`, `drift`, `repaired`, `incomplete`).
+    #[schema(value_type = Option<Object>)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub verify: Option<serde_json::Value>,
     /// Tables a load or resync skipped because they vanished while it ran (dropped, or no
     /// longer published), and why.
     #[sqlx(skip)]
@@ -265,7 +270,7 @@ impl StateDb {
     async fn with_warehouses(&self, r: JobRow) -> Result<Job, StoreError> {
         let mut warehouses: Vec<JobWarehouse> = sqlx::query_as(
             "SELECT warehouse_id, target_lsn::text AS target_lsn, delivered_lsn::text AS delivered_lsn,
-                    changes_delivered, conflicts, dead_letters, done, error
+                    changes_delivered, conflicts, dead_letters, done, error, verify
                FROM sync_job_warehouses WHERE job_id = $1 ORDER BY warehouse_id",
         )
         .bind(&r.0)

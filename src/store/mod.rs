@@ -9,6 +9,7 @@ mod conflicts;
 mod jobs;
 mod lease;
 mod progress;
+mod verify;
 mod workers;
 
 pub use bindings::Binding;
@@ -22,6 +23,7 @@ pub use jobs::{
 };
 pub use lease::{Leases, WarehouseLease};
 pub use progress::LaneMark;
+pub use verify::VERIFY_JOB;
 pub use workers::{WorkerIdentity, WorkerRow};
 
 use std::time::Duration;

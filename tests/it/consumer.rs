@@ -61,6 +61,29 @@ impl Central {
         assert!(r.status().is_success());
     }
 
+    /// Sets one of `warehouse`'s entities behind the contract's back (`data` `None`: removed,
+    /// no tombstone; `version` `None`: the one it holds), as a hand edit or a restored backup.
+    pub async fn plant(
+        &self,
+        warehouse: &str,
+        entity: &str,
+        key: Value,
+        version: Option<&str>,
+        data: Option<Value>,
+    ) {
+        let r = self
+            .http
+            .post(format!(
+                "http://{}/admin/inventory/{warehouse}/plant",
+                self.addr
+            ))
+            .json(&json!({"entity": entity, "key": key, "version": version, "data": data}))
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success());
+    }
+
     pub async fn set_faults(&self, f: Faults) {
         let r = self
             .http

@@ -15,5 +15,6 @@ mod operations;
 mod partitions;
 mod store;
 mod stream;
+mod verify;
 mod versions;
 mod workers;

@@ -46,6 +46,8 @@ pub use store::{CentralStore, Stored};
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Faults {
+    /// Answer the listing (`GET …/entities`) with 404, as a central without it does.
+    pub no_listing: bool,
     /// Share of change requests answered with `error_status` (0.0 to 1.0).
     pub error_rate: f64,
     /// The next this-many change requests are answered with `error_status`.
@@ -268,6 +270,7 @@ impl CentralServer {
                 axum::routing::delete(wipe_inventory),
             )
             .route("/admin/inventory/{id}/tamper", post(tamper_inventory))
+            .route("/admin/inventory/{id}/plant", post(plant_item))
             .route("/health", get(|| async { Json(json!({"status": "ok"})) }))
             .with_state(state)
     }
@@ -365,6 +368,13 @@ async fn get_entities(
 ) -> Response {
     if let Some(refused) = unauthorized(&state, &headers) {
         return refused;
+    }
+    if current_faults(&state).no_listing {
+        return error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "no such route (this central has no listing)",
+        );
     }
     let bad = |m: String| error(StatusCode::BAD_REQUEST, "bad_request", m);
     let Ok(Query(q)) = query else {
@@ -762,6 +772,35 @@ async fn tamper_inventory(
 ) -> Response {
     match state.store.edit(&id, Edit::Tamper).await {
         Ok(n) => Json(json!({"tampered": n})).into_response(),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()),
+    }
+}
+
+/// Body of `POST /admin/inventory/{id}/plant`: one entity set as given (`data` null: the
+/// entity removed, no tombstone left), as a hand edit or a restored backup would leave it.
+#[derive(Debug, Deserialize)]
+struct Plant {
+    entity: Entity,
+    key: Map<String, Value>,
+    version: Option<String>,
+    data: Option<Value>,
+}
+
+/// `POST /admin/inventory/{id}/plant`: sets or removes one entity behind the contract's
+/// back (tests plant drift with it).
+async fn plant_item(
+    State(state): State<Arc<ServerState>>,
+    Path(id): Path<String>,
+    Json(p): Json<Plant>,
+) -> Response {
+    let edit = store::Planted {
+        entity: p.entity,
+        key: serde_json::to_string(&p.key).unwrap_or_default(),
+        version: p.version,
+        data: p.data.map(|d| d.to_string()),
+    };
+    match state.store.plant(&id, edit).await {
+        Ok(n) => Json(json!({"planted": n})).into_response(),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()),
     }
 }

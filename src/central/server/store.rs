@@ -442,6 +442,79 @@ impl CentralStore {
     }
 }
 
+/// One entity set behind the contract's back (see `plant_item`).
+#[derive(Debug, Clone)]
+pub(super) struct Planted {
+    pub entity: Entity,
+    /// The key's canonical JSON.
+    pub key: String,
+    /// The version to hold (`None`: the one it holds).
+    pub version: Option<String>,
+    /// The data as JSON text; `None` removes the entity altogether.
+    pub data: Option<String>,
+}
+
+impl CentralStore {
+    /// Sets or removes one entity of `warehouse_id` as `p` says; returns how many it touched.
+    pub(super) async fn plant(&self, warehouse_id: &str, p: Planted) -> Result<u64, sqlx::Error> {
+        let item_key = format!("{}:{}", p.entity.as_str(), p.key);
+        match self {
+            CentralStore::Memory(m) => {
+                let mut all = m.lock().await;
+                let items = all.entry(warehouse_id.to_string()).or_default();
+                match p.data {
+                    None => Ok(u64::from(items.remove(&item_key).is_some())),
+                    Some(data) => {
+                        let version = p
+                            .version
+                            .or_else(|| items.get(&item_key).map(|s| s.version.to_string()))
+                            .unwrap_or_else(|| "0000000000000000:00000000".into());
+                        items.insert(
+                            item_key,
+                            Stored {
+                                version: version.into(),
+                                data: Some(data.into()),
+                            },
+                        );
+                        Ok(1)
+                    }
+                }
+            }
+            CentralStore::Postgres(pool) => {
+                let r = match p.data {
+                    None => {
+                        sqlx::query(
+                            "DELETE FROM central_inventory WHERE warehouse_id = $1 AND item_key = $2",
+                        )
+                        .bind(warehouse_id)
+                        .bind(&item_key)
+                        .execute(pool)
+                        .await?
+                    }
+                    Some(data) => {
+                        sqlx::query(
+                            "INSERT INTO central_inventory (warehouse_id, item_key, entity, key, version, data)
+                             VALUES ($1, $2, $3, $4::jsonb, coalesce($5, '0000000000000000:00000000'), $6::jsonb)
+                             ON CONFLICT (warehouse_id, item_key) DO UPDATE
+                               SET version = coalesce($5, central_inventory.version), data = $6::jsonb,
+                                   updated_at = now()",
+                        )
+                        .bind(warehouse_id)
+                        .bind(&item_key)
+                        .bind(p.entity.as_str())
+                        .bind(&p.key)
+                        .bind(&p.version)
+                        .bind(&data)
+                        .execute(pool)
+                        .await?
+                    }
+                };
+                Ok(r.rows_affected())
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::RequestOrder;

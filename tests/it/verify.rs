@@ -1,0 +1,309 @@
+//! Verify jobs (`POST /sync/verify`, issue 41): drift planted at central while a workload
+//! streams is found exactly (streamed changes that race the verify are not findings), each
+//! kind named; a repair makes central equal field by field; a central without the listing is
+//! reported as not checkable, never as "no drift".
+
+use std::time::Duration;
+
+use inventorysync::central::server::Faults;
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+use crate::api::{Api, seed_stock, start_with_api};
+use crate::consumer::{Central, assert_converges, conflicts, demo_warehouse, log_tail};
+use crate::harness::{TestDb, pg};
+
+/// Keeps changing stock levels, products and locations of SKU-1 to SKU-150 (updates, deletes,
+/// inserts) until `stop`; returns how many rounds it made. Rows of SKU-200 and above are left
+/// alone: drift is planted there.
+fn workload(db: &TestDb, stop: CancellationToken) -> tokio::task::JoinHandle<u64> {
+    let url = db.url_as("postgres");
+    tokio::spawn(async move {
+        let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let mut n: u64 = 0;
+        while !stop.is_cancelled() {
+            n += 1;
+            client
+                .batch_execute(&format!(
+                    "UPDATE stock_levels SET qty_on_hand = qty_on_hand + 1 WHERE sku = 'SKU-{a}';
+                     DELETE FROM stock_levels WHERE sku = 'SKU-{b}' AND location_code = 'L-{l}';
+                     INSERT INTO stock_levels (sku, location_code, qty_on_hand)
+                       VALUES ('SKU-{c}', 'L-{m}', {q}) ON CONFLICT DO NOTHING;
+                     UPDATE products SET name = 'product {a} round {n}' WHERE sku = 'SKU-{a}';",
+                    a = 1 + n % 150,
+                    b = 1 + (n * 7) % 150,
+                    l = 1 + n % 10,
+                    c = 1 + (n * 11) % 150,
+                    m = 1 + (n * 3) % 10,
+                    q = n % 50,
+                ))
+                .await
+                .unwrap();
+            tokio::time::sleep(Duration::from_millis(3)).await;
+        }
+        n
+    })
+}
+
+/// Queues a verify with `body`; returns the finished job.
+async fn verify(api: &Api, body: &str, log: &std::path::Path) -> Value {
+    let (status, v) = api.post("/sync/verify", body).await;
+    assert_eq!(status, 202, "{v}");
+    let id = v["jobId"].as_str().unwrap().to_string();
+    api.finished(&id, log).await
+}
+
+/// The one warehouse's verify report of `job`.
+fn report(job: &Value) -> &Value {
+    &job["warehouses"][0]["verify"]
+}
+
+/// Central's row of stock level (`sku`, `location`): (version, data).
+async fn central_row(
+    central: &Central,
+    warehouse: &str,
+    sku: &str,
+    location: &str,
+) -> (String, Value) {
+    let key = format!("stock_level {}", json!({"location": location, "sku": sku}));
+    let all = central.versions(warehouse).await;
+    all.get(&key)
+        .cloned()
+        .unwrap_or_else(|| panic!("central has no {key}; it has e.g. {:?}", all.keys().next()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_finds_exactly_the_drift_planted_while_a_workload_streams_and_repair_makes_central_equal()
+ {
+    let db = demo_warehouse("verify").await;
+    seed_stock(&db, 300, 10).await;
+    let state = pg().new_db("verifystate").await;
+    let central = Central::start(Faults::default()).await;
+    let wh = "wh-verify";
+    let (_dir, log, _run, api, _) = start_with_api(&db, &state, &central, wh, None);
+    assert_converges(&central, &db, wh, &log).await;
+
+    // Bad input: a table no mapping names, a repair that is not a boolean.
+    let (status, v) = api
+        .post("/sync/verify", r#"{"tables": ["public.nowhere"]}"#)
+        .await;
+    assert_eq!(status, 422, "{v}");
+    assert!(
+        v["message"]
+            .as_str()
+            .unwrap()
+            .contains("\"public.nowhere\" is not mapped"),
+        "{v}"
+    );
+    let (status, v) = api.post("/sync/verify", r#"{"repair": "yes"}"#).await;
+    assert_eq!(status, 400, "{v}");
+
+    let stop = CancellationToken::new();
+    let writer = workload(&db, stop.clone());
+
+    // With nothing planted, a verify under the workload finds nothing: the changes that race
+    // it are the stream's, not drift.
+    let job = verify(&api, "", &log).await;
+    assert_eq!(job["status"], "succeeded", "{job}\n{}", log_tail(&log));
+    assert_eq!(job["kind"], "verify");
+    let r = report(&job);
+    assert_eq!(r["verdict"], "equal", "{job}");
+    assert!(r["compared"].as_u64().unwrap() >= 3000, "{r}");
+    eprintln!("clean verify under the workload: {r}");
+
+    // A change of a row after that verify (its xid is above the position the verify
+    // recorded), delivered; then central is set back to an old version of it.
+    db.exec(
+        "UPDATE stock_levels SET qty_on_hand = 41 WHERE sku = 'SKU-252' AND location_code = 'L-3'",
+    )
+    .await;
+    let mut delivered = false;
+    for _ in 0..200 {
+        if central_row(&central, wh, "SKU-252", "L-3").await.1["on_hand"] == 41 {
+            delivered = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(delivered, "{}", log_tail(&log));
+
+    // The drift: one row of each kind.
+    central
+        .plant(
+            wh,
+            "stock_level",
+            json!({"sku": "SKU-250", "location": "L-1"}),
+            None,
+            None,
+        )
+        .await;
+    central
+        .plant(
+            wh,
+            "stock_level",
+            json!({"sku": "SKU-GHOST", "location": "L-1"}),
+            Some("0000000000000001:00000000"),
+            Some(json!({"on_hand": 1, "reserved": 0, "available": 1})),
+        )
+        .await;
+    let (_, mut edited) = central_row(&central, wh, "SKU-251", "L-2").await;
+    edited["on_hand"] = json!(999_999);
+    central
+        .plant(
+            wh,
+            "stock_level",
+            json!({"sku": "SKU-251", "location": "L-2"}),
+            None,
+            Some(edited),
+        )
+        .await;
+    let (_, same) = central_row(&central, wh, "SKU-252", "L-3").await;
+    central
+        .plant(
+            wh,
+            "stock_level",
+            json!({"sku": "SKU-252", "location": "L-3"}),
+            Some("0000000000000001:00000000"),
+            Some(same),
+        )
+        .await;
+
+    // Read-only: exactly the planted rows, each of its kind.
+    let job = verify(&api, "", &log).await;
+    assert_eq!(job["status"], "succeeded", "{job}\n{}", log_tail(&log));
+    let r = report(&job);
+    assert_eq!(r["verdict"], "drift", "{job}");
+    assert_eq!(
+        r["findings"],
+        json!({"differs": 1, "missing_at_central": 1, "older_at_central": 1, "only_at_central": 1}),
+        "{job}"
+    );
+    eprintln!("verify with planted drift under the workload: {r}");
+    let drift: Vec<Value> = conflicts(&state)
+        .await
+        .into_iter()
+        .filter(|c| c["kind"] == "drift")
+        .collect();
+    let mut found: Vec<(String, String)> = drift
+        .iter()
+        .map(|c| {
+            (
+                c["rule"].as_str().unwrap().to_string(),
+                c["entity_key"]["sku"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    found.sort();
+    assert_eq!(
+        found,
+        vec![
+            ("differs".to_string(), "SKU-251".to_string()),
+            ("missing_at_central".into(), "SKU-250".into()),
+            ("older_at_central".into(), "SKU-252".into()),
+            ("only_at_central".into(), "SKU-GHOST".into()),
+        ],
+        "{drift:#?}"
+    );
+    let differs = drift.iter().find(|c| c["rule"] == "differs").unwrap();
+    assert!(
+        differs["reason"]
+            .as_str()
+            .unwrap()
+            .contains("differs in on_hand"),
+        "{differs}"
+    );
+    assert!(drift.iter().all(|c| c["status"] == "open"), "{drift:#?}");
+
+    // Repair, with the workload still going.
+    let job = verify(&api, r#"{"repair": true}"#, &log).await;
+    assert_eq!(job["status"], "succeeded", "{job}\n{}", log_tail(&log));
+    let r = report(&job);
+    assert_eq!(r["verdict"], "repaired", "{job}");
+    assert_eq!(r["repaired"], 4, "{job}");
+    let drift: Vec<Value> = conflicts(&state)
+        .await
+        .into_iter()
+        .filter(|c| c["kind"] == "drift")
+        .collect();
+    assert_eq!(drift.len(), 4, "{drift:#?}");
+    for c in &drift {
+        assert_eq!(c["status"], "resolved", "{c}");
+        assert_eq!(c["resolved_by"], "inventorysync", "{c}");
+        assert!(
+            c["resolution_note"]
+                .as_str()
+                .unwrap()
+                .starts_with("repaired by verify job"),
+            "{c}"
+        );
+    }
+    stop.cancel();
+    let rounds = writer.await.unwrap();
+    assert!(rounds > 10, "{rounds}");
+    // Central equals the warehouse field by field, the workload's changes included (no repair
+    // undid one).
+    assert_converges(&central, &db, wh, &log).await;
+
+    // A sync cycle with verify succeeds now, and fails once central drifts again.
+    let id = api.trigger(r#"{"verify": true}"#).await;
+    let job = api.finished(&id, &log).await;
+    assert_eq!(job["status"], "succeeded", "{job}\n{}", log_tail(&log));
+    assert_eq!(report(&job)["verdict"], "equal", "{job}");
+    let (_, mut edited) = central_row(&central, wh, "SKU-260", "L-4").await;
+    edited["reserved"] = json!(7);
+    central
+        .plant(
+            wh,
+            "stock_level",
+            json!({"sku": "SKU-260", "location": "L-4"}),
+            None,
+            Some(edited),
+        )
+        .await;
+    let id = api.trigger(r#"{"verify": true}"#).await;
+    let job = api.finished(&id, &log).await;
+    assert_eq!(job["status"], "failed", "{job}");
+    let error = job["error"].as_str().unwrap();
+    assert!(
+        error.contains("central differs from warehouse wh-verify: 1 finding(s) (differs 1)"),
+        "{job}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_against_a_central_without_the_listing_says_it_cannot_check_and_never_no_drift() {
+    let db = demo_warehouse("verifynolist").await;
+    seed_stock(&db, 20, 3).await;
+    let state = pg().new_db("verifynoliststate").await;
+    let central = Central::start(Faults {
+        no_listing: true,
+        ..Faults::default()
+    })
+    .await;
+    let wh = "wh-nolist";
+    let (_dir, log, _run, api, _) = start_with_api(&db, &state, &central, wh, None);
+    assert_converges(&central, &db, wh, &log).await;
+    for body in ["", r#"{"repair": true}"#] {
+        let job = verify(&api, body, &log).await;
+        assert_eq!(job["status"], "failed", "{job}");
+        let error = job["error"].as_str().unwrap();
+        assert!(error.contains("could not check"), "{job}");
+        assert!(error.contains("does not list its entities"), "{job}");
+        let r = report(&job);
+        assert_eq!(r["verdict"], "incomplete", "{job}");
+        assert_eq!(r["unchecked"].as_array().unwrap().len(), 3, "{job}");
+        assert_eq!(r["findings"], json!({}), "{job}");
+    }
+    let id = api.trigger(r#"{"verify": true}"#).await;
+    let job = api.finished(&id, &log).await;
+    assert_eq!(job["status"], "failed", "{job}");
+    // No finding was made up.
+    assert!(
+        conflicts(&state).await.iter().all(|c| c["kind"] != "drift"),
+        "{:?}",
+        conflicts(&state).await
+    );
+}
