@@ -333,3 +333,182 @@ fn peak_rss_kb() -> u64 {
         })
         .unwrap_or(0)
 }
+
+/// `inventorysync verify`'s arguments.
+#[derive(clap::Args)]
+pub struct VerifyArgs {
+    /// The warehouse id (`[[warehouses]]`).
+    #[arg(long)]
+    pub warehouse: String,
+    /// Fix what is found: upsert missing and different rows, delete rows only at central.
+    #[arg(long)]
+    pub repair: bool,
+    /// Only this mapped table (`schema.table`); repeat for several. All when left out.
+    #[arg(long = "table")]
+    pub tables: Vec<String>,
+    /// Give up waiting after this many seconds (the job goes on in `run`).
+    #[arg(long, default_value_t = 3600)]
+    pub wait_secs: u64,
+}
+
+/// How long a queued verify may wait for a `run` process to start it before the command
+/// says that none is working on the warehouse.
+const VERIFY_PICKUP: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Queues a verify job of one warehouse in the state DB (as `POST /sync/verify` does), follows
+/// it while the `run` process that streams the warehouse works on it, and prints its report
+/// and findings. Exit code: 0 equal or repaired, 3 drift remains, 1 could not tell.
+pub async fn run_verify(config_path: &Path, args: VerifyArgs) -> ExitCode {
+    let config = match Config::load(config_path, true) {
+        Ok(c) => c,
+        Err(e) => return fail(e, 2),
+    };
+    if !config.warehouses.iter().any(|w| w.id == args.warehouse) {
+        return fail(
+            format!("no warehouse {:?} is configured", args.warehouse),
+            2,
+        );
+    }
+    if let Some(t) = args
+        .tables
+        .iter()
+        .find(|t| !config.consumer.mappings.contains_key(*t))
+    {
+        let mut mapped: Vec<&String> = config.consumer.mappings.keys().collect();
+        mapped.sort();
+        return fail(
+            format!(
+                "table {t:?} is not mapped; mapped: {}",
+                mapped
+                    .iter()
+                    .map(|s| s.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            2,
+        );
+    }
+    let Some(db_url) = config.db_url else {
+        return fail("DB_URL is not set: it names the state DB", 2);
+    };
+    let state = match StateDb::connect(&db_url).await {
+        Ok(db) => db,
+        Err(e) => return fail(e, 1),
+    };
+    if let Err(e) = state.migrate().await {
+        return fail(e, 1);
+    }
+    let options = crate::verify::Options {
+        repair: args.repair,
+        strict: false,
+        tables: (!args.tables.is_empty()).then_some(args.tables.clone()),
+    };
+    let id = crate::store::new_job_id();
+    if let Err(e) = state
+        .create_verify_job(
+            &id,
+            std::slice::from_ref(&args.warehouse),
+            &serde_json::to_value(&options).unwrap_or_default(),
+            crate::store::RESYNC_TIMEOUT,
+        )
+        .await
+    {
+        return fail(e, 1);
+    }
+    eprintln!(
+        "verify job {id} queued for warehouse {} ({}); the run process that streams it does the work",
+        args.warehouse,
+        if args.repair { "repair" } else { "read-only" }
+    );
+    let started = std::time::Instant::now();
+    let mut shown = String::new();
+    let job = loop {
+        let job = match state.job(&id).await {
+            Ok(Some(j)) => j,
+            Ok(None) => return fail(format!("job {id} vanished from the state DB"), 1),
+            Err(e) => return fail(e, 1),
+        };
+        if job.status == "succeeded" || job.status == "failed" {
+            break job;
+        }
+        if job.status == "queued" && started.elapsed() > VERIFY_PICKUP {
+            return fail(
+                format!(
+                    "no run process has started job {id} after {} s: start `inventorysync run` (a verify needs the stream of warehouse {} to know what central has been sent); the job stays queued",
+                    VERIFY_PICKUP.as_secs(),
+                    args.warehouse
+                ),
+                1,
+            );
+        }
+        if started.elapsed().as_secs() > args.wait_secs {
+            return fail(
+                format!(
+                    "job {id} is still {} after {} s; it goes on in run (GET /sync/status/{id})",
+                    job.status, args.wait_secs
+                ),
+                1,
+            );
+        }
+        if let Some(r) = job.warehouses.first().and_then(|w| w.verify.as_ref()) {
+            let line = format!(
+                "compared {} row(s), findings {}",
+                r["compared"], r["findings"]
+            );
+            if line != shown {
+                eprintln!("{line}");
+                shown = line;
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    };
+    let w = job.warehouses.first();
+    let report = w.and_then(|w| w.verify.clone()).unwrap_or_default();
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&report).unwrap_or_default()
+    );
+    let findings = state
+        .list_conflicts(&crate::store::ConflictQuery {
+            warehouse: Some(args.warehouse.clone()),
+            status: None,
+            kind: Some("drift".into()),
+            before_id: None,
+            limit: 50,
+        })
+        .await
+        .unwrap_or_default();
+    let since = job.started_at.clone().unwrap_or_default();
+    // Open drift (this job's findings, and the same found before), and what this job repaired.
+    for c in findings.iter().filter(|c| {
+        c.status == "open"
+            || c.resolved_at
+                .as_deref()
+                .is_some_and(|r| r >= since.as_str())
+    }) {
+        println!(
+            "{} #{} {} {}: {} [{}]{}",
+            c.status,
+            c.id,
+            c.rule.as_deref().unwrap_or_default(),
+            c.entity_key,
+            c.reason,
+            c.hint,
+            c.resolution_note
+                .as_deref()
+                .map(|n| format!(" — {n}"))
+                .unwrap_or_default()
+        );
+    }
+    if job.status == "failed" {
+        return fail(
+            format!("verify job {id} failed: {}", job.error.unwrap_or_default()),
+            1,
+        );
+    }
+    match report["verdict"].as_str() {
+        Some("equal") | Some("repaired") => ExitCode::SUCCESS,
+        Some("drift") => ExitCode::from(3),
+        _ => ExitCode::from(1),
+    }
+}

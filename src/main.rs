@@ -62,6 +62,10 @@ enum Command {
         /// The warehouse id (`[[warehouses]]`).
         warehouse: String,
     },
+    /// Compare central with a warehouse (the `run` process that streams it does the work) and
+    /// print what differs; exits 0 when equal (or repaired), 3 when drift remains, 1 when it
+    /// could not tell.
+    Verify(cli::VerifyArgs),
 }
 
 /// Turns transparent huge pages off for this process. With THP the first touch of memory the
@@ -107,5 +111,6 @@ fn main() -> ExitCode {
         Command::Central(args) => runtime.block_on(cli::run_central(args)),
         Command::Check => runtime.block_on(cli::run_check(&cli.config)),
         Command::Rebase { warehouse } => runtime.block_on(cli::run_rebase(&cli.config, &warehouse)),
+        Command::Verify(args) => runtime.block_on(cli::run_verify(&cli.config, args)),
     }
 }

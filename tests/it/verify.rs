@@ -48,6 +48,32 @@ fn workload(db: &TestDb, stop: CancellationToken) -> tokio::task::JoinHandle<u64
     })
 }
 
+/// `inventorysync verify --warehouse W ARGS` with the test's configuration: exit code, stdout
+/// and stderr.
+fn cli_verify(
+    dir: &std::path::Path,
+    state: &TestDb,
+    central: &Central,
+    wh: &str,
+    args: &[&str],
+) -> (i32, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_inventorysync"))
+        .arg("--config")
+        .arg(dir.join("inventorysync.toml"))
+        .args(["verify", "--warehouse", wh])
+        .args(args)
+        .env("DB_URL", state.url_as("postgres"))
+        .env("WAREHOUSE_API_ENDPOINT", central.endpoint())
+        .env("INVENTORYSYNC_LOG", "warn")
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 /// Queues a verify with `body`; returns the finished job.
 async fn verify(api: &Api, body: &str, log: &std::path::Path) -> Value {
     let (status, v) = api.post("/sync/verify", body).await;
@@ -83,7 +109,7 @@ async fn verify_finds_exactly_the_drift_planted_while_a_workload_streams_and_rep
     let state = pg().new_db("verifystate").await;
     let central = Central::start(Faults::default()).await;
     let wh = "wh-verify";
-    let (_dir, log, _run, api, _) = start_with_api(&db, &state, &central, wh, None);
+    let (dir, log, _run, api, _) = start_with_api(&db, &state, &central, wh, None);
     assert_converges(&central, &db, wh, &log).await;
 
     // Bad input: a table no mapping names, a repair that is not a boolean.
@@ -216,6 +242,33 @@ async fn verify_finds_exactly_the_drift_planted_while_a_workload_streams_and_rep
         "{differs}"
     );
     assert!(drift.iter().all(|c| c["status"] == "open"), "{drift:#?}");
+    // The same from the command line, for ops without the API: exit code 3, the findings.
+    let (code, out, err) = cli_verify(dir.path(), &state, &central, wh, &[]);
+    assert_eq!(code, 3, "{out}\n{err}");
+    assert!(out.contains("\"verdict\": \"drift\""), "{out}");
+    for kind in [
+        "missing_at_central",
+        "only_at_central",
+        "differs",
+        "older_at_central",
+    ] {
+        assert!(
+            out.contains(&format!("open #")) && out.contains(kind),
+            "{kind}: {out}"
+        );
+    }
+    let (code, out, err) = cli_verify(
+        dir.path(),
+        &state,
+        &central,
+        wh,
+        &["--table", "public.nowhere"],
+    );
+    assert_eq!(code, 2, "{out}\n{err}");
+    assert!(
+        err.contains("table \"public.nowhere\" is not mapped"),
+        "{err}"
+    );
 
     // Repair, with the workload still going.
     let job = verify(&api, r#"{"repair": true}"#, &log).await;
@@ -284,8 +337,12 @@ async fn verify_against_a_central_without_the_listing_says_it_cannot_check_and_n
     })
     .await;
     let wh = "wh-nolist";
-    let (_dir, log, _run, api, _) = start_with_api(&db, &state, &central, wh, None);
+    let (dir, log, _run, api, _) = start_with_api(&db, &state, &central, wh, None);
     assert_converges(&central, &db, wh, &log).await;
+    let (code, out, err) = cli_verify(dir.path(), &state, &central, wh, &[]);
+    assert_eq!(code, 1, "{out}\n{err}");
+    assert!(err.contains("does not list its entities"), "{err}");
+    assert!(out.contains("\"verdict\": \"incomplete\""), "{out}");
     for body in ["", r#"{"repair": true}"#] {
         let job = verify(&api, body, &log).await;
         assert_eq!(job["status"], "failed", "{job}");
