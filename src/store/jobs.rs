@@ -58,6 +58,12 @@ pub struct JobWarehouse {
     pub conflicts: i64,
     /// Of those, changes dead-lettered.
     pub dead_letters: i64,
+    /// Open conflicts (of any time) of changes committed up to the target: changes that did
+    /// not simply apply at central, though the cycle counts them as having an outcome.
+    /// `null` until the target is captured.
+    pub unapplied_conflicts: Option<i64>,
+    /// Of those, changes dead-lettered.
+    pub unapplied_dead_letters: Option<i64>,
     /// Whether this warehouse reached its target.
     pub done: bool,
     /// What went wrong, if anything.
@@ -269,9 +275,17 @@ impl StateDb {
 
     async fn with_warehouses(&self, r: JobRow) -> Result<Job, StoreError> {
         let mut warehouses: Vec<JobWarehouse> = sqlx::query_as(
-            "SELECT warehouse_id, target_lsn::text AS target_lsn, delivered_lsn::text AS delivered_lsn,
-                    changes_delivered, conflicts, dead_letters, done, error, verify
-               FROM sync_job_warehouses WHERE job_id = $1 ORDER BY warehouse_id",
+            "SELECT w.warehouse_id, w.target_lsn::text AS target_lsn, w.delivered_lsn::text AS delivered_lsn,
+                    w.changes_delivered, w.conflicts, w.dead_letters, w.done, w.error, w.verify,
+                    u.conflicts AS unapplied_conflicts, u.dead_letters AS unapplied_dead_letters
+               FROM sync_job_warehouses w
+               LEFT JOIN LATERAL (
+                    SELECT count(*) AS conflicts, count(*) FILTER (WHERE c.dead_lettered) AS dead_letters
+                      FROM sync_conflicts c
+                     WHERE c.warehouse_id = w.warehouse_id AND c.status = 'open' AND c.kind <> 'drift'
+                       AND c.source_version <= lpad(upper(to_hex((w.target_lsn - '0/0'::pg_lsn)::bigint)), 16, '0') || ':FFFFFFFF'
+                    ) u ON w.target_lsn IS NOT NULL
+              WHERE w.job_id = $1 ORDER BY w.warehouse_id",
         )
         .bind(&r.0)
         .fetch_all(self.pool())

@@ -364,3 +364,43 @@ async fn verify_against_a_central_without_the_listing_says_it_cannot_check_and_n
         conflicts(&state).await
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cycle_names_the_changes_that_ended_as_dead_letters_and_a_cycle_with_verify_fails_on_them()
+ {
+    let db = demo_warehouse("verifydead").await;
+    seed_stock(&db, 20, 3).await;
+    let state = pg().new_db("verifydeadstate").await;
+    // Central refuses every change of SKU-2 and SKU-20: they are dead-lettered.
+    let central = Central::start(Faults {
+        reject_key_substring: Some("SKU-2".into()),
+        ..Faults::default()
+    })
+    .await;
+    let wh = "wh-dead";
+    let (_dir, log, _run, api, _) = start_with_api(&db, &state, &central, wh, None);
+    // Up once the load's rows went through (all but the refused ones).
+    crate::consumer::converges_except(&central, &db, wh, &["SKU-2"], &log).await;
+    let id = api.trigger("").await;
+    let job = api.finished(&id, &log).await;
+    assert_eq!(job["status"], "succeeded", "{job}\n{}", log_tail(&log));
+    let w = &job["warehouses"][0];
+    // 2 products and 6 stock levels never reached central, and the cycle says so.
+    assert_eq!(w["unappliedDeadLetters"], 8, "{job}");
+    assert_eq!(w["unappliedConflicts"], 8, "{job}");
+    let id = api.trigger(r#"{"verify": true}"#).await;
+    let job = api.finished(&id, &log).await;
+    assert_eq!(job["status"], "failed", "{job}");
+    assert_eq!(
+        report(&job)["findings"],
+        json!({"missing_at_central": 8}),
+        "{job}"
+    );
+    assert!(
+        job["error"]
+            .as_str()
+            .unwrap()
+            .contains("central differs from warehouse wh-dead: 8 finding(s)"),
+        "{job}"
+    );
+}
