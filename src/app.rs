@@ -875,7 +875,20 @@ fn load_hook(state: StateDb, warehouse: String) -> LoadHook {
     Arc::new(move |needed: LoadNeeded| {
         let (state, warehouse) = (state.clone(), warehouse.clone());
         Box::pin(async move {
-            if let Some(job) = state
+            if needed.lost {
+                // A load under way belongs to the slot that is gone: the tables it finished
+                // missed what changed since. It starts again, whole.
+                let failed = state
+                    .fail_reads_of(
+                        &warehouse,
+                        "superseded: the slot was lost while it ran (a new load follows)",
+                    )
+                    .await
+                    .map_err(|e| e.to_string())?;
+                if failed > 0 {
+                    tracing::warn!(%warehouse, jobs = failed, "the slot was lost during its load: the load starts again");
+                }
+            } else if let Some(job) = state
                 .active_job_for(crate::store::LOAD_JOB, &warehouse)
                 .await
                 .map_err(|e| e.to_string())?
@@ -893,7 +906,15 @@ fn load_hook(state: StateDb, warehouse: String) -> LoadHook {
                 )
                 .await
                 .map_err(|e| e.to_string())?;
-            tracing::info!(%warehouse, job = %id, slot = %needed.slot, start = %needed.start, reason = %needed.reason, "initial load scheduled");
+            if needed.lost {
+                // Rows deleted while no slot watched are still at central: the load only
+                // upserts. A verify-and-repair follows it (see `crate::jobs::run_job`).
+                state
+                    .set_job_options(&id, &serde_json::json!({"then_verify_repair": true}))
+                    .await
+                    .map_err(|e| e.to_string())?;
+            }
+            tracing::info!(%warehouse, job = %id, slot = %needed.slot, start = %needed.start, reason = %needed.reason, then_verify_repair = needed.lost, "initial load scheduled");
             Ok(())
         })
     })

@@ -588,6 +588,11 @@ async fn run_job(
                 // Checked again later: a table not recorded is loaded once more.
                 tracing::warn!(job = %w.job_id, warehouse = %w.warehouse_id, error = %e, "cannot record the tables the load read");
             }
+            if kind == LOAD_JOB
+                && let Err(e) = verify_after_lost_slot(state, &w.job_id, &w.warehouse_id).await
+            {
+                tracing::warn!(job = %w.job_id, warehouse = %w.warehouse_id, error = %e, "cannot queue the verify-and-repair that follows a lost slot's load");
+            }
         }
         Err(Stop::Cancelled) => {}
         Err(Stop::Failed(reason)) => {
@@ -606,6 +611,35 @@ async fn run_job(
             tracing::warn!(error = %e, "{}: state DB unavailable; retrying", work.what)
         }
     }
+}
+
+/// After the load that follows a lost or recreated slot: queues a verify-and-repair of the
+/// warehouse (the load only upserts; rows deleted while no slot watched are still at
+/// central, and the repair deletes them).
+async fn verify_after_lost_slot(
+    state: &StateDb,
+    job_id: &str,
+    warehouse_id: &str,
+) -> Result<(), StoreError> {
+    let wanted = state
+        .job_options(job_id)
+        .await?
+        .is_some_and(|o| o["then_verify_repair"] == true);
+    if !wanted
+        || state
+            .active_job_for(crate::store::VERIFY_JOB, warehouse_id)
+            .await?
+            .is_some()
+    {
+        return Ok(());
+    }
+    let id = new_job_id();
+    let options = serde_json::json!({"repair": true});
+    state
+        .create_verify_job(&id, &[warehouse_id.to_string()], &options, RESYNC_TIMEOUT)
+        .await?;
+    tracing::info!(warehouse = %warehouse_id, job = %id, load = %job_id, "the load after a lost slot is done; a verify-and-repair follows (rows deleted while no slot watched are removed from central)");
+    Ok(())
 }
 
 /// Records the tables a load read (those still published), with their mappings'

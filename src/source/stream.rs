@@ -196,6 +196,9 @@ pub struct LoadNeeded {
     pub start: Lsn,
     /// Why, for the log.
     pub reason: String,
+    /// The slot had streamed before (a checkpoint exists): it was lost, dropped or created
+    /// again, so rows deleted meanwhile may still be at central.
+    pub lost: bool,
 }
 
 /// Streams the slot until cancelled, until `endpos`, or until a definite error. Transient
@@ -340,7 +343,14 @@ async fn run_once(
                 None
             };
             if let Some(reason) = reason {
-                schedule_load(hook, opts, state.confirmed_flush, reason).await?;
+                schedule_load(
+                    hook,
+                    opts,
+                    state.confirmed_flush,
+                    reason,
+                    checkpoint != Lsn::ZERO,
+                )
+                .await?;
             }
             state.confirmed_flush.max(checkpoint)
         }
@@ -348,13 +358,17 @@ async fn run_once(
         (None, InitialLoad::Incremental(hook)) if opts.create_slot => {
             let created = create_slot(&mut conn, opts, &markers).await?;
             tracing::info!(slot = %opts.slot, consistent_point = %created.consistent_point, "slot created; its initial load is read in chunks while it streams");
-            schedule_load(
-                hook,
-                opts,
-                created.consistent_point,
-                "the slot was created".into(),
-            )
-            .await?;
+            let (reason, lost) = if checkpoint == Lsn::ZERO {
+                ("the slot was created".to_string(), false)
+            } else {
+                (
+                    format!(
+                        "the slot was created again: it was lost or dropped after streaming up to {checkpoint}"
+                    ),
+                    true,
+                )
+            };
+            schedule_load(hook, opts, created.consistent_point, reason, lost).await?;
             created.consistent_point
         }
         (None, InitialLoad::Snapshot) if opts.create_slot => {
@@ -572,12 +586,14 @@ async fn schedule_load(
     opts: &SourceOptions,
     start: Lsn,
     reason: String,
+    lost: bool,
 ) -> Result<(), SourceError> {
     tracing::info!(slot = %opts.slot, %start, %reason, "the slot needs its initial load; scheduling it");
     hook(LoadNeeded {
         slot: opts.slot.clone(),
         start,
         reason,
+        lost,
     })
     .await
     .map_err(|e| SourceError::Io {

@@ -20,6 +20,11 @@ impl StateDb {
         timeout: std::time::Duration,
     ) -> Result<(), StoreError> {
         self.create_job(id, VERIFY_JOB, warehouses, timeout).await?;
+        self.set_job_options(id, options).await
+    }
+
+    /// Sets job `id`'s options.
+    pub async fn set_job_options(&self, id: &str, options: &Value) -> Result<(), StoreError> {
         sqlx::query("UPDATE sync_jobs SET options = $2 WHERE id = $1")
             .bind(id)
             .bind(options)

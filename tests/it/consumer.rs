@@ -491,7 +491,7 @@ pub async fn dead_letters(state: &TestDb) -> Vec<Value> {
 }
 
 /// The rows of `query` as JSON objects (none when the table does not exist yet).
-async fn json_rows(state: &TestDb, query: &str) -> Vec<Value> {
+pub async fn json_rows(state: &TestDb, query: &str) -> Vec<Value> {
     state
         .client
         .query(

@@ -404,3 +404,68 @@ async fn a_cycle_names_the_changes_that_ended_as_dead_letters_and_a_cycle_with_v
         "{job}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_load_after_a_lost_slot_ends_with_a_verify_that_deletes_rows_deleted_meanwhile() {
+    let db = demo_warehouse("verifylost").await;
+    seed_stock(&db, 30, 4).await;
+    let state = pg().new_db("verifyloststate").await;
+    let central = Central::start(Faults::default()).await;
+    let wh = "wh-lost";
+    let (_dir, log, mut run, _api, mut again) = start_with_api(&db, &state, &central, wh, None);
+    assert_converges(&central, &db, wh, &log).await;
+    // The process is gone and so is its slot; meanwhile rows are deleted, changed and added.
+    run.child.kill().unwrap();
+    run.child.wait().unwrap();
+    db.drop_slot_when_free(&db.slot("run")).await;
+    db.exec(
+        "DELETE FROM stock_levels WHERE sku IN ('SKU-3', 'SKU-4');
+         UPDATE stock_levels SET qty_on_hand = 33 WHERE sku = 'SKU-5';
+         INSERT INTO products (sku, name) VALUES ('SKU-NEW', 'new');",
+    )
+    .await;
+    let _restarted = crate::consumer::Run {
+        child: again
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::OpenOptions::new().append(true).open(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    };
+    // The load re-sends every row; the verify that follows deletes the 8 stock levels.
+    assert_converges(&central, &db, wh, &log).await;
+    let mut jobs = Vec::new();
+    for _ in 0..300 {
+        jobs = crate::consumer::json_rows(
+            &state,
+            "SELECT j.kind, j.status, j.options, w.verify FROM sync_jobs j
+               JOIN sync_job_warehouses w ON w.job_id = j.id ORDER BY j.seq",
+        )
+        .await;
+        if jobs
+            .iter()
+            .any(|j| j["kind"] == "verify" && j["status"] != "running" && j["status"] != "queued")
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let verify = jobs
+        .iter()
+        .find(|j| j["kind"] == "verify")
+        .unwrap_or_else(|| panic!("no verify job: {jobs:#?}\n{}", log_tail(&log)));
+    assert_eq!(verify["status"], "succeeded", "{jobs:#?}");
+    assert_eq!(verify["options"]["repair"], true, "{jobs:#?}");
+    assert_eq!(verify["verify"]["verdict"], "repaired", "{jobs:#?}");
+    assert_eq!(
+        verify["verify"]["findings"],
+        json!({"only_at_central": 8}),
+        "{jobs:#?}"
+    );
+    assert!(
+        std::fs::read_to_string(&log)
+            .unwrap()
+            .contains("a verify-and-repair follows"),
+        "{}",
+        log_tail(&log)
+    );
+}
