@@ -253,7 +253,7 @@ async fn verify_finds_exactly_the_drift_planted_while_a_workload_streams_and_rep
         "older_at_central",
     ] {
         assert!(
-            out.contains(&format!("open #")) && out.contains(kind),
+            out.contains("open #") && out.contains(kind),
             "{kind}: {out}"
         );
     }
