@@ -400,8 +400,8 @@ pub async fn run_verify(config_path: &Path, args: VerifyArgs) -> ExitCode {
     }
     let options = crate::verify::Options {
         repair: args.repair,
-        strict: false,
         tables: (!args.tables.is_empty()).then_some(args.tables.clone()),
+        ..Default::default()
     };
     let id = crate::store::new_job_id();
     if let Err(e) = state

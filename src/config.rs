@@ -62,6 +62,59 @@ struct FileConfig {
     batch: crate::consumer::settings::FileBatch,
     #[serde(default)]
     central: crate::consumer::settings::FileCentral,
+    #[serde(default)]
+    verify: FileVerify,
+}
+
+/// `[verify]` as written.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileVerify {
+    every: Option<String>,
+    max_rows_per_second: Option<u64>,
+}
+
+/// `[verify]`: a read-only verify of each warehouse now and then, throttled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VerifySchedule {
+    /// How often each warehouse is verified (`every = "24h"`); `None`: only when asked.
+    pub every: Option<std::time::Duration>,
+    /// Rows per second a scheduled verify reads at most (`max_rows_per_second`).
+    pub max_rows_per_second: u64,
+}
+
+/// A scheduled verify's default pace: a small share of what streaming reads.
+pub const DEFAULT_VERIFY_ROWS_PER_SECOND: u64 = 5_000;
+
+impl Default for VerifySchedule {
+    fn default() -> Self {
+        Self {
+            every: None,
+            max_rows_per_second: DEFAULT_VERIFY_ROWS_PER_SECOND,
+        }
+    }
+}
+
+/// A duration written `90s`, `30m`, `24h` or `7d`.
+fn duration(key: &str, text: &str) -> Result<std::time::Duration, ConfigError> {
+    let t = text.trim();
+    let (n, unit) = t.split_at(t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len()));
+    let secs = match (n.parse::<u64>(), unit) {
+        (Ok(n), "s") => Some(n),
+        (Ok(n), "m") => n.checked_mul(60),
+        (Ok(n), "h") => n.checked_mul(3600),
+        (Ok(n), "d") => n.checked_mul(86_400),
+        _ => None,
+    };
+    match secs {
+        Some(s) if s > 0 => Ok(std::time::Duration::from_secs(s)),
+        _ => Err(invalid(
+            key,
+            format!(
+                "{text:?} is not a duration; expected a positive whole number and s, m, h or d, e.g. \"24h\""
+            ),
+        )),
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -110,6 +163,8 @@ pub struct Config {
     /// This process's id among the `run` processes of the state DB (`WORKER_ID`; default
     /// `{host}:{API port}`).
     pub worker_id: Option<String>,
+    /// Scheduled verification (`[verify]`).
+    pub verify: VerifySchedule,
 }
 
 /// The HTTP API's default address.
@@ -171,7 +226,7 @@ impl Config {
                 });
             }
         };
-        let (warehouses, consumer) = parse_file(path, &text)?;
+        let (warehouses, consumer, verify) = parse_file(path, &text)?;
         let listen = env("API_LISTEN").unwrap_or_else(|| DEFAULT_API_LISTEN.into());
         let api_listen = listen.trim().parse().map_err(|e| {
             invalid(
@@ -205,13 +260,14 @@ impl Config {
             api_keys,
             job_timeout,
             worker_id: env("WORKER_ID"),
+            verify,
         })
     }
 }
 
 /// Parses and validates the `[[warehouses]]` of a TOML document.
 pub fn parse_warehouses(path: &Path, text: &str) -> Result<Vec<WarehouseConfig>, ConfigError> {
-    parse_file(path, text).map(|(w, _)| w)
+    parse_file(path, text).map(|(w, ..)| w)
 }
 
 /// Parses and validates a whole TOML document: warehouses, then the consumer's sections.
@@ -222,6 +278,7 @@ fn parse_file(
     (
         Vec<WarehouseConfig>,
         crate::consumer::settings::ConsumerSettings,
+        VerifySchedule,
     ),
     ConfigError,
 > {
@@ -237,6 +294,24 @@ fn parse_file(
             central: file.central,
         },
     )?;
+    let verify = VerifySchedule {
+        every: file
+            .verify
+            .every
+            .as_deref()
+            .map(|e| duration("verify.every", e))
+            .transpose()?,
+        max_rows_per_second: match file.verify.max_rows_per_second {
+            None => DEFAULT_VERIFY_ROWS_PER_SECOND,
+            Some(0) => {
+                return Err(invalid(
+                    "verify.max_rows_per_second",
+                    "0 would never finish; expected a positive number of rows per second",
+                ));
+            }
+            Some(n) => n,
+        },
+    };
     let mut seen = HashSet::new();
     let mut out = Vec::new();
     for (i, w) in file.warehouses.into_iter().enumerate() {
@@ -277,7 +352,7 @@ fn parse_file(
                 .transpose()?,
         });
     }
-    Ok((out, consumer))
+    Ok((out, consumer, verify))
 }
 
 /// Parses `DB_URL`: one server (the state DB's client takes no host list; a failover of the
@@ -512,6 +587,32 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("unknown field `bogus`"), "{e}");
+    }
+
+    #[test]
+    fn the_verify_schedule_reads_durations_and_names_a_bad_one() {
+        let read = |t: &str| parse_file(Path::new("x.toml"), t).map(|(.., v)| v);
+        assert_eq!(read("").unwrap(), VerifySchedule::default());
+        let v = read("[verify]\nevery = '24h'\nmax_rows_per_second = 800\n").unwrap();
+        assert_eq!(v.every, Some(std::time::Duration::from_secs(86_400)));
+        assert_eq!(v.max_rows_per_second, 800);
+        assert_eq!(
+            read("[verify]\nevery = '90s'\n").unwrap().every,
+            Some(std::time::Duration::from_secs(90))
+        );
+        for bad in ["soon", "0h", "24", "1.5h", "-3m"] {
+            let e = read(&format!("[verify]\nevery = '{bad}'\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("verify.every") && e.contains("is not a duration"),
+                "{bad}: {e}"
+            );
+        }
+        let e = read("[verify]\nmax_rows_per_second = 0\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("verify.max_rows_per_second"), "{e}");
     }
 
     #[test]

@@ -285,8 +285,11 @@ pub async fn run_resyncs(
     mapped: MappedTables,
     delivery: Delivery,
     verifier: Option<Arc<crate::verify::Verifier>>,
+    schedule: crate::config::VerifySchedule,
     cancel: CancellationToken,
 ) {
+    let began = tokio::time::Instant::now();
+    let mut verify_checked: HashMap<String, tokio::time::Instant> = HashMap::new();
     let warehouses: Arc<HashMap<String, Warehouse>> = Arc::new(
         warehouses
             .into_iter()
@@ -366,6 +369,22 @@ pub async fn run_resyncs(
                 }),
             );
         }
+        // `[verify] every`: a read-only, paced verify of each warehouse streamed here.
+        if let (Some(every), true) = (schedule.every, verifier.is_some()) {
+            for (id, wh) in warehouses.iter() {
+                if *wh.status.state.borrow() != StreamState::Streaming
+                    || verify_checked
+                        .get(id)
+                        .is_some_and(|at| at.elapsed() < LOAD_CHECK.min(every))
+                {
+                    continue;
+                }
+                verify_checked.insert(id.clone(), tokio::time::Instant::now());
+                if let Err(e) = schedule_verify(&state, id, every, began, schedule).await {
+                    tracing::warn!(warehouse = %id, error = %e, "cannot schedule a verify; trying again");
+                }
+            }
+        }
         // Warehouses streamed here with no job running: tables in need of a load?
         for (id, wh) in warehouses.iter() {
             if running.contains_key(id)
@@ -407,6 +426,48 @@ pub async fn run_resyncs(
             }
         }
     }
+}
+
+/// Queues a scheduled verify of `warehouse` when its last verify is `every` old, or, with
+/// none yet, once this process has run for a share of `every` that depends on the warehouse
+/// (so that warehouses are verified at different times).
+async fn schedule_verify(
+    state: &StateDb,
+    warehouse: &str,
+    every: Duration,
+    began: tokio::time::Instant,
+    schedule: crate::config::VerifySchedule,
+) -> Result<(), StoreError> {
+    let due = match state.last_verify_age(warehouse).await? {
+        Some(age) => age >= every.as_secs_f64(),
+        None => {
+            use std::hash::{BuildHasher, Hasher};
+            let mut h = foldhash::quality::FixedState::with_seed(41).build_hasher();
+            h.write(warehouse.as_bytes());
+            let offset = every.mul_f64((h.finish() % 1000) as f64 / 1000.0);
+            began.elapsed() >= offset
+        }
+    };
+    if !due
+        || state
+            .active_job_for(crate::store::VERIFY_JOB, warehouse)
+            .await?
+            .is_some()
+    {
+        return Ok(());
+    }
+    let id = new_job_id();
+    let options = serde_json::to_value(crate::verify::Options {
+        max_rows_per_second: Some(schedule.max_rows_per_second),
+        scheduled: true,
+        ..Default::default()
+    })
+    .unwrap_or_default();
+    state
+        .create_verify_job(&id, &[warehouse.to_string()], &options, RESYNC_TIMEOUT)
+        .await?;
+    tracing::info!(%warehouse, job = %id, every_s = every.as_secs(), rows_per_s = schedule.max_rows_per_second, "scheduled verify queued");
+    Ok(())
 }
 
 /// The fingerprint of the mapping of published table `name` (relation `oid`): the one its

@@ -252,6 +252,7 @@ pub async fn run_service(config_path: &Path, stages: Stages) -> ExitCode {
             mapped_tables,
             delivery(),
             verifier,
+            config.verify,
             cancel.clone(),
         ));
     }

@@ -134,6 +134,12 @@ pub struct Options {
     /// Only these mapped tables (configured names); all when absent.
     #[serde(default)]
     pub tables: Option<Vec<String>>,
+    /// Read at most this many warehouse rows per second (a scheduled verify's pace).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_rows_per_second: Option<u64>,
+    /// Queued by the `[verify] every` schedule.
+    #[serde(default)]
+    pub scheduled: bool,
 }
 
 /// A table or entity a verify could not check, and why.
@@ -274,6 +280,8 @@ struct Walk<'a> {
     positions: Vec<(u64, Lsn)>,
     /// The current cursor snapshot's `xmax` (a full xid): rows' `xmin`s are read near it.
     xmax: u64,
+    /// With a pace: when this run started reading, and the rows it read since.
+    paced: (tokio::time::Instant, u64),
     report: Report,
 }
 
@@ -339,6 +347,7 @@ async fn verify_warehouse(
         markers,
         positions,
         xmax: 0,
+        paced: (tokio::time::Instant::now(), 0),
         report: Report::default(),
     };
     // Which tables, and whether each can be walked.
@@ -768,10 +777,15 @@ async fn epoch(walk: &mut Walk<'_>, p: &Plan, after: Option<String>) -> Result<b
     let mut central = CentralSide::new(after.clone());
     let mut last = after;
     let n_cols = rel.columns.len().max(1);
+    // Paced, a chunk is about a second's rows: the pause between two is short.
+    let chunk = walk
+        .options
+        .max_rows_per_second
+        .map_or(CHUNK_ROWS, |r| (r as usize).clamp(1, CHUNK_ROWS));
     loop {
         let msgs = walk
             .cur
-            .simple_query(&format!("FETCH {CHUNK_ROWS} FROM {CURSOR}"))
+            .simple_query(&format!("FETCH {chunk} FROM {CURSOR}"))
             .await
             .map_err(|e| walk.sql_failed(e))?;
         let mut rows = Vec::with_capacity(CHUNK_ROWS);
@@ -816,7 +830,7 @@ async fn epoch(walk: &mut Walk<'_>, p: &Plan, after: Option<String>) -> Result<b
                 xmin: r.get(n_cols + 1).unwrap_or_default().to_string(),
             });
         }
-        let exhausted = rows.len() < CHUNK_ROWS;
+        let exhausted = rows.len() < chunk;
         let read = rows.len() as u64;
         let mut candidates = Vec::new();
         for row in rows {
@@ -859,6 +873,14 @@ async fn epoch(walk: &mut Walk<'_>, p: &Plan, after: Option<String>) -> Result<b
         if exhausted {
             let _ = walk.cur.batch_execute("COMMIT").await;
             return Ok(true);
+        }
+        if let Some(rate) = walk.options.max_rows_per_second {
+            walk.paced.1 += read;
+            let due = walk.paced.0 + Duration::from_secs_f64(walk.paced.1 as f64 / rate as f64);
+            tokio::select! {
+                _ = tokio::time::sleep_until(due) => {}
+                _ = walk.cancel.cancelled() => return Err(Stop::Cancelled),
+            }
         }
         if started.elapsed() >= EPOCH || ddl_waits(walk, rel.oid).await? {
             // A new snapshot (and central read again) from the last row on.

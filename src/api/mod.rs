@@ -1107,8 +1107,8 @@ async fn verify(
     }
     let options = serde_json::to_value(crate::verify::Options {
         repair,
-        strict: false,
         tables,
+        ..Default::default()
     })
     .unwrap_or_default();
     let id = new_job_id();

@@ -33,6 +33,19 @@ impl StateDb {
         Ok(())
     }
 
+    /// Seconds since the newest verify job of `warehouse_id` was queued, if there is one.
+    pub async fn last_verify_age(&self, warehouse_id: &str) -> Result<Option<f64>, StoreError> {
+        let row: (Option<f64>,) = sqlx::query_as(
+            "SELECT extract(epoch FROM now() - max(j.created_at))::float8
+               FROM sync_jobs j JOIN sync_job_warehouses w ON w.job_id = j.id
+              WHERE j.kind = 'verify' AND w.warehouse_id = $1",
+        )
+        .bind(warehouse_id)
+        .fetch_one(self.pool())
+        .await?;
+        Ok(row.0)
+    }
+
     /// Job `id`'s options, if it has any.
     pub async fn job_options(&self, id: &str) -> Result<Option<Value>, StoreError> {
         let row: Option<(Option<Value>,)> =

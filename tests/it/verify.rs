@@ -469,3 +469,77 @@ async fn the_load_after_a_lost_slot_ends_with_a_verify_that_deletes_rows_deleted
         log_tail(&log)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scheduled_verify_runs_by_itself_read_only_and_at_its_pace() {
+    let db = demo_warehouse("verifysched").await;
+    seed_stock(&db, 300, 10).await;
+    let state = pg().new_db("verifyschedstate").await;
+    let central = Central::start(Faults::default()).await;
+    let wh = "wh-sched";
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = crate::consumer::config(
+        dir.path(),
+        &db,
+        wh,
+        "[verify]\nevery = \"4s\"\nmax_rows_per_second = 1500\n",
+    );
+    let log = dir.path().join("run.log");
+    let _run = crate::consumer::start(
+        crate::consumer::run_command(&cfg, &state, &central, None),
+        log.clone(),
+    );
+    assert_converges(&central, &db, wh, &log).await;
+    // Drift that a read-only verify reports and leaves alone.
+    central
+        .plant(
+            wh,
+            "stock_level",
+            json!({"sku": "SKU-7", "location": "L-7"}),
+            None,
+            None,
+        )
+        .await;
+    let mut jobs = Vec::new();
+    for _ in 0..400 {
+        jobs = crate::consumer::json_rows(
+            &state,
+            "SELECT j.status, j.options, w.verify,
+                    extract(epoch FROM j.finished_at - j.started_at)::float8 AS took
+               FROM sync_jobs j JOIN sync_job_warehouses w ON w.job_id = j.id
+              WHERE j.kind = 'verify' ORDER BY j.seq",
+        )
+        .await;
+        if jobs
+            .iter()
+            .filter(|j| {
+                j["status"] == "succeeded" && j["verify"]["findings"]["missing_at_central"] == 1
+            })
+            .count()
+            >= 2
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let done: Vec<&Value> = jobs
+        .iter()
+        .filter(|j| {
+            j["status"] == "succeeded" && j["verify"]["findings"]["missing_at_central"] == 1
+        })
+        .collect();
+    assert!(done.len() >= 2, "{jobs:#?}\n{}", log_tail(&log));
+    for j in &done {
+        assert_eq!(j["options"]["scheduled"], true, "{j}");
+        assert_eq!(j["options"]["repair"], false, "{j}");
+        assert_eq!(j["options"]["max_rows_per_second"], 1500, "{j}");
+        assert_eq!(j["verify"]["verdict"], "drift", "{j}");
+        // 3,310 rows at 1,500 a second take two seconds at least.
+        assert!(j["took"].as_f64().unwrap() >= 2.0, "{j}");
+    }
+    // Read-only: central still lacks the row.
+    assert!(!central.versions(wh).await.contains_key(&format!(
+        "stock_level {}",
+        json!({"location": "L-7", "sku": "SKU-7"})
+    )));
+}
