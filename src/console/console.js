@@ -162,16 +162,30 @@ function warehouseRow(w) {
     el("td", { class: "num" }, w.now.changesPerSecond.toFixed(w.now.changesPerSecond < 10 ? 1 : 0)),
     el("td", { class: "num" }, bytes(w.now.retainedWalBytes)),
     el("td", {}, w.walStatus ? state(w.walStatus) : "—"),
-    el("td", {}, el("button", {
-      type: "button", class: "danger",
-      onclick: () => resync(w.id),
-    }, "Force resync")),
+    el("td", {}, el("div", { class: "actions" },
+      el("button", { type: "button", onclick: () => verify(w.id, false) }, "Verify"),
+      el("button", { type: "button", class: "danger", onclick: () => verify(w.id, true) }, "Verify and repair"),
+      el("button", {
+        type: "button", class: "danger",
+        onclick: () => resync(w.id),
+      }, "Force resync"))),
   );
 }
 
+/** A verify's report in a few words: its verdict (or progress), rows and findings. */
+function verifyText(v) {
+  if (!v) return "";
+  const kinds = Object.entries(v.findings || {}).map(([k, n]) => `${n} ${k.replaceAll("_", " ")}`);
+  const found = kinds.length ? kinds.join(", ") : "no finding";
+  const repaired = v.repaired ? `, ${v.repaired} repaired` : "";
+  const unchecked = (v.unchecked || []).length ? `, ${v.unchecked.length} table(s) not checkable` : "";
+  return `${v.verdict ? `central ${v.verdict === "equal" ? "equals the warehouse" : v.verdict}` : "comparing"}: ${v.compared} rows, ${found}${repaired}${unchecked}`;
+}
+
 function jobRow(j) {
-  const parts = (j.warehouses || []).map((p) =>
-    `${p.warehouseId}: ${p.done ? "done" : "pending"}, ${p.changesDelivered} delivered${p.conflicts ? `, ${p.conflicts} conflicts` : ""}${p.error ? ` (${p.error})` : ""}`);
+  const parts = (j.warehouses || []).map((p) => p.verify
+    ? `${p.warehouseId}: ${verifyText(p.verify)}`
+    : `${p.warehouseId}: ${p.done ? "done" : "pending"}, ${p.changesDelivered} delivered${p.conflicts ? `, ${p.conflicts} conflicts` : ""}${p.unappliedDeadLetters ? `, ${p.unappliedDeadLetters} dead-lettered up to its target` : ""}${p.error ? ` (${p.error})` : ""}`);
   return el("tr", { "data-job": j.jobId },
     el("td", { class: "small" }, j.jobId),
     el("td", {}, j.kind),
@@ -258,6 +272,17 @@ async function resync(id) {
     { confirm: "Resync", danger: true });
   if (ok === null) return;
   await act((j) => `Resync ${j.jobId} of ${id} queued`, () => api("POST", `/sync/warehouses/${encodeURIComponent(id)}`));
+}
+
+async function verify(id, repair) {
+  if (repair) {
+    const ok = await ask(`Verify and repair ${id}?`,
+      `Central is compared with every mapped table of ${id}; rows missing or different at central are sent again, and rows only central holds are deleted there. The stream goes on meanwhile.`,
+      { confirm: "Verify and repair", danger: true });
+    if (ok === null) return;
+  }
+  await act((j) => `Verify${repair ? " and repair" : ""} ${j.jobId} of ${id} queued`,
+    () => api("POST", "/sync/verify", { warehouses: [id], repair }));
 }
 
 async function close(c, status) {

@@ -88,6 +88,14 @@ try {
   seen.resync = /sync-[0-9a-z-]+/.exec(await resyncQueued.textContent())[0];
   await page.locator(`#jobs tr[data-job="${seen.resync}"] .state`, { hasText: "succeeded" }).waitFor({ timeout: 60000 });
 
+  // A verify, read-only: no question asked; its row says what it found.
+  await page.locator(`#warehouses tr[data-warehouse="${last}"]`).getByRole("button", { name: "Verify", exact: true }).click();
+  const verifyQueued = page.locator("#notice", { hasText: `of ${last} queued` });
+  await verifyQueued.waitFor({ timeout: 10000 });
+  seen.verify = /sync-[0-9a-z-]+/.exec(await verifyQueued.textContent())[0];
+  await page.locator(`#jobs tr[data-job="${seen.verify}"] .state`, { hasText: "succeeded" }).waitFor({ timeout: 60000 });
+  seen.verifyText = await page.locator(`#jobs tr[data-job="${seen.verify}"]`).textContent();
+
   await page.screenshot({ path: screenshot, fullPage: true });
 
   // A phone's width: the page itself does not scroll sideways (the tables scroll in place).

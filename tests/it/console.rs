@@ -240,6 +240,16 @@ async fn an_operator_signs_in_and_works_both_warehouses_from_the_page() {
         (&Value::from("resync"), &Value::from("succeeded")),
         "{r}"
     );
+    // The verify the page queued ran, and its row said what it found.
+    let verify = seen["verify"].as_str().unwrap();
+    let (_, _, v) = api.get(&format!("/sync/status/{verify}"), Some(KEY)).await;
+    assert_eq!(
+        (&v["kind"], &v["status"]),
+        (&Value::from("verify"), &Value::from("succeeded")),
+        "{v}"
+    );
+    let text = seen["verifyText"].as_str().unwrap();
+    assert!(text.contains("central ") && text.contains(" rows, "), "{text}");
     let jobs = api.get("/sync/jobs?kind=resync", Some(KEY)).await.2;
     assert_eq!(
         jobs["items"].as_array().unwrap().len(),
