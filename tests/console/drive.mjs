@@ -90,7 +90,7 @@ try {
 
   // A verify, read-only: no question asked; its row says what it found.
   await page.locator(`#warehouses tr[data-warehouse="${last}"]`).getByRole("button", { name: "Verify", exact: true }).click();
-  const verifyQueued = page.locator("#notice", { hasText: `of ${last} queued` });
+  const verifyQueued = page.locator("#notice", { hasText: `Verify sync-` });
   await verifyQueued.waitFor({ timeout: 10000 });
   seen.verify = /sync-[0-9a-z-]+/.exec(await verifyQueued.textContent())[0];
   await page.locator(`#jobs tr[data-job="${seen.verify}"] .state`, { hasText: "succeeded" }).waitFor({ timeout: 60000 });
