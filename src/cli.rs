@@ -97,16 +97,10 @@ pub async fn run_rebase(config_path: &Path, warehouse: &str) -> ExitCode {
     let Some(w) = config.warehouses.iter().find(|w| w.id == warehouse) else {
         return fail(format!("no warehouse {warehouse:?} is configured"), 2);
     };
-    let Some(db_url) = config.db_url else {
-        return fail("DB_URL is not set: it names the state DB", 2);
+    let state = match migrated_state_db(config.db_url.as_ref()).await {
+        Ok(s) => s,
+        Err(code) => return code,
     };
-    let state = match StateDb::connect(&db_url).await {
-        Ok(db) => db,
-        Err(e) => return fail(e, 1),
-    };
-    if let Err(e) = state.migrate().await {
-        return fail(e, 1);
-    }
     match crate::rebase::rebase(&state, w).await {
         Ok(r) => {
             println!(
@@ -388,16 +382,10 @@ pub async fn run_verify(config_path: &Path, args: VerifyArgs) -> ExitCode {
             2,
         );
     }
-    let Some(db_url) = config.db_url else {
-        return fail("DB_URL is not set: it names the state DB", 2);
+    let state = match migrated_state_db(config.db_url.as_ref()).await {
+        Ok(s) => s,
+        Err(code) => return code,
     };
-    let state = match StateDb::connect(&db_url).await {
-        Ok(db) => db,
-        Err(e) => return fail(e, 1),
-    };
-    if let Err(e) = state.migrate().await {
-        return fail(e, 1);
-    }
     let options = crate::verify::Options {
         repair: args.repair,
         tables: (!args.tables.is_empty()).then_some(args.tables.clone()),
@@ -511,4 +499,14 @@ pub async fn run_verify(config_path: &Path, args: VerifyArgs) -> ExitCode {
         Some("drift") => ExitCode::from(3),
         _ => ExitCode::from(1),
     }
+}
+
+/// The state DB at `DB_URL`, its tables created or upgraded; the exit code when it cannot be.
+async fn migrated_state_db(db_url: Option<&ConnInfo>) -> Result<StateDb, ExitCode> {
+    let Some(db_url) = db_url else {
+        return Err(fail("DB_URL is not set: it names the state DB", 2));
+    };
+    let state = StateDb::connect(db_url).await.map_err(|e| fail(e, 1))?;
+    state.migrate().await.map_err(|e| fail(e, 1))?;
+    Ok(state)
 }

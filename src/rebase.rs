@@ -104,6 +104,12 @@ pub async fn rebase(state: &StateDb, w: &WarehouseConfig) -> Result<Rebased, Str
         )
         .await
         .map_err(|e| format!("cannot fail the warehouse's loads and resyncs: {e}"))?;
+    // Xids recorded in the lost history say nothing of the restored one's (its xid counter
+    // went back): a verify would date rows wrongly (`older_at_central`).
+    state
+        .forget_xid_positions(&w.id)
+        .await
+        .map_err(|e| format!("cannot forget the warehouse's xid positions: {e}"))?;
     let mut repl = ReplicationConnection::connect(&w.conn)
         .await
         .map_err(|e| format!("cannot connect for replication: {e}"))?;

@@ -176,9 +176,26 @@ pub struct Report {
     pub tables_done: Vec<String>,
     /// What could not be checked, and why.
     pub unchecked: Vec<Unchecked>,
+    /// Where the time went, in seconds.
+    #[serde(default)]
+    pub seconds: Seconds,
     /// Once done: `equal`, `drift`, `repaired` or `incomplete`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub verdict: Option<String>,
+}
+
+/// Where a verify's time went, in seconds.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Seconds {
+    /// Marks and the waits for central to have everything before them.
+    pub waiting: f64,
+    /// Reading the warehouse's rows (the cursor's sort included) and mapping them.
+    pub warehouse: f64,
+    /// Reading central's listing.
+    pub central: f64,
+    /// Re-reading, recording and repairing what was found.
+    pub findings: f64,
 }
 
 impl Report {
@@ -274,7 +291,7 @@ struct Walk<'a> {
     /// For marks, re-reads and the DDL check.
     sql: tokio_postgres::Client,
     /// For the cursor.
-    cur: tokio_postgres::Client,
+    cur: Arc<tokio_postgres::Client>,
     markers: Markers,
     /// (next xid, WAL position) pairs of the warehouse, by xid.
     positions: Vec<(u64, Lsn)>,
@@ -311,7 +328,7 @@ async fn verify_warehouse(
             .await
             .map_err(|e| Stop::Failed(format!("cannot connect to warehouse {}: {e}", config.id)))
     };
-    let (sql, cur) = (connect().await?, connect().await?);
+    let (sql, cur) = (connect().await?, Arc::new(connect().await?));
     let markers = Markers::open(&sql, config.primary.as_ref(), &config.id)
         .await
         .map_err(|e| Stop::Failed(e.to_string()))?;
@@ -629,12 +646,17 @@ struct Candidate {
     fields: Vec<String>,
 }
 
-/// Central's side of the walk: a buffer of its listing.
+/// A page of central's listing, each row with its key's canonical JSON, and the next cursor.
+type Page = (Vec<(String, ListedEntity)>, Option<String>);
+
+/// Central's side of the walk: a buffer of its listing, and the next page already asked for
+/// (read and parsed on another task while the warehouse's rows are read and compared).
 struct CentralSide {
     items: VecDeque<(String, ListedEntity)>,
     /// Cursor of the next page; `None` with `done` once read to the end.
     after: Option<String>,
     done: bool,
+    next: Option<tokio::task::JoinHandle<Result<Page, ListError>>>,
 }
 
 impl CentralSide {
@@ -643,30 +665,52 @@ impl CentralSide {
             items: VecDeque::new(),
             after,
             done: false,
+            next: None,
         }
+    }
+
+    /// Asks for the page after the current cursor, on its own task.
+    fn ask(&mut self, walk: &Walk<'_>, entity: Entity) {
+        if self.done || self.next.is_some() {
+            return;
+        }
+        let (central, warehouse, after, cancel) = (
+            walk.verifier.central.clone(),
+            walk.w.warehouse_id.clone(),
+            self.after.clone(),
+            walk.cancel.clone(),
+        );
+        self.next = Some(tokio::spawn(async move {
+            let page = central
+                .list_entities(&warehouse, entity, after.as_deref(), PAGE_ROWS, &cancel)
+                .await?;
+            let items = page
+                .items
+                .into_iter()
+                .map(|item| (serde_json::to_string(&item.key).unwrap_or_default(), item))
+                .collect();
+            Ok((items, page.next))
+        }));
     }
 
     /// The first buffered row, reading a page when the buffer is empty.
     async fn front(&mut self, walk: &mut Walk<'_>, entity: Entity) -> Result<Option<&str>, Stop> {
         while self.items.is_empty() && !self.done {
-            let page = walk
-                .verifier
-                .central
-                .list_entities(
-                    &walk.w.warehouse_id,
-                    entity,
-                    self.after.as_deref(),
-                    PAGE_ROWS,
-                    walk.cancel,
-                )
+            let began = std::time::Instant::now();
+            self.ask(walk, entity);
+            let Some(next) = self.next.take() else {
+                break;
+            };
+            let (items, next) = next
                 .await
+                .map_err(|e| Stop::Failed(format!("{UNCHECKABLE}reading central's listing: {e}")))?
                 .map_err(|e| match e {
                     ListError::Cancelled => Stop::Cancelled,
                     e => Stop::Failed(format!("{UNCHECKABLE}{e}")),
                 })?;
-            walk.report.central_rows += page.items.len() as u64;
-            for item in page.items {
-                let canonical = serde_json::to_string(&item.key).unwrap_or_default();
+            walk.report.central_rows += items.len() as u64;
+            walk.report.seconds.central += began.elapsed().as_secs_f64();
+            for (canonical, item) in items {
                 let last = self
                     .items
                     .back()
@@ -681,12 +725,88 @@ impl CentralSide {
                 }
                 self.items.push_back((canonical, item));
             }
-            match page.next {
+            match next {
                 Some(n) if !self.items.is_empty() => self.after = Some(n),
                 _ => self.done = true,
             }
+            // The page after this one is read while this one is compared.
+            self.ask(walk, entity);
         }
         Ok(self.items.front().map(|(k, _)| k.as_str()))
+    }
+}
+
+impl Drop for CentralSide {
+    fn drop(&mut self) {
+        if let Some(next) = self.next.take() {
+            next.abort();
+        }
+    }
+}
+
+/// Reads a table's cursor chunk by chunk, each row converted and mapped as the stream and
+/// the consumer would (on its own task, beside the comparison).
+struct ChunkReader {
+    cur: Arc<tokio_postgres::Client>,
+    rel: Arc<crate::source::relation::RelationInfo>,
+    mapping: TableMapping,
+    settings: ConsumerSettings,
+    pk: Vec<usize>,
+    chunk: usize,
+    name: String,
+}
+
+impl ChunkReader {
+    /// The cursor's next rows, in key order.
+    async fn read(self: Arc<Self>) -> Result<Vec<WarehouseRow>, String> {
+        let msgs = self
+            .cur
+            .simple_query(&format!("FETCH {} FROM {CURSOR}", self.chunk))
+            .await
+            .map_err(|e| format!("{}: {}", self.name, crate::pg::error_text(&e)))?;
+        let n_cols = self.rel.columns.len().max(1);
+        let mut rows: Vec<WarehouseRow> = Vec::with_capacity(self.chunk);
+        for m in msgs {
+            let tokio_postgres::SimpleQueryMessage::Row(r) = m else {
+                continue;
+            };
+            let canonical = r.get(n_cols).unwrap_or_default().to_string();
+            if let Some(before) = rows.last()
+                && before.canonical.as_bytes() >= canonical.as_bytes()
+            {
+                return Err(format!(
+                    "{UNCHECKABLE}{}: rows came out of key order ({canonical} after {})",
+                    self.name, before.canonical
+                ));
+            }
+            let row = crate::source::snapshot::row_from_text(&self.rel, &r, Lsn::ZERO)
+                .map_err(|e| e.to_string())?;
+            let (key, data) = match map_row(&self.mapping, &self.settings, &self.rel, row) {
+                Ok((k, d)) => (k, Some(d)),
+                Err(_) => (Map::new(), None),
+            };
+            if data.is_some() {
+                let written = serde_json::to_string(&key).unwrap_or_default();
+                if written != canonical {
+                    return Err(format!(
+                        "{UNCHECKABLE}{}: the key {written} is written {canonical} in SQL; verify cannot walk this table in central's order",
+                        self.name
+                    ));
+                }
+            }
+            rows.push(WarehouseRow {
+                canonical,
+                key,
+                data,
+                pk: self
+                    .pk
+                    .iter()
+                    .map(|&i| r.get(i).unwrap_or_default().to_string())
+                    .collect(),
+                xmin: r.get(n_cols + 1).unwrap_or_default().to_string(),
+            });
+        }
+        Ok(rows)
     }
 }
 
@@ -712,6 +832,7 @@ async fn walk_table(walk: &mut Walk<'_>, p: &Plan) -> Result<(), Stop> {
 async fn epoch(walk: &mut Walk<'_>, p: &Plan, after: Option<String>) -> Result<bool, Stop> {
     let rel = &p.table.info;
     let name = rel.table.qualified_name().to_string();
+    let began = std::time::Instant::now();
     let low = walk.mark("low").await?;
     let low_version = format!("{:016X}:{:08X}", low.0, 0);
     walk.cur
@@ -773,63 +894,50 @@ async fn epoch(walk: &mut Walk<'_>, p: &Plan, after: Option<String>) -> Result<b
         walk.cancel,
     )
     .await?;
+    walk.report.seconds.waiting += began.elapsed().as_secs_f64();
     let started = tokio::time::Instant::now();
     let mut central = CentralSide::new(after.clone());
     let mut last = after;
-    let n_cols = rel.columns.len().max(1);
     // Paced, a chunk is about a second's rows: the pause between two is short.
     let chunk = walk
         .options
         .max_rows_per_second
         .map_or(CHUNK_ROWS, |r| (r as usize).clamp(1, CHUNK_ROWS));
+    let reader = Arc::new(ChunkReader {
+        cur: walk.cur.clone(),
+        rel: rel.clone(),
+        mapping: p.mapping.clone(),
+        settings: walk.verifier.settings.clone(),
+        pk: p.pk.clone(),
+        chunk,
+        name: name.clone(),
+    });
+    // The next chunk is fetched and mapped on its own task while this one is compared.
+    let mut next = Some(tokio::spawn(reader.clone().read()));
     loop {
-        let msgs = walk
-            .cur
-            .simple_query(&format!("FETCH {chunk} FROM {CURSOR}"))
+        let began = std::time::Instant::now();
+        let Some(task) = next.take() else {
+            return Ok(true);
+        };
+        let rows = task
             .await
-            .map_err(|e| walk.sql_failed(e))?;
-        let mut rows = Vec::with_capacity(CHUNK_ROWS);
-        for m in msgs {
-            let tokio_postgres::SimpleQueryMessage::Row(r) = m else {
-                continue;
-            };
-            let canonical = r.get(n_cols).unwrap_or_default().to_string();
-            if last
-                .as_ref()
-                .is_some_and(|l| l.as_bytes() >= canonical.as_bytes())
-            {
-                return Err(Stop::Failed(format!(
-                    "{UNCHECKABLE}{name}: rows came out of key order ({canonical} after {})",
-                    last.unwrap_or_default()
-                )));
-            }
-            let row = crate::source::snapshot::row_from_text(rel, &r, Lsn::ZERO)
-                .map_err(|e| Stop::Failed(e.to_string()))?;
-            let (key, data) = match map_row(&p.mapping, &walk.verifier.settings, rel, row.clone()) {
-                Ok((k, d)) => (k, Some(d)),
-                Err(_) => (Map::new(), None),
-            };
-            if data.is_some() {
-                let written = serde_json::to_string(&key).unwrap_or_default();
-                if written != canonical {
-                    return Err(Stop::Failed(format!(
-                        "{UNCHECKABLE}{name}: the key {written} is written {canonical} in SQL; verify cannot walk this table in central's order"
-                    )));
-                }
-            }
-            last = Some(canonical.clone());
-            rows.push(WarehouseRow {
-                canonical,
-                key,
-                data,
-                pk: p
-                    .pk
-                    .iter()
-                    .map(|&i| r.get(i).unwrap_or_default().to_string())
-                    .collect(),
-                xmin: r.get(n_cols + 1).unwrap_or_default().to_string(),
-            });
+            .map_err(|e| Stop::Failed(format!("{name}: reading a chunk: {e}")))?
+            .map_err(Stop::Failed)?;
+        if let (Some(l), Some(first)) = (&last, rows.first())
+            && l.as_bytes() >= first.canonical.as_bytes()
+        {
+            return Err(Stop::Failed(format!(
+                "{UNCHECKABLE}{name}: rows came out of key order ({} after {l})",
+                first.canonical
+            )));
         }
+        if rows.len() == chunk {
+            next = Some(tokio::spawn(reader.clone().read()));
+        }
+        if let Some(row) = rows.last() {
+            last = Some(row.canonical.clone());
+        }
+        walk.report.seconds.warehouse += began.elapsed().as_secs_f64();
         let exhausted = rows.len() < chunk;
         let read = rows.len() as u64;
         let mut candidates = Vec::new();
@@ -857,7 +965,9 @@ async fn epoch(walk: &mut Walk<'_>, p: &Plan, after: Option<String>) -> Result<b
                 only_at_central(walk, &mut candidates, canonical, item, &low_version);
             }
         }
+        let began = std::time::Instant::now();
         let found = settle(walk, p, candidates, &low_version).await?;
+        walk.report.seconds.findings += began.elapsed().as_secs_f64();
         walk.state
             .save_resync_chunk(
                 &walk.w.job_id,
@@ -883,7 +993,11 @@ async fn epoch(walk: &mut Walk<'_>, p: &Plan, after: Option<String>) -> Result<b
             }
         }
         if started.elapsed() >= EPOCH || ddl_waits(walk, rel.oid).await? {
-            // A new snapshot (and central read again) from the last row on.
+            // A new snapshot (and central read again) from the last row on; the chunk read
+            // ahead is read again then.
+            if let Some(task) = next.take() {
+                let _ = task.await;
+            }
             let _ = walk.cur.batch_execute("COMMIT").await;
             return Ok(false);
         }

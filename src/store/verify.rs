@@ -141,6 +141,15 @@ impl StateDb {
         Ok(())
     }
 
+    /// Forgets `warehouse_id`'s xid positions (its history was replaced by a restore).
+    pub async fn forget_xid_positions(&self, warehouse_id: &str) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM warehouse_xid_positions WHERE warehouse_id = $1")
+            .bind(warehouse_id)
+            .execute(self.pool())
+            .await?;
+        Ok(())
+    }
+
     /// `warehouse_id`'s xid positions, by xid.
     pub async fn xid_positions(&self, warehouse_id: &str) -> Result<Vec<(u64, Lsn)>, StoreError> {
         let rows: Vec<(i64, String)> = sqlx::query_as(

@@ -249,7 +249,10 @@ async fn an_operator_signs_in_and_works_both_warehouses_from_the_page() {
         "{v}"
     );
     let text = seen["verifyText"].as_str().unwrap();
-    assert!(text.contains("central ") && text.contains(" rows, "), "{text}");
+    assert!(
+        text.contains("central ") && text.contains(" rows, "),
+        "{text}"
+    );
     let jobs = api.get("/sync/jobs?kind=resync", Some(KEY)).await.2;
     assert_eq!(
         jobs["items"].as_array().unwrap().len(),

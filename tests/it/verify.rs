@@ -543,3 +543,42 @@ async fn a_scheduled_verify_runs_by_itself_read_only_and_at_its_pace() {
         json!({"location": "L-7", "sku": "SKU-7"})
     )));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_verify_through_kafka_waits_for_the_consumer_group_before_it_compares() {
+    let db = demo_warehouse("verifykafka").await;
+    seed_stock(&db, 50, 4).await;
+    let state = pg().new_db("verifykafkastate").await;
+    // Central answers slowly: what is published is delivered long after.
+    let central = Central::start(Faults::default()).await;
+    let wh = "wh-kverify";
+    let topic = format!("it.{}", db.name);
+    let (_dir, log, _run, api, _) = start_with_api(&db, &state, &central, wh, Some(&topic));
+    assert_converges(&central, &db, wh, &log).await;
+    central
+        .set_faults(Faults {
+            latency_ms: 300,
+            ..Faults::default()
+        })
+        .await;
+    // Changes committed just before the verify are still on the topic when it starts: they
+    // must reach central before it compares, or they would be findings.
+    db.exec("UPDATE stock_levels SET qty_on_hand = qty_on_hand + 5 WHERE sku IN ('SKU-1', 'SKU-2', 'SKU-3')")
+        .await;
+    let id = api.trigger(r#"{"verify": true}"#).await;
+    let job = api.finished(&id, &log).await;
+    assert_eq!(job["status"], "succeeded", "{job}\n{}", log_tail(&log));
+    assert_eq!(report(&job)["verdict"], "equal", "{job}");
+    central.set_faults(Faults::default()).await;
+    central
+        .plant(wh, "product", json!({"sku": "SKU-9"}), None, None)
+        .await;
+    let id = api.trigger(r#"{"verify": true}"#).await;
+    let job = api.finished(&id, &log).await;
+    assert_eq!(job["status"], "failed", "{job}");
+    assert_eq!(
+        report(&job)["findings"],
+        json!({"missing_at_central": 1}),
+        "{job}"
+    );
+}
