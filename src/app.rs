@@ -879,7 +879,7 @@ fn load_hook(state: StateDb, warehouse: String) -> LoadHook {
                 // A load under way belongs to the slot that is gone: the tables it finished
                 // missed what changed since. It starts again, whole.
                 let failed = state
-                    .fail_reads_of(
+                    .fail_loads_of(
                         &warehouse,
                         "superseded: the slot was lost while it ran (a new load follows)",
                     )

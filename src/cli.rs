@@ -386,7 +386,7 @@ pub async fn run_verify(config_path: &Path, args: VerifyArgs) -> ExitCode {
         Ok(s) => s,
         Err(code) => return code,
     };
-    let options = crate::verify::Options {
+    let options = crate::jobs::verify::Options {
         repair: args.repair,
         tables: (!args.tables.is_empty()).then_some(args.tables.clone()),
         ..Default::default()

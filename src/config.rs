@@ -74,26 +74,7 @@ struct FileVerify {
     max_rows_per_second: Option<u64>,
 }
 
-/// `[verify]`: a read-only verify of each warehouse now and then, throttled.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct VerifySchedule {
-    /// How often each warehouse is verified (`every = "24h"`); `None`: only when asked.
-    pub every: Option<std::time::Duration>,
-    /// Rows per second a scheduled verify reads at most (`max_rows_per_second`).
-    pub max_rows_per_second: u64,
-}
-
-/// A scheduled verify's default pace: a small share of what streaming reads.
-pub const DEFAULT_VERIFY_ROWS_PER_SECOND: u64 = 5_000;
-
-impl Default for VerifySchedule {
-    fn default() -> Self {
-        Self {
-            every: None,
-            max_rows_per_second: DEFAULT_VERIFY_ROWS_PER_SECOND,
-        }
-    }
-}
+pub use crate::jobs::verify::{DEFAULT_VERIFY_ROWS_PER_SECOND, VerifySchedule};
 
 /// A duration written `90s`, `30m`, `24h` or `7d`.
 fn duration(key: &str, text: &str) -> Result<std::time::Duration, ConfigError> {

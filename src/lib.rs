@@ -29,6 +29,5 @@ pub mod store;
 pub mod tail;
 pub mod time;
 pub mod values;
-pub mod verify;
 
 pub use lsn::Lsn;

@@ -241,7 +241,7 @@ pub async fn run_service(config_path: &Path, stages: Stages) -> ExitCode {
             .clone()
             .filter(|_| !config.consumer.mappings.is_empty())
             .map(|central| {
-                Arc::new(crate::verify::Verifier {
+                Arc::new(crate::jobs::verify::Verifier {
                     settings: config.consumer.clone(),
                     central,
                 })

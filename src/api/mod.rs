@@ -966,8 +966,11 @@ struct TriggerBody {
 #[serde(deny_unknown_fields)]
 struct VerifyBody {
     /// The warehouses to verify (at least one); left out, every configured warehouse.
+    #[schema(min_items = 1)]
     warehouses: Option<Vec<String>>,
-    /// Only these mapped tables (`schema.table`, as `[[mappings]]` names them); left out, all.
+    /// Only these mapped tables (`schema.table`, as `[[mappings]]` names them; at least one);
+    /// left out, all.
+    #[schema(min_items = 1)]
     tables: Option<Vec<String>>,
     /// Fix what is found: upsert missing and different rows, delete rows only at central.
     #[serde(default)]
@@ -1044,7 +1047,7 @@ async fn trigger(
     let chosen = chosen_warehouses(&state, warehouses)?;
     let id = new_job_id();
     if verify {
-        let options = serde_json::to_value(crate::verify::Options {
+        let options = serde_json::to_value(crate::jobs::verify::Options {
             strict: true,
             ..Default::default()
         })
@@ -1105,7 +1108,7 @@ async fn verify(
             ));
         }
     }
-    let options = serde_json::to_value(crate::verify::Options {
+    let options = serde_json::to_value(crate::jobs::verify::Options {
         repair,
         tables,
         ..Default::default()
@@ -1194,7 +1197,7 @@ struct JobParams {
 #[utoipa::path(get, path = "/sync/jobs", tag = "sync", security(("bearer" = [])),
     params(
         ("status" = Option<JobStatus>, Query, description = "queued, running, succeeded or failed"),
-        ("kind" = Option<JobKind>, Query, description = "cycle, resync or load (a slot's initial load)"),
+        ("kind" = Option<JobKind>, Query, description = "cycle, resync, load (a slot's initial load) or verify"),
         ("limit" = Option<i64>, Query, description = "1 to 500 (default 50)", minimum = 1, maximum = 500),
         ("before" = Option<String>, Query, description = "Only jobs older than this job id"),
     ),
@@ -1207,7 +1210,12 @@ async fn list_jobs(
     Params(p): Params<JobParams>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     const STATUSES: [&str; 4] = ["queued", "running", "succeeded", "failed"];
-    const KINDS: [&str; 3] = ["cycle", "resync", crate::jobs::LOAD_JOB];
+    const KINDS: [&str; 4] = [
+        "cycle",
+        "resync",
+        crate::jobs::LOAD_JOB,
+        crate::store::VERIFY_JOB,
+    ];
     one_of("status", p.status.as_deref(), &STATUSES)?;
     one_of("kind", p.kind.as_deref(), &KINDS)?;
     let limit = page_limit(p.limit)?;
@@ -1330,7 +1338,12 @@ async fn metrics(State(state): State<Arc<ApiState>>) -> Response {
     }
     match state.state.job_counts().await {
         Ok(counts) => {
-            for kind in ["cycle", "resync", crate::jobs::LOAD_JOB] {
+            for kind in [
+                "cycle",
+                "resync",
+                crate::jobs::LOAD_JOB,
+                crate::store::VERIFY_JOB,
+            ] {
                 for status in ["queued", "running", "succeeded", "failed"] {
                     let n = counts
                         .iter()

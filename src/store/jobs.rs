@@ -466,6 +466,22 @@ impl StateDb {
         Ok(r.rows_affected())
     }
 
+    /// Fails the queued or running loads of `warehouse_id` with `reason` (their slot is gone:
+    /// the tables they finished missed what changed since); returns how many.
+    pub async fn fail_loads_of(&self, warehouse_id: &str, reason: &str) -> Result<u64, StoreError> {
+        let r = sqlx::query(
+            "UPDATE sync_jobs j SET status = 'failed', error = $2, finished_at = now()
+              WHERE status IN ('queued', 'running') AND kind = 'load'
+                AND EXISTS (SELECT 1 FROM sync_job_warehouses w
+                             WHERE w.job_id = j.id AND w.warehouse_id = $1)",
+        )
+        .bind(warehouse_id)
+        .bind(reason)
+        .execute(self.pool())
+        .await?;
+        Ok(r.rows_affected())
+    }
+
     /// Counts `n` more changes with an outcome at central for `warehouse_id`.
     pub async fn add_delivered(&self, warehouse_id: &str, n: i64) -> Result<(), StoreError> {
         sqlx::query(

@@ -1125,6 +1125,7 @@ async fn the_openapi_document_lists_exactly_the_routes_the_server_answers() {
         ("PATCH", "/sync/conflicts/{id}"),
         ("POST", "/sync/dead-letters/{id}/replay"),
         ("POST", "/sync/trigger"),
+        ("POST", "/sync/verify"),
         ("POST", "/sync/warehouses/{warehouse_id}"),
     ];
     let expected: Vec<(String, String)> = expected

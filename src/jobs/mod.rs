@@ -8,6 +8,12 @@
 //! Kafka the checkpoint means "published", so the job then records the change topics' ends
 //! and waits for the consumer group's committed offsets to reach them. Jobs live in the state
 //! DB; every `run` process works on them, so they survive restarts.
+//!
+//! The same runners work on loads and forced resyncs (below) and on verify jobs
+//! ([`verify`]): proof that central holds what the warehouse holds, which a cycle alone
+//! does not give (a dead letter is an outcome).
+
+pub mod verify;
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -284,8 +290,8 @@ pub async fn run_resyncs(
     warehouses: Vec<Warehouse>,
     mapped: MappedTables,
     delivery: Delivery,
-    verifier: Option<Arc<crate::verify::Verifier>>,
-    schedule: crate::config::VerifySchedule,
+    verifier: Option<Arc<verify::Verifier>>,
+    schedule: verify::VerifySchedule,
     cancel: CancellationToken,
 ) {
     let began = tokio::time::Instant::now();
@@ -352,7 +358,7 @@ pub async fn run_resyncs(
                     }
                     match verifier {
                         Some(v) => {
-                            crate::verify::run_job(&state, wh, &w, &mapped, &v, &delivery, &cancel)
+                            verify::run_job(&state, wh, &w, &mapped, &v, &delivery, &cancel)
                                 .await
                         }
                         None => {
@@ -436,7 +442,7 @@ async fn schedule_verify(
     warehouse: &str,
     every: Duration,
     began: tokio::time::Instant,
-    schedule: crate::config::VerifySchedule,
+    schedule: verify::VerifySchedule,
 ) -> Result<(), StoreError> {
     let due = match state.last_verify_age(warehouse).await? {
         Some(age) => age >= every.as_secs_f64(),
@@ -457,7 +463,7 @@ async fn schedule_verify(
         return Ok(());
     }
     let id = new_job_id();
-    let options = serde_json::to_value(crate::verify::Options {
+    let options = serde_json::to_value(verify::Options {
         max_rows_per_second: Some(schedule.max_rows_per_second),
         scheduled: true,
         ..Default::default()

@@ -70,6 +70,27 @@ const CURSOR: &str = "inventorysync_verify";
 /// How a reason starts when one table cannot be checked (the walk goes on with the others).
 const UNCHECKABLE: &str = "cannot check: ";
 
+/// `[verify]`: a read-only verify of each warehouse now and then, throttled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VerifySchedule {
+    /// How often each warehouse is verified (`every = "24h"`); `None`: only when asked.
+    pub every: Option<std::time::Duration>,
+    /// Rows per second a scheduled verify reads at most (`max_rows_per_second`).
+    pub max_rows_per_second: u64,
+}
+
+/// A scheduled verify's default pace: a small share of what streaming reads.
+pub const DEFAULT_VERIFY_ROWS_PER_SECOND: u64 = 5_000;
+
+impl Default for VerifySchedule {
+    fn default() -> Self {
+        Self {
+            every: None,
+            max_rows_per_second: DEFAULT_VERIFY_ROWS_PER_SECOND,
+        }
+    }
+}
+
 /// What a verify needs besides the warehouse: the mappings, the rules and central.
 pub struct Verifier {
     /// The consumer's settings (mappings and rules).
@@ -403,11 +424,18 @@ async fn verify_warehouse(
             }),
         }
     }
-    // Central lists by entity: two tables of one entity cannot be told apart there.
+    // Central lists by entity: two mapped tables of one entity (whether this job reads both
+    // or not) cannot be told apart there, and the other's rows would look like drift.
+    let all: Vec<Entity> = verifier
+        .settings
+        .mappings
+        .values()
+        .map(|m| m.entity)
+        .collect();
     let shared: Vec<Entity> = plans
         .iter()
         .map(|p| p.mapping.entity)
-        .filter(|e| plans.iter().filter(|p| p.mapping.entity == *e).count() > 1)
+        .filter(|e| all.iter().filter(|x| *x == e).count() > 1)
         .collect();
     plans.retain(|p| {
         if shared.contains(&p.mapping.entity) {
@@ -432,7 +460,9 @@ async fn verify_warehouse(
     walk.report = report;
     for p in &plans {
         let name = p.table.info.table.qualified_name().to_string();
-        if walk.report.tables_done.contains(&name) {
+        if walk.report.tables_done.contains(&name)
+            || walk.report.unchecked.iter().any(|u| u.table == name)
+        {
             continue;
         }
         match walk_table(&mut walk, p).await {
