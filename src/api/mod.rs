@@ -200,15 +200,24 @@ pub fn router_and_doc(state: Arc<ApiState>) -> (Router, utoipa::openapi::OpenApi
     (router, doc)
 }
 
-/// The document as served: the configured warehouses are the values a trigger may name (a
-/// client generated from it offers exactly those; any other is answered 422).
+/// The document as served: the configured warehouses are the values a trigger or a verify
+/// may name, the mapped tables those a verify may (a client generated from it offers exactly
+/// those; any other is answered 422).
 fn served_doc(doc: &utoipa::openapi::OpenApi, state: &ApiState) -> serde_json::Value {
     let mut served = serde_json::to_value(doc).unwrap_or_default();
     let ids: Vec<&str> = state.warehouses.iter().map(|w| w.id.as_str()).collect();
-    if let Some(list) = served.pointer_mut("/components/schemas/TriggerBody/properties/warehouses")
-    {
+    for body in ["TriggerBody", "VerifyBody"] {
+        if let Some(list) =
+            served.pointer_mut(&format!("/components/schemas/{body}/properties/warehouses"))
+        {
+            list["minItems"] = json!(1);
+            list["items"] = json!({"type": "string", "enum": ids});
+        }
+    }
+    // And the mapped tables are those a verify may name.
+    if let Some(list) = served.pointer_mut("/components/schemas/VerifyBody/properties/tables") {
         list["minItems"] = json!(1);
-        list["items"] = json!({"type": "string", "enum": ids});
+        list["items"] = json!({"type": "string", "enum": state.mapped});
     }
     // No id, filter or note can hold a NUL character (the state DB cannot store one): the
     // document says so of every parameter and request body, and such a request is answered
