@@ -998,18 +998,19 @@ async fn epoch(walk: &mut Walk<'_>, p: &Plan, after: Option<String>) -> Result<b
         let began = std::time::Instant::now();
         let found = settle(walk, p, candidates, &low_version).await?;
         walk.report.seconds.findings += began.elapsed().as_secs_f64();
+        let report = serde_json::to_value(&walk.report).unwrap_or(Value::Null);
         walk.state
-            .save_resync_chunk(
+            .save_verify_chunk(
                 &walk.w.job_id,
                 &walk.w.warehouse_id,
                 &name,
-                last.as_ref().map(std::slice::from_ref),
+                last.as_deref(),
                 read,
                 found,
                 exhausted,
+                &report,
             )
             .await?;
-        walk.save().await?;
         if exhausted {
             let _ = walk.cur.batch_execute("COMMIT").await;
             return Ok(true);

@@ -504,6 +504,18 @@ impl StateDb {
     }
 }
 
+/// Saves one chunk of a table's read: ($1 job, $2 warehouse, $3 table, $4 last key, $5 rows
+/// read, $6 rows emitted, $7 done).
+pub(super) const SAVE_CHUNK: &str = "INSERT INTO sync_resync_progress
+         (job_id, warehouse_id, table_name, last_key, chunks, rows_read, rows_emitted, done)
+     VALUES ($1, $2, $3, $4, 1, $5, $6, $7)
+     ON CONFLICT (job_id, warehouse_id, table_name) DO UPDATE
+     SET last_key = EXCLUDED.last_key,
+         chunks = sync_resync_progress.chunks + 1,
+         rows_read = sync_resync_progress.rows_read + EXCLUDED.rows_read,
+         rows_emitted = sync_resync_progress.rows_emitted + EXCLUDED.rows_emitted,
+         done = EXCLUDED.done";
+
 /// A resync's saved position in one table.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ResyncProgress {
@@ -554,26 +566,16 @@ impl StateDb {
         emitted: u64,
         done: bool,
     ) -> Result<(), StoreError> {
-        sqlx::query(
-            "INSERT INTO sync_resync_progress
-                 (job_id, warehouse_id, table_name, last_key, chunks, rows_read, rows_emitted, done)
-             VALUES ($1, $2, $3, $4, 1, $5, $6, $7)
-             ON CONFLICT (job_id, warehouse_id, table_name) DO UPDATE
-             SET last_key = EXCLUDED.last_key,
-                 chunks = sync_resync_progress.chunks + 1,
-                 rows_read = sync_resync_progress.rows_read + EXCLUDED.rows_read,
-                 rows_emitted = sync_resync_progress.rows_emitted + EXCLUDED.rows_emitted,
-                 done = EXCLUDED.done",
-        )
-        .bind(job_id)
-        .bind(warehouse_id)
-        .bind(table)
-        .bind(last_key.map(|k| serde_json::json!(k)))
-        .bind(read as i64)
-        .bind(emitted as i64)
-        .bind(done)
-        .execute(self.pool())
-        .await?;
+        sqlx::query(SAVE_CHUNK)
+            .bind(job_id)
+            .bind(warehouse_id)
+            .bind(table)
+            .bind(last_key.map(|k| serde_json::json!(k)))
+            .bind(read as i64)
+            .bind(emitted as i64)
+            .bind(done)
+            .execute(self.pool())
+            .await?;
         Ok(())
     }
 

@@ -90,6 +90,44 @@ impl StateDb {
         Ok(())
     }
 
+    /// Saves one chunk of a verify (its table's position, and the report with what the
+    /// chunk found) in one transaction: a verify resumed after a crash neither counts a chunk
+    /// twice nor loses one.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn save_verify_chunk(
+        &self,
+        job_id: &str,
+        warehouse_id: &str,
+        table: &str,
+        last_key: Option<&str>,
+        read: u64,
+        found: u64,
+        done: bool,
+        report: &Value,
+    ) -> Result<(), StoreError> {
+        let mut tx = self.pool().begin().await?;
+        sqlx::query(super::jobs::SAVE_CHUNK)
+            .bind(job_id)
+            .bind(warehouse_id)
+            .bind(table)
+            .bind(last_key.map(|k| serde_json::json!([k])))
+            .bind(read as i64)
+            .bind(found as i64)
+            .bind(done)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(
+            "UPDATE sync_job_warehouses SET verify = $3 WHERE job_id = $1 AND warehouse_id = $2",
+        )
+        .bind(job_id)
+        .bind(warehouse_id)
+        .bind(report)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
     /// Records a finding (a conflict of kind `drift`) unless an open one already says the
     /// same of the same entity; returns the open finding's id either way.
     pub async fn record_finding(&self, c: &NewConflict) -> Result<Option<i64>, StoreError> {

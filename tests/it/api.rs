@@ -382,7 +382,7 @@ async fn a_sync_cycle_survives_a_restart_of_the_service() {
 }
 
 /// Restarts `run` with `command` and returns job `id` as the new process reports it.
-async fn api_after_restart(
+pub(crate) async fn api_after_restart(
     api: &Api,
     command: &mut std::process::Command,
     log: &std::path::Path,

@@ -582,3 +582,89 @@ async fn a_verify_through_kafka_waits_for_the_consumer_group_before_it_compares(
         "{job}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_verify_killed_mid_table_resumes_from_its_last_chunk_and_counts_each_row_once() {
+    let db = demo_warehouse("verifyresume").await;
+    // 12,000 stock levels: three chunks; in key order location L-1's come first, L-9's last.
+    seed_stock(&db, 1000, 12).await;
+    let state = pg().new_db("verifyresumestate").await;
+    let central = Central::start(Faults::default()).await;
+    let wh = "wh-vresume";
+    let (_dir, log, mut run, api, mut again) = start_with_api(&db, &state, &central, wh, None);
+    assert_converges(&central, &db, wh, &log).await;
+    // Drift in the first chunk and in the last.
+    let (_, mut edited) = central_row(&central, wh, "SKU-5", "L-1").await;
+    edited["on_hand"] = json!(12_345);
+    central
+        .plant(
+            wh,
+            "stock_level",
+            json!({"sku": "SKU-5", "location": "L-1"}),
+            None,
+            Some(edited),
+        )
+        .await;
+    central
+        .plant(
+            wh,
+            "stock_level",
+            json!({"sku": "SKU-999", "location": "L-9"}),
+            None,
+            None,
+        )
+        .await;
+    // Slow pages: the verify is still at work when it is killed.
+    central
+        .set_faults(Faults {
+            listing_latency_ms: 1500,
+            ..Faults::default()
+        })
+        .await;
+    let (status, v) = api.post("/sync/verify", "").await;
+    assert_eq!(status, 202, "{v}");
+    let id = v["jobId"].as_str().unwrap().to_string();
+    let mut saved = 0i64;
+    for _ in 0..300 {
+        saved = state
+            .client
+            .query_one(
+                "SELECT coalesce(sum(chunks), 0)::bigint FROM sync_resync_progress
+                  WHERE job_id = $1 AND table_name = 'public.stock_levels'",
+                &[&id],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if saved >= 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(saved >= 1, "no chunk saved\n{}", log_tail(&log));
+    run.child.kill().unwrap();
+    run.child.wait().unwrap();
+    central.set_faults(Faults::default()).await;
+    let (_restarted, _) = crate::api::api_after_restart(&api, &mut again, &log, &id).await;
+    let job = api.finished(&id, &log).await;
+    assert_eq!(job["status"], "succeeded", "{job}\n{}", log_tail(&log));
+    let r = report(&job);
+    // Every row once: 12,000 stock levels, 1,000 products, 12 locations.
+    assert_eq!(r["compared"], 13_012, "{job}");
+    assert_eq!(
+        r["findings"],
+        json!({"differs": 1, "missing_at_central": 1}),
+        "{job}"
+    );
+    let chunks: i64 = state
+        .client
+        .query_one(
+            "SELECT sum(chunks)::bigint FROM sync_resync_progress
+              WHERE job_id = $1 AND table_name = 'public.stock_levels'",
+            &[&id],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(chunks, 3, "{job}");
+}

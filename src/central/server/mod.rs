@@ -48,6 +48,8 @@ pub use store::{CentralStore, Stored};
 pub struct Faults {
     /// Answer the listing (`GET …/entities`) with 404, as a central without it does.
     pub no_listing: bool,
+    /// Delay before answering each page of the listing, in milliseconds.
+    pub listing_latency_ms: u64,
     /// Share of change requests answered with `error_status` (0.0 to 1.0).
     pub error_rate: f64,
     /// The next this-many change requests are answered with `error_status`.
@@ -369,7 +371,11 @@ async fn get_entities(
     if let Some(refused) = unauthorized(&state, &headers) {
         return refused;
     }
-    if current_faults(&state).no_listing {
+    let faults = current_faults(&state);
+    if faults.listing_latency_ms > 0 {
+        tokio::time::sleep(Duration::from_millis(faults.listing_latency_ms)).await;
+    }
+    if faults.no_listing {
         return error(
             StatusCode::NOT_FOUND,
             "not_found",
