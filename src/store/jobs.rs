@@ -453,30 +453,31 @@ impl StateDb {
     /// Fails the queued or running loads and resyncs of `warehouse_id` with `reason` (their
     /// saved chunks belong to a history that is gone); returns how many.
     pub async fn fail_reads_of(&self, warehouse_id: &str, reason: &str) -> Result<u64, StoreError> {
-        let r = sqlx::query(
-            "UPDATE sync_jobs j SET status = 'failed', error = $2, finished_at = now()
-              WHERE status IN ('queued', 'running') AND kind IN ('load', 'resync')
-                AND EXISTS (SELECT 1 FROM sync_job_warehouses w
-                             WHERE w.job_id = j.id AND w.warehouse_id = $1)",
-        )
-        .bind(warehouse_id)
-        .bind(reason)
-        .execute(self.pool())
-        .await?;
-        Ok(r.rows_affected())
+        self.fail_jobs_of(warehouse_id, &[LOAD_JOB, "resync"], reason)
+            .await
     }
 
     /// Fails the queued or running loads of `warehouse_id` with `reason` (their slot is gone:
     /// the tables they finished missed what changed since); returns how many.
     pub async fn fail_loads_of(&self, warehouse_id: &str, reason: &str) -> Result<u64, StoreError> {
+        self.fail_jobs_of(warehouse_id, &[LOAD_JOB], reason).await
+    }
+
+    async fn fail_jobs_of(
+        &self,
+        warehouse_id: &str,
+        kinds: &[&str],
+        reason: &str,
+    ) -> Result<u64, StoreError> {
         let r = sqlx::query(
             "UPDATE sync_jobs j SET status = 'failed', error = $2, finished_at = now()
-              WHERE status IN ('queued', 'running') AND kind = 'load'
+              WHERE status IN ('queued', 'running') AND kind = ANY($3)
                 AND EXISTS (SELECT 1 FROM sync_job_warehouses w
                              WHERE w.job_id = j.id AND w.warehouse_id = $1)",
         )
         .bind(warehouse_id)
         .bind(reason)
+        .bind(kinds)
         .execute(self.pool())
         .await?;
         Ok(r.rows_affected())
