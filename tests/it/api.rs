@@ -539,11 +539,17 @@ async fn a_sync_cycle_through_kafka_waits_for_the_consumer_group() {
     );
     let job = api.finished(&id, &log).await;
     assert_eq!(job["status"], "succeeded", "{job}\n{}", log_tail(&log));
-    assert_eq!(
-        central.state("wh-kcycle").await,
-        want,
-        "central lags behind a succeeded cycle"
-    );
+    let got = central.state("wh-kcycle").await;
+    if got != want {
+        // A failure seen once in a loaded CI run (session 27): what the topic holds of it.
+        let keys: Vec<&String> = want
+            .keys()
+            .filter(|k| got.get(*k) != want.get(*k))
+            .collect();
+        crate::consumer::topic_post_mortem(&central, "wh-kcycle", &topic, &keys).await;
+        eprintln!("job: {job}\nlog:\n{}", log_tail(&log));
+    }
+    assert_eq!(got, want, "central lags behind a succeeded cycle");
     assert!(
         job["warehouses"][0]["changesDelivered"].as_i64().unwrap() > 0,
         "{job}"

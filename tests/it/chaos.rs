@@ -396,24 +396,15 @@ async fn post_mortem(
     let held = central.versions(warehouse).await;
     let want = expected(db).await;
     for entry in wrong.iter().chain(extra) {
-        eprintln!("post-mortem {warehouse} {entry}:");
-        eprintln!("  central holds {:?}", held.get(*entry));
-        eprintln!("  the warehouse has {:?}", want.get(*entry));
-        let Some(topic) = topic else { continue };
-        // "stock_level {json key}" → the key's values, as they appear in the record key.
-        let key: Value = entry
-            .split_once(' ')
-            .and_then(|(_, k)| serde_json::from_str(k).ok())
-            .unwrap_or_default();
-        let needles: Vec<String> = key
-            .as_object()
-            .into_iter()
-            .flatten()
-            .filter_map(|(_, v)| v.as_str().map(|s| format!("\"{s}\"")))
-            .collect();
-        let needles: Vec<&str> = needles.iter().map(String::as_str).collect();
-        for r in crate::kafka::records_with(topic, &needles).await {
-            eprintln!("  record {r}");
+        eprintln!(
+            "post-mortem {warehouse} {entry}: the warehouse has {:?}",
+            want.get(*entry)
+        );
+        match topic {
+            Some(topic) => {
+                crate::consumer::topic_post_mortem(central, warehouse, topic, &[entry]).await
+            }
+            None => eprintln!("  central holds {:?}", held.get(*entry)),
         }
     }
 }

@@ -229,6 +229,55 @@ pub async fn converges_except(
     except: &[&str],
     log: &Path,
 ) {
+    converges_except_on(central, db, warehouse, except, None, log).await
+}
+
+/// [`assert_converges`] for a run on Kafka `topic`: a failure also prints every record of the
+/// differing entities' keys in the topic (a lost record or a lost delivery?).
+pub async fn assert_converges_on(
+    central: &Central,
+    db: &TestDb,
+    warehouse: &str,
+    topic: &str,
+    log: &Path,
+) {
+    converges_except_on(central, db, warehouse, &[], Some(topic), log).await
+}
+
+/// Prints, for each of `keys` ("entity {json key}"), the version central holds and every
+/// record of that key in `topic`.
+pub async fn topic_post_mortem(central: &Central, warehouse: &str, topic: &str, keys: &[&String]) {
+    let held = central.versions(warehouse).await;
+    for entry in keys {
+        eprintln!(
+            "post-mortem {warehouse} {entry}: central holds {:?}",
+            held.get(*entry)
+        );
+        let key: Value = entry
+            .split_once(' ')
+            .and_then(|(_, k)| serde_json::from_str(k).ok())
+            .unwrap_or_default();
+        let needles: Vec<String> = key
+            .as_object()
+            .into_iter()
+            .flatten()
+            .filter_map(|(_, v)| v.as_str().map(|s| format!("\"{s}\"")))
+            .collect();
+        let needles: Vec<&str> = needles.iter().map(String::as_str).collect();
+        for r in crate::kafka::records_with(topic, &needles).await {
+            eprintln!("  record {r}");
+        }
+    }
+}
+
+async fn converges_except_on(
+    central: &Central,
+    db: &TestDb,
+    warehouse: &str,
+    except: &[&str],
+    topic: Option<&str>,
+    log: &Path,
+) {
     let mut want = expected_state(db).await;
     want.retain(|k, _| !except.iter().any(|e| k.contains(e)));
     let mut got = BTreeMap::new();
@@ -251,6 +300,14 @@ pub async fn converges_except(
         .filter(|(k, _)| !want.contains_key(*k))
         .take(5)
         .collect();
+    if let Some(topic) = topic {
+        let keys: Vec<&String> = missing
+            .iter()
+            .map(|m| m.0)
+            .chain(extra.iter().map(|e| e.0))
+            .collect();
+        topic_post_mortem(central, warehouse, topic, &keys).await;
+    }
     panic!(
         "central differs from the warehouse (but {except:?}: {} vs {} entities); missing or different (key, warehouse, central): {missing:?}; extra: {extra:?}; run's log ends:\n{}",
         got.len(),
@@ -1200,7 +1257,7 @@ async fn replaying_the_topic_from_offset_zero_sends_central_nothing_it_has() {
     let central = Central::start(Faults::default()).await;
     let (dir, cfg, topic, log, _run) = start_kafka_run(&db, &state, &central, "wh-replay");
     workload(&db.client, 11, 200).await;
-    assert_converges(&central, &db, "wh-replay", &log).await;
+    assert_converges_on(&central, &db, "wh-replay", &topic, &log).await;
     let before = central.state("wh-replay").await;
     let first = results(&central).await;
     // A second process in a new group reads the topic from offset 0 (it stands by for the
